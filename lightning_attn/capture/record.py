@@ -1,0 +1,128 @@
+"""One captured attention call: probabilities now, or the queries and keys to compute them in chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_attn.capture.probs import attention_probs
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What the recorder knows of an attention site.
+
+    Attributes:
+        name: module path of the calling module (wrappers stripped), ``#k`` appended for the k-th
+            repeated call within one forward pass.
+        kind: ``"self"`` when queries and keys have the same length and come from the same tensor,
+            else ``"cross"``.
+        num_heads: heads (query heads for grouped-query attention).
+        num_queries: query length.
+        num_keys: key length.
+        module_type: class name of the module that made the call.
+        source: backend that captured it: ``"sdpa"``, ``"mha"``, ``"mha_fastpath"``,
+            ``"encoder_fastpath"`` or ``"weights"`` (a module that returned its weights).
+    """
+
+    name: str
+    kind: Literal["self", "cross"]
+    num_heads: int
+    num_queries: int
+    num_keys: int
+    module_type: str
+    source: str
+
+
+@dataclass
+class AttentionCapture:
+    """The attention of one call of one site, exact and lazily materialized.
+
+    Either ``weights`` holds the probabilities (modules that return them) or ``query``/``key`` and
+    the masking arguments do, so that consumers can reduce long sequences in query chunks
+    (:meth:`chunks`) without ever holding ``[batch, heads, L, L]``.
+    """
+
+    info: SiteInfo
+    weights: Tensor | None = None
+    query: Tensor | None = None
+    key: Tensor | None = None
+    attn_mask: Tensor | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+    mask_true_means_masked: bool = False
+    _cache: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def site(self) -> str:
+        return self.info.name
+
+    def probs(self) -> Tensor:
+        """All probabilities, ``[batch, heads, queries, keys]`` float32 (computed once, then cached)."""
+        if self._cache is None:
+            self._cache = self.weights if self.weights is not None else self._compute(None)
+        return self._cache
+
+    def chunks(self, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(first_query_index, probs[:, :, rows, :])`` for consecutive query chunks.
+
+        ``chunk_size=None`` (or a chunk at least as long as the queries) yields everything at once.
+        """
+        num_queries = self.info.num_queries
+        if chunk_size is None or chunk_size >= num_queries or self._cache is not None:
+            yield 0, self.probs()
+            return
+        for start in range(0, num_queries, chunk_size):
+            rows = slice(start, min(start + chunk_size, num_queries))
+            if self.weights is not None:
+                yield start, self.weights[..., rows, :]
+            else:
+                yield start, self._compute(rows)
+
+    def _compute(self, rows: slice | None) -> Tensor:
+        assert self.query is not None and self.key is not None
+        probs = attention_probs(
+            self.query,
+            self.key,
+            self.attn_mask,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.enable_gqa,
+            query_slice=rows,
+            mask_true_means_masked=self.mask_true_means_masked,
+        )
+        return as_bhqk(probs)
+
+    def release(self) -> None:
+        """Drop every tensor reference (the recorder calls this after the consumer returns)."""
+        self.weights = self.query = self.key = self.attn_mask = self._cache = None
+
+
+def as_bhqk(probs: Tensor) -> Tensor:
+    """Reshape ``[..., L, S]`` probabilities to ``[batch, heads, L, S]`` (unbatched inputs get batch 1)."""
+    if probs.dim() == 2:
+        return probs[None, None]
+    if probs.dim() == 3:
+        return probs[None]
+    if probs.dim() > 4:
+        return probs.flatten(0, probs.dim() - 4)
+    return probs
+
+
+def pad_nested_probs(per_sample: list[Tensor], length: int) -> Tensor:
+    """Stack per-sample ``[H, Li, Li]`` maps into ``[B, H, length, length]``, zeros beyond each ``Li``."""
+    heads = per_sample[0].shape[0]
+    out = per_sample[0].new_zeros(len(per_sample), heads, length, length)
+    for index, probs in enumerate(per_sample):
+        n = probs.shape[-1]
+        out[index, :, :n, :n] = probs
+    return out
+
+
+def float32_detached(tensor: Tensor) -> Tensor:
+    return tensor.detach().to(torch.float32)

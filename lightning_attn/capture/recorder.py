@@ -1,0 +1,188 @@
+"""``AttentionRecorder``: exact per-head attention of any PyTorch model, without changing it."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_attn.capture.backends import INTERCEPTOR
+from lightning_attn.capture.record import AttentionCapture, SiteInfo
+
+#: Path components that wrappers insert between the user's module names.
+WRAPPER_PREFIXES = ("module", "_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module", "_forward_module")
+
+
+def clean_module_name(name: str) -> str:
+    """Strip DDP (``module.``), FSDP (``_fsdp_wrapped_module.``), torch.compile (``_orig_mod.``) and
+    Lightning/checkpoint wrapper components from a qualified module name."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PREFIXES)
+
+
+def matches(name: str, patterns: Sequence[str] | None) -> bool:
+    """Whether ``name`` matches any glob in ``patterns`` (``fnmatch`` syntax, ``*`` crosses dots)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
+
+
+class AttentionRecorder:
+    """Record the post-softmax attention of every attention site of ``model``.
+
+    Sites are found at run time, with no change to the model:
+
+    - ``nn.MultiheadAttention`` (standalone or inside ``nn.Transformer*`` layers), in train and eval,
+      with grad, ``no_grad`` or ``inference_mode``, including the fused eval fast paths;
+    - every call of ``torch.nn.functional.scaled_dot_product_attention`` made inside the model
+      (Hugging Face ``sdpa``, timm-style fused attention, custom modules), with probabilities
+      recomputed exactly from ``q`` and ``k`` with the call's ``attn_mask``, ``is_causal``,
+      ``scale`` and ``enable_gqa``;
+    - attention modules that return ``(output, weights)`` (Hugging Face ``eager``).
+
+    Maps are float32 ``[batch, heads, queries, keys]``, per head. A site is named by the qualified
+    name of the module that made the call (DDP, FSDP and ``torch.compile`` wrapper components
+    stripped); the k-th repeated call of a site within one forward pass gets ``name#k`` (k >= 1).
+    Probabilities recomputed for SDPA are pre-dropout; weights returned by modules in train mode are
+    what the module returned (after dropout).
+
+    Args:
+        model: the module whose attention to record.
+        include: glob patterns on site names to keep (default: all).
+        exclude: glob patterns on site names to drop.
+        keep: store the maps of the latest forward pass in :attr:`maps`. ``False`` streams: pair it
+            with ``on_attention`` or ``on_capture`` and nothing is kept.
+        on_attention: ``on_attention(site, probs)`` called for every capture.
+        on_capture: ``on_capture(capture)`` with the lazy :class:`AttentionCapture`, which can be
+            reduced in query chunks (:meth:`AttentionCapture.chunks`) for long sequences.
+
+    Example::
+
+        with AttentionRecorder(model) as recorder:
+            model(x)
+        recorder.maps["encoder.layers.0.self_attn"].shape  # [batch, heads, L, L]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        keep: bool = True,
+        on_attention: Callable[[str, Tensor], None] | None = None,
+        on_capture: Callable[[AttentionCapture], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"AttentionRecorder needs an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.keep = keep
+        self.on_attention = on_attention
+        self.on_capture = on_capture
+        self.maps: OrderedDict[str, Tensor] = OrderedDict()
+        self.sites: OrderedDict[str, SiteInfo] = OrderedDict()
+        self._names: dict[int, str] = {}
+        self._mha_by_weight: dict[int, str] = {}
+        self._calls: dict[str, int] = {}
+        self._active = False
+        self._forwards = 0
+        self._captures = 0
+        self._warned = False
+
+    # -- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> AttentionRecorder:
+        if self._active:
+            raise RuntimeError("this AttentionRecorder is already active")
+        self._names = {id(m): clean_module_name(n) for n, m in self.model.named_modules()}
+        self._mha_by_weight = {
+            id(m.in_proj_weight): self._names[id(m)]
+            for m in self.model.modules()
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None
+        }
+        self._forwards = self._captures = 0
+        self._active = True
+        INTERCEPTOR.attach(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        INTERCEPTOR.detach(self)
+        self._active = False
+        self._names = {}
+        self._mha_by_weight = {}
+        if exc_type is None and self._forwards and not self._captures and not self._warned:
+            self._warn_nothing_captured()
+
+    def clear(self) -> None:
+        """Forget every stored map and site (no tensor stays referenced)."""
+        self.maps.clear()
+        self.sites.clear()
+        self._calls.clear()
+
+    # -- interceptor protocol -------------------------------------------------------------------
+    def owns(self, module: nn.Module) -> bool:
+        return id(module) in self._names
+
+    def module_name(self, module: nn.Module) -> str | None:
+        return self._names.get(id(module))
+
+    def mha_name_for_weight(self, weight: Tensor) -> str | None:
+        return self._mha_by_weight.get(id(weight))
+
+    def begin_forward(self) -> None:
+        self._forwards += 1
+        self._calls.clear()
+        if self.keep:
+            self.maps.clear()
+
+    def end_forward(self) -> None:
+        pass
+
+    def record(self, module: nn.Module, site: str | None, make: Callable[[str], AttentionCapture]) -> None:
+        base = site if site is not None else self._names[id(module)]
+        base = base or type(self.model).__name__
+        calls = self._calls.get(base, 0)
+        self._calls[base] = calls + 1
+        name = base if calls == 0 else f"{base}#{calls}"
+        if (self.include and not matches(name, self.include) and not matches(base, self.include)) or matches(name, self.exclude):
+            return
+        capture = make(name)
+        self._captures += 1
+        self.sites[name] = capture.info
+        if self.on_capture is not None:
+            self.on_capture(capture)
+        if self.keep or self.on_attention is not None:
+            probs = capture.probs()
+            if self.keep:
+                self.maps[name] = probs
+            if self.on_attention is not None:
+                self.on_attention(name, probs)
+        capture.release()
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def _warn_nothing_captured(self) -> None:
+        self._warned = True
+        compiled = [n or "<root>" for n, m in self.model.named_modules() if hasattr(m, "_orig_mod") and hasattr(m, "dynamo_ctx")]
+        if compiled or _is_compiled(self.model):
+            warnings.warn(
+                "AttentionRecorder captured no attention from a model compiled with torch.compile: the compiled "
+                "graph does not call the attention functions the recorder intercepts. Record the uncompiled module "
+                "(`model._orig_mod`), or compile after recording, or call `torch._dynamo.reset()` before the "
+                "forward pass so that the graph is traced with the recorder active.",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            warnings.warn(
+                f"AttentionRecorder found no attention in {type(self.model).__name__}: no nn.MultiheadAttention, "
+                "scaled_dot_product_attention call or weight-returning attention module ran in the forward pass. "
+                "See the README's limits section for attention the recorder cannot see (custom kernels).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _is_compiled(model: Any) -> bool:
+    return type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod")
