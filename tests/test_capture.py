@@ -436,3 +436,39 @@ def test_torch_compile_is_captured_or_warned() -> None:
         torch.testing.assert_close(recorder.maps["0"], eager_recorder.maps["0"], atol=ATOL, rtol=0)
     else:
         assert any("torch.compile" in str(w.message) for w in caught)
+
+
+def test_differentiable_mode_gives_gradients_with_respect_to_attention() -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(TimmStyleBlock(), nn.Linear(16, 1))
+    x = torch.randn(2, 5, 16)
+    plain = model(x)
+    with AttentionRecorder(model, differentiable=True) as recorder:
+        out = model(x)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    probs = recorder.maps["0"]
+    (grad,) = torch.autograd.grad(out.sum(), probs)
+    # Independent check: d sum(proj(P V)) / dP = (d/d(PV)) V^T, with d/d(PV) from the linear layers.
+    block, head = model[0], model[1]
+    b, n, c = x.shape
+    _, _, v = block.qkv(x).reshape(b, n, 3, block.heads, c // block.heads).permute(2, 0, 3, 1, 4).unbind(0)
+    upstream = (head.weight @ block.proj.weight).view(block.heads, c // block.heads)  # d out / d (P V) per head
+    expected = torch.einsum("hd,bhkd->bhk", upstream, v)[:, :, None, :].expand(b, block.heads, n, n)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=0)
+
+
+def test_mha_fast_path_reads_kernel_weights_and_unbatched_inputs() -> None:
+    torch.manual_seed(9)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        plain = mha(x, x, x, need_weights=True, average_attn_weights=False)
+        with AttentionRecorder(mha) as recorder:
+            recorded = mha(x, x, x, need_weights=True, average_attn_weights=False)
+        single = x[0]  # unbatched [L, E]: reported with batch 1
+        with AttentionRecorder(mha) as unbatched:
+            mha(single, single, single)
+    assert torch.equal(plain[0], recorded[0]) and torch.equal(plain[1], recorded[1])
+    assert recorder.sites["MultiheadAttention"].source == "mha_fastpath"
+    torch.testing.assert_close(recorder.maps["MultiheadAttention"], eager_mha_probs(mha, x, x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(unbatched.maps["MultiheadAttention"], eager_mha_probs(mha, x[:1], x[:1]), atol=ATOL, rtol=0)

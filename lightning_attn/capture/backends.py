@@ -151,7 +151,7 @@ class _Interceptor:
         if not (isinstance(weights, Tensor) and weights.dim() == 4 and weights.is_floating_point()):
             return
         kind = "self" if weights.shape[-1] == weights.shape[-2] else "cross"
-        self._emit(module, "weights", kind, lambda info: AttentionCapture(info, weights=float32_detached(weights)), weights.shape)
+        self._emit(module, "weights", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(weights)), weights.shape)
 
     def _emit(
         self,
@@ -188,13 +188,46 @@ class _Interceptor:
 
             sink.record(owner, name, make)
 
+    def _keep_graph(self, weights: Tensor) -> Tensor:
+        """Float32 weights, detached unless a recorder wants gradients through them."""
+        return weights.float() if self.differentiable and weights.requires_grad else float32_detached(weights)
+
     def _innermost(self) -> nn.Module | None:
         return self.stack[-1] if self.stack else None
 
     # -- wrappers ---------------------------------------------------------------------------
     def _sdpa(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.differentiable and torch.is_grad_enabled() and self._innermost() is not None and not self._mha_weights_depth:
+            return self._sdpa_through_probs(args, kwargs)
         out = self.original(F, "scaled_dot_product_attention")(*args, **kwargs)
         self._record_sdpa(args, kwargs)
+        return out
+
+    @property
+    def differentiable(self) -> bool:
+        return any(getattr(sink, "differentiable", False) for sink in self.sinks)
+
+    def _sdpa_through_probs(self, args: tuple, kwargs: dict) -> Tensor:
+        """Differentiable mode: compute ``probs @ v`` eagerly so that the captured probabilities are the
+        ones in the autograd graph (gradient-weighted rollout needs d output / d attention). Equal to the
+        kernel's output up to float rounding, not bitwise; only used when a recorder asks for it."""
+        bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        query, key, value = a["query"], a["key"], a["value"]
+        probs = attention_probs(query, key, a["attn_mask"], bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"]))
+        if a["dropout_p"]:
+            probs_used = F.dropout(probs, a["dropout_p"])
+        else:
+            probs_used = probs
+        if bool(a["enable_gqa"]) and value.shape[-3] != query.shape[-3]:
+            value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+        out = torch.matmul(probs_used, value.float()).to(query.dtype)
+        module = self._innermost()
+        assert module is not None
+        weights = as_bhqk(probs)
+        kind = "self" if query is key else "cross"
+        self._emit(module, "sdpa", kind, lambda info: AttentionCapture(info, weights=weights), weights.shape)
         return out
 
     @torch.compiler.disable
@@ -240,7 +273,7 @@ class _Interceptor:
         query, key = a["query"], a["key"]
         kind = "self" if query is key else "cross"
         per_head = as_bhqk(weights)
-        self._emit(module, "mha", kind, lambda info: AttentionCapture(info, weights=float32_detached(per_head)), per_head.shape)
+        self._emit(module, "mha", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(per_head)), per_head.shape)
         return out, (weights.mean(dim=-3) if average else weights)
 
     def _native_mha(self, query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask=None, need_weights=True, average_attn_weights=True, mask_type=None):  # noqa: ANN001, ANN202

@@ -57,6 +57,10 @@ class AttentionRecorder:
         on_attention: ``on_attention(site, probs)`` called for every capture.
         on_capture: ``on_capture(capture)`` with the lazy :class:`AttentionCapture`, which can be
             reduced in query chunks (:meth:`AttentionCapture.chunks`) for long sequences.
+        differentiable: keep the maps in the autograd graph (when grad is enabled) so that
+            ``torch.autograd.grad(output, recorder.maps[site])`` works: SDPA calls are then computed as
+            ``softmax(q k^T) @ v`` in float32 instead of the fused kernel (outputs equal up to rounding,
+            no longer bitwise). For gradient-weighted rollout and head relevance.
 
     Example::
 
@@ -73,6 +77,7 @@ class AttentionRecorder:
         keep: bool = True,
         on_attention: Callable[[str, Tensor], None] | None = None,
         on_capture: Callable[[AttentionCapture], None] | None = None,
+        differentiable: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"AttentionRecorder needs an nn.Module, got {type(model).__name__}")
@@ -82,6 +87,7 @@ class AttentionRecorder:
         self.keep = keep
         self.on_attention = on_attention
         self.on_capture = on_capture
+        self.differentiable = differentiable
         self.maps: OrderedDict[str, Tensor] = OrderedDict()
         self.sites: OrderedDict[str, SiteInfo] = OrderedDict()
         self._names: dict[int, str] = {}
