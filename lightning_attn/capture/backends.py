@@ -19,9 +19,10 @@ Modules that return their own weights (Hugging Face ``eager``) are read in the g
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -111,6 +112,21 @@ class _Interceptor:
         self.stack.clear()
         self._counts_at_entry.clear()
         self._nested_length = None
+
+    @contextlib.contextmanager
+    def exclusive(self, sink: CaptureSink) -> Iterator[None]:
+        """Deliver captures to ``sink`` alone while active: other active recorders (a logger's, open for
+        the current batch) are suspended, so extra forward passes (a report's saliency) never enter
+        their statistics."""
+        with self._lock:
+            others = [s for s in self.sinks if s is not sink] if sink in self.sinks else []
+            for other in others:
+                self.sinks.remove(other)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.sinks[:0] = [other for other in others if other not in self.sinks]
 
     def original(self, owner: Any, name: str) -> Callable:
         return self._originals[(owner, name)]

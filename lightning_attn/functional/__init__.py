@@ -21,6 +21,16 @@ from lightning_attn.functional.attention import (
     top_k_pairs,
     top_positions,
 )
+from lightning_attn.functional.calibration import (
+    adaptive_calibration_error,
+    apply_temperature,
+    brier_score,
+    calibration_error,
+    classwise_calibration_error,
+    equal_mass_bins,
+    fit_temperature,
+    negative_log_likelihood,
+)
 
 __all__ = [
     "attention_rollout",
@@ -42,4 +52,12 @@ __all__ = [
     "sparsity",
     "top_k_pairs",
     "top_positions",
+    "adaptive_calibration_error",
+    "apply_temperature",
+    "brier_score",
+    "calibration_error",
+    "classwise_calibration_error",
+    "equal_mass_bins",
+    "fit_temperature",
+    "negative_log_likelihood",
 ]

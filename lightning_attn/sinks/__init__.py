@@ -33,12 +33,17 @@ def _loggers(trainer: Any) -> list[Any]:
     return list(getattr(trainer, "loggers", None) or [])
 
 
+def _is_a(logger: Any, name: str) -> bool:
+    # by class name, through the MRO, so that subclasses (a project's own WandbLogger) count too
+    return any(cls.__name__ == name for cls in type(logger).__mro__)
+
+
 def _is_wandb(logger: Any) -> bool:
-    return type(logger).__name__ == "WandbLogger"
+    return _is_a(logger, "WandbLogger")
 
 
 def _is_tensorboard(logger: Any) -> bool:
-    return type(logger).__name__ == "TensorBoardLogger"
+    return _is_a(logger, "TensorBoardLogger")
 
 
 def has_dashboard(trainer: Any) -> bool:
@@ -70,10 +75,14 @@ def _safe(name: str) -> str:
 def render_png(figure: Figure, dpi: int = 100) -> tuple[bytes, np.ndarray]:
     """Render a Figure once: PNG bytes and the RGB array ``[H, W, 3]`` uint8."""
     canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    figure.set_dpi(dpi)
     canvas.draw()
     rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    # Encode the pixels just drawn: a second draw through savefig (layout, text) costs as much again.
+    from PIL import Image
+
+    Image.fromarray(rgb).save(buffer, format="png", compress_level=4)
     return buffer.getvalue(), rgb
 
 

@@ -1,0 +1,44 @@
+"""Streaming torchmetrics ``Metric`` objects: fixed-size, sum-reduced states, no host sync in ``update``."""
+
+from lightning_attn.metrics.attention import (
+    AttentionPositions,
+    AttentionResults,
+    AttentionStatistics,
+    ModalityAgreement,
+    ProbeMaps,
+    default_reducers,
+)
+from lightning_attn.metrics.heads import (
+    FeatureCorrelation,
+    HeadSpecializationMetrics,
+    HeadTypeScores,
+    ProbeHeadMaps,
+    head_statistics_reducers,
+)
+from lightning_attn.metrics.calibration import CalibrationMetric, LogitReservoir
+from lightning_attn.metrics.probes import (
+    ActivationStatistics,
+    ProbeResults,
+    ProbeStatistics,
+    WeightHistogram,
+)
+
+__all__ = [
+    "AttentionPositions",
+    "AttentionResults",
+    "AttentionStatistics",
+    "ModalityAgreement",
+    "ProbeMaps",
+    "default_reducers",
+    "FeatureCorrelation",
+    "HeadSpecializationMetrics",
+    "HeadTypeScores",
+    "ProbeHeadMaps",
+    "head_statistics_reducers",
+    "CalibrationMetric",
+    "LogitReservoir",
+    "ActivationStatistics",
+    "ProbeResults",
+    "ProbeStatistics",
+    "WeightHistogram",
+]

@@ -1,0 +1,700 @@
+"""Streaming attention statistics as torchmetrics ``Metric`` objects.
+
+Every state here is a fixed-size, sum-reduced tensor (``dist_reduce_fx="sum"``), so that
+
+- memory does not grow with the number of batches: a validation epoch of 10 or 10,000 batches holds the
+  same states;
+- ``compute()`` is one ``all_gather`` + sum per state under DDP, and the result over ``N`` ranks equals the
+  single-process result over the same samples;
+- ``update`` never synchronizes with the host (no ``.item()``, no ``.cpu()``, no data-dependent branching):
+  it can run in every batch hook on any device.
+
+States are added lazily, one per attention site (or modality pair) on first sight. Every rank sees the
+sites in the same order (the model's forward order), which is what the DDP sync relies on: all ranks must
+update the same sites at least once per epoch before ``compute()``.
+
+Three metrics:
+
+- :class:`AttentionStatistics`: generic per-head mean and standard deviation of any set of per-row
+  reductions (``reducer(probs_chunk, query_offset) -> [B, H, q]``), fed a whole map or query chunks of it.
+  :func:`default_reducers` gives the ones of :class:`~lightning_attn.AttentionLogger` (normalized entropy,
+  max weight, sparsity, mean attention distance, first-token mass); other callbacks pass their own.
+- :class:`AttentionPositions`: per-key received attention and per-query given attention, for the top
+  attended and top attending positions of a site.
+- :class:`ModalityAgreement`: per-sample agreement of two cross-attention directions (A->B against B->A
+  transposed), averaged over samples; :class:`PairBuffer` pairs the two sites within a forward pass.
+
+Plus :class:`ProbeMaps` (the maps of a few fixed samples for figures, one batch per epoch, not a metric)
+and :class:`AttentionResults` (one epoch's statistics as host tensors, ``to_dict()`` for JSON).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_attn.capture.record import AttentionCapture, as_bhqk
+from lightning_attn.functional.attention import (
+    diagonal_mass,
+    first_token_mass,
+    max_weight,
+    mean_attention_distance,
+    modality_agreement,
+    normalized_entropy,
+    sparsity,
+)
+
+__all__ = [
+    "AttentionPositions",
+    "AttentionResults",
+    "AttentionStatistics",
+    "DistanceReducer",
+    "EntropyReducer",
+    "FirstTokenReducer",
+    "MaxWeightReducer",
+    "ModalityAgreement",
+    "PairBuffer",
+    "ProbeMaps",
+    "Reducer",
+    "SiteStatistics",
+    "SparsityReducer",
+    "default_reducers",
+    "iter_chunks",
+    "key_mask_for",
+]
+
+#: ``reducer(probs_chunk [B, H, q, K], query_offset) -> [B, H, q]``; may take a ``key_mask`` keyword
+#: (bool, True = valid key, broadcastable to the chunk, or ``None`` when every key is valid).
+Reducer = Callable[..., Tensor]
+
+
+def _state_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def iter_chunks(attention: AttentionCapture | Tensor, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
+    """``(query_offset, probs_chunk [B, H, q, K])`` over query chunks of a capture or a probability tensor.
+
+    A capture computes each chunk from its queries and keys (``AttentionCapture.chunks``), so the full
+    ``[B, H, L, L]`` map never exists; a tensor is sliced.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if isinstance(attention, Tensor):
+        probs = as_bhqk(attention)
+        step = probs.shape[-2] if chunk_size is None else chunk_size
+        for start in range(0, probs.shape[-2], max(step, 1)):
+            yield start, probs[..., start : start + step, :]
+    else:
+        yield from attention.chunks(chunk_size)
+
+
+def key_mask_for(attention: AttentionCapture | Tensor, probs_chunk: Tensor) -> Tensor | None:
+    """Valid keys of a chunk: ``None`` (all valid) when the capture is known to be unmasked, else ``probs > 0``.
+
+    A capture recomputed from queries and keys without ``attn_mask`` and without ``is_causal`` has no masked
+    key. Captured weights (and plain tensors) may have been masked; there a key with exactly zero
+    probability counts as masked. (A key whose probability underflowed to 0 in float32, a logit gap above
+    ~100, is then treated as masked too: it changes entropy normalization and sparsity of such rows only.)
+    """
+    if isinstance(attention, AttentionCapture) and attention.weights is None:
+        if attention.attn_mask is None and not attention.is_causal:
+            return None
+    return probs_chunk > 0
+
+
+# -- reducers -------------------------------------------------------------------------------------------
+# Module-level classes rather than lambdas: picklable (checkpoints, ddp_spawn), with readable reprs.
+# Each is the function of lightning_attn.functional of the same name; entropy and sparsity take a cheaper
+# route with the same result when every key is valid (no mask expansion), tested against it.
+
+
+class EntropyReducer:
+    """Normalized row entropy ``H_i / log(n_i)`` (:func:`~lightning_attn.functional.normalized_entropy`)."""
+
+    def __call__(self, probs: Tensor, query_offset: int, key_mask: Tensor | None = None) -> Tensor:
+        if key_mask is not None or probs.shape[-1] < 2:
+            return normalized_entropy(probs, key_mask)
+        probs = probs.float()
+        # sum_j A_ij log A_ij as one fused multiply-reduce over the logs (cheaper than special.entr)
+        plogp = torch.linalg.vecdot(probs, probs.clamp_min(1e-12).log_())
+        return plogp.div_(-math.log(probs.shape[-1])).clamp_(0, 1)
+
+    def __repr__(self) -> str:
+        return "EntropyReducer()"
+
+
+class MaxWeightReducer:
+    """Largest weight of each row (:func:`~lightning_attn.functional.max_weight`): head confidence."""
+
+    def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
+        return max_weight(probs)
+
+    def __repr__(self) -> str:
+        return "MaxWeightReducer()"
+
+
+class SparsityReducer:
+    """Fraction of valid keys below ``threshold`` (:func:`~lightning_attn.functional.sparsity`)."""
+
+    def __init__(self, threshold: float = 0.01) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, probs: Tensor, query_offset: int, key_mask: Tensor | None = None) -> Tensor:
+        if key_mask is not None:
+            return sparsity(probs, self.threshold, key_mask)
+        # counting through uint8 is several times faster than summing bools
+        below = (probs < self.threshold).view(torch.uint8).sum(-1, dtype=torch.int32)
+        return below.to(torch.float32).div_(probs.shape[-1])
+
+    def __repr__(self) -> str:
+        return f"SparsityReducer(threshold={self.threshold})"
+
+
+class DistanceReducer:
+    """Mean attention distance ``sum_j A_ij |i - j|`` in tokens
+    (:func:`~lightning_attn.functional.mean_attention_distance`), query chunks offset-aware."""
+
+    def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
+        return mean_attention_distance(probs, query_offset)
+
+    def __repr__(self) -> str:
+        return "DistanceReducer()"
+
+
+class FirstTokenReducer:
+    """Weight on key 0 (:func:`~lightning_attn.functional.first_token_mass`): [CLS]/BOS sink mass."""
+
+    def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
+        return first_token_mass(probs).float()
+
+    def __repr__(self) -> str:
+        return "FirstTokenReducer()"
+
+
+def default_reducers(sparsity_threshold: float = 0.01) -> dict[str, Reducer]:
+    """The statistics of :class:`~lightning_attn.AttentionLogger`, in logging order.
+
+    - ``entropy``: normalized entropy ``H_i / log(n_i)`` in ``[0, 1]`` (Clark et al. 2019);
+    - ``max_weight``: largest weight of the row, the head "confidence" of Voita et al. 2019;
+    - ``sparsity``: fraction of valid keys with weight below ``sparsity_threshold``;
+    - ``distance``: mean attention distance in tokens (Dosovitskiy et al. 2021);
+    - ``first_token``: weight on key 0 (attention-sink / [CLS] mass, Xiao et al. 2023).
+    """
+    return {
+        "entropy": EntropyReducer(),
+        "max_weight": MaxWeightReducer(),
+        "sparsity": SparsityReducer(sparsity_threshold),
+        "distance": DistanceReducer(),
+        "first_token": FirstTokenReducer(),
+    }
+
+
+def _takes_key_mask(reducer: Reducer) -> bool:
+    try:
+        return "key_mask" in inspect.signature(reducer).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# -- per-head statistics --------------------------------------------------------------------------------
+
+
+@dataclass
+class SiteStatistics:
+    """Per-head results of one site: ``mean[name]`` and ``std[name]`` are ``[H]``; ``rows`` is ``[H]``, the
+    number of (sample, query) rows that entered each head's statistics."""
+
+    mean: dict[str, Tensor]
+    std: dict[str, Tensor]
+    rows: Tensor
+
+
+class AttentionStatistics(Metric):
+    """Per-site, per-head mean and standard deviation of per-row attention reductions, streamed.
+
+    For every site and head ``h`` and every reducer ``f`` it accumulates, over all samples ``b`` and query rows
+    ``i`` seen, ``sum f(A)[b, h, i]``, ``sum f(A)[b, h, i]^2`` and the number of rows, in one sum-reduced
+    ``[2R + 1, H]`` float64 state per site (float32 on MPS). ``compute()`` returns the mean and the population
+    standard deviation ``sqrt(E[f^2] - E[f]^2)`` of each head. Rows with no valid key (all-zero rows of
+    fully masked queries, padded rows of nested fast-path maps) are left out when a ``key_mask`` is given.
+
+    Reusable with any reducers, e.g. head-type scores::
+
+        stats = AttentionStatistics({"prev": lambda p, off: diagonal_mass(p, -1, off)}, chunk_size=256)
+        with AttentionRecorder(model, keep=False, on_capture=lambda c: stats.update(c.site, c)):
+            model(x)
+        stats.compute()["layers.0.self_attn"].mean["prev"]  # [H]
+
+    Args:
+        reducers: name to ``reducer(probs_chunk [B, H, q, K], query_offset) -> [B, H, q]``. A reducer with
+            a ``key_mask`` parameter also receives the chunk's valid keys (``None`` when all are valid).
+        chunk_size: query rows per chunk when :meth:`update` is given a whole capture or map; ``None`` for
+            all rows at once.
+        kwargs: passed to :class:`torchmetrics.Metric` (``process_group``, ``sync_on_compute``, ...).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, reducers: Mapping[str, Reducer], chunk_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not reducers:
+            raise ValueError("reducers is empty: give at least one name -> reducer(probs_chunk, query_offset)")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        self.reducers = dict(reducers)
+        self.names = list(self.reducers)
+        self.chunk_size = chunk_size
+        self._masked = {name: _takes_key_mask(fn) for name, fn in self.reducers.items()}
+        self.sites: dict[str, int] = {}  # site -> number of heads, in order of first sight
+        self._state_names: dict[str, str] = {}
+
+    def _state(self, site: str, num_heads: int, device: torch.device) -> Tensor:
+        name = self._state_names.get(site)
+        if name is None:
+            name = f"site_{len(self._state_names)}"
+            rows = 2 * len(self.names) + 1
+            with torch.inference_mode(False):  # a normal tensor: usable after the evaluation loop too
+                self.add_state(name, torch.zeros(rows, num_heads, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
+            self._state_names[site] = name
+            self.sites[site] = num_heads
+        elif self.sites[site] != num_heads:
+            raise ValueError(f"site {site!r} had {self.sites[site]} heads, now {num_heads}")
+        return getattr(self, name)
+
+    def update(self, site: str, attention: AttentionCapture | Tensor, query_offset: int = 0, key_mask: Tensor | None | bool = True) -> None:
+        """Add the rows of one map, one capture, or one query chunk of a map.
+
+        Args:
+            site: site name (a state is created on first sight).
+            attention: an :class:`~lightning_attn.capture.record.AttentionCapture` (reduced in
+                ``chunk_size`` query chunks) or probabilities ``[B, H, q, K]`` (``[..., q, K]`` is reshaped).
+            query_offset: index of the first query row of a chunk ``attention`` (tensors only).
+            key_mask: ``True`` (default) derives the valid keys with :func:`key_mask_for`; ``None`` says every
+                key is valid; a bool tensor broadcastable to the chunk gives them.
+        """
+        if isinstance(attention, AttentionCapture):
+            for offset, chunk in attention.chunks(self.chunk_size):
+                mask = key_mask_for(attention, chunk) if key_mask is True else key_mask
+                self._update_chunk(site, chunk, offset, mask)
+        elif self.chunk_size is not None and query_offset == 0 and attention.shape[-2] > self.chunk_size:
+            rows = attention.shape[-2]
+            for offset, chunk in iter_chunks(attention, self.chunk_size):
+                mask = key_mask_for(chunk, chunk) if key_mask is True else key_mask
+                if isinstance(mask, Tensor) and mask.dim() >= 2 and mask.shape[-2] == rows:
+                    mask = mask[..., offset : offset + chunk.shape[-2], :]
+                self._update_chunk(site, chunk, offset, mask)
+        else:
+            probs = as_bhqk(attention)
+            mask = key_mask_for(probs, probs) if key_mask is True else key_mask
+            self._update_chunk(site, probs, query_offset, mask)
+
+    def _update_chunk(self, site: str, probs: Tensor, query_offset: int, key_mask: Tensor | None | bool) -> None:
+        state = self._state(site, probs.shape[1], probs.device)
+        values = []
+        for name in self.names:
+            reducer = self.reducers[name]
+            value = reducer(probs, query_offset, key_mask=key_mask) if self._masked[name] else reducer(probs, query_offset)
+            values.append(value)
+        stacked = torch.stack(values).to(state.dtype)  # [R, B, H, q]
+        if isinstance(key_mask, Tensor):
+            valid = key_mask.expand(probs.shape).any(-1).to(state.dtype)  # [B, H, q]
+            stacked = stacked * valid
+            rows = valid.sum((0, 2))[None]
+        else:
+            rows = torch.full((1, probs.shape[1]), probs.shape[0] * probs.shape[2], dtype=state.dtype, device=state.device)
+        sums = stacked.sum((1, 3))
+        squares = stacked.square().sum((1, 3))
+        state += torch.cat([sums, squares, rows])
+
+    def compute(self) -> dict[str, SiteStatistics]:
+        """``{site: SiteStatistics}`` in order of first sight; heads with no row give NaN."""
+        results: dict[str, SiteStatistics] = {}
+        count = len(self.names)
+        for site, name in self._state_names.items():
+            state = getattr(self, name)
+            rows = state[2 * count]
+            mean = state[:count] / rows
+            variance = (state[count : 2 * count] / rows - mean.square()).clamp_min(0)
+            std = variance.sqrt()
+            results[site] = SiteStatistics(
+                mean={n: mean[i] for i, n in enumerate(self.names)},
+                std={n: std[i] for i, n in enumerate(self.names)},
+                rows=rows,
+            )
+        return results
+
+
+# -- positions ------------------------------------------------------------------------------------------
+
+
+class AttentionPositions(Metric):
+    """Which positions receive attention and which give it, per site, streamed.
+
+    One sum-reduced ``[4, max_positions]`` state per site, summed over samples, heads and rows:
+
+    - ``received[j] = sum A[b, h, i, j]`` and the number of rows in which key ``j`` existed: their ratio is the
+      share of a row's attention that key ``j`` receives on average (the shares of a sequence sum to 1);
+    - ``given[i]``: for self-attention sites the attention query ``i`` gives to *other* positions,
+      ``1 - A[b, h, i, i]`` (every row gives 1 in total, so the share not kept for itself is what ranks
+      queries); for cross-attention sites, whose keys are another sequence, the peak weight ``max_j A_ij``
+      (how sharply the query attends); with the number of (sample, head) pairs in which query ``i`` existed.
+
+    Positions at or beyond ``max_positions`` are not tracked (fixed state size, the same on every rank
+    whatever the sequence lengths). Variable-length batches are fine: each position is averaged over the
+    rows where it existed.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, max_positions: int = 4096, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        self.max_positions = int(max_positions)
+        self.kinds: dict[str, str] = {}
+        self._state_names: dict[str, str] = {}
+
+    def _state(self, site: str, kind: str, device: torch.device) -> Tensor:
+        name = self._state_names.get(site)
+        if name is None:
+            name = f"site_{len(self._state_names)}"
+            with torch.inference_mode(False):
+                self.add_state(name, torch.zeros(4, self.max_positions, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
+            self._state_names[site] = name
+            self.kinds[site] = kind
+        return getattr(self, name)
+
+    def update(self, site: str, probs: Tensor, query_offset: int = 0, self_attention: bool = True, row_valid: Tensor | None = None) -> None:
+        """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``.
+
+        ``row_valid`` (``[B, H, q]`` bool) leaves rows without a valid key out; ``None`` counts every row.
+        """
+        probs = as_bhqk(probs)
+        state = self._state(site, "self" if self_attention else "cross", probs.device)
+        batch, heads, num_queries, num_keys = probs.shape
+        keys = min(num_keys, self.max_positions)
+        first, last = min(query_offset, self.max_positions), min(query_offset + num_queries, self.max_positions)
+        queries = last - first
+        received = probs.sum((0, 1, 2)).to(state.dtype)
+        if self_attention:
+            given = diagonal_mass(probs, 0, query_offset).to(state.dtype).neg_().add_(1)
+        else:
+            given = max_weight(probs).to(state.dtype)
+        if row_valid is None:
+            rows = torch.full((), batch * heads * num_queries, dtype=state.dtype, device=state.device)
+            pairs = torch.full((queries,), batch * heads, dtype=state.dtype, device=state.device)
+        else:
+            valid = row_valid.to(state.dtype)
+            given = given * valid
+            rows = valid.sum()
+            pairs = valid.sum((0, 1))[:queries]
+        state[0, :keys] += received[:keys]
+        state[1, :keys] += rows
+        state[2, first:last] += given.sum((0, 1))[:queries]
+        state[3, first:last] += pairs
+
+    def compute(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{site: (received_share [K'], given [Q'])}``, NaN where a position never occurred; trailing
+        never-seen positions are cut (a host sync: call at epoch end)."""
+        results: dict[str, tuple[Tensor, Tensor]] = {}
+        for site, name in self._state_names.items():
+            state = getattr(self, name)
+            received = torch.where(state[1] > 0, state[0] / state[1], torch.nan)
+            given = torch.where(state[3] > 0, state[2] / state[3], torch.nan)
+            results[site] = (_trim(received, state[1]), _trim(given, state[3]))
+        return results
+
+
+def _trim(values: Tensor, counts: Tensor) -> Tensor:
+    seen = torch.nonzero(counts > 0)
+    return values[: int(seen.max()) + 1] if seen.numel() else values[:0]
+
+
+# -- modality agreement ---------------------------------------------------------------------------------
+
+
+class ModalityAgreement(Metric):
+    """Mean per-sample agreement of declared cross-attention pairs, streamed.
+
+    For a pair ``(A->B, B->A)`` of head-averaged maps ``[B, La, Lb]`` and ``[B, Lb, La]``, each sample's
+    agreement is the Pearson correlation of ``A->B`` with ``(B->A)^T``
+    (:func:`~lightning_attn.functional.modality_agreement`, in ``[-1, 1]``); states are the sum over samples
+    and the sample count, per pair.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_names: dict[str, str] = {}
+
+    @property
+    def pairs(self) -> list[str]:
+        return list(self._state_names)
+
+    def update(self, pair: str, a_to_b: Tensor, b_to_a: Tensor) -> None:
+        """Add the samples of one batch: ``a_to_b`` ``[B, La, Lb]``, ``b_to_a`` ``[B, Lb, La]`` (heads averaged)."""
+        name = self._state_names.get(pair)
+        if name is None:
+            name = f"pair_{len(self._state_names)}"
+            with torch.inference_mode(False):
+                self.add_state(name, torch.zeros(2, dtype=_state_dtype(a_to_b.device), device=a_to_b.device), dist_reduce_fx="sum")
+            self._state_names[pair] = name
+        state = getattr(self, name)
+        agreement = modality_agreement(a_to_b, b_to_a).to(state.dtype)  # [B]
+        state += torch.stack([agreement.sum(), torch.full((), agreement.numel(), dtype=state.dtype, device=state.device)])
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{pair: mean agreement}`` (NaN for a pair with no sample)."""
+        return {pair: getattr(self, name)[0] / getattr(self, name)[1] for pair, name in self._state_names.items()}
+
+
+class PairBuffer:
+    """Holds the head-averaged map of one direction of a declared pair until the other direction arrives in
+    the same forward pass, then hands both over (and forgets them): at most one map per pair is held.
+
+    Args:
+        pairs: ``{pair_name: (a_to_b_site, b_to_a_site)}``; site names or glob patterns.
+    """
+
+    def __init__(self, pairs: Mapping[str, Sequence[str]]) -> None:
+        from lightning_attn.capture.recorder import matches
+
+        self._matches = matches
+        self.pairs = {name: (str(sites[0]), str(sites[1])) for name, sites in pairs.items()}
+        for name, sites in pairs.items():
+            if len(sites) != 2:
+                raise ValueError(f"modality pair {name!r} needs two sites (A->B, B->A), got {sites!r}")
+        self._roles: dict[str, list[tuple[str, int]]] = {}
+        self.resolved: dict[str, list[str | None]] = {name: [None, None] for name in self.pairs}
+        self._pending: dict[str, list[Tensor | None]] = {}
+
+    def roles(self, site: str) -> list[tuple[str, int]]:
+        """``[(pair, 0 for A->B | 1 for B->A)]`` of a site; a glob binds to the first site that matches."""
+        cached = self._roles.get(site)
+        if cached is None:
+            cached = []
+            for name, sites in self.pairs.items():
+                for role, pattern in enumerate(sites):
+                    bound = self.resolved[name][role]
+                    if bound == site or (bound is None and (pattern == site or self._matches(site, [pattern]))):
+                        self.resolved[name][role] = site
+                        cached.append((name, role))
+            self._roles[site] = cached
+        return cached
+
+    def add(self, pair: str, role: int, head_mean: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Store one direction; return ``(a_to_b, b_to_a)`` once both are there."""
+        pending = self._pending.setdefault(pair, [None, None])
+        pending[role] = head_mean
+        if pending[0] is not None and pending[1] is not None:
+            a_to_b, b_to_a = pending
+            del self._pending[pair]
+            if a_to_b.shape[0] != b_to_a.shape[0] or a_to_b.shape[1:] != b_to_a.shape[1:][::-1]:
+                raise ValueError(
+                    f"modality pair {pair!r}: A->B map {tuple(a_to_b.shape)} and B->A map {tuple(b_to_a.shape)} "
+                    "are not transposes of each other ([B, La, Lb] and [B, Lb, La])"
+                )
+            return a_to_b, b_to_a
+        return None
+
+    def clear(self) -> None:
+        """Forget unmatched maps (end of a batch)."""
+        self._pending.clear()
+
+
+# -- probe samples --------------------------------------------------------------------------------------
+
+
+class ProbeMaps:
+    """Attention maps of a few fixed samples, kept for figures (one batch per epoch, never a state).
+
+    Per site: the head-averaged map of every probe sample ``[n, Q', K']`` and the per-head maps of the first
+    ``[H, Q', K']``, block-pooled to at most ``max_tokens`` queries and keys: query blocks are averaged and
+    key blocks summed, so pooled rows still sum to 1. Also the attention rollout (Abnar & Zuidema 2020,
+    :func:`~lightning_attn.functional.attention_rollout`, head mean, residual 0.5) of the self-attention sites
+    whose length equals the first one's, folded layer by layer in forward order (``R_l @ ... @ R_1``), for
+    sequences of at most ``rollout_max_tokens``. Everything stays on the device until :meth:`finish`.
+
+    Feed it query chunks with :meth:`add` and call :meth:`end_site` after the last chunk of each capture;
+    a site seen again (a second forward pass in the same step) is ignored.
+    """
+
+    def __init__(self, num_samples: int, max_tokens: int = 128, rollout_max_tokens: int = 1024) -> None:
+        if num_samples < 1 or max_tokens < 1:
+            raise ValueError("num_samples and max_tokens must be >= 1")
+        self.num_samples = num_samples
+        self.max_tokens = max_tokens
+        self.rollout_max_tokens = rollout_max_tokens
+        self.mean: dict[str, Tensor] = {}
+        self.heads: dict[str, Tensor] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.kinds: dict[str, str] = {}
+        self.rollout: Tensor | None = None
+        self.rollout_sites: list[str] = []
+        self._rollout_length: int | None = None
+        self._full: Tensor | None = None
+        self._done: set[str] = set()
+
+    def _bins(self, length: int, device: torch.device) -> tuple[int, Tensor | None]:
+        if length <= self.max_tokens:
+            return length, None
+        return self.max_tokens, torch.arange(length, device=device) * self.max_tokens // length
+
+    def add(self, site: str, kind: str, num_queries: int, num_keys: int, chunk: Tensor, query_offset: int) -> None:
+        if site in self._done:  # a second forward pass in the same step: keep the first one's maps
+            return
+        x = chunk[: self.num_samples].float()  # [n, H, q, K]
+        n, heads, q, _ = x.shape
+        device = x.device
+        query_bins, query_index = self._bins(num_queries, device)
+        key_bins, key_index = self._bins(num_keys, device)
+        if site not in self.mean:
+            self.mean[site] = x.new_zeros(n, query_bins, key_bins)
+            self.heads[site] = x.new_zeros(heads, query_bins, key_bins)
+            self.shapes[site] = (num_queries, num_keys)
+            self.kinds[site] = kind
+            if kind == "self" and num_queries == num_keys and num_queries <= self.rollout_max_tokens:
+                if self._rollout_length is None:
+                    self._rollout_length = num_queries
+                if num_queries == self._rollout_length:
+                    self._full = x.new_zeros(n, num_queries, num_keys)
+        head_mean = x.mean(1)
+        if self._full is not None:
+            self._full[:, query_offset : query_offset + q] = head_mean
+        first = x[0]
+        if key_index is not None:
+            head_mean = head_mean.new_zeros(n, q, key_bins).index_add_(-1, key_index, head_mean)
+            first = first.new_zeros(heads, q, key_bins).index_add_(-1, key_index, first)
+        if query_index is None:
+            self.mean[site][:, query_offset : query_offset + q] = head_mean
+            self.heads[site][:, query_offset : query_offset + q] = first
+        else:
+            rows = query_index[query_offset : query_offset + q]
+            self.mean[site].index_add_(1, rows, head_mean)
+            self.heads[site].index_add_(1, rows, first)
+
+    def end_site(self, site: str) -> None:
+        """Close a capture: fold it into the rollout if it takes part."""
+        self._done.add(site)
+        if self._full is None:
+            return
+        from lightning_attn.functional.attention import attention_rollout
+
+        step = attention_rollout([self._full[:, None]], "mean", 0.0, 0.5)  # one layer: 0.5 I + 0.5 A, renormalized
+        self.rollout = step if self.rollout is None else step @ self.rollout
+        self.rollout_sites.append(site)
+        self._full = None
+
+    def finish(self) -> dict[str, Any]:
+        """Host copies: ``{"mean", "heads", "shapes", "kinds", "rollout", "rollout_sites"}`` (a host sync)."""
+        mean, heads = {}, {}
+        for site, (num_queries, _) in self.shapes.items():
+            scale = 1.0
+            if num_queries > self.max_tokens:
+                index = torch.arange(num_queries) * self.max_tokens // num_queries
+                scale = 1.0 / torch.bincount(index, minlength=self.max_tokens).to(torch.float32)[:, None]
+            mean[site] = self.mean[site].cpu() * scale
+            heads[site] = self.heads[site].cpu() * scale
+        rollout = None
+        if self.rollout is not None:
+            rollout = self.rollout.cpu()
+            length = rollout.shape[-1]
+            if length > self.max_tokens:  # display only: pooled like the maps
+                index = torch.arange(length) * self.max_tokens // length
+                counts = torch.bincount(index, minlength=self.max_tokens).to(torch.float32)
+                pooled = rollout.new_zeros(rollout.shape[0], length, self.max_tokens).index_add_(-1, index, rollout)
+                rollout = pooled.new_zeros(rollout.shape[0], self.max_tokens, self.max_tokens).index_add_(1, index, pooled) / counts[:, None]
+        return {
+            "mean": mean,
+            "heads": heads,
+            "shapes": dict(self.shapes),
+            "kinds": dict(self.kinds),
+            "rollout": rollout,
+            "rollout_sites": list(self.rollout_sites),
+        }
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionResults:
+    """One evaluation epoch's attention statistics (host tensors).
+
+    Attributes:
+        stage: ``val``/``test`` (``_dl<k>`` for the k-th dataloader, k >= 1).
+        epoch: ``trainer.current_epoch``; ``global_step``: ``trainer.global_step``.
+        sites: site names in forward order; ``kinds``: ``"self"``/``"cross"``; ``num_heads``: heads per site.
+        mean: statistic name to ``[sites, max_heads]`` per-head means (NaN beyond a site's heads).
+        std: the same for the per-head standard deviation over (sample, query) rows.
+        rows: ``[sites, max_heads]`` number of rows averaged.
+        top_attended: site to ``[(position name or index, mean share of a row's attention received)]``.
+        top_attending: site to ``[(position, attention given to other positions (self-attention) or peak
+            weight (cross-attention))]``.
+        agreement: modality pair name to mean per-sample agreement in ``[-1, 1]``.
+    """
+
+    stage: str
+    epoch: int
+    global_step: int
+    sites: list[str]
+    kinds: list[str]
+    num_heads: list[int]
+    mean: dict[str, Tensor]
+    std: dict[str, Tensor]
+    rows: Tensor
+    top_attended: dict[str, list[tuple[str | int, float]]]
+    top_attending: dict[str, list[tuple[str | int, float]]]
+    agreement: dict[str, float]
+
+    @property
+    def statistics(self) -> list[str]:
+        return list(self.mean)
+
+    def site_mean(self, statistic: str) -> Tensor:
+        """``[sites]``: the mean over heads of the per-head means (each head weighs the same)."""
+        return self.mean[statistic].nanmean(dim=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: per site, per statistic the site mean, per-head means and standard deviations."""
+        sites = {}
+        for index, site in enumerate(self.sites):
+            heads = self.num_heads[index]
+            sites[site] = {
+                "kind": self.kinds[index],
+                "num_heads": heads,
+                "rows_per_head": self.rows[index, :heads].tolist(),
+                "statistics": {
+                    name: {
+                        "mean": float(self.mean[name][index, :heads].mean()),
+                        "per_head_mean": self.mean[name][index, :heads].tolist(),
+                        "per_head_std": self.std[name][index, :heads].tolist(),
+                    }
+                    for name in self.mean
+                },
+                "top_attended": [[label, value] for label, value in self.top_attended.get(site, [])],
+                "top_attending": [[label, value] for label, value in self.top_attending.get(site, [])],
+            }
+        return {
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "statistics": self.statistics,
+            "sites": sites,
+            "agreement": dict(self.agreement),
+        }

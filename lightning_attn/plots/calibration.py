@@ -1,0 +1,193 @@
+"""Calibration figures: per-bin arrays in, ``matplotlib.figure.Figure`` out (never pyplot).
+
+- :func:`plot_reliability_diagram`: accuracy against confidence per bin, the gap to the diagonal, the
+  number of samples per bin, ECE in the title (Guo et al. 2017, figure 1);
+- :func:`plot_confidence_histogram`: top-label confidence, correct and incorrect stacked;
+- :func:`plot_classwise_reliability`: one small reliability diagram per class (the first ``max_classes``);
+- :func:`plot_calibration_trend`: chosen measures over epochs.
+
+Inputs are arrays (NumPy, tensors or lists; empty bins as NaN) as produced by
+:class:`lightning_attn.metrics.CalibrationMetric`; nothing here computes statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = [
+    "plot_calibration_trend",
+    "plot_classwise_reliability",
+    "plot_confidence_histogram",
+    "plot_reliability_diagram",
+]
+
+_ACC = "#3b75af"
+_GAP = "#d62728"
+_CORRECT = "#2ca02c"
+_WRONG = "#d62728"
+
+
+def _np(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def _reliability_axes(ax: Any, edges: np.ndarray, accuracy: np.ndarray, confidence: np.ndarray, *, small: bool = False) -> None:
+    lower, upper = edges[:-1], edges[1:]
+    width = upper - lower
+    filled = np.isfinite(accuracy)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label="perfect calibration")
+    ax.bar(lower[filled], accuracy[filled], width=width[filled], align="edge", color=_ACC, edgecolor="black",
+           linewidth=0.5 if small else 0.8, label="accuracy")
+    gap = confidence - accuracy
+    ax.bar(lower[filled], gap[filled], bottom=accuracy[filled], width=width[filled], align="edge", color=_GAP,
+           alpha=0.35, edgecolor=_GAP, hatch=None if small else "//", linewidth=0.5, label="gap (confidence - accuracy)")
+    ax.plot(confidence[filled], accuracy[filled], "o", color="black", markersize=2 if small else 3, label="(confidence, accuracy)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+
+
+def plot_reliability_diagram(
+    edges: Any,
+    accuracy: Any,
+    confidence: Any,
+    count: Any,
+    *,
+    ece: float | None = None,
+    title: str | None = None,
+    binary: bool = False,
+) -> Figure:
+    """Reliability diagram with a histogram of samples per bin underneath.
+
+    Args:
+        edges: ``n_bins + 1`` bin edges on ``[0, 1]``.
+        accuracy: per-bin accuracy (fraction of positives for ``binary``); NaN for empty bins.
+        confidence: per-bin mean confidence (mean ``P(y = 1)`` for ``binary``).
+        count: samples per bin.
+        ece: shown in the title.
+        title: title prefix (e.g. the stage and epoch).
+        binary: label the axes for ``P(y = 1)`` against the observed frequency of positives.
+    """
+    edges, accuracy, confidence, count = (_np(a) for a in (edges, accuracy, confidence, count))
+    fig = Figure(figsize=(5.2, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    _reliability_axes(top, edges, accuracy, confidence)
+    top.set_ylabel("fraction of positives" if binary else "accuracy")
+    top.legend(loc="upper left", fontsize=7)
+    parts = [title] if title else []
+    if ece is not None and math.isfinite(ece):
+        parts.append(f"ECE = {ece:.4f}")
+    parts.append(f"n = {int(count.sum())}")
+    top.set_title(" | ".join(parts), fontsize=9)
+    lower, upper = edges[:-1], edges[1:]
+    bottom.bar(lower, count, width=upper - lower, align="edge", color="0.6", edgecolor="black", linewidth=0.5)
+    if count.max(initial=0) > 0 and count[count > 0].min() * 100 < count.max():
+        bottom.set_yscale("log")
+    bottom.set_ylabel("samples")
+    bottom.set_xlabel("predicted P(y = 1)" if binary else "confidence (top-label probability)")
+    return fig
+
+
+def plot_confidence_histogram(
+    edges: Any,
+    correct: Any,
+    incorrect: Any,
+    *,
+    accuracy: float | None = None,
+    confidence: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Top-label confidence histogram, correct and incorrect predictions stacked, with the mean
+    confidence and the accuracy as vertical lines (their distance is the over-confidence gap)."""
+    edges, correct, incorrect = (_np(a) for a in (edges, correct, incorrect))
+    lower, upper = edges[:-1], edges[1:]
+    total = correct.sum() + incorrect.sum()
+    scale = 1.0 / total if total > 0 else 1.0
+    fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(lower, correct * scale, width=upper - lower, align="edge", color=_CORRECT, alpha=0.8, label="correct")
+    ax.bar(lower, incorrect * scale, bottom=correct * scale, width=upper - lower, align="edge", color=_WRONG, alpha=0.8, label="incorrect")
+    if confidence is not None and math.isfinite(confidence):
+        ax.axvline(confidence, color="black", linestyle="--", linewidth=1, label=f"mean confidence {confidence:.3f}")
+    if accuracy is not None and math.isfinite(accuracy):
+        ax.axvline(accuracy, color="black", linestyle=":", linewidth=1.2, label=f"accuracy {accuracy:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("fraction of samples")
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(title or "confidence", fontsize=9)
+    return fig
+
+
+def plot_classwise_reliability(
+    edges: Any,
+    accuracy: Any,
+    confidence: Any,
+    count: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    max_classes: int = 9,
+    title: str | None = None,
+) -> Figure:
+    """Grid of per-class reliability diagrams (``p_k`` against the fraction with label ``k``) for
+    the first ``max_classes`` classes; ``accuracy``/``confidence``/``count`` are ``[K, n_bins]``."""
+    edges, accuracy, confidence, count = (_np(a) for a in (edges, accuracy, confidence, count))
+    shown = max(1, min(max_classes, accuracy.shape[0]))
+    cols = min(3, shown) if shown <= 9 else math.ceil(math.sqrt(shown))
+    rows = math.ceil(shown / cols)
+    fig = Figure(figsize=(2.4 * cols + 0.4, 2.3 * rows + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for k, ax in enumerate(axes):
+        if k >= shown:
+            ax.set_axis_off()
+            continue
+        _reliability_axes(ax, edges, accuracy[k], confidence[k], small=True)
+        w = count[k]
+        filled = np.isfinite(accuracy[k])
+        ce = float(np.sum(w[filled] * np.abs(accuracy[k][filled] - confidence[k][filled])) / max(w.sum(), 1))
+        name = class_names[k] if class_names is not None and k < len(class_names) else f"class {k}"
+        ax.set_title(f"{name}: ECE$_k$ {ce:.3f}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("predicted probability of the class", fontsize=8)
+    fig.supylabel("fraction with that label", fontsize=8)
+    suffix = f" (first {shown} of {accuracy.shape[0]})" if shown < accuracy.shape[0] else ""
+    fig.suptitle((title + " | " if title else "") + "classwise reliability" + suffix, fontsize=9)
+    return fig
+
+
+def plot_calibration_trend(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    errors: Sequence[str] = ("ece", "adaptive_ece", "classwise_ece", "mce"),
+    scores: Sequence[str] = ("nll", "brier", "overconfidence"),
+    x: str = "epoch",
+    title: str | None = None,
+) -> Figure:
+    """Calibration errors (left) and proper scores with the over-confidence gap (right) over ``x``.
+
+    ``history``: one mapping per evaluation with ``x`` and the measures (missing ones are skipped).
+    """
+    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    xs = np.asarray([float(h.get(x, i)) for i, h in enumerate(history)])
+    for ax, names in ((left, errors), (right, scores)):
+        for name in names:
+            ys = np.asarray([float(h[name]) if h.get(name) is not None else np.nan for h in history])
+            if np.isfinite(ys).any():
+                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    left.set_ylabel("calibration error")
+    right.axhline(0.0, color="0.6", linewidth=0.8)
+    fig.suptitle(title or "calibration over time", fontsize=9)
+    return fig

@@ -1,0 +1,178 @@
+"""Head-specialization figures: host arrays in, ``matplotlib.figure.Figure`` out (no pyplot).
+
+Used by :class:`~lightning_attn.HeadSpecializationTracker`; every function also works on the values of a
+head-function registry. Heads are named ``<site>/h<k>``; figure labels drop the sites' common prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = [
+    "plot_feature_correlations",
+    "plot_head_evolution",
+    "plot_head_redundancy",
+    "plot_head_type_scores",
+    "plot_hsi",
+    "short_head_names",
+]
+
+MAX_TICK_LABELS = 64
+
+
+def _np(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values, dtype=object)
+    return np.asarray(np.where(np.equal(array, None), np.nan, array), dtype=np.float64)
+
+
+def short_head_names(heads: Sequence[str]) -> list[str]:
+    """``<site>/h<k>`` ids without the sites' common dotted prefix (``model.layers.0/h1`` -> ``0/h1``)."""
+    sites = [h.rsplit("/", 1)[0] for h in heads]
+    unique = list(dict.fromkeys(sites))
+    if len(unique) < 2:
+        return [h.rsplit("/", 1)[-1] if len(unique) == 1 else h for h in heads]
+    prefix = len(os.path.commonprefix([s.split(".") for s in unique]))
+    return [".".join(site.split(".")[prefix:]) + "/" + head.rsplit("/", 1)[1] for site, head in zip(sites, heads)]
+
+
+def _ticks(axis: Any, labels: Sequence[str], which: str) -> None:
+    length = len(labels)
+    step = 1 if length <= MAX_TICK_LABELS else math.ceil(length / MAX_TICK_LABELS)
+    positions = list(range(0, length, step))
+    size = 7 if len(positions) <= 32 else 5
+    if which == "x":
+        axis.set_xticks(positions)
+        axis.set_xticklabels([labels[p] for p in positions], rotation=90, fontsize=size)
+    else:
+        axis.set_yticks(positions)
+        axis.set_yticklabels([labels[p] for p in positions], fontsize=size)
+
+
+def plot_hsi(hsi: Sequence[float | None], heads: Sequence[str], labels: Sequence[str] | None = None, threshold: float = 0.3,
+             title: str = "") -> Figure:
+    """Bars of the Head Specialization Index of every head, the threshold as a dashed line; bars at or above
+    it coloured, with the head's label written on them."""
+    values = np.nan_to_num(_np(hsi), nan=0.0)
+    count = len(values)
+    fig = Figure(figsize=(min(max(5.0, 0.35 * count + 1.5), 40.0), 4.0), layout="constrained")
+    ax = fig.subplots()
+    colours = ["tab:red" if v >= threshold else "tab:gray" for v in values]
+    ax.bar(np.arange(count), values, color=colours)
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    if labels is not None and count <= MAX_TICK_LABELS:
+        for index, (value, label) in enumerate(zip(values, labels)):
+            if value >= threshold:
+                ax.text(index, value, f" {label}", rotation=90, va="bottom", ha="center", fontsize=6)
+    _ticks(ax, short_head_names(heads), "x")
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("HSI = max |corr|", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title or "Head Specialization Index", fontsize=10)
+    return fig
+
+
+def plot_feature_correlations(correlations: Any, heads: Sequence[str], features: Sequence[str], title: str = "") -> Figure:
+    """Head x feature Pearson correlations ``[N, F]`` on a diverging scale ``[-1, 1]`` (blank: undefined)."""
+    data = np.ma.masked_invalid(_np(correlations).reshape(len(heads), len(features)))
+    fig = Figure(figsize=(max(3.5, 0.9 * len(features) + 2.5), max(3.0, min(0.22 * len(heads) + 1.5, 30.0))), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(data, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    _ticks(ax, list(features), "x")
+    _ticks(ax, short_head_names(heads), "y")
+    if len(heads) * len(features) <= 400:
+        for (row, column), value in np.ndenumerate(data.filled(np.nan)):
+            if math.isfinite(value):
+                ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if abs(value) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Pearson r")
+    ax.set_title(title or "Head x feature correlation", fontsize=10)
+    return fig
+
+
+def plot_head_type_scores(scores: Mapping[str, Any], sites: Sequence[str], title: str = "") -> Figure:
+    """One ``layers x heads`` heatmap per head type, ``scores[type]`` ``[sites, max_heads]`` in ``[0, 1]``
+    (blank where undefined: a head a site lacks, a cross-attention site, no token ids)."""
+    names = list(scores)
+    heads = max((_np(v).shape[1] for v in scores.values()), default=1)
+    layer_names = short_head_names([f"{s}/h0" for s in sites])
+    layer_names = [n.rsplit("/", 1)[0] or s for n, s in zip(layer_names, sites)] if len(sites) > 1 else list(sites)
+    fig = Figure(figsize=(max(3.0 * len(names), 4.0), max(2.6, 0.3 * len(sites) + 1.6)), layout="constrained")
+    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    image = None
+    for ax, name in zip(axes, names):
+        data = np.ma.masked_invalid(_np(scores[name]))
+        image = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("head", fontsize=8)
+        _ticks(ax, [str(h) for h in range(heads)], "x")
+        _ticks(ax, layer_names if ax is axes[0] else [""] * len(sites), "y")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
+    fig.suptitle(title or "Head-type scores (layers x heads)", fontsize=10)
+    return fig
+
+
+def plot_head_redundancy(distance: Any, heads: Sequence[str], clusters: Sequence[Sequence[str]] = (), threshold: float | None = None,
+                         title: str = "") -> Figure:
+    """Pairwise Jensen-Shannon distance between heads ``[N, N]`` (nats; blank: not comparable), with the
+    clusters of near-duplicate heads listed below."""
+    data = np.ma.masked_invalid(_np(distance))
+    size = min(max(4.0, 0.18 * len(heads) + 2.5), 30.0)
+    fig = Figure(figsize=(size + 1.0, size + 0.4 * min(len(clusters), 8)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(data, cmap="magma_r", vmin=0, vmax=math.log(2), aspect="equal", interpolation="nearest")
+    names = short_head_names(heads)
+    _ticks(ax, names, "x")
+    _ticks(ax, names, "y")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="JS divergence (nats)")
+    short = dict(zip(heads, names))
+    lines = [", ".join(short.get(h, h) for h in cluster) for cluster in clusters[:8]]
+    if len(clusters) > 8:
+        lines.append(f"... {len(clusters) - 8} more")
+    caption = "near-duplicate clusters" + (f" (JS <= {threshold:g})" if threshold is not None else "") + ": "
+    ax.set_xlabel(caption + ("none" if not lines else "\n" + "\n".join(lines)), fontsize=7)
+    ax.set_title(title or "Head redundancy (Clark et al. 2019 JS distance)", fontsize=10)
+    return fig
+
+
+def plot_head_evolution(epochs: Sequence[int], series: Mapping[str, Any], heads: Sequence[str], title: str = "") -> Figure:
+    """Per-head values over epochs: one ``heads x epochs`` heatmap per series (``series[name]`` ``[E, N]``),
+    plus line plots when there are at most 12 heads."""
+    names = list(series)
+    lines = len(heads) <= 12
+    rows = 2 if lines else 1
+    fig = Figure(figsize=(max(4.0 * len(names), 5.0), (3.0 if lines else 0.0) + max(2.5, min(0.2 * len(heads) + 1.5, 30.0))), layout="constrained")
+    axes = fig.subplots(rows, max(len(names), 1), squeeze=False)
+    labels = short_head_names(heads)
+    epoch_labels = [str(e) for e in epochs]
+    for column, name in enumerate(names):
+        data = _np(series[name]).reshape(len(epochs), len(heads))
+        ax = axes[0, column]
+        image = ax.imshow(np.ma.masked_invalid(data.T), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        _ticks(ax, epoch_labels, "x")
+        _ticks(ax, labels if column == 0 else [""] * len(heads), "y")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        if lines:
+            ax = axes[1, column]
+            for index, label in enumerate(labels):
+                ax.plot(list(epochs), data[:, index], marker="o", markersize=3, label=label)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_ylabel(name, fontsize=8)
+            ax.set_ylim(0, 1.05)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+            if column == len(names) - 1:
+                ax.legend(fontsize=6, ncol=2, loc="best")
+    fig.suptitle(title or "Per-head evolution over epochs", fontsize=10)
+    return fig

@@ -1,0 +1,255 @@
+"""Module-probe figures: arrays in, ``matplotlib.figure.Figure`` out (never pyplot).
+
+- :func:`plot_channel_heatmaps`: an activation (a gate) over time for its most variable channels, per site and
+  probe sample;
+- :func:`plot_over_time`: one line per site (e.g. the mean gate of every layer, overlaid) with a band;
+- :func:`plot_weights_over_time`: a distribution over positions (pooling weights) per site: the mean across
+  samples with a +- std band and the probe samples' own weights;
+- :func:`plot_weight_statistics`: entropy, max weight, ... of those distributions per site and head;
+- :func:`plot_weight_histograms`: per-head histograms of attention weights on ``[0, 1]``, per site (the
+  distribution view of attention: mass piled at 0 with a tail towards 1 = a focused head, a bump near ``1/L``
+  = a uniform one).
+
+Inputs are host tensors or arrays; nothing here computes statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from lightning_attn.plots.attention import SEQUENTIAL, _heatmap, _np, _ticks, short_site_names
+
+__all__ = ["plot_channel_heatmaps", "plot_over_time", "plot_weight_histograms", "plot_weight_statistics", "plot_weights_over_time"]
+
+
+def plot_channel_heatmaps(
+    maps: Mapping[str, Any],
+    *,
+    channel_labels: Mapping[str, Sequence[str]] | None = None,
+    position_labels: Sequence[str] | None = None,
+    sample_titles: Sequence[str] | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    title: str = "",
+) -> Figure:
+    """Heatmaps channel x position: one row of panels per site, one column per sample.
+
+    Args:
+        maps: site to ``[n, C', L]`` (``[C', L]`` for one sample): the values of ``C'`` chosen channels.
+        channel_labels: site to the labels of its ``C'`` rows (e.g. ``ch 17``).
+        position_labels: labels of the ``L`` positions (time steps).
+        sample_titles: column titles.
+        vmin, vmax: shared colour range (``None``: from the data).
+    """
+    sites = list(maps)
+    data = {site: _np(maps[site]) for site in sites}
+    data = {site: values[None] if values.ndim == 2 else values for site, values in data.items()}
+    columns = max((values.shape[0] for values in data.values()), default=1)
+    rows = max(1, len(sites))
+    tallest = max((values.shape[1] for values in data.values()), default=1)
+    panel_height = max(1.8, 0.16 * tallest + 1.0)
+    width, height = 4.4 * columns + 1.4, panel_height * rows + 0.9
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.6 / width, bottom=0.7 / height, top=1 - 0.6 / height, wspace=0.35, hspace=1.1 / panel_height)
+    finite = [v[np.isfinite(v)] for v in data.values()]
+    low = vmin if vmin is not None else min((float(v.min()) for v in finite if v.size), default=0.0)
+    high = vmax if vmax is not None else max((float(v.max()) for v in finite if v.size), default=1.0)
+    names = short_site_names(sites) if sites else []
+    for row, site in enumerate(sites):
+        values = data[site]
+        for column in range(columns):
+            ax = axes[row, column]
+            if column >= values.shape[0]:
+                ax.set_visible(False)
+                continue
+            sample = sample_titles[column] if sample_titles is not None and column < len(sample_titles) else f"sample {column}"
+            labels = list(channel_labels[site]) if channel_labels and site in channel_labels else None
+            _heatmap(fig, ax, values[column], title=f"{names[row]}, {sample}", vmin=low, vmax=high, xlabels=position_labels,
+                     ylabels=labels, xlabel="position", ylabel="channel" if column == 0 else "", colorbar=column == columns - 1)
+    fig.suptitle(title or "Activations over time (most variable channels)", fontsize=10)
+    return fig
+
+
+def plot_over_time(
+    means: Mapping[str, Any],
+    spreads: Mapping[str, Any] | None = None,
+    *,
+    position_labels: Sequence[str] | None = None,
+    ylabel: str = "mean",
+    ylim: tuple[float, float] | None = None,
+    title: str = "",
+) -> Figure:
+    """One line per site over positions (all overlaid, forward order = colour order), each ``[L]``, with an
+    optional band ``mean +- spread`` (e.g. the standard deviation over samples and channels)."""
+    sites = list(means)
+    length = max((_np(v).shape[0] for v in means.values()), default=1)
+    width = max(6.0, 0.18 * length + 3.0)
+    fig = Figure(figsize=(width, 4.0))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.8 / width, right=1 - 1.6 / width, bottom=0.2, top=0.9)
+    names = short_site_names(sites) if sites else []
+    for index, site in enumerate(sites):
+        y = _np(means[site])
+        x = np.arange(y.shape[0])
+        (line,) = ax.plot(x, y, marker="." if y.shape[0] <= 64 else None, label=names[index])
+        if spreads is not None and site in spreads:
+            s = _np(spreads[site])
+            ax.fill_between(x, y - s, y + s, alpha=0.15, color=line.get_color())
+    ax.set_xlim(-0.5, length - 0.5)
+    _ticks(ax, position_labels, length, "x")
+    ax.set_xlabel("position", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title or "Mean over time per site (band: std)", fontsize=10)
+    return fig
+
+
+def plot_weights_over_time(
+    means: Mapping[str, Any],
+    stds: Mapping[str, Any] | None = None,
+    samples: Mapping[str, Any] | None = None,
+    *,
+    position_labels: Sequence[str] | None = None,
+    sample_titles: Sequence[str] | None = None,
+    title: str = "",
+) -> Figure:
+    """Weights over positions, one panel per site: the mean across samples ``[L]`` with a +- std band, the
+    uniform level ``1/L`` dashed, and the probe samples' weights (``samples[site]``: ``[n, L]``) as thin lines."""
+    sites = list(means)
+    count = max(1, len(sites))
+    columns = min(count, 2)
+    rows = math.ceil(count / columns)
+    length = max((_np(v).shape[0] for v in means.values()), default=1)
+    width = max(5.5, 0.14 * length + 3.0)
+    height = 3.2 * rows + 0.6
+    fig = Figure(figsize=(width * columns, height))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    fig.subplots_adjust(left=0.7 / (width * columns), right=1 - 0.2 / (width * columns), bottom=0.8 / height, top=1 - 0.6 / height,
+                        wspace=0.7 / width + 0.05, hspace=1.0 / 3.2)
+    names = short_site_names(sites) if sites else []
+    for index, ax in enumerate(axes.flat):
+        if index >= len(sites):
+            ax.set_visible(False)
+            continue
+        site = sites[index]
+        y = _np(means[site])
+        x = np.arange(y.shape[0])
+        ax.plot(x, y, color="black", linewidth=2, label="mean over samples")
+        if stds is not None and site in stds:
+            s = _np(stds[site])
+            ax.fill_between(x, np.clip(y - s, 0, None), y + s, color="tab:blue", alpha=0.2, label="+- std")
+        if samples is not None and site in samples:
+            values = _np(samples[site])
+            values = values[None] if values.ndim == 1 else values
+            for n, row in enumerate(values):
+                label = sample_titles[n] if sample_titles is not None and n < len(sample_titles) else f"sample {n}"
+                ax.plot(np.arange(row.shape[0]), row, linewidth=0.9, alpha=0.8, label=label)
+        if y.shape[0]:
+            ax.axhline(1.0 / y.shape[0], color="gray", linestyle="--", linewidth=0.8, label="uniform 1/L")
+        ax.set_xlim(-0.5, y.shape[0] - 0.5)
+        ax.set_ylim(bottom=0)
+        _ticks(ax, position_labels if position_labels is not None and len(position_labels) == y.shape[0] else None, y.shape[0], "x")
+        ax.set_title(names[index], fontsize=8)
+        ax.set_xlabel("position", fontsize=8)
+        ax.set_ylabel("weight", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title or "Weights over positions (mean and spread across samples)", fontsize=10)
+    return fig
+
+
+def plot_weight_histograms(
+    counts: Mapping[str, Any],
+    edges: Any,
+    *,
+    log: bool = True,
+    title: str = "",
+) -> Figure:
+    """Per-head histograms of attention weights, one panel per site: ``counts[site]`` is ``[H, bins]`` over the
+    bin ``edges`` (``[bins + 1]`` on ``[0, 1]``), drawn as per-head step lines of the share of weights per bin
+    (each head's shares sum to 1), on a log scale by default (most weights of a long row are near 0)."""
+    sites = list(counts)
+    edge = _np(edges)
+    count = max(1, len(sites))
+    columns = min(count, 2)
+    rows = math.ceil(count / columns)
+    width, height = 5.2 * columns, 3.0 * rows + 0.6
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - 0.6 / height, wspace=0.3, hspace=0.9 / 3.0)
+    names = short_site_names(sites) if sites else []
+    colors = None
+    for index, ax in enumerate(axes.flat):
+        if index >= len(sites):
+            ax.set_visible(False)
+            continue
+        data = _np(counts[sites[index]])
+        data = data[None] if data.ndim == 1 else data
+        totals = data.sum(1, keepdims=True)
+        shares = np.divide(data, totals, out=np.zeros_like(data), where=totals > 0)
+        if colors is None:
+            from matplotlib import colormaps
+
+            colors = colormaps[SEQUENTIAL if data.shape[0] > 10 else "tab10"]
+        for head, row in enumerate(shares):
+            color = colors(head / max(1, data.shape[0] - 1)) if data.shape[0] > 10 else colors(head % 10)
+            ax.stairs(row, edge, label=f"h{head}", color=color, linewidth=1.1)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlim(0, 1)
+        ax.set_title(names[index], fontsize=8)
+        ax.set_xlabel("attention weight", fontsize=8)
+        ax.set_ylabel("share of weights", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        if data.shape[0] <= 16:
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title or "Per-head histograms of attention weights", fontsize=10)
+    return fig
+
+
+def plot_weight_statistics(
+    means: Mapping[str, Mapping[str, Any]],
+    stds: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    labels: Mapping[str, str] | None = None,
+    title: str = "",
+) -> Figure:
+    """The attention measures of distributions over positions: one panel per statistic, one group of bars per
+    site with one bar per head (``means[site][statistic]``: ``[H]``), error bars the std over samples; ``labels`` renames panels."""
+    sites = list(means)
+    statistics = list(next(iter(means.values()))) if means else []
+    columns = max(1, len(statistics))
+    fig = Figure(figsize=(2.9 * columns + 0.4, 3.4))
+    axes = fig.subplots(1, columns, squeeze=False)[0]
+    fig.subplots_adjust(left=0.5 / (2.9 * columns + 0.4), right=0.99, bottom=0.3, top=0.82, wspace=0.4)
+    names = short_site_names(sites) if sites else []
+    heads = max((int(_np(means[s][statistics[0]]).size) for s in sites), default=1) if statistics else 1
+    width = 0.8 / max(1, heads)
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"]
+    for ax, statistic in zip(axes, statistics):
+        for index, site in enumerate(sites):
+            values = _np(means[site][statistic]).reshape(-1)
+            errors = None if stds is None else _np(stds[site][statistic]).reshape(-1)
+            for head, value in enumerate(values):
+                ax.bar(index + (head - (values.size - 1) / 2) * width, value, width=width,
+                       yerr=None if errors is None else errors[head], capsize=2, color=colors(head % 10),
+                       label=f"h{head}" if index == 0 and len(values) > 1 else None)
+        ax.set_xticks(np.arange(len(sites)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        ax.set_title((labels or {}).get(statistic, statistic), fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        if heads > 1 and ax is axes[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle(title or "Attention measures of the weights (error bars: std over samples)", fontsize=10)
+    return fig

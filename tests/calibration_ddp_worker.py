@@ -1,0 +1,69 @@
+"""Worker of ``test_calibration_ddp.py``: ``python calibration_ddp_worker.py OUT_DIR [DEVICES]``.
+
+Runs ``trainer.validate`` with a CalibrationMonitor (temperature scaling on) under
+``strategy="ddp"`` on CPU (gloo) and writes ``OUT_DIR/rank<r>.json`` per rank. Run as a script,
+not under pytest: Lightning's DDP launcher re-executes ``sys.argv`` for the other ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attn import CalibrationMonitor
+
+warnings.filterwarnings("ignore")
+
+N, K, BATCH = 2048, 10, 128
+
+
+class FixedLogits(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return {"logits": x * self.scale, "target": y}
+
+
+def dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(N, K, generator=g) * 1.5
+    y = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    return z * 2.5, y
+
+
+def run(out: Path, devices: int) -> dict:
+    """Validate on ``devices`` CPU processes; returns (and writes) this rank's results."""
+    x, y = dataset()
+    callback = CalibrationMonitor(fit_temperature=True, reservoir_size=N, save_dir=str(out / "outputs"))
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False, callbacks=[callback],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=str(out))
+    trainer.validate(FixedLogits(), DataLoader(TensorDataset(x, y), batch_size=BATCH))
+    result = callback.results["val"]
+    metric = next(iter(callback._metrics.values()))
+    payload = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "metrics": result["metrics"],
+        "temperature": callback.temperature,
+        "sample_size": result["temperature_scaling"]["sample_size"],
+        "bin_count": result["bins"]["count"].tolist(),
+        "class_count": result["classwise_bins"]["count"].tolist(),
+        "state_bytes": metric.state_bytes(),
+        "logged_ece": float(trainer.callback_metrics["calibration/val/ece"]),
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2)

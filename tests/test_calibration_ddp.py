@@ -1,0 +1,63 @@
+"""CalibrationMonitor under DDP (2 CPU processes, gloo) gives what one process gives.
+
+In-process ``strategy="ddp"`` under pytest relaunches pytest itself as rank 1 and leaks
+``MASTER_ADDR``/``MASTER_PORT``/... into this process, so the DDP job runs as a subprocess script
+(``calibration_ddp_worker.py``) with those variables removed and reports through JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("calibration_ddp_worker.py")
+LEAKY = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "LOCAL_WORLD_SIZE")
+
+
+def run_worker(out: Path, devices: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY and not k.startswith("PL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parents[1]), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], env=env, cwd=out, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir()
+    ddp.mkdir()
+    run_worker(ddp, 2)
+    from calibration_ddp_worker import run  # the same job in this process, one device
+
+    one = run(single, 1)
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for rank in ranks:
+        # counts are exact; float64 sums differ only by summation order, except the classwise bins'
+        # bin 0, taken from per-batch float32 column sums (relative rounding ~1e-7)
+        assert rank["bin_count"] == one["bin_count"] and rank["class_count"] == one["class_count"]
+        assert rank["metrics"]["n_samples"] == one["metrics"]["n_samples"] == 2048
+        for name, value in one["metrics"].items():
+            if name in ("temperature", "ece_scaled", "nll_scaled"):
+                continue
+            rel = 1e-6 if name == "classwise_ece" else 1e-9
+            assert rank["metrics"][name] == pytest.approx(value, rel=rel, abs=1e-12), name
+        assert rank["logged_ece"] == pytest.approx(one["metrics"]["ece"], rel=1e-6)
+        assert rank["state_bytes"] == one["state_bytes"]
+        # the gathered reservoirs hold the whole epoch, like the single process's
+        assert rank["sample_size"] == one["sample_size"] == 2048
+    # the same temperature on every rank (fitted on rank 0, broadcast), and the single-process one
+    assert ranks[0]["temperature"] == ranks[1]["temperature"]
+    assert ranks[0]["metrics"]["ece_scaled"] == ranks[1]["metrics"]["ece_scaled"]
+    assert ranks[0]["temperature"] == pytest.approx(one["temperature"], rel=1e-5)
+    assert ranks[0]["temperature"] == pytest.approx(2.5, abs=0.25)
+    # figures and JSON written once (rank zero)
+    outputs = ddp / "outputs" / "calibration"
+    assert (outputs / "val.json").exists() and len(list((outputs / "val").glob("reliability_step*.png"))) == 1
