@@ -119,6 +119,10 @@ def stage_key(stage: str, dataloader_idx: int = 0) -> str:
 
 def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
     """Log already-reduced scalars (``Metric.compute`` synced them) through the module, so that
-    ModelCheckpoint and EarlyStopping can monitor them; no second sync, no dataloader suffix."""
+    ModelCheckpoint and EarlyStopping can monitor them; no dataloader suffix.
+
+    The values are equal on every rank; ``sync_dist`` with a ``max`` reduction keeps them exactly so
+    (a mean could round) while telling Lightning they are global, which silences its per-key
+    "use sync_dist=True" warning under DDP at the cost of one scalar all-reduce per key and epoch."""
     for key, value in values.items():
-        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
+        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", add_dataloader_idx=False)
