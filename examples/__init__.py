@@ -1,5 +1,7 @@
 """Runnable examples: a LightningModule and a LightningDataModule per file, trained through
 ``python -m lightning_attn.cli fit --config configs/<example>.yaml`` (run from the repository root).
+Their shared scaffold (training/evaluation steps, metrics, optimizer, splits and DataLoaders) is in
+:mod:`examples.common`.
 
 - :mod:`examples.digits_vit`: a small vision transformer on scikit-learn's bundled 8x8 digits;
 - :mod:`examples.cross_modal`: signal and spectrogram tokens with cross-attention both ways;

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, StackDataset
+
+from .common import ClassifierModule, TensorDictDataModule
 
 CLASSES = ["slow", "alpha", "spikes", "chirp"]
 SAMPLE_RATE = 128
@@ -78,7 +78,7 @@ def make_rhythms(count: int, seed: int, noise: float = 0.6) -> tuple[Tensor, Ten
     return signals.float(), target
 
 
-class RhythmDataModule(pl.LightningDataModule):
+class RhythmDataModule(TensorDictDataModule):
     """Generated multi-class rhythmic signals; batches ``{"signal": [B, 512], "target": [B]}``.
 
     Args:
@@ -103,27 +103,13 @@ class RhythmDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.splits: dict[str, StackDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        hp = self.hparams
-        for offset, (name, count) in enumerate((("train", hp.num_train), ("val", hp.num_val), ("test", hp.num_test))):
-            signal, target = make_rhythms(count, hp.seed + offset, hp.noise)
-            self.splits[name] = StackDataset(signal=signal, target=target)
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def build_splits(self) -> dict[str, dict[str, Tensor]]:
+        splits = {}
+        for name, count, seed in self.seeded_splits():
+            signal, target = make_rhythms(count, seed, self.hparams.noise)
+            splits[name] = {"signal": signal, "target": target}
+        return splits
 
 
 class CrossModalBlock(nn.Module):
@@ -140,7 +126,7 @@ class CrossModalBlock(nn.Module):
         return x + self.attn(self.norm_q(x), kv, kv, attn_mask=mask, need_weights=False)[0]
 
 
-class CrossModalTransformer(pl.LightningModule):
+class CrossModalTransformer(ClassifierModule):
     """Signal and spectrogram token streams with bidirectional cross-attention.
 
     Attention sites: ``signal_encoder.self_attn`` (16 x 16), ``spec_encoder.self_attn`` (17 x 17),
@@ -207,26 +193,5 @@ class CrossModalTransformer(pl.LightningModule):
         sig, spec = self.signal_to_spec(sig, spec, self.signal_to_spec_mask), self.spec_to_signal(spec, sig, self.spec_to_signal_mask)
         return self.head(self.norm(torch.cat([sig.mean(1), spec.mean(1)], dim=-1)))
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
-        logits = self(batch["signal"])
-        loss = F.cross_entropy(logits, batch["target"])
-        acc = (logits.argmax(-1) == batch["target"]).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, batch_size=len(logits), sync_dist=True)
-        return {"loss": loss, "logits": logits, "target": batch["target"]}
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["signal"])
-        loss = F.cross_entropy(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self(batch["signal"])

@@ -9,17 +9,16 @@ sites are ``encoder.layers.<i>.self_attn`` (17 x 17 maps: [CLS] then patches ``r
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, StackDataset
+
+from .common import ClassifierModule, TensorDictDataModule
 
 #: Axis labels of the 17 tokens: [CLS] and the 4x4 grid of 2x2 patches (``token_names`` of the AttentionLogger).
 TOKEN_NAMES = ["CLS"] + [f"r{r}c{c}" for r in range(4) for c in range(4)]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(TensorDictDataModule):
     """scikit-learn's digits, split once with a fixed seed into stratified train/val/test sets.
 
     Batches are dicts ``{"x": [B, 1, 8, 8] float in [0, 1], "target": [B] long}``.
@@ -35,11 +34,8 @@ class DigitsDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.splits: dict[str, StackDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def build_splits(self) -> dict[str, dict[str, Tensor]]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -50,24 +46,11 @@ class DigitsDataModule(pl.LightningDataModule):
         hp = self.hparams
         rest, test = train_test_split(index, test_size=hp.test_fraction, stratify=y, random_state=hp.seed)
         train, val = train_test_split(rest, test_size=hp.val_fraction / (1 - hp.test_fraction), stratify=y[rest], random_state=hp.seed)
-        for name, idx in (("train", train), ("val", val), ("test", test)):
-            idx = torch.as_tensor(idx)
-            self.splits[name] = StackDataset(x=x[idx], target=y[idx])
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        splits = {"train": torch.as_tensor(train), "val": torch.as_tensor(val), "test": torch.as_tensor(test)}
+        return {name: {"x": x[idx], "target": y[idx]} for name, idx in splits.items()}
 
 
-class DigitsViT(pl.LightningModule):
+class DigitsViT(ClassifierModule):
     """ViT classifier: patch embedding, [CLS] token, learned positions, ``nn.TransformerEncoder``.
 
     Args:
@@ -112,26 +95,5 @@ class DigitsViT(pl.LightningModule):
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.encoder(tokens)[:, 0])
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
-        logits = self(batch["x"])
-        loss = F.cross_entropy(logits, batch["target"])
-        acc = (logits.argmax(-1) == batch["target"]).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, batch_size=len(logits), sync_dist=True)
-        return {"loss": loss, "logits": logits, "target": batch["target"]}
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["x"])
-        loss = F.cross_entropy(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self(batch["x"])

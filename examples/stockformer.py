@@ -21,11 +21,10 @@ Module names are stable so probes can find them: ``context_encoder`` (self-atten
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, StackDataset
+
+from .common import ClassifierModule, TensorDictDataModule
 
 WINDOW = 32
 RECENT = 8
@@ -57,13 +56,13 @@ def make_windows(count: int, seed: int) -> dict[str, Tensor]:
     }
 
 
-def forward_logits(pl_module: pl.LightningModule, batch: dict[str, Tensor]) -> Tensor:
+def forward_logits(pl_module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """How the ExplainabilityReport calls the model (``forward_fn``): the batch also carries ``volatility``
     and ``target``, which are not model inputs."""
     return pl_module(batch["x"], batch["context"])
 
 
-class MarketDataModule(pl.LightningDataModule):
+class MarketDataModule(TensorDictDataModule):
     """Generated stock and market windows; batches ``{"x", "context", "volatility", "target"}``.
 
     Args:
@@ -78,26 +77,9 @@ class MarketDataModule(pl.LightningDataModule):
     def __init__(self, num_train: int = 4000, num_val: int = 1000, num_test: int = 1000, batch_size: int = 128, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.splits: dict[str, StackDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        hp = self.hparams
-        for offset, (name, count) in enumerate((("train", hp.num_train), ("val", hp.num_val), ("test", hp.num_test))):
-            self.splits[name] = StackDataset(**make_windows(count, hp.seed + offset))
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def build_splits(self) -> dict[str, dict[str, Tensor]]:
+        return {name: make_windows(count, seed) for name, count, seed in self.seeded_splits()}
 
 
 class GatedCrossAttentionLayer(nn.Module):
@@ -136,7 +118,7 @@ class AttentionPool(nn.Module):
         return (weights.unsqueeze(-1) * x).sum(1)
 
 
-class StockFormer(pl.LightningModule):
+class StockFormer(ClassifierModule):
     """Stock sequence with gated cross-attention to an encoded market sequence, attention pooling, up/down head.
 
     Args:
@@ -184,26 +166,5 @@ class StockFormer(pl.LightningModule):
             h = layer(h, ctx)
         return self.head(self.pool(self.norm(h)))
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
-        logits = self(batch["x"], batch["context"])
-        loss = F.cross_entropy(logits, batch["target"])
-        acc = (logits.argmax(-1) == batch["target"]).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, batch_size=len(logits), sync_dist=True)
-        return {"loss": loss, "logits": logits, "target": batch["target"]}
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["x"], batch["context"])
-        loss = F.cross_entropy(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return forward_logits(self, batch)
