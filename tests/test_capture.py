@@ -472,3 +472,20 @@ def test_mha_fast_path_reads_kernel_weights_and_unbatched_inputs() -> None:
     assert recorder.sites["MultiheadAttention"].source == "mha_fastpath"
     torch.testing.assert_close(recorder.maps["MultiheadAttention"], eager_mha_probs(mha, x, x), atol=ATOL, rtol=0)
     torch.testing.assert_close(unbatched.maps["MultiheadAttention"], eager_mha_probs(mha, x[:1], x[:1]), atol=ATOL, rtol=0)
+
+
+def test_two_recorders_share_one_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_attn.capture import record
+
+    calls = []
+    original = record.attention_probs
+    monkeypatch.setattr(record, "attention_probs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = nn.Sequential(TimmStyleBlock())
+    x = torch.randn(2, 4, 16)
+    with AttentionRecorder(model) as first, AttentionRecorder(model) as second:
+        model(x)
+    assert len(calls) == 1
+    assert first.maps["0"] is second.maps["0"]
+    with AttentionRecorder(model) as alone:
+        model(x)
+    torch.testing.assert_close(alone.maps["0"], first.maps["0"], atol=0, rtol=0)

@@ -184,6 +184,7 @@ class _Interceptor:
         in-projection) names the ``nn.MultiheadAttention`` so that both paths give the same site.
         """
         self.capture_count += 1
+        made: list[AttentionCapture] = []
         for sink in self.sinks:
             owner = next((m for m in reversed(self.stack) if sink.owns(m)), None)
             if owner is None:
@@ -200,9 +201,16 @@ class _Interceptor:
                     module_type="MultiheadAttention" if mha_weight is not None else type(_owner).__name__,
                     source=source,
                 )
-                return build(info)
+                capture = build(info)
+                # Several recorders (a logger, a tracker) see the same call: probabilities one of them
+                # materialized are reused rather than recomputed.
+                capture.share_cache_from(made)
+                made.append(capture)
+                return capture
 
             sink.record(owner, name, make)
+        for capture in made:
+            capture.release()
 
     def _keep_graph(self, weights: Tensor) -> Tensor:
         """Float32 weights, detached unless a recorder wants gradients through them."""

@@ -98,6 +98,12 @@ class AttentionCapture:
         )
         return as_bhqk(probs)
 
+    def share_cache_from(self, others: list[AttentionCapture]) -> None:
+        """Adopt probabilities another capture of the same call already computed."""
+        cached = next((other._cache for other in others if other._cache is not None), None)
+        if cached is not None and self._cache is None:
+            self._cache = cached
+
     def release(self) -> None:
         """Drop every tensor reference (the recorder calls this after the consumer returns)."""
         self.weights = self.query = self.key = self.attn_mask = self._cache = None

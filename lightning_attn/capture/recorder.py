@@ -165,7 +165,6 @@ class AttentionRecorder:
                 self.maps[name] = probs
             if self.on_attention is not None:
                 self.on_attention(name, probs)
-        capture.release()
 
     # -- diagnostics --------------------------------------------------------------------------
     def _warn_nothing_captured(self) -> None:
