@@ -2,20 +2,18 @@
 
     python tests/attention_logger_models.py --devices 2 --out results.json [--strategy ddp]
 
-Not collected by pytest (no ``test_`` prefix); the tests import it by path.
+Not collected by pytest (no ``test_`` prefix); the tests import it (``tests/`` is on ``sys.path``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from helpers import reproducible, script_main, validate_to_json
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,29 +92,11 @@ def results_json(callback: AttentionLogger, key: str = "val") -> dict[str, Any]:
 
 
 def run(devices: int, strategy: str = "auto", out: str | None = None, root: str | None = None) -> dict[str, Any]:
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)  # tiny model: parallel regions only add waiting, and ranks share the cores
-    pl.seed_everything(0, workers=True, verbose=False)
+    reproducible()
     module = CrossModalModule()
     callback = AttentionLogger(chunk_size=4, modality_pairs=PAIRS, probe_samples=1, max_figure_sites=2)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=root,
-    )
-    trainer.validate(module, loader(16, 4))
-    data = results_json(callback)
-    data["world_size"] = trainer.world_size
-    if out is not None and trainer.is_global_zero:
-        with open(out, "w") as handle:
-            json.dump(data, handle)
-    return data
+    return validate_to_json(module, callback, loader(16, 4), results_json, devices, strategy, out, root)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--strategy", default="ddp")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--root", default=None)
-    arguments = parser.parse_args()
-    run(arguments.devices, arguments.strategy, arguments.out, arguments.root)
+    script_main(run)

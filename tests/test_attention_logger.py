@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import inspect
 import sys
 import warnings
 import weakref
 from pathlib import Path
 
+import attention_logger_models as models
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import GuardedHooks, NoHostSync
+from helpers import cpu_trainer as trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
-import lightning_attn.callbacks.attention_logger as logger_module
-from lightning_attn import AttentionLogger, AttentionRecorder
+from lightning_attn import AttentionLogger, AttentionRecorder, sinks
 from lightning_attn.capture import record as record_module
 from lightning_attn.functional import diagonal_mass, mean_attention_distance, normalized_entropy, sparsity
 from lightning_attn.metrics.attention import (
@@ -30,29 +31,11 @@ from lightning_attn.metrics.attention import (
     default_reducers,
 )
 
-_spec = importlib.util.spec_from_file_location("attention_logger_models", Path(__file__).with_name("attention_logger_models.py"))
-models = importlib.util.module_from_spec(_spec)
-sys.modules["attention_logger_models"] = models
-_spec.loader.exec_module(models)
-
 STATS = ["entropy", "max_weight", "sparsity", "distance", "first_token"]
 SITES = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "eeg_to_spec", "spec_to_eeg"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (parallel regions only add waiting on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs) -> pl.Trainer:  # noqa: ANN003
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False, default_root_dir=str(tmp_path))
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -434,13 +417,13 @@ def test_no_hooks_or_figures_left_after_20_epochs(tmp_path: Path, monkeypatch: p
     from torch.nn.modules import module as module_globals
 
     figures: list[weakref.ref] = []
-    original = logger_module.sinks.publish_figures
+    original = sinks.publish_figures
 
     def spy(trainer, figs, **kwargs):  # noqa: ANN001, ANN003, ANN202
         figures.extend(weakref.ref(f) for f in figs.values())
         return original(trainer, figs, **kwargs)
 
-    monkeypatch.setattr(logger_module.sinks, "publish_figures", spy)
+    monkeypatch.setattr(sinks, "publish_figures", spy)
     sdpa = F.scaled_dot_product_attention
     hooks_before = (len(module_globals._global_forward_hooks), len(module_globals._global_forward_pre_hooks))
     callback = AttentionLogger(include=["encoder.*"], probe_samples=1, max_figure_sites=1, max_map_tokens=8)
@@ -482,42 +465,17 @@ def test_include_exclude_and_figure_cap(tmp_path: Path) -> None:
     assert AttentionLogger(max_figure_sites=1)._figure_sites(["a", "b"]) == ["b"]
 
 
-class _NoHostSync(torch.overrides.TorchFunctionMode):
-    """Raise on every Tensor -> host transfer (item, tolist, bool, cpu, numpy) while active."""
-
-    FORBIDDEN = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy,
-                 torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func in self.FORBIDDEN or (func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))):
-            raise AssertionError(f"host sync in a batch hook: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_batch_hooks_never_sync_with_the_host(tmp_path: Path) -> None:
     """Every per-batch path (statistics, positions, probe maps, pairs, masked keys) runs under a mode that
     raises on any device-to-host transfer."""
 
-    class Guarded(AttentionLogger):
-        calls = 0
-
-        def _on_capture(self, capture) -> None:  # noqa: ANN001
-            Guarded.calls += 1
-            with _NoHostSync():
-                super()._on_capture(capture)
-
-        def eval_batch_start(self, *args) -> None:  # noqa: ANN002
-            with _NoHostSync():
-                super().eval_batch_start(*args)
-
-        def eval_batch_end(self, *args) -> None:  # noqa: ANN002
-            with _NoHostSync():
-                super().eval_batch_end(*args)
+    class Guarded(GuardedHooks, AttentionLogger):
+        pass
 
     callback = Guarded(modality_pairs=models.PAIRS, chunk_size=4, probe_samples=2)
     trainer(tmp_path, [callback]).validate(models.CrossModalModule(), models.loader(8, 4), verbose=False)
-    assert Guarded.calls == 2 * len(SITES)
-    with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+    assert Guarded.captures == 2 * len(SITES)
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
         torch.ones(2).sum().item()
 
 

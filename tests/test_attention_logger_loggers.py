@@ -3,35 +3,20 @@ CSVLogger and no logger (PNG, CSV and JSON on disk)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
+import attention_logger_models as models
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_attn import AttentionLogger
 
-_spec = importlib.util.spec_from_file_location("attention_logger_models", Path(__file__).with_name("attention_logger_models.py"))
-models = sys.modules.get("attention_logger_models") or importlib.util.module_from_spec(_spec)
-if "attention_logger_models" not in sys.modules:
-    sys.modules["attention_logger_models"] = models
-    _spec.loader.exec_module(models)
-
 SITE = "encoder.layers.0.self_attn"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (parallel regions only add waiting on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_validation(logger, tmp_path: Path, **callback_args) -> AttentionLogger:  # noqa: ANN001, ANN003

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_trainer as trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -72,12 +73,6 @@ def data(n: int = 768, k: int = 6, temperature: float = 2.5, seed: int = 0) -> t
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def trainer(tmp_path: Path, callbacks: list, logger=False, **kwargs) -> pl.Trainer:  # noqa: ANN001
-    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, logger=logger, accelerator="cpu", devices=1,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-                      **kwargs)
 
 
 def reference(x: torch.Tensor, y: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:

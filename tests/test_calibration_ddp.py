@@ -8,24 +8,12 @@ In-process ``strategy="ddp"`` under pytest relaunches pytest itself as rank 1 an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_script
 
 WORKER = Path(__file__).with_name("calibration_ddp_worker.py")
-LEAKY = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "LOCAL_WORLD_SIZE")
-
-
-def run_worker(out: Path, devices: int) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in LEAKY and not k.startswith("PL_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parents[1]), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], env=env, cwd=out, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
 @pytest.mark.ddp
@@ -33,7 +21,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    run_worker(ddp, 2)
+    run_script(WORKER, ddp, 2, cwd=ddp, OMP_NUM_THREADS="1")
     from calibration_ddp_worker import run  # the same job in this process, one device
 
     one = run(single, 1)

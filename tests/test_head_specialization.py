@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trainer_options
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -163,12 +164,7 @@ def make_loader(size: int = 256, seed: int = 1, batch_size: int = 32) -> DataLoa
 
 
 def trainer_kwargs(root: Path, **overrides: Any) -> dict[str, Any]:
-    kwargs = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(root), num_sanity_val_steps=0,
-    )
-    kwargs.update(overrides)
-    return kwargs
+    return trainer_options(root, **{"num_sanity_val_steps": 0, **overrides})
 
 
 def summarize(tracker: HeadSpecializationTracker, stage: str = "val") -> dict[str, Any]:

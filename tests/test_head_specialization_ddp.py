@@ -7,19 +7,17 @@ variables removed from its environment; rank zero writes the tracker's streamed 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from helpers import run_script
 
 from lightning_attn import HeadSpecializationTracker
 
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 
 SCRIPT = textwrap.dedent(
     """
@@ -64,11 +62,7 @@ def test_ddp_equals_one_process(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), root=str(tmp_path), out=str(out)))
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("MPLBACKEND", "Agg")
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(script, cwd=tmp_path)
     ddp = json.loads(out.read_text())
     assert ddp["world_size"] == 2
 

@@ -4,51 +4,28 @@ error, hook lifetime, no host sync, figures and files, CLI arguments and the Sto
 from __future__ import annotations
 
 import gc
-import importlib.util
 import inspect
 import json
 import math
 import sys
 import weakref
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
+import module_probe_models as models
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import GuardedHooks, NoHostSync
+from helpers import cpu_trainer as trainer
 
-from lightning_attn import AttentionLogger, AttentionRecorder, ModuleProbe
-from lightning_attn.callbacks import module_probe as probe_module
+from lightning_attn import AttentionLogger, AttentionRecorder, ModuleProbe, sinks
 from lightning_attn.capture.probes import ModuleHooks, ProbeMatchError, first_tensor, parse_probes, resolve_probes
 from lightning_attn.metrics.probes import ActivationStatistics, ProbeStatistics, WeightHistogram, activation_view, weights_view
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).with_name("module_probe_models.py")
-_spec = importlib.util.spec_from_file_location("module_probe_models", SCRIPT)
-models = sys.modules.get("module_probe_models") or importlib.util.module_from_spec(_spec)
-if "module_probe_models" not in sys.modules:
-    sys.modules["module_probe_models"] = models
-    _spec.loader.exec_module(models)
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (parallel regions only add waiting on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False, default_root_dir=str(tmp_path))
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning"), pytest.mark.usefixtures("one_thread")]
 
 
 def _pop_std(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -260,39 +237,14 @@ def test_repeated_calls_and_module_hooks() -> None:
     assert _hooked(module) == {}
 
 
-class _NoHostSync(torch.overrides.TorchFunctionMode):
-    """Raise on every Tensor -> host transfer (item, tolist, bool, cpu, numpy) while active."""
-
-    FORBIDDEN = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy,
-                 torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func in self.FORBIDDEN or (func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))):
-            raise AssertionError(f"host sync in a batch hook: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_batch_hooks_never_sync_with_the_host(tmp_path: Path) -> None:
-    class Guarded(ModuleProbe):
-        outputs = captures = 0
+    class Guarded(GuardedHooks, ModuleProbe):
+        outputs = 0
 
         def _on_output(self, *args) -> None:  # noqa: ANN002
             Guarded.outputs += 1
-            with _NoHostSync():
+            with NoHostSync():
                 super()._on_output(*args)
-
-        def _on_capture(self, capture) -> None:  # noqa: ANN001
-            Guarded.captures += 1
-            with _NoHostSync():
-                super()._on_capture(capture)
-
-        def eval_batch_start(self, *args) -> None:  # noqa: ANN002
-            with _NoHostSync():
-                super().eval_batch_start(*args)
-
-        def eval_batch_end(self, *args) -> None:  # noqa: ANN002
-            with _NoHostSync():
-                super().eval_batch_end(*args)
 
     callback = Guarded(models.PROBES, histogram_sites=["attn"], probe_samples=2, chunk_size=2, log_figures=False)
     trainer(tmp_path, [callback]).validate(models.GatedPoolModule(), models.loader(8, 4), verbose=False)
@@ -303,13 +255,13 @@ def test_batch_hooks_never_sync_with_the_host(tmp_path: Path) -> None:
 # -- figures, files, probe samples ---------------------------------------------------------------------------------
 def test_figures_files_and_shared_probe_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     figures: dict[str, weakref.ref] = {}
-    original = probe_module.sinks.publish_figures
+    original = sinks.publish_figures
 
     def spy(trainer, figs, **kwargs):  # noqa: ANN001, ANN003, ANN202
         figures.update({name: weakref.ref(f) for name, f in figs.items()})
         return original(trainer, figs, **kwargs)
 
-    monkeypatch.setattr(probe_module.sinks, "publish_figures", spy)
+    monkeypatch.setattr(sinks, "publish_figures", spy)
     labels = [f"t{i}" for i in range(models.LENGTH)]
     logger = AttentionLogger(probe_samples=3, log_figures=False)
     callback = ModuleProbe(models.PROBES, histogram_sites=["attn"], position_names=labels, max_channels=3, save_dir=str(tmp_path / "out"))

@@ -1,37 +1,19 @@
 """ModuleProbe under DDP: 2 CPU ranks give the statistics of 1 process on the same (evenly split) data.
 
-DDP runs as a subprocess script (an in-process ``strategy="ddp"`` under pytest relaunches pytest itself as
-rank 1 and leaks MASTER_ADDR/MASTER_PORT into this process); results come back through a JSON file.
+DDP runs as a subprocess script (``module_probe_models.py``, through :func:`helpers.run_ddp_script`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import module_probe_models as models
 import numpy as np
 import pytest
-import torch
+from helpers import run_ddp_script
 
-SCRIPT = Path(__file__).with_name("module_probe_models.py")
-_spec = importlib.util.spec_from_file_location("module_probe_models", SCRIPT)
-models = sys.modules.get("module_probe_models") or importlib.util.module_from_spec(_spec)
-if "module_probe_models" not in sys.modules:
-    sys.modules["module_probe_models"] = models
-    _spec.loader.exec_module(models)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_close(got: Any, want: Any, path: str) -> None:
@@ -50,16 +32,7 @@ def _assert_close(got: Any, want: Any, path: str) -> None:
 
 @pytest.mark.ddp
 def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
-    out = tmp_path / "ddp.json"
-    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK"}}
-    env["PYTHONPATH"] = str(SCRIPT.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env["MPLBACKEND"] = "Agg"
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--devices", "2", "--strategy", "ddp", "--out", str(out), "--root", str(tmp_path / "ddp")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    ddp = json.loads(out.read_text())
+    ddp = run_ddp_script(models.__file__, tmp_path)
     single = models.run(devices=1, root=str(tmp_path / "single"))
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert list(ddp["sites"]) == list(single["sites"]) == ["layers.0.gate", "layers.1.gate", "pool.softmax", "heads_pool.softmax"]

@@ -13,8 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn import sinks
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, log_scalars, stage_key
+from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
@@ -56,17 +55,7 @@ class _Accumulators:
             self.pairs.clear()
 
 
-class _Results(dict):
-    """``results["val"]``; ``results["validate"]`` works too."""
-
-    def __missing__(self, key: str) -> AttentionResults:
-        alias = {"validate": "val", "validation": "val"}.get(key)
-        if alias is not None and alias in self:
-            return self[alias]
-        raise KeyError(key)
-
-
-class AttentionLogger(EvaluationCallback):
+class AttentionLogger(StreamingCallback):
     """Per-head attention statistics and figures of every attention site, streamed over validation and test.
 
     Every attention site of the LightningModule (``nn.MultiheadAttention``, ``nn.Transformer*`` layers
@@ -142,6 +131,8 @@ class AttentionLogger(EvaluationCallback):
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/attn``.
     """
 
+    namespace = NAMESPACE
+
     def __init__(
         self,
         stages: Sequence[Stage] = ("validate", "test"),
@@ -163,20 +154,12 @@ class AttentionLogger(EvaluationCallback):
         max_positions: int = 4096,
         save_dir: str | None = None,
     ) -> None:
-        super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
-        for name, value, low in (("every_n_batches", every_n_batches, 1), ("probe_samples", probe_samples, 0),
-                                 ("max_figure_sites", max_figure_sites, 1), ("max_map_tokens", max_map_tokens, 1),
-                                 ("top_k", top_k, 1), ("max_positions", max_positions, 1)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir)
+        check_min(0, probe_samples=probe_samples)
+        check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
+        check_min(1, optional=True, chunk_size=chunk_size)
         if not 0.0 < sparsity_threshold < 1.0:
             raise ValueError(f"sparsity_threshold must be in (0, 1), got {sparsity_threshold}")
-        self.max_batches = max_batches
-        self.every_n_batches = every_n_batches
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
         self.probe_samples = probe_samples
@@ -189,20 +172,15 @@ class AttentionLogger(EvaluationCallback):
         self.token_names = token_names
         self.log_per_head = log_per_head
         self.log_figures = log_figures
-        self.max_figure_sites = max_figure_sites
         self.max_map_tokens = max_map_tokens
         self.top_k = top_k
         self.max_positions = max_positions
 
-        self.results: dict[str, AttentionResults] = _Results()
-        self._accumulators: dict[tuple[str, int], _Accumulators] = {}
-        self._used: set[int] = set()
         self._active: _Accumulators | None = None
         self._recorder: AttentionRecorder | None = None
         self._probe: ProbeMaps | None = None
         self._probe_input: Any = None
         self._probe_fingerprints: dict[str, list[list[float]]] = {}  # stage -> fingerprint of the probe inputs
-        self._epochs_run: dict[str, int] = {}
 
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
@@ -212,13 +190,13 @@ class AttentionLogger(EvaluationCallback):
     def state_dict(self) -> dict[str, Any]:
         """Epoch counters and the probe samples' identity (count, fingerprint of their inputs per stage)."""
         return {
-            "epochs_run": dict(self._epochs_run),
+            **super().state_dict(),
             "probe_samples": self.probe_samples,
             "probe_fingerprints": dict(self._probe_fingerprints),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epochs_run = dict(state_dict.get("epochs_run", {}))
+        super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)
         if saved != self.probe_samples:
             warnings.warn(f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}", UserWarning, stacklevel=2)
@@ -226,27 +204,19 @@ class AttentionLogger(EvaluationCallback):
         else:
             self._probe_fingerprints = dict(state_dict.get("probe_fingerprints", {}))
 
-    # -- batch selection -------------------------------------------------------------------------------
-    def _sampled(self, batch_idx: int) -> bool:
-        if batch_idx % self.every_n_batches:
-            return False
-        return self.max_batches is None or batch_idx // self.every_n_batches < self.max_batches
+    # -- states ----------------------------------------------------------------------------------------
+    def _new_state(self) -> _Accumulators:
+        return _Accumulators(
+            stats=AttentionStatistics(default_reducers(self.sparsity_threshold)),
+            positions=AttentionPositions(self.max_positions),
+            agreement=ModalityAgreement(),
+            pairs=PairBuffer(self.modality_pairs) if self.modality_pairs else None,
+        )
 
-    def _accumulators_for(self, stage: str, dataloader_idx: int, device: torch.device) -> _Accumulators:
-        key = (stage, dataloader_idx)
-        acc = self._accumulators.get(key)
-        if acc is None:
-            acc = _Accumulators(
-                stats=AttentionStatistics(default_reducers(self.sparsity_threshold)),
-                positions=AttentionPositions(self.max_positions),
-                agreement=ModalityAgreement(),
-                pairs=PairBuffer(self.modality_pairs) if self.modality_pairs else None,
-            )
-            self._accumulators[key] = acc
-        if dataloader_idx not in self._used:
-            acc.to(device)
-            self._used.add(dataloader_idx)
-        return acc
+    @property
+    def _accumulators(self) -> dict[tuple[str, int], _Accumulators]:
+        """The accumulators of every (stage, dataloader) pair seen."""
+        return self._states
 
     # -- hooks -----------------------------------------------------------------------------------------
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -258,12 +228,11 @@ class AttentionLogger(EvaluationCallback):
         if not self._sampled(batch_idx):
             return
         self._close_recorder()
-        self._active = self._accumulators_for(stage, dataloader_idx, pl_module.device)
-        if dataloader_idx == 0 and batch_idx == 0 and self.probe_samples and trainer.is_global_zero:
+        self._active = self._state_for(stage, dataloader_idx, pl_module.device)
+        if self.probe_samples and probe_batch(trainer, batch_idx, dataloader_idx):
             self._probe = ProbeMaps(self.probe_samples, self.max_map_tokens) if self.log_figures else None
             self._probe_input = _slice_batch(batch, self.probe_samples)
-        self._recorder = AttentionRecorder(pl_module, include=self.include, exclude=self.exclude, keep=False, on_capture=self._on_capture)
-        self._recorder.__enter__()
+        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
 
     def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         self._close_recorder()
@@ -272,14 +241,11 @@ class AttentionLogger(EvaluationCallback):
         self._close_recorder()
         self._probe = None
         self._probe_input = None
-        for acc in self._accumulators.values():  # a partial epoch must not leak into the next one
-            acc.reset()
-        self._used = set()
+        self._reset_states()
 
     def _close_recorder(self) -> None:
         recorder, self._recorder = self._recorder, None
-        if recorder is not None:
-            recorder.__exit__(None, None, None)
+        close_recorder(recorder)
         if self._active is not None and self._active.pairs is not None:
             self._active.pairs.clear()
         self._active = None
@@ -314,20 +280,11 @@ class AttentionLogger(EvaluationCallback):
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_recorder()
-        self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
         probe = self._probe.finish() if self._probe is not None else None
         self._check_probe_inputs(stage)
         self._probe = None
-        for dataloader_idx in sorted(self._used):
-            acc = self._accumulators[(stage, dataloader_idx)]
-            key = stage_key(stage, dataloader_idx)
-            results = self._compute(acc, key, trainer)  # a collective: every rank
-            acc.reset()
-            self.results[key] = results
-            log_scalars(pl_module, self._scalars(results))
-            if trainer.is_global_zero:
-                self._publish(trainer, results, probe if dataloader_idx == 0 else None)
-        self._used = set()
+        self._finish_epoch(trainer, pl_module, stage, compute=lambda acc, key, _: self._compute(acc, key, trainer),
+                           publish=lambda results, dataloader_idx: self._publish(trainer, results, probe if dataloader_idx == 0 else None))
 
     # -- epoch end -------------------------------------------------------------------------------------
     def _compute(self, acc: _Accumulators, key: str, trainer: pl.Trainer) -> AttentionResults:
@@ -418,29 +375,14 @@ class AttentionLogger(EvaluationCallback):
 
     # -- publishing (rank zero) ------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, results: AttentionResults, probe: dict[str, Any] | None) -> None:
-        step = int(trainer.global_step)
-        key = results.stage
         columns = ["site", "head"] + [f"{n}_mean" for n in results.statistics] + [f"{n}_std" for n in results.statistics]
         rows = [
             [site, head] + [float(results.mean[n][i, head]) for n in results.statistics] + [float(results.std[n][i, head]) for n in results.statistics]
             for i, site in enumerate(results.sites)
             for head in range(results.num_heads[i])
         ]
-        sinks.publish_table(trainer, f"{key}/head_statistics", columns, rows, namespace=NAMESPACE, step=step, save_dir=self.save_dir)
-        sinks.publish_json(trainer, f"{key}_epoch{results.epoch}", results.to_dict(), namespace=NAMESPACE, save_dir=self.save_dir)
-        if not self.log_figures or not results.sites:
-            return
-        figures = self._figures(results, probe)
-        sinks.publish_figures(trainer, figures, namespace=NAMESPACE, step=step, save_dir=self.save_dir)
-        figures.clear()
-
-    def _figure_sites(self, sites: Sequence[str]) -> list[str]:
-        if len(sites) <= self.max_figure_sites:
-            return list(sites)
-        if self.max_figure_sites == 1:
-            return [sites[-1]]
-        picks = {round(i * (len(sites) - 1) / (self.max_figure_sites - 1)) for i in range(self.max_figure_sites)}
-        return [sites[i] for i in sorted(picks)]
+        figures = (lambda: self._figures(results, probe)) if self.log_figures and results.sites else None
+        self._publish_results(trainer, results, "head_statistics", columns, rows, figures)
 
     def _figures(self, results: AttentionResults, probe: dict[str, Any] | None) -> dict[str, Figure]:
         key = results.stage

@@ -1,18 +1,27 @@
-"""What every lightning_attn callback shares: stage and epoch gating, and hook routing.
+"""What the lightning_attn callbacks share: stage and epoch gating, hook routing, recording and streaming.
 
-Subclasses implement :meth:`eval_epoch_start`, :meth:`eval_batch_start`, :meth:`eval_batch_end`
-and :meth:`eval_epoch_end` once, for validation and test alike; the base class skips the sanity
-check, stages that were not asked for and epochs between ``every_n_epochs``.
+Subclasses of :class:`EvaluationCallback` implement :meth:`~EvaluationCallback.eval_epoch_start`,
+:meth:`~EvaluationCallback.eval_batch_start`, :meth:`~EvaluationCallback.eval_batch_end` and
+:meth:`~EvaluationCallback.eval_epoch_end` once, for validation and test alike; the base class skips the sanity
+check, stages that were not asked for and epochs between ``every_n_epochs``. :class:`StreamingCallback` adds
+batch sampling, per-(stage, dataloader) metric states and the epoch-end compute / log / publish sequence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from matplotlib.figure import Figure
+
+from lightning_attn import sinks
+from lightning_attn.capture.record import AttentionCapture
+from lightning_attn.capture.recorder import AttentionRecorder
 
 Stage = Literal["validate", "test"]
 
@@ -126,3 +135,171 @@ def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
     "use sync_dist=True" warning under DDP at the cost of one scalar all-reduce per key and epoch."""
     for key, value in values.items():
         pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", add_dataloader_idx=False)
+
+
+def probe_batch(trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
+    """Whether this batch holds the probe samples: the first batch of dataloader 0 on global rank zero (under DDP,
+    the first samples of rank zero's shard), the same samples for every callback and, unshuffled, every epoch."""
+    return dataloader_idx == 0 and batch_idx == 0 and trainer.is_global_zero
+
+
+def check_min(low: int, optional: bool = False, **values: int | None) -> None:
+    """Raise ``ValueError`` for the first argument below ``low`` (``None`` allowed where ``optional``)."""
+    for name, value in values.items():
+        if optional and value is None:
+            continue
+        if value < low:  # type: ignore[operator]
+            raise ValueError(f"{name} must be >= {low}{' or None' if optional else ''}, got {value}")
+
+
+def evenly_spaced(items: Sequence[str], count: int) -> list[str]:
+    """At most ``count`` of ``items``, evenly spaced with the first and last kept (only the last for one)."""
+    if len(items) <= count:
+        return list(items)
+    if count == 1:
+        return [items[-1]]
+    picks = {round(i * (len(items) - 1) / (count - 1)) for i in range(count)}
+    return [items[i] for i in sorted(picks)]
+
+
+def open_recorder(module: torch.nn.Module, on_capture: Callable[[AttentionCapture], None], include: Sequence[str] | None = None,
+                  exclude: Sequence[str] | None = None) -> AttentionRecorder:
+    """An entered streaming :class:`~lightning_attn.AttentionRecorder` (nothing kept: ``on_capture`` gets every
+    capture) on the attention sites of ``module`` matched by ``include``/``exclude``; close it with
+    :func:`close_recorder`."""
+    recorder = AttentionRecorder(module, include=include, exclude=exclude, keep=False, on_capture=on_capture)
+    recorder.__enter__()
+    return recorder
+
+
+def close_recorder(recorder: AttentionRecorder | None, quiet: bool = False) -> None:
+    """Exit ``recorder`` (``None``: nothing to do); ``quiet`` drops its "no attention found" warning (reported once
+    per epoch, or in a report, instead)."""
+    if recorder is None:
+        return
+    if not quiet:
+        recorder.__exit__(None, None, None)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recorder.__exit__(None, None, None)
+
+
+class StageResults(dict):
+    """Results by stage key: ``results["val"]``; ``results["validate"]`` works too."""
+
+    def __missing__(self, key: str) -> Any:
+        alias = {"validate": "val", "validation": "val"}.get(key)
+        if alias is not None and alias in self:
+            return self[alias]
+        raise KeyError(key)
+
+
+class StreamingCallback(EvaluationCallback):
+    """Base of the callbacks that stream metric states over sampled evaluation batches and, at each epoch end,
+    compute them (a collective: every rank), log their scalars and publish a table, a JSON file and figures
+    (global rank zero) under :attr:`namespace`.
+
+    States are kept per (stage, dataloader) across epochs (reset after each compute): a subclass creates one in
+    :meth:`_new_state` (it has ``to(device)`` and ``reset()``), gets the batch's with :meth:`_state_for`, and turns
+    a computed epoch into logged scalars in :meth:`_scalars`. ``results[<stage key>]`` holds the last epoch's results
+    (with ``stage``, ``epoch`` and ``to_dict()``).
+
+    Args:
+        stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
+        every_n_epochs: run on validation epochs whose index is a multiple of this (test always runs).
+        max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
+        every_n_batches: analyse only batches whose index is a multiple of this.
+        max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<namespace>``.
+    """
+
+    #: First component of every logged key and published name.
+    namespace: str = ""
+
+    def __init__(self, stages: Sequence[Stage], every_n_epochs: int, max_batches: int | None, every_n_batches: int,
+                 max_figure_sites: int, save_dir: str | None) -> None:
+        super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        check_min(1, every_n_batches=every_n_batches, max_figure_sites=max_figure_sites)
+        check_min(1, optional=True, max_batches=max_batches)
+        self.max_batches = max_batches
+        self.every_n_batches = every_n_batches
+        self.max_figure_sites = max_figure_sites
+        self.results: dict[str, Any] = StageResults()
+        self._states: dict[tuple[str, int], Any] = {}
+        self._used: set[int] = set()  # dataloaders whose states were updated this epoch
+        self._epochs_run: dict[str, int] = {}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs_run": dict(self._epochs_run)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epochs_run = dict(state_dict.get("epochs_run", {}))
+
+    # -- batches and states -----------------------------------------------------------------------
+    def _sampled(self, batch_idx: int) -> bool:
+        if batch_idx % self.every_n_batches:
+            return False
+        return self.max_batches is None or batch_idx // self.every_n_batches < self.max_batches
+
+    def _new_state(self) -> Any:
+        """The metric states of one (stage, dataloader) pair."""
+        raise NotImplementedError
+
+    def _state_for(self, stage: str, dataloader_idx: int, device: torch.device) -> Any:
+        """The states of (``stage``, ``dataloader_idx``), created on first use, on ``device`` once per epoch."""
+        key = (stage, dataloader_idx)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = self._new_state()
+        if dataloader_idx not in self._used:
+            state.to(device)
+            self._used.add(dataloader_idx)
+        return state
+
+    def _reset_states(self) -> None:
+        """Drop what this epoch added (a partial epoch must not leak into the next one)."""
+        for state in self._states.values():
+            state.reset()
+        self._used = set()
+
+    # -- epoch end --------------------------------------------------------------------------------
+    def _finish_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
+                      compute: Callable[[Any, str, int], Any], publish: Callable[[Any, int], None]) -> None:
+        """For every dataloader used this epoch: ``compute(state, stage_key, dataloader_idx)`` (a collective: every
+        rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
+        ``publish(results, dataloader_idx)``."""
+        self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
+        for dataloader_idx in sorted(self._used):
+            state = self._states[(stage, dataloader_idx)]
+            key = stage_key(stage, dataloader_idx)
+            results = compute(state, key, dataloader_idx)
+            state.reset()
+            self.results[key] = results
+            log_scalars(pl_module, self._scalars(results))
+            if trainer.is_global_zero:
+                publish(results, dataloader_idx)
+        self._used = set()
+
+    def _scalars(self, results: Any) -> dict[str, float]:
+        """The scalars to log for one computed epoch: ``<namespace>/<stage key>/...``."""
+        raise NotImplementedError
+
+    # -- publishing (rank zero) -------------------------------------------------------------------
+    def _figure_sites(self, sites: Sequence[str]) -> list[str]:
+        return evenly_spaced(sites, self.max_figure_sites)
+
+    def _publish_results(self, trainer: pl.Trainer, results: Any, table: str, columns: list[str], rows: list[list[Any]],
+                         figures: Callable[[], dict[str, Figure]] | None) -> None:
+        """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
+        figures drawn by ``figures`` (``None``: none), then the figures are let go."""
+        step = int(trainer.global_step)
+        namespace = self.namespace
+        sinks.publish_table(trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir)
+        sinks.publish_json(trainer, f"{results.stage}_epoch{results.epoch}", results.to_dict(), namespace=namespace, save_dir=self.save_dir)
+        if figures is None:
+            return
+        drawn = figures()
+        sinks.publish_figures(trainer, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
+        drawn.clear()

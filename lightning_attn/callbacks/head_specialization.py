@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, log_scalars, stage_key
+from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, probe_batch, stage_key
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.heads import (
@@ -311,10 +311,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         self._close_recorder()
         device = pl_module.device
         self._target = self._metrics_for(stage, dataloader_idx, device)
-        probe = dataloader_idx == 0 and batch_idx == 0 and self.probe_samples > 0 and trainer.is_global_zero
+        probe = self.probe_samples > 0 and probe_batch(trainer, batch_idx, dataloader_idx)
         self._context = self._batch_context(batch, device, probe)
-        self._recorder = AttentionRecorder(pl_module, include=self.include, exclude=self.exclude, keep=False, on_capture=self._on_capture)
-        self._recorder.__enter__()
+        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
 
     def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         self._close_recorder()
@@ -324,8 +323,7 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def _close_recorder(self) -> None:
         recorder, self._recorder = self._recorder, None
-        if recorder is not None:
-            recorder.__exit__(None, None, None)
+        close_recorder(recorder)
         self._target = None
         self._context = None
 

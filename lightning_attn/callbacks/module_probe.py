@@ -11,8 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn import sinks
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, log_scalars, stage_key
+from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -26,17 +25,7 @@ __all__ = ["ModuleProbe"]
 NAMESPACE = "probe"
 
 
-class _Results(dict):
-    """``results["val"]``; ``results["validate"]`` works too."""
-
-    def __missing__(self, key: str) -> ProbeResults:
-        alias = {"validate": "val", "validation": "val"}.get(key)
-        if alias is not None and alias in self:
-            return self[alias]
-        raise KeyError(key)
-
-
-class ModuleProbe(EvaluationCallback):
+class ModuleProbe(StreamingCallback):
     """Streamed statistics and figures of named module outputs: gates, attention pooling, any activation.
 
     Probes are declared by glob over qualified module names with a kind::
@@ -129,6 +118,8 @@ class ModuleProbe(EvaluationCallback):
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/probe``.
     """
 
+    namespace = NAMESPACE
+
     def __init__(
         self,
         probes: dict[str, tuple[str, str]],
@@ -150,26 +141,16 @@ class ModuleProbe(EvaluationCallback):
         log_figures: bool = True,
         save_dir: str | None = None,
     ) -> None:
-        super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir)
         self.specs: list[ProbeSpec] = parse_probes(probes)
         self.probes = {spec.name: (spec.pattern, spec.kind) for spec in self.specs}
-        for name, value, low in (("every_n_batches", every_n_batches, 1), ("histogram_bins", histogram_bins, 1),
-                                 ("max_channels", max_channels, 1), ("max_figure_sites", max_figure_sites, 1),
-                                 ("top_k", top_k, 1), ("max_positions", max_positions, 1)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-        if probe_samples is not None and probe_samples < 0:
-            raise ValueError(f"probe_samples must be >= 0 or None, got {probe_samples}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        check_min(1, histogram_bins=histogram_bins, max_channels=max_channels, top_k=top_k, max_positions=max_positions)
+        check_min(0, optional=True, probe_samples=probe_samples)
+        check_min(1, optional=True, chunk_size=chunk_size)
         if not 0.0 <= saturation_threshold < 0.5:
             raise ValueError(f"saturation_threshold must be in [0, 0.5), got {saturation_threshold}")
         if not 0.0 < sparsity_threshold < 1.0:
             raise ValueError(f"sparsity_threshold must be in (0, 1), got {sparsity_threshold}")
-        self.max_batches = max_batches
-        self.every_n_batches = every_n_batches
         self.probe_samples = probe_samples
         self.saturation_threshold = saturation_threshold
         self.sparsity_threshold = sparsity_threshold
@@ -178,14 +159,10 @@ class ModuleProbe(EvaluationCallback):
         self.chunk_size = chunk_size
         self.position_names = None if position_names is None else [str(n) for n in position_names]
         self.max_channels = max_channels
-        self.max_figure_sites = max_figure_sites
         self.top_k = top_k
         self.max_positions = max_positions
         self.log_figures = log_figures
 
-        self.results: dict[str, ProbeResults] = _Results()
-        self._statistics: dict[tuple[str, int], ProbeStatistics] = {}
-        self._used: set[int] = set()
         self._active: ProbeStatistics | None = None
         self._hooks: ModuleHooks | None = None
         self._recorder: AttentionRecorder | None = None
@@ -194,19 +171,12 @@ class ModuleProbe(EvaluationCallback):
         self._site_probe: dict[str, str] = {}
         self._attention_sites: set[str] = set()
         self._probe_sites: dict[str, list[str]] = {}
-        self._epochs_run: dict[str, int] = {}
         self._warned_histograms = False
 
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
         return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epochs_run": dict(self._epochs_run)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epochs_run = dict(state_dict.get("epochs_run", {}))
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -226,22 +196,9 @@ class ModuleProbe(EvaluationCallback):
                 return int(callback.probe_samples)
         return 2
 
-    def _sampled(self, batch_idx: int) -> bool:
-        if batch_idx % self.every_n_batches:
-            return False
-        return self.max_batches is None or batch_idx // self.every_n_batches < self.max_batches
-
-    def _statistics_for(self, stage: str, dataloader_idx: int, device: torch.device) -> ProbeStatistics:
-        key = (stage, dataloader_idx)
-        statistics = self._statistics.get(key)
-        if statistics is None:
-            statistics = ProbeStatistics(self.saturation_threshold, self.sparsity_threshold, self.histogram_bins,
-                                         self.max_positions, self.chunk_size)
-            self._statistics[key] = statistics
-        if dataloader_idx not in self._used:
-            statistics.to(device)
-            self._used.add(dataloader_idx)
-        return statistics
+    def _new_state(self) -> ProbeStatistics:
+        return ProbeStatistics(self.saturation_threshold, self.sparsity_threshold, self.histogram_bins, self.max_positions,
+                               self.chunk_size)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -255,17 +212,16 @@ class ModuleProbe(EvaluationCallback):
         if not self._sampled(batch_idx):
             return
         self._close_batch()
-        self._active = self._statistics_for(stage, dataloader_idx, pl_module.device)
+        self._active = self._state_for(stage, dataloader_idx, pl_module.device)
         if self._hooks is not None:
             self._hooks.new_step()
-        if dataloader_idx == 0 and batch_idx == 0 and trainer.is_global_zero and self._samples is None:
+        if probe_batch(trainer, batch_idx, dataloader_idx) and self._samples is None:
             count = self._num_samples(trainer)
             if count:
                 self._samples = ProbeSamples(count, self.max_positions)
                 self._taking_samples = True
         if self.histogram_sites:
-            self._recorder = AttentionRecorder(pl_module, include=self.histogram_sites, keep=False, on_capture=self._on_capture)
-            self._recorder.__enter__()
+            self._recorder = open_recorder(pl_module, self._on_capture, self.histogram_sites)
 
     def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         self._close_batch()
@@ -273,16 +229,11 @@ class ModuleProbe(EvaluationCallback):
     def eval_abort(self) -> None:
         self._release()
         self._samples = None
-        for statistics in self._statistics.values():  # a partial epoch must not leak into the next one
-            statistics.reset()
-        self._used = set()
+        self._reset_states()
 
     def _close_batch(self) -> None:
         recorder, self._recorder = self._recorder, None
-        if recorder is not None:
-            with warnings.catch_warnings():  # "no attention found": reported once per epoch instead
-                warnings.simplefilter("ignore")
-                recorder.__exit__(None, None, None)
+        close_recorder(recorder, quiet=True)  # "no attention found": reported once per epoch instead
         self._active = None
         self._taking_samples = False
 
@@ -318,23 +269,18 @@ class ModuleProbe(EvaluationCallback):
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
-        self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
         samples = self._samples.finish() if self._samples is not None else {}
         self._samples = None
-        for dataloader_idx in sorted(self._used):
-            statistics = self._statistics[(stage, dataloader_idx)]
-            key = stage_key(stage, dataloader_idx)
-            results = self._compute(statistics, key, trainer, samples if dataloader_idx == 0 else {})  # a collective
-            statistics.reset()
-            self.results[key] = results
-            log_scalars(pl_module, self._scalars(results))
-            if trainer.is_global_zero:
-                self._publish(trainer, results)
-        if self.histogram_sites and self._used and not self._attention_sites and not self._warned_histograms:
+        analysed = bool(self._used)
+        self._finish_epoch(
+            trainer, pl_module, stage,
+            compute=lambda statistics, key, dataloader_idx: self._compute(statistics, key, trainer, samples if dataloader_idx == 0 else {}),
+            publish=lambda results, _: self._publish(trainer, results),
+        )
+        if self.histogram_sites and analysed and not self._attention_sites and not self._warned_histograms:
             self._warned_histograms = True
             warnings.warn(f"ModuleProbe: histogram_sites {self.histogram_sites} matched no attention site of "
                           f"{type(pl_module).__name__}", UserWarning, stacklevel=2)
-        self._used = set()
 
     # -- epoch end -------------------------------------------------------------------------------------
     def _compute(self, statistics: ProbeStatistics, key: str, trainer: pl.Trainer, samples: dict[str, Tensor]) -> ProbeResults:
@@ -380,8 +326,6 @@ class ModuleProbe(EvaluationCallback):
 
     # -- publishing (rank zero) ------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, results: ProbeResults) -> None:
-        step = int(trainer.global_step)
-        key = results.stage
         statistic_names = list(next(iter(results.weights.values())).mean) if results.weights else []
         columns = ["probe", "site", "kind", "mean", "std", "saturation_low", "saturation_high"] + statistic_names
         rows = []
@@ -393,21 +337,8 @@ class ModuleProbe(EvaluationCallback):
             stats = results.weights.get(site)
             row += [float(stats.mean[n].mean()) if stats is not None else None for n in statistic_names]
             rows.append(row)
-        sinks.publish_table(trainer, f"{key}/summary", columns, rows, namespace=NAMESPACE, step=step, save_dir=self.save_dir)
-        sinks.publish_json(trainer, f"{key}_epoch{results.epoch}", results.to_dict(), namespace=NAMESPACE, save_dir=self.save_dir)
-        if not self.log_figures:
-            return
-        figures = self._figures(results)
-        sinks.publish_figures(trainer, figures, namespace=NAMESPACE, step=step, save_dir=self.save_dir)
-        figures.clear()
-
-    def _figure_sites(self, sites: Sequence[str]) -> list[str]:
-        if len(sites) <= self.max_figure_sites:
-            return list(sites)
-        if self.max_figure_sites == 1:
-            return [sites[-1]]
-        picks = {round(i * (len(sites) - 1) / (self.max_figure_sites - 1)) for i in range(self.max_figure_sites)}
-        return [sites[i] for i in sorted(picks)]
+        figures = (lambda: self._figures(results)) if self.log_figures else None
+        self._publish_results(trainer, results, "summary", columns, rows, figures)
 
     def _figures(self, results: ProbeResults) -> dict[str, Figure]:
         key, epoch = results.stage, f"epoch {results.epoch}"

@@ -1,26 +1,7 @@
 """Functional attention measures: pure tensor functions, no Lightning."""
 
-from lightning_attn.functional.attention import (
-    attention_rollout,
-    diagonal_mass,
-    duplicate_token_pattern,
-    first_token_mass,
-    gradient_weighted_rollout,
-    head_js_distance,
-    head_type_score,
-    induction_pattern,
-    js_divergence,
-    local_window_mass,
-    max_weight,
-    mean_attention_distance,
-    modality_agreement,
-    normalized_entropy,
-    previous_token_pattern,
-    reduce_in_chunks,
-    sparsity,
-    top_k_pairs,
-    top_positions,
-)
+from lightning_attn.functional import attention
+from lightning_attn.functional.attention import *  # noqa: F403  (every measure in attention.__all__)
 from lightning_attn.functional.calibration import (
     adaptive_calibration_error,
     apply_temperature,
@@ -32,26 +13,9 @@ from lightning_attn.functional.calibration import (
     negative_log_likelihood,
 )
 
-__all__ = [
-    "attention_rollout",
-    "diagonal_mass",
-    "duplicate_token_pattern",
-    "first_token_mass",
-    "gradient_weighted_rollout",
-    "head_js_distance",
-    "head_type_score",
-    "induction_pattern",
-    "js_divergence",
-    "local_window_mass",
-    "max_weight",
-    "mean_attention_distance",
-    "modality_agreement",
-    "normalized_entropy",
-    "previous_token_pattern",
-    "reduce_in_chunks",
-    "sparsity",
-    "top_k_pairs",
-    "top_positions",
+__all__ = []
+__all__ += attention.__all__
+__all__ += [
     "adaptive_calibration_error",
     "apply_temperature",
     "brier_score",

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_attn.capture.record import AttentionCapture, as_bhqk
 from lightning_attn.functional.attention import (
@@ -50,6 +49,7 @@ from lightning_attn.functional.attention import (
     normalized_entropy,
     sparsity,
 )
+from lightning_attn.metrics._sites import SiteSums
 
 __all__ = [
     "AttentionPositions",
@@ -73,10 +73,6 @@ __all__ = [
 #: ``reducer(probs_chunk [B, H, q, K], query_offset) -> [B, H, q]``; may take a ``key_mask`` keyword
 #: (bool, True = valid key, broadcastable to the chunk, or ``None`` when every key is valid).
 Reducer = Callable[..., Tensor]
-
-
-def _state_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def iter_chunks(attention: AttentionCapture | Tensor, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
@@ -217,7 +213,7 @@ class SiteStatistics:
     rows: Tensor
 
 
-class AttentionStatistics(Metric):
+class AttentionStatistics(SiteSums):
     """Per-site, per-head mean and standard deviation of per-row attention reductions, streamed.
 
     For every site and head ``h`` and every reducer ``f`` it accumulates, over all samples ``b`` and query rows
@@ -241,10 +237,6 @@ class AttentionStatistics(Metric):
         kwargs: passed to :class:`torchmetrics.Metric` (``process_group``, ``sync_on_compute``, ...).
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     def __init__(self, reducers: Mapping[str, Reducer], chunk_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not reducers:
@@ -255,21 +247,9 @@ class AttentionStatistics(Metric):
         self.names = list(self.reducers)
         self.chunk_size = chunk_size
         self._masked = {name: _takes_key_mask(fn) for name, fn in self.reducers.items()}
-        self.sites: dict[str, int] = {}  # site -> number of heads, in order of first sight
-        self._state_names: dict[str, str] = {}
 
     def _state(self, site: str, num_heads: int, device: torch.device) -> Tensor:
-        name = self._state_names.get(site)
-        if name is None:
-            name = f"site_{len(self._state_names)}"
-            rows = 2 * len(self.names) + 1
-            with torch.inference_mode(False):  # a normal tensor: usable after the evaluation loop too
-                self.add_state(name, torch.zeros(rows, num_heads, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
-            self._state_names[site] = name
-            self.sites[site] = num_heads
-        elif self.sites[site] != num_heads:
-            raise ValueError(f"site {site!r} had {self.sites[site]} heads, now {num_heads}")
-        return getattr(self, name)
+        return self._site_state(site, (2 * len(self.names) + 1, num_heads), device, size=num_heads)
 
     def update(self, site: str, attention: AttentionCapture | Tensor, query_offset: int = 0, key_mask: Tensor | None | bool = True) -> None:
         """Add the rows of one map, one capture, or one query chunk of a map.
@@ -320,8 +300,7 @@ class AttentionStatistics(Metric):
         """``{site: SiteStatistics}`` in order of first sight; heads with no row give NaN."""
         results: dict[str, SiteStatistics] = {}
         count = len(self.names)
-        for site, name in self._state_names.items():
-            state = getattr(self, name)
+        for site, state in self._site_states():
             rows = state[2 * count]
             mean = state[:count] / rows
             variance = (state[count : 2 * count] / rows - mean.square()).clamp_min(0)
@@ -337,7 +316,7 @@ class AttentionStatistics(Metric):
 # -- positions ------------------------------------------------------------------------------------------
 
 
-class AttentionPositions(Metric):
+class AttentionPositions(SiteSums):
     """Which positions receive attention and which give it, per site, streamed.
 
     One sum-reduced ``[4, max_positions]`` state per site, summed over samples, heads and rows:
@@ -354,27 +333,16 @@ class AttentionPositions(Metric):
     rows where it existed.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     def __init__(self, max_positions: int = 4096, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.max_positions = int(max_positions)
         self.kinds: dict[str, str] = {}
-        self._state_names: dict[str, str] = {}
 
     def _state(self, site: str, kind: str, device: torch.device) -> Tensor:
-        name = self._state_names.get(site)
-        if name is None:
-            name = f"site_{len(self._state_names)}"
-            with torch.inference_mode(False):
-                self.add_state(name, torch.zeros(4, self.max_positions, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
-            self._state_names[site] = name
-            self.kinds[site] = kind
-        return getattr(self, name)
+        self.kinds.setdefault(site, kind)
+        return self._site_state(site, (4, self.max_positions), device)
 
     def update(self, site: str, probs: Tensor, query_offset: int = 0, self_attention: bool = True, row_valid: Tensor | None = None) -> None:
         """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``.
@@ -409,8 +377,7 @@ class AttentionPositions(Metric):
         """``{site: (received_share [K'], given [Q'])}``, NaN where a position never occurred; trailing
         never-seen positions are cut (a host sync: call at epoch end)."""
         results: dict[str, tuple[Tensor, Tensor]] = {}
-        for site, name in self._state_names.items():
-            state = getattr(self, name)
+        for site, state in self._site_states():
             received = torch.where(state[1] > 0, state[0] / state[1], torch.nan)
             given = torch.where(state[3] > 0, state[2] / state[3], torch.nan)
             results[site] = (_trim(received, state[1]), _trim(given, state[3]))
@@ -425,7 +392,7 @@ def _trim(values: Tensor, counts: Tensor) -> Tensor:
 # -- modality agreement ---------------------------------------------------------------------------------
 
 
-class ModalityAgreement(Metric):
+class ModalityAgreement(SiteSums):
     """Mean per-sample agreement of declared cross-attention pairs, streamed.
 
     For a pair ``(A->B, B->A)`` of head-averaged maps ``[B, La, Lb]`` and ``[B, Lb, La]``, each sample's
@@ -434,13 +401,7 @@ class ModalityAgreement(Metric):
     and the sample count, per pair.
     """
 
-    full_state_update = False
-    is_differentiable = False
     higher_is_better = True
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._state_names: dict[str, str] = {}
 
     @property
     def pairs(self) -> list[str]:
@@ -448,19 +409,13 @@ class ModalityAgreement(Metric):
 
     def update(self, pair: str, a_to_b: Tensor, b_to_a: Tensor) -> None:
         """Add the samples of one batch: ``a_to_b`` ``[B, La, Lb]``, ``b_to_a`` ``[B, Lb, La]`` (heads averaged)."""
-        name = self._state_names.get(pair)
-        if name is None:
-            name = f"pair_{len(self._state_names)}"
-            with torch.inference_mode(False):
-                self.add_state(name, torch.zeros(2, dtype=_state_dtype(a_to_b.device), device=a_to_b.device), dist_reduce_fx="sum")
-            self._state_names[pair] = name
-        state = getattr(self, name)
+        state = self._site_state(pair, (2,), a_to_b.device, prefix="pair")
         agreement = modality_agreement(a_to_b, b_to_a).to(state.dtype)  # [B]
         state += torch.stack([agreement.sum(), torch.full((), agreement.numel(), dtype=state.dtype, device=state.device)])
 
     def compute(self) -> dict[str, Tensor]:
         """``{pair: mean agreement}`` (NaN for a pair with no sample)."""
-        return {pair: getattr(self, name)[0] / getattr(self, name)[1] for pair, name in self._state_names.items()}
+        return {pair: state[0] / state[1] for pair, state in self._site_states()}
 
 
 class PairBuffer:

@@ -42,6 +42,7 @@ from lightning_attn.metrics.attention import (
     FirstTokenReducer,
     key_mask_for,
 )
+from lightning_attn.metrics._sites import SiteSums
 
 __all__ = [
     "DEFAULT_FEATURE_LABELS",
@@ -72,10 +73,6 @@ __all__ = [
     "specialization_level",
     "token_patterns",
 ]
-
-
-def _state_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 #: Per-head row statistics, in logging order (see :func:`head_statistics_reducers`).
@@ -269,7 +266,7 @@ def token_patterns(tokens: Tensor, query_offset: int = 0, num_rows: int | None =
     return duplicate, induction
 
 
-class HeadTypeScores(Metric):
+class HeadTypeScores(SiteSums):
     """Per-site, per-head TransformerLens head-detector scores, streamed over an epoch.
 
     For each pattern ``P`` of :data:`TYPE_SCORES` the score of a head is (TransformerLens
@@ -291,29 +288,14 @@ class HeadTypeScores(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     def __init__(self, exclude_bos: bool = False, exclude_current_token: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.exclude_bos = bool(exclude_bos)
         self.exclude_current_token = bool(exclude_current_token)
-        self.sites: dict[str, int] = {}
-        self._state_names: dict[str, str] = {}
 
     def register(self, site: str, num_heads: int, device: torch.device) -> Tensor:
         """The state of ``site`` (created on first sight)."""
-        name = self._state_names.get(site)
-        if name is None:
-            name = f"site_{len(self._state_names)}"
-            with torch.inference_mode(False):
-                self.add_state(name, torch.zeros(2, len(TYPE_SCORES), num_heads, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
-            self._state_names[site] = name
-            self.sites[site] = num_heads
-        elif self.sites[site] != num_heads:
-            raise ValueError(f"site {site!r} had {self.sites[site]} heads, now {num_heads}")
-        return getattr(self, name)
+        return self._site_state(site, (2, len(TYPE_SCORES), num_heads), device, size=num_heads)
 
     def update(self, site: str, probs: Tensor, query_offset: int = 0, tokens: Tensor | None = None, row_weight: Tensor | None = None, valid: Tensor | None = None) -> None:
         """Add one square map or query chunk ``[B, H, q, L]`` (rows ``query_offset ...``).
@@ -359,8 +341,7 @@ class HeadTypeScores(Metric):
     def compute(self) -> dict[str, Tensor]:
         """``{site: [3, H]}`` scores in :data:`TYPE_SCORES` order; NaN where nothing was added."""
         results = {}
-        for site, name in self._state_names.items():
-            state = getattr(self, name)
+        for site, state in self._site_states():
             results[site] = torch.where(state[1] > 0, state[0] / state[1].clamp_min(torch.finfo(state.dtype).tiny), torch.nan)
         return results
 
@@ -388,7 +369,7 @@ def pearson_from_sums(sums: Tensor, rtol: float = 1e-9) -> Tensor:
     return torch.where(defined, r.clamp(-1, 1), torch.nan)
 
 
-class FeatureCorrelation(Metric):
+class FeatureCorrelation(SiteSums):
     """Streamed Pearson correlation between per-head summaries and user features, per site.
 
     For every site, feature ``f`` and head ``h`` it sums, over the (weighted) pairs ``(x, y)`` seen, ``x``, ``y``,
@@ -400,31 +381,16 @@ class FeatureCorrelation(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     def __init__(self, features: Sequence[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.features = list(features)
         if not self.features:
             raise ValueError("FeatureCorrelation needs at least one feature")
         self._index = {name: i for i, name in enumerate(self.features)}
-        self.sites: dict[str, int] = {}
-        self._state_names: dict[str, str] = {}
 
     def register(self, site: str, num_heads: int, device: torch.device) -> Tensor:
         """The state of ``site`` (created on first sight)."""
-        name = self._state_names.get(site)
-        if name is None:
-            name = f"site_{len(self._state_names)}"
-            with torch.inference_mode(False):
-                self.add_state(name, torch.zeros(len(self.features), len(_SUMS), num_heads, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
-            self._state_names[site] = name
-            self.sites[site] = num_heads
-        elif self.sites[site] != num_heads:
-            raise ValueError(f"site {site!r} had {self.sites[site]} heads, now {num_heads}")
-        return getattr(self, name)
+        return self._site_state(site, (len(self.features), len(_SUMS), num_heads), device, size=num_heads)
 
     def update(self, site: str, feature: str, x: Tensor, y: Tensor, weight: Tensor | None = None) -> None:
         """Add pairs of one batch.
@@ -452,11 +418,11 @@ class FeatureCorrelation(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """``{site: [F, H]}`` correlations (NaN where undefined)."""
-        return {site: pearson_from_sums(getattr(self, name)) for site, name in self._state_names.items()}
+        return {site: pearson_from_sums(state) for site, state in self._site_states()}
 
     def sums(self) -> dict[str, Tensor]:
         """``{site: [F, 6, H]}`` the raw (local, unsynced) sums."""
-        return {site: getattr(self, name) for site, name in self._state_names.items()}
+        return dict(self._site_states())
 
 
 # -- probe maps and redundancy -----------------------------------------------------------------------------

@@ -39,10 +39,10 @@ from lightning_attn.metrics.attention import (
     AttentionPositions,
     AttentionStatistics,
     SiteStatistics,
-    _state_dtype,
     default_reducers,
     key_mask_for,
 )
+from lightning_attn.metrics._sites import SiteSums
 
 __all__ = [
     "ActivationStatistics",
@@ -172,7 +172,7 @@ def _moments(state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return torch.where(seen, mean, nan), torch.where(seen, variance.sqrt(), nan), count, torch.where(seen, saturated, nan)
 
 
-class ActivationStatistics(Metric):
+class ActivationStatistics(SiteSums):
     """Per-site mean, standard deviation and saturation of activations per position and per channel, streamed.
 
     For a site's outputs ``x[b, l, c]`` (:func:`activation_view`) it accumulates the sums of ``x``, ``x^2``, the
@@ -190,10 +190,6 @@ class ActivationStatistics(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     def __init__(self, max_positions: int = 4096, saturation_threshold: float = 0.05, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if max_positions < 1:
@@ -202,20 +198,16 @@ class ActivationStatistics(Metric):
             raise ValueError(f"saturation_threshold must be in [0, 0.5), got {saturation_threshold}")
         self.max_positions = int(max_positions)
         self.saturation_threshold = float(saturation_threshold)
-        self.sites: dict[str, int] = {}  # site -> channels, in order of first sight
-        self._state_names: dict[str, tuple[str, str, str | None]] = {}
 
     def _states(self, site: str, channels: int, joint: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        names = self._state_names.get(site)
+        names = self._state_names.get(site)  # three states per site: (positions, channels, joint or None)
         if names is None:
             index = len(self._state_names)
             names = (f"positions_{index}", f"channels_{index}", f"joint_{index}" if joint else None)
-            dtype = _state_dtype(device)
-            with torch.inference_mode(False):  # normal tensors: usable after the evaluation loop too
-                self.add_state(names[0], torch.zeros(5, self.max_positions, dtype=dtype, device=device), dist_reduce_fx="sum")
-                self.add_state(names[1], torch.zeros(5, channels, dtype=dtype, device=device), dist_reduce_fx="sum")
-                if joint:
-                    self.add_state(names[2], torch.zeros(3, self.max_positions, channels, dtype=dtype, device=device), dist_reduce_fx="sum")
+            self._add_sums(names[0], (5, self.max_positions), device)
+            self._add_sums(names[1], (5, channels), device)
+            if joint:
+                self._add_sums(names[2], (3, self.max_positions, channels), device)
             self._state_names[site] = names
             self.sites[site] = channels
         elif self.sites[site] != channels:
@@ -281,7 +273,7 @@ class ActivationStatistics(Metric):
 # -- histograms -----------------------------------------------------------------------------------------
 
 
-class WeightHistogram(Metric):
+class WeightHistogram(SiteSums):
     """Per-site, per-head histogram of attention weights in ``bins`` equal-width bins on ``[0, 1]``, streamed.
 
     Every weight ``A[b, h, i, j]`` of a valid key adds one to bin ``min(floor(A * bins), bins - 1)`` of head
@@ -294,17 +286,11 @@ class WeightHistogram(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
     def __init__(self, bins: int = 20, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins}")
         self.bins = int(bins)
-        self.sites: dict[str, int] = {}
-        self._state_names: dict[str, str] = {}
 
     @property
     def edges(self) -> Tensor:
@@ -312,16 +298,7 @@ class WeightHistogram(Metric):
         return torch.linspace(0.0, 1.0, self.bins + 1, dtype=torch.float64)
 
     def _state(self, site: str, heads: int, device: torch.device) -> Tensor:
-        name = self._state_names.get(site)
-        if name is None:
-            name = f"site_{len(self._state_names)}"
-            with torch.inference_mode(False):
-                self.add_state(name, torch.zeros(heads, self.bins, dtype=_state_dtype(device), device=device), dist_reduce_fx="sum")
-            self._state_names[site] = name
-            self.sites[site] = heads
-        elif self.sites[site] != heads:
-            raise ValueError(f"site {site!r} had {self.sites[site]} heads, now {heads}")
-        return getattr(self, name)
+        return self._site_state(site, (heads, self.bins), device, size=heads)
 
     def update(self, site: str, probs: Tensor, key_mask: Tensor | None | bool = True) -> None:
         """Add a map or query chunk ``[B, H, q, K]`` (``[..., q, K]`` reshaped). ``key_mask``: ``True`` derives
@@ -343,7 +320,7 @@ class WeightHistogram(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """``{site: counts [H, bins]}`` on the host (float64)."""
-        return {site: getattr(self, name).detach().to("cpu", torch.float64) for site, name in self._state_names.items()}
+        return {site: state.detach().to("cpu", torch.float64) for site, state in self._site_states()}
 
 
 # -- probe samples --------------------------------------------------------------------------------------

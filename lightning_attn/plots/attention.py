@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from lightning_attn.plots._common import as_array
+
 __all__ = [
     "plot_attention_heads",
     "plot_attention_maps",
@@ -31,12 +33,6 @@ __all__ = [
 SEQUENTIAL = "viridis"
 DIVERGING = "RdBu_r"
 MAX_TICK_LABELS = 48
-
-
-def _np(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array, dtype=np.float64)
 
 
 def short_site_names(sites: Sequence[str]) -> list[str]:
@@ -83,7 +79,7 @@ def plot_head_statistics(values: Mapping[str, Any], sites: Sequence[str], title:
     names = list(values)
     columns = len(names)
     rows = len(sites)
-    heads = max((_np(v).shape[1] for v in values.values()), default=1)
+    heads = max((as_array(v).shape[1] for v in values.values()), default=1)
     labels = short_site_names(sites)
     width = max(3.2 * columns, 4)
     height = max(2.6, 0.3 * rows + 1.6)
@@ -92,7 +88,7 @@ def plot_head_statistics(values: Mapping[str, Any], sites: Sequence[str], title:
     left = min(0.4, (0.07 * max((len(label) for label in labels), default=4) + 0.35) / width)
     fig.subplots_adjust(left=left, right=1 - 0.45 / width, bottom=0.9 / height, top=1 - 0.55 / height, wspace=0.4)
     for ax, name in zip(axes, names):
-        data = np.ma.masked_invalid(_np(values[name]))
+        data = np.ma.masked_invalid(as_array(values[name]))
         _heatmap(fig, ax, data, title=name, xlabels=[f"h{h}" for h in range(heads)], ylabels=labels, xlabel="head", ylabel="site" if ax is axes[0] else "")
         if ax is not axes[0]:
             ax.set_yticklabels([])
@@ -103,7 +99,7 @@ def plot_head_statistics(values: Mapping[str, Any], sites: Sequence[str], title:
 def plot_attention_maps(maps: Any, *, titles: Sequence[str] | None = None, query_labels: Sequence[str] | None = None,
                         key_labels: Sequence[str] | None = None, title: str = "") -> Figure:
     """Head-averaged maps ``[n, Q, K]`` side by side (one per probe sample)."""
-    data = _np(maps)
+    data = as_array(maps)
     if data.ndim == 2:
         data = data[None]
     count = data.shape[0]
@@ -120,7 +116,7 @@ def plot_attention_maps(maps: Any, *, titles: Sequence[str] | None = None, query
 def plot_attention_heads(maps: Any, *, query_labels: Sequence[str] | None = None, key_labels: Sequence[str] | None = None,
                          title: str = "", max_columns: int = 4) -> Figure:
     """Per-head maps ``[H, Q, K]`` of one sample in a grid, on a shared colour scale."""
-    data = _np(maps)
+    data = as_array(maps)
     heads = data.shape[0]
     columns = min(max_columns, heads)
     rows = math.ceil(heads / columns)
@@ -152,7 +148,7 @@ def plot_attention_heads(maps: Any, *, query_labels: Sequence[str] | None = None
 def plot_rollout(rollout: Any, *, labels: Sequence[str] | None = None, titles: Sequence[str] | None = None, title: str = "") -> Figure:
     """Attention rollout ``[n, L, L]`` per probe sample (row ``i``: contribution of each input token to output ``i``)
     with, below, the contribution of each input token to the first output token ([CLS])."""
-    data = _np(rollout)
+    data = as_array(rollout)
     if data.ndim == 2:
         data = data[None]
     count = data.shape[0]
@@ -178,10 +174,10 @@ def plot_layer_evolution(sites: Sequence[str], means: Mapping[str, Any], spreads
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.32, top=0.9)
     depth = np.arange(len(sites))
     for name, values in means.items():
-        y = _np(values)
+        y = as_array(values)
         ax.plot(depth, y, marker="o", label=name)
         if spreads is not None and name in spreads:
-            s = _np(spreads[name])
+            s = as_array(spreads[name])
             ax.fill_between(depth, y - s, y + s, alpha=0.2)
     ax.set_xticks(depth)
     ax.set_xticklabels(short_site_names(sites), rotation=60, ha="right", fontsize=7)
@@ -195,8 +191,8 @@ def plot_layer_evolution(sites: Sequence[str], means: Mapping[str, Any], spreads
 
 def plot_head_contributions(sites: Sequence[str], values: Any, errors: Any | None = None, *, statistic: str = "max_weight", title: str = "") -> Figure:
     """Bars per head for each site (``values``, ``errors``: ``[sites, heads]``, NaN beyond a site's heads)."""
-    data = _np(values)
-    err = None if errors is None else _np(errors)
+    data = as_array(values)
+    err = None if errors is None else as_array(errors)
     count = len(sites)
     columns = min(count, 2)
     rows = max(1, math.ceil(count / columns))
@@ -224,8 +220,8 @@ def plot_modality_pair(a_to_b: Any, b_to_a: Any, *, names: tuple[str, str] = ("A
                        sample_agreement: float | None = None, a_labels: Sequence[str] | None = None,
                        b_labels: Sequence[str] | None = None, title: str = "") -> Figure:
     """A->B map ``[La, Lb]``, B->A transposed (``[Lb, La]`` shown as ``[La, Lb]``) and their difference."""
-    forward = _np(a_to_b)
-    backward = _np(b_to_a).T
+    forward = as_array(a_to_b)
+    backward = as_array(b_to_a).T
     difference = forward - backward
     a, b = names
     fig = Figure(figsize=(13.0, 4.2))

@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from lightning_attn.plots._common import as_array
+
 __all__ = [
     "plot_calibration_trend",
     "plot_classwise_reliability",
@@ -31,12 +33,6 @@ _ACC = "#3b75af"
 _GAP = "#d62728"
 _CORRECT = "#2ca02c"
 _WRONG = "#d62728"
-
-
-def _np(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array, dtype=np.float64)
 
 
 def _reliability_axes(ax: Any, edges: np.ndarray, accuracy: np.ndarray, confidence: np.ndarray, *, small: bool = False) -> None:
@@ -75,7 +71,7 @@ def plot_reliability_diagram(
         title: title prefix (e.g. the stage and epoch).
         binary: label the axes for ``P(y = 1)`` against the observed frequency of positives.
     """
-    edges, accuracy, confidence, count = (_np(a) for a in (edges, accuracy, confidence, count))
+    edges, accuracy, confidence, count = (as_array(a) for a in (edges, accuracy, confidence, count))
     fig = Figure(figsize=(5.2, 6.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     _reliability_axes(top, edges, accuracy, confidence)
@@ -106,7 +102,7 @@ def plot_confidence_histogram(
 ) -> Figure:
     """Top-label confidence histogram, correct and incorrect predictions stacked, with the mean
     confidence and the accuracy as vertical lines (their distance is the over-confidence gap)."""
-    edges, correct, incorrect = (_np(a) for a in (edges, correct, incorrect))
+    edges, correct, incorrect = (as_array(a) for a in (edges, correct, incorrect))
     lower, upper = edges[:-1], edges[1:]
     total = correct.sum() + incorrect.sum()
     scale = 1.0 / total if total > 0 else 1.0
@@ -138,7 +134,7 @@ def plot_classwise_reliability(
 ) -> Figure:
     """Grid of per-class reliability diagrams (``p_k`` against the fraction with label ``k``) for
     the first ``max_classes`` classes; ``accuracy``/``confidence``/``count`` are ``[K, n_bins]``."""
-    edges, accuracy, confidence, count = (_np(a) for a in (edges, accuracy, confidence, count))
+    edges, accuracy, confidence, count = (as_array(a) for a in (edges, accuracy, confidence, count))
     shown = max(1, min(max_classes, accuracy.shape[0]))
     cols = min(3, shown) if shown <= 9 else math.ceil(math.sqrt(shown))
     rows = math.ceil(shown / cols)

@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from lightning_attn.plots._common import as_array
+
 __all__ = [
     "plot_feature_correlations",
     "plot_head_evolution",
@@ -25,13 +27,6 @@ __all__ = [
 ]
 
 MAX_TICK_LABELS = 64
-
-
-def _np(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    array = np.asarray(values, dtype=object)
-    return np.asarray(np.where(np.equal(array, None), np.nan, array), dtype=np.float64)
 
 
 def short_head_names(heads: Sequence[str]) -> list[str]:
@@ -61,7 +56,7 @@ def plot_hsi(hsi: Sequence[float | None], heads: Sequence[str], labels: Sequence
              title: str = "") -> Figure:
     """Bars of the Head Specialization Index of every head, the threshold as a dashed line; bars at or above
     it coloured, with the head's label written on them."""
-    values = np.nan_to_num(_np(hsi), nan=0.0)
+    values = np.nan_to_num(as_array(hsi, none_as_nan=True), nan=0.0)
     count = len(values)
     fig = Figure(figsize=(min(max(5.0, 0.35 * count + 1.5), 40.0), 4.0), layout="constrained")
     ax = fig.subplots()
@@ -83,7 +78,7 @@ def plot_hsi(hsi: Sequence[float | None], heads: Sequence[str], labels: Sequence
 
 def plot_feature_correlations(correlations: Any, heads: Sequence[str], features: Sequence[str], title: str = "") -> Figure:
     """Head x feature Pearson correlations ``[N, F]`` on a diverging scale ``[-1, 1]`` (blank: undefined)."""
-    data = np.ma.masked_invalid(_np(correlations).reshape(len(heads), len(features)))
+    data = np.ma.masked_invalid(as_array(correlations, none_as_nan=True).reshape(len(heads), len(features)))
     fig = Figure(figsize=(max(3.5, 0.9 * len(features) + 2.5), max(3.0, min(0.22 * len(heads) + 1.5, 30.0))), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(data, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
@@ -102,14 +97,14 @@ def plot_head_type_scores(scores: Mapping[str, Any], sites: Sequence[str], title
     """One ``layers x heads`` heatmap per head type, ``scores[type]`` ``[sites, max_heads]`` in ``[0, 1]``
     (blank where undefined: a head a site lacks, a cross-attention site, no token ids)."""
     names = list(scores)
-    heads = max((_np(v).shape[1] for v in scores.values()), default=1)
+    heads = max((as_array(v, none_as_nan=True).shape[1] for v in scores.values()), default=1)
     layer_names = short_head_names([f"{s}/h0" for s in sites])
     layer_names = [n.rsplit("/", 1)[0] or s for n, s in zip(layer_names, sites)] if len(sites) > 1 else list(sites)
     fig = Figure(figsize=(max(3.0 * len(names), 4.0), max(2.6, 0.3 * len(sites) + 1.6)), layout="constrained")
     axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
     image = None
     for ax, name in zip(axes, names):
-        data = np.ma.masked_invalid(_np(scores[name]))
+        data = np.ma.masked_invalid(as_array(scores[name], none_as_nan=True))
         image = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head", fontsize=8)
@@ -125,7 +120,7 @@ def plot_head_redundancy(distance: Any, heads: Sequence[str], clusters: Sequence
                          title: str = "") -> Figure:
     """Pairwise Jensen-Shannon distance between heads ``[N, N]`` (nats; blank: not comparable), with the
     clusters of near-duplicate heads listed below."""
-    data = np.ma.masked_invalid(_np(distance))
+    data = np.ma.masked_invalid(as_array(distance, none_as_nan=True))
     size = min(max(4.0, 0.18 * len(heads) + 2.5), 30.0)
     fig = Figure(figsize=(size + 1.0, size + 0.4 * min(len(clusters), 8)), layout="constrained")
     ax = fig.subplots()
@@ -155,7 +150,7 @@ def plot_head_evolution(epochs: Sequence[int], series: Mapping[str, Any], heads:
     labels = short_head_names(heads)
     epoch_labels = [str(e) for e in epochs]
     for column, name in enumerate(names):
-        data = _np(series[name]).reshape(len(epochs), len(heads))
+        data = as_array(series[name], none_as_nan=True).reshape(len(epochs), len(heads))
         ax = axes[0, column]
         image = ax.imshow(np.ma.masked_invalid(data.T), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_attn.plots.attention import SEQUENTIAL, _heatmap, _np, _ticks, short_site_names
+from lightning_attn.plots._common import as_array
+from lightning_attn.plots.attention import SEQUENTIAL, _heatmap, _ticks, short_site_names
 
 __all__ = ["plot_channel_heatmaps", "plot_over_time", "plot_weight_histograms", "plot_weight_statistics", "plot_weights_over_time"]
 
@@ -47,7 +48,7 @@ def plot_channel_heatmaps(
         vmin, vmax: shared colour range (``None``: from the data).
     """
     sites = list(maps)
-    data = {site: _np(maps[site]) for site in sites}
+    data = {site: as_array(maps[site]) for site in sites}
     data = {site: values[None] if values.ndim == 2 else values for site, values in data.items()}
     columns = max((values.shape[0] for values in data.values()), default=1)
     rows = max(1, len(sites))
@@ -88,18 +89,18 @@ def plot_over_time(
     """One line per site over positions (all overlaid, forward order = colour order), each ``[L]``, with an
     optional band ``mean +- spread`` (e.g. the standard deviation over samples and channels)."""
     sites = list(means)
-    length = max((_np(v).shape[0] for v in means.values()), default=1)
+    length = max((as_array(v).shape[0] for v in means.values()), default=1)
     width = max(6.0, 0.18 * length + 3.0)
     fig = Figure(figsize=(width, 4.0))
     ax = fig.subplots()
     fig.subplots_adjust(left=0.8 / width, right=1 - 1.6 / width, bottom=0.2, top=0.9)
     names = short_site_names(sites) if sites else []
     for index, site in enumerate(sites):
-        y = _np(means[site])
+        y = as_array(means[site])
         x = np.arange(y.shape[0])
         (line,) = ax.plot(x, y, marker="." if y.shape[0] <= 64 else None, label=names[index])
         if spreads is not None and site in spreads:
-            s = _np(spreads[site])
+            s = as_array(spreads[site])
             ax.fill_between(x, y - s, y + s, alpha=0.15, color=line.get_color())
     ax.set_xlim(-0.5, length - 0.5)
     _ticks(ax, position_labels, length, "x")
@@ -128,7 +129,7 @@ def plot_weights_over_time(
     count = max(1, len(sites))
     columns = min(count, 2)
     rows = math.ceil(count / columns)
-    length = max((_np(v).shape[0] for v in means.values()), default=1)
+    length = max((as_array(v).shape[0] for v in means.values()), default=1)
     width = max(5.5, 0.14 * length + 3.0)
     height = 3.2 * rows + 0.6
     fig = Figure(figsize=(width * columns, height))
@@ -141,14 +142,14 @@ def plot_weights_over_time(
             ax.set_visible(False)
             continue
         site = sites[index]
-        y = _np(means[site])
+        y = as_array(means[site])
         x = np.arange(y.shape[0])
         ax.plot(x, y, color="black", linewidth=2, label="mean over samples")
         if stds is not None and site in stds:
-            s = _np(stds[site])
+            s = as_array(stds[site])
             ax.fill_between(x, np.clip(y - s, 0, None), y + s, color="tab:blue", alpha=0.2, label="+- std")
         if samples is not None and site in samples:
-            values = _np(samples[site])
+            values = as_array(samples[site])
             values = values[None] if values.ndim == 1 else values
             for n, row in enumerate(values):
                 label = sample_titles[n] if sample_titles is not None and n < len(sample_titles) else f"sample {n}"
@@ -178,7 +179,7 @@ def plot_weight_histograms(
     bin ``edges`` (``[bins + 1]`` on ``[0, 1]``), drawn as per-head step lines of the share of weights per bin
     (each head's shares sum to 1), on a log scale by default (most weights of a long row are near 0)."""
     sites = list(counts)
-    edge = _np(edges)
+    edge = as_array(edges)
     count = max(1, len(sites))
     columns = min(count, 2)
     rows = math.ceil(count / columns)
@@ -192,7 +193,7 @@ def plot_weight_histograms(
         if index >= len(sites):
             ax.set_visible(False)
             continue
-        data = _np(counts[sites[index]])
+        data = as_array(counts[sites[index]])
         data = data[None] if data.ndim == 1 else data
         totals = data.sum(1, keepdims=True)
         shares = np.divide(data, totals, out=np.zeros_like(data), where=totals > 0)
@@ -232,15 +233,15 @@ def plot_weight_statistics(
     axes = fig.subplots(1, columns, squeeze=False)[0]
     fig.subplots_adjust(left=0.5 / (2.9 * columns + 0.4), right=0.99, bottom=0.3, top=0.82, wspace=0.4)
     names = short_site_names(sites) if sites else []
-    heads = max((int(_np(means[s][statistics[0]]).size) for s in sites), default=1) if statistics else 1
+    heads = max((int(as_array(means[s][statistics[0]]).size) for s in sites), default=1) if statistics else 1
     width = 0.8 / max(1, heads)
     from matplotlib import colormaps
 
     colors = colormaps["tab10"]
     for ax, statistic in zip(axes, statistics):
         for index, site in enumerate(sites):
-            values = _np(means[site][statistic]).reshape(-1)
-            errors = None if stds is None else _np(stds[site][statistic]).reshape(-1)
+            values = as_array(means[site][statistic]).reshape(-1)
+            errors = None if stds is None else as_array(stds[site][statistic]).reshape(-1)
             for head, value in enumerate(values):
                 ax.bar(index + (head - (values.size - 1) / 2) * width, value, width=width,
                        yerr=None if errors is None else errors[head], capsize=2, color=colors(head % 10),

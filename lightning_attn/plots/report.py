@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from lightning_attn.plots._common import as_array
+
 __all__ = [
     "plot_batch_accuracy",
     "plot_classwise",
@@ -27,12 +29,6 @@ __all__ = [
 MAX_LABELS = 40
 
 
-def _np(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=np.float64)
-
-
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
@@ -44,9 +40,9 @@ def plot_reliability(lower: Sequence[float], upper: Sequence[float], accuracy: S
     histogram of the bins' sample counts."""
     fig = Figure(figsize=(5.5, 5.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-    lo, hi = _np(lower), _np(upper)
-    acc = np.array([np.nan if a is None else a for a in accuracy], dtype=np.float64)
-    conf = np.array([np.nan if c is None else c for c in confidence], dtype=np.float64)
+    lo, hi = as_array(lower), as_array(upper)
+    acc = as_array(accuracy, none_as_nan=True)
+    conf = as_array(confidence, none_as_nan=True)
     centers, widths = (lo + hi) / 2, hi - lo
     top.bar(centers, np.nan_to_num(acc), width=widths * 0.95, color="#4c72b0", edgecolor="#1f3d6b", label="accuracy")
     gap = np.where(np.isnan(acc) | np.isnan(conf), 0.0, conf - acc)
@@ -56,7 +52,7 @@ def plot_reliability(lower: Sequence[float], upper: Sequence[float], accuracy: S
     top.set_ylabel("accuracy")
     top.legend(loc="upper left", fontsize=8)
     top.set_title(title + ("" if ece is None else f" (ECE {ece:.4f})"), fontsize=10)
-    bottom.bar(centers, _np(counts), width=widths * 0.95, color="#55a868")
+    bottom.bar(centers, as_array(counts), width=widths * 0.95, color="#55a868")
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("samples")
@@ -68,9 +64,9 @@ def plot_confidence_histogram(lower: Sequence[float], upper: Sequence[float], co
     """Stacked histogram of the confidence of correct and incorrect predictions."""
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
-    lo, hi = _np(lower), _np(upper)
+    lo, hi = as_array(lower), as_array(upper)
     centers, widths = (lo + hi) / 2, (hi - lo) * 0.95
-    ok, bad = _np(correct), _np(incorrect)
+    ok, bad = as_array(correct), as_array(incorrect)
     ax.bar(centers, ok, width=widths, color="#55a868", label="correct")
     ax.bar(centers, bad, width=widths, bottom=ok, color="#c44e52", label="incorrect")
     ax.set_xlim(0, 1)
@@ -84,7 +80,7 @@ def plot_confidence_histogram(lower: Sequence[float], upper: Sequence[float], co
 def plot_effect_sizes(names: Sequence[str], effect: Sequence[float | None], title: str = "Correct vs. incorrect") -> Figure:
     """Horizontal bars of each measure's standardized difference (correct minus incorrect, Cohen's d)."""
     names = list(names)
-    values = np.array([np.nan if v is None else v for v in effect], dtype=np.float64)
+    values = as_array(effect, none_as_nan=True)
     fig = Figure(figsize=(6.5, max(2.0, 0.32 * len(names) + 1.2)), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(names))
@@ -104,8 +100,8 @@ def plot_classwise(names: Sequence[str], support: Sequence[int], recall: Sequenc
     fig = Figure(figsize=(max(4.5, 0.55 * len(names) + 2), 3.6), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(names))
-    rec = np.array([np.nan if v is None else v for v in recall], dtype=np.float64)
-    prec = np.array([np.nan if v is None else v for v in precision], dtype=np.float64)
+    rec = as_array(recall, none_as_nan=True)
+    prec = as_array(precision, none_as_nan=True)
     ax.bar(x - 0.2, np.nan_to_num(rec), width=0.4, color="#4c72b0", label="recall")
     ax.bar(x + 0.2, np.nan_to_num(prec), width=0.4, color="#dd8452", label="precision")
     for xi, n in zip(x, support):
@@ -120,7 +116,7 @@ def plot_classwise(names: Sequence[str], support: Sequence[int], recall: Sequenc
 def plot_head_matrix(sites: Sequence[str], matrix: Any, *, title: str, label: str, cmap: str = "viridis",
                      vmin: float | None = None, vmax: float | None = None) -> Figure:
     """Site x head heatmap (NaN where a site has fewer heads), values annotated when small enough."""
-    data = _np(matrix)
+    data = as_array(matrix)
     if data.ndim == 1:
         data = data[None]
     rows, cols = data.shape
@@ -143,7 +139,7 @@ def plot_head_matrix(sites: Sequence[str], matrix: Any, *, title: str, label: st
 
 def plot_feature_saliency(feature_names: Sequence[str], shares: Any, *, sample_labels: Sequence[str], title: str) -> Figure:
     """Probe x feature heatmap of gradient x input shares (each row sums to 1), with the mean share as bars."""
-    data = _np(shares)
+    data = as_array(shares)
     names = list(feature_names)
     fig = Figure(figsize=(min(3 + 0.35 * len(names), 16), 2.2 + 0.35 * data.shape[0]), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=[1, max(1, data.shape[0] / 3)], sharex=True)
@@ -161,7 +157,7 @@ def plot_feature_saliency(feature_names: Sequence[str], shares: Any, *, sample_l
 def plot_position_saliency(maps: Any, *, feature_names: Sequence[str] | None, sample_labels: Sequence[str], title: str,
                            pooled: bool = False) -> Figure:
     """Per probe, the ``|gradient x input|`` map over positions (rows) and features (columns)."""
-    data = _np(maps)
+    data = as_array(maps)
     count = data.shape[0]
     fig = Figure(figsize=(min(3.2 * count, 16), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, count))
@@ -180,7 +176,7 @@ def plot_position_saliency(maps: Any, *, feature_names: Sequence[str] | None, sa
 def plot_rollout_relevance(relevance: Any, *, sample_labels: Sequence[str], token_labels: Sequence[str] | None = None,
                            title: str) -> Figure:
     """Probe x token heatmap of gradient-weighted rollout relevance."""
-    data = _np(relevance)
+    data = as_array(relevance)
     fig = Figure(figsize=(min(3 + 0.22 * data.shape[1], 16), 1.6 + 0.4 * data.shape[0]), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -199,8 +195,8 @@ def plot_batch_accuracy(accuracy: Sequence[float], confidence: Sequence[float], 
     fig = Figure(figsize=(6, 3), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(accuracy))
-    ax.plot(x, _np(accuracy), marker="o", markersize=3, label="accuracy", color="#4c72b0")
-    ax.plot(x, _np(confidence), marker="s", markersize=3, label="mean confidence", color="#dd8452")
+    ax.plot(x, as_array(accuracy), marker="o", markersize=3, label="accuracy", color="#4c72b0")
+    ax.plot(x, as_array(confidence), marker="s", markersize=3, label="mean confidence", color="#dd8452")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("batch")
     ax.legend(fontsize=8)

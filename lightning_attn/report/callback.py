@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from lightning_attn import sinks
-from lightning_attn.callbacks.base import STAGE_KEYS, EvaluationCallback, Stage, log_scalars, stage_key
+from lightning_attn.callbacks.base import STAGE_KEYS, EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, stage_key
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.functional.calibration import equal_width_bin_index
 from lightning_attn.plots import report as plots
@@ -461,8 +461,7 @@ class ExplainabilityReport(EvaluationCallback):
         sites = [s for pair in self.modality_pairs.values() for s in pair]
         self._attention = BatchAttention(self.chunk_size, self.pair_sites, sites, self.top_k)
         module = _target_module(pl_module)
-        self._recorder = AttentionRecorder(module, include=self.include, exclude=self.exclude, keep=False, on_capture=self._attention)
-        self._recorder.__enter__()
+        self._recorder = open_recorder(module, self._attention, self.include, self.exclude)
         if hook:
             # the output of the module's forward inside the step: the logits when the step returns none
             self._hook = module.register_forward_hook(self._on_forward)
@@ -476,10 +475,7 @@ class ExplainabilityReport(EvaluationCallback):
         if hook is not None:
             hook.remove()
         self._attention = None
-        if recorder is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "found no attention" is reported once, in the report itself
-                recorder.__exit__(None, None, None)
+        close_recorder(recorder, quiet=True)  # "found no attention" is reported once, in the report itself
 
     def _abandon(self, reason: str) -> None:
         """Leave every unfinished report visibly INCOMPLETE (never renamed to its final name)."""

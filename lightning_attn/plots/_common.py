@@ -1,0 +1,20 @@
+"""What the figure modules share: host arrays from tensors, arrays and sequences."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["as_array"]
+
+
+def as_array(values: Any, none_as_nan: bool = False) -> np.ndarray:
+    """``values`` (a tensor on any device, an array or a nested sequence) as a float64 host array; with
+    ``none_as_nan`` ``None`` entries (undefined values of a JSON-ready record) become NaN."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    if none_as_nan:
+        array = np.asarray(values, dtype=object)
+        values = np.where(np.equal(array, None), np.nan, array)
+    return np.asarray(values, dtype=np.float64)
