@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image  # a matplotlib dependency
 
 __all__ = ["output_dir", "publish_figures", "publish_json", "publish_table", "render_png", "to_jsonable"]
 
@@ -80,8 +81,6 @@ def render_png(figure: Figure, dpi: int = 100) -> tuple[bytes, np.ndarray]:
     rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     buffer = io.BytesIO()
     # Encode the pixels just drawn: a second draw through savefig (layout, text) costs as much again.
-    from PIL import Image
-
     Image.fromarray(rgb).save(buffer, format="png", compress_level=4)
     return buffer.getvalue(), rgb
 
