@@ -95,8 +95,9 @@ class _Interceptor:
             (torch, "_nested_tensor_from_mask"): self._nested_from_mask,
         }
         for (owner, name), wrapper in patches.items():
-            self._originals[(owner, name)] = getattr(owner, name)
-            setattr(owner, name, wrapper)
+            if hasattr(owner, name):  # private entry points may be absent in other torch releases
+                self._originals[(owner, name)] = getattr(owner, name)
+                setattr(owner, name, wrapper)
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(self._push),
             nn.modules.module.register_module_forward_hook(self._pop, always_call=True),
