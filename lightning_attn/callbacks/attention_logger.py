@@ -165,10 +165,10 @@ class AttentionLogger(StreamingCallback):
         self.probe_samples = probe_samples
         self.sparsity_threshold = sparsity_threshold
         self.chunk_size = chunk_size
-        self.modality_pairs = {str(k): (str(v[0]), str(v[1])) for k, v in (modality_pairs or {}).items()}
         for name, sites in (modality_pairs or {}).items():
             if len(sites) != 2:
                 raise ValueError(f"modality pair {name!r} needs two sites (A->B, B->A), got {sites!r}")
+        self.modality_pairs = {str(k): (str(v[0]), str(v[1])) for k, v in (modality_pairs or {}).items()}
         self.token_names = token_names
         self.log_per_head = log_per_head
         self.log_figures = log_figures
