@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import end_process_group
+
 from lightning_attn import CalibrationMonitor
 
 warnings.filterwarnings("ignore")
@@ -67,3 +69,4 @@ def run(out: Path, devices: int) -> dict:
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    end_process_group()

@@ -107,6 +107,15 @@ def script_main(run: Callable[[int, str, str, str | None], Any]) -> None:
     parser.add_argument("--root", default=None)
     arguments = parser.parse_args()
     run(arguments.devices, arguments.strategy, arguments.out, arguments.root)
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """End a DDP script's process group once every rank is done: gloo torn down by interpreter exit instead
+    (Lightning leaves the group open) can abort a rank ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # -- DDP scripts (the test side) ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
     import lightning.pytorch as pl
     from lightning_attn import HeadSpecializationTracker
     from test_head_specialization import FEATURES, make_loader, make_module, summarize, trainer_kwargs
+    from helpers import end_process_group
     from pathlib import Path
 
     tracker = HeadSpecializationTracker(features=FEATURES, feature_masks=None, probe_samples=2, log_figures=False,
@@ -37,6 +38,7 @@ SCRIPT = textwrap.dedent(
         out = {{"summary": summarize(tracker), "world_size": trainer.world_size,
                "logged": {{k: float(v) for k, v in logged.items()}}}}
         Path({out!r}).write_text(json.dumps(out))
+    end_process_group()
     """
 )
 
