@@ -335,7 +335,7 @@ def test_results_to_dict_is_json_and_files_written(tmp_path: Path) -> None:
     assert list(data["sites"]) == SITES
     assert set(data["sites"]["eeg_to_spec"]["statistics"]) == set(STATS)
     assert len(data["sites"]["encoder.layers.0.self_attn"]["statistics"]["entropy"]["per_head_mean"]) == 4
-    directory = tmp_path / "lightning_attn" / "attn"
+    directory = tmp_path / "lightning_attn_logs" / "attn"
     names = {p.name for p in directory.iterdir()}
     assert "val_epoch0.json" in names and "val_head_statistics_step0.csv" in names
     pngs = sorted(n for n in names if n.endswith(".png"))

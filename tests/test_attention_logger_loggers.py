@@ -79,8 +79,7 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path: Path) -> None:
 def test_csv_logger_and_no_logger_write_png_and_json(tmp_path: Path, kind: str) -> None:
     logger = CSVLogger(str(tmp_path), name="csv") if kind == "csv" else False
     callback = run_validation(logger, tmp_path)
-    root = Path(logger.log_dir) if kind == "csv" else tmp_path
-    directory = root / "lightning_attn" / "attn"
+    directory = Path(logger.log_dir) / "lightning_attn" / "attn" if kind == "csv" else tmp_path / "lightning_attn_logs" / "attn"
     pngs = sorted(p.name for p in directory.glob("*.png"))
     assert "val_head_statistics_step0.png" in pngs and "val_pairs_eeg<->spec_step0.png" in pngs
     data = json.loads((directory / "val_epoch0.json").read_text())

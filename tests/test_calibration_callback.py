@@ -92,7 +92,7 @@ def test_no_logger_writes_png_and_json(tmp_path: Path) -> None:
     for name in ("ece", "mce", "rmsce", "adaptive_ece", "classwise_ece", "brier", "nll", "accuracy"):
         # batching only changes float32 rounding of the per-class column sums (bin 0 of the classwise ECE)
         assert got[name] == pytest.approx(float(expected[name]), abs=1e-8), name
-    out = tmp_path / "lightning_attn" / "calibration"
+    out = tmp_path / "lightning_attn_logs" / "calibration"
     for name in FIGURES:
         assert (out / "val" / f"{name}_step0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "val.json").read_text())
@@ -304,4 +304,4 @@ def test_sanity_check_is_skipped_and_state_resets_between_epochs(tmp_path: Path)
     tr.fit(FixedLogits(), loader(x, y), loader(x, y))
     assert [h["epoch"] for h in cb.history] == [0, 1]
     assert all(h["n_samples"] == 256 for h in cb.history)
-    assert os.path.isdir(tmp_path / "lightning_attn")
+    assert os.path.isdir(tmp_path / "lightning_attn_logs")

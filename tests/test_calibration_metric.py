@@ -382,6 +382,22 @@ def test_cpu_and_masked_paths_agree_on_every_state() -> None:
             assert torch.allclose(x, y, rtol=1e-6, atol=1e-9), name
 
 
+def test_cpu_path_bins_confidences_on_and_beside_edges_like_bucketize() -> None:
+    # maxima exactly on torchmetrics' float32 edges (linspace(0, 1, 16)) and one ulp either side
+    edges = torch.linspace(0, 1, 16)[8:]
+    top = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.ones(()))]).clamp(0.5, 1.0)
+    probs = torch.stack([top, 1 - top], 1)
+    target = torch.arange(top.shape[0]) % 2
+    states = []
+    for sparse in (True, False):
+        metric = make_metric("multiclass", 2, "probs", sparse=sparse)
+        metric.update(probs, target)
+        states.append((metric.bin_count.clone(), metric.bin_hits.clone()))
+    expected = torch.bincount(torch.bucketize(top, torch.linspace(0, 1, 16), right=True) - 1, minlength=16)
+    assert torch.equal(states[0][0], expected) and torch.equal(states[1][0], expected)
+    assert torch.equal(states[0][1], states[1][1])
+
+
 def test_half_precision_scores() -> None:
     logits, target = random_multiclass(2000, 10, seed=12)
     metric = CalibrationMetric("multiclass", 10, "probs")

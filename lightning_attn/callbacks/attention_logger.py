@@ -128,7 +128,7 @@ class AttentionLogger(StreamingCallback):
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/attn``.
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/attn`` (``<default_root_dir>/lightning_attn_logs/attn`` with no logger).
     """
 
     namespace = NAMESPACE

@@ -211,7 +211,7 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<namespace>``.
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<namespace>`` (``<default_root_dir>/lightning_attn_logs/<namespace>`` with no logger).
     """
 
     #: First component of every logged key and published name.

@@ -115,7 +115,7 @@ class ModuleProbe(StreamingCallback):
         top_k: number of top positions reported per weights site.
         max_positions: positions tracked per site (fixed state size).
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/probe``.
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/probe`` (``<default_root_dir>/lightning_attn_logs/probe`` with no logger).
     """
 
     namespace = NAMESPACE

@@ -171,6 +171,7 @@ class CalibrationMetric(Metric):
         state("class_conf", (k, bc + 1), f64)
         state("class_hits", (k, bc + 1), i64)
         self._edges_cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._padded_edges: dict[torch.dtype, np.ndarray] = {}
         self._eager = False
 
     # -- update ---------------------------------------------------------------------------------
@@ -182,6 +183,20 @@ class CalibrationMetric(Metric):
                 edges = equal_width_edges(self.n_bins, dtype=like.dtype, device=like.device)
             self._edges_cache[key] = edges
         return edges
+
+    def _equal_width_index(self, values: Tensor) -> np.ndarray:
+        """``bucketize(values, edges, right=True) - 1`` (torchmetrics' boundaries, 1.0 -> ``n_bins``) for
+        CPU values in ``[0, 1]``: the floor of ``value * n_bins``, moved by one where rounding put it across
+        an edge (``bucketize`` itself costs several times more)."""
+        padded = self._padded_edges.get(values.dtype)
+        if padded is None:  # the edges in the values' precision, then +inf so that index + 1 stays in range
+            padded = torch.cat([self._edges(values), values.new_full((1,), float("inf"))]).numpy()
+            self._padded_edges[values.dtype] = padded
+        array = values.numpy()
+        index = (array * self.n_bins).astype(np.int64)
+        index -= array < padded[index]
+        index += array >= padded[index + 1]
+        return index
 
     def _flatten(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         check_shapes(scores, target, self.task, self.num_classes if self.task == "multiclass" else None)
@@ -317,48 +332,78 @@ class CalibrationMetric(Metric):
             self._update_multiclass_masked(x, probs, t, valid)
 
     def _update_multiclass_sparse(self, x: Tensor, probs: Tensor, t: Tensor, conf: Tensor) -> None:
-        """All rows valid. Classwise bins from the entries ``p >= 1/classwise_bins`` (at most
-        ``classwise_bins`` per row, since a row sums to 1); everything below is bin 0, whose sums are
-        the column sums minus the selected entries. The prediction comes from the same entries."""
+        """All rows valid, CPU tensors. Classwise bins from the entries ``p >= 1/classwise_bins``
+        (at most ``classwise_bins`` per row, since a row sums to 1); everything below is bin 0, whose
+        sums are the column sums minus the selected entries. The prediction comes from the same
+        entries. The work is on NumPy views of the tensors (no copies): at these sizes torch's
+        per-operator dispatch would cost more than the arithmetic."""
         n, k = probs.shape
-        bc = self.classwise_bins
+        bc, b, fb = self.classwise_bins, self.n_bins, self.fine_bins
         stride = bc + 1
-        flat = probs.view(-1)
-        threshold = (1.0 / bc) * (1 - 1e-6)  # a little below 1/bc: the exact bin is recomputed below
-        array = flat.numpy()  # zero-copy; NumPy's compare + flatnonzero take a third of torch's time here
-        pos = torch.from_numpy(np.flatnonzero(array >= array.dtype.type(threshold)))
-        rows = torch.div(pos, k, rounding_mode="floor")
-        cols = pos - rows * k
-        vals64 = flat[pos].double()
+        p = probs.numpy()
+        p_max = conf.numpy()
+        target = t.numpy()
+        threshold = p.dtype.type((1.0 / bc) * (1 - 1e-6))  # a little below 1/bc: the exact bin is recomputed below
+        pos = np.flatnonzero(p.reshape(-1) >= threshold)
+        rows, cols = np.divmod(pos, k)
+        vals = p.reshape(-1)[pos]
 
-        candidate = torch.where(vals64 == conf[rows], cols, k)
-        pred = torch.full((n,), k, dtype=torch.long).scatter_reduce_(0, rows, candidate, "amin")  # first max, as max(1)
-        missing = pred == k  # rows whose maximum is below the threshold (near-uniform rows)
-        if bool(missing.any()):
-            pred[missing] = probs[missing].argmax(1)
-        conf64 = conf.double()
-        correct = pred == t
-        p_y64 = probs.gather(1, t.unsqueeze(1)).squeeze(1).double()
+        # prediction: the first column holding the row maximum, as ``max(1)``; pos is row-major sorted
+        at_max = np.flatnonzero(vals == p_max[rows])
+        max_rows, max_cols = rows.take(at_max), cols.take(at_max)
+        first = np.ones(max_rows.shape[0], dtype=bool)
+        np.not_equal(max_rows[1:], max_rows[:-1], out=first[1:])
+        pred = np.full(n, -1, dtype=np.int64)
+        pred[max_rows[first]] = max_cols[first]
+        missing = pred < 0  # rows whose maximum is below the threshold (near-uniform rows)
+        if missing.any():
+            pred[missing] = p[missing].argmax(1)
+        row_start = np.arange(0, n * k, k)
+        correct = pred == target
+        conf64 = p_max.astype(np.float64)
+        p_y64 = p.reshape(-1).take(row_start + target).astype(np.float64)
 
-        self._update_top_label(conf64, correct, n)
-        self._update_reliability(conf, conf64, correct, None)
+        # top label: equal-width bins with torchmetrics' boundaries (1.0 -> index b), fine bins by exact floor
+        bin_index = self._equal_width_index(conf)
+        fine_index = (conf64 * fb).astype(np.int64)
 
-        index = cols * stride + (vals64 * bc).long()
+        def histogram(index: np.ndarray, size: int) -> tuple[Tensor, Tensor, Tensor]:
+            counts = np.bincount(index, minlength=size)
+            weights = np.bincount(index, weights=conf64, minlength=size)
+            hit_counts = np.bincount(index[correct], minlength=size)
+            return torch.from_numpy(counts), torch.from_numpy(weights), torch.from_numpy(hit_counts)
+
+        # classwise: selected entries binned exactly, the rest of each column in bin 0
         size = k * stride
-        count = self._bincount(index, size).view(k, stride)
-        conf_sum = self._bincount(index, size, vals64).view(k, stride)
+        class_index = cols * stride + (vals.astype(np.float64) * bc).astype(np.int64)
+        count = np.bincount(class_index, minlength=size).reshape(k, stride)
+        conf_sum = np.bincount(class_index, weights=vals, minlength=size).reshape(k, stride)
         count[:, 0] += n - count.sum(1)
-        conf_sum[:, 0] += probs.sum(0).double() - conf_sum.sum(1)
-        self._add_classwise(count, conf_sum, t, p_y64, None)
+        conf_sum[:, 0] += probs.sum(0).double().numpy() - conf_sum.sum(1)  # torch's column sums: cascaded, ~1e-7
+        hits = np.bincount(target * stride + (p_y64 * bc).astype(np.int64), minlength=size).reshape(k, stride)
 
-        sum_sq = torch.linalg.vector_norm(probs, dim=1).double().square()
-        self.brier_sum = self.brier_sum + (sum_sq - 2 * p_y64).sum() + n
+        sum_sq = torch.linalg.vector_norm(probs, dim=1).double().square().sum().item()
         if self.score_type == "logits":
             # log p_y = z_y - logsumexp(z) and logsumexp(z) = z_pred - log p_pred: no second pass over [N, K]
-            z = x.gather(1, torch.stack([t, pred], 1)).double()
-            self.nll_sum = self.nll_sum + (z[:, 1] - z[:, 0] - torch.log(conf64)).sum()
+            z = x.numpy().reshape(-1)
+            nll = float((z.take(row_start + pred).astype(np.float64) - z.take(row_start + target) - np.log(conf64)).sum())
         else:
-            self.nll_sum = self.nll_sum - p_y64.clamp_min(1e-12).log().sum()
+            nll = float(-np.log(np.maximum(p_y64, 1e-12)).sum())
+
+        self.n_samples = self.n_samples + n
+        self.n_correct = self.n_correct + int(correct.sum())
+        self.conf_sum = self.conf_sum + float(conf64.sum())
+        self.conf_correct_sum = self.conf_correct_sum + float(conf64[correct].sum())
+        for prefix, index, entries in (("bin", bin_index, b + 1), ("fine", fine_index, fb + 1)):
+            counts, weights, hit_counts = histogram(index, entries)
+            setattr(self, f"{prefix}_count", getattr(self, f"{prefix}_count") + counts)
+            setattr(self, f"{prefix}_conf", getattr(self, f"{prefix}_conf") + weights)
+            setattr(self, f"{prefix}_hits", getattr(self, f"{prefix}_hits") + hit_counts)
+        self.class_count = self.class_count + torch.from_numpy(count)
+        self.class_conf = self.class_conf + torch.from_numpy(conf_sum)
+        self.class_hits = self.class_hits + torch.from_numpy(hits)
+        self.brier_sum = self.brier_sum + (sum_sq - 2 * float(p_y64.sum()) + n)
+        self.nll_sum = self.nll_sum + nll
 
     def _update_multiclass_masked(self, x: Tensor, probs: Tensor, t: Tensor, valid: Tensor | None) -> None:
         """Static shapes, no synchronisation (accelerators): invalid rows are zeroed and sent to a

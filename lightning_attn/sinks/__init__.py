@@ -53,20 +53,18 @@ def has_dashboard(trainer: Any) -> bool:
 
 
 def output_dir(trainer: Any, namespace: str, save_dir: str | Path | None = None) -> Path:
-    """Directory for on-disk outputs: ``save_dir``, else ``<log_dir>/lightning_attn/<namespace>``.
-
-    ``log_dir`` is the first logger's ``log_dir`` (CSV, TensorBoard) or ``trainer.default_root_dir``.
+    """Directory for on-disk outputs: ``save_dir/<namespace>``, else ``<log_dir>/lightning_attn/<namespace>``
+    with the first logger's ``log_dir`` (CSV, TensorBoard), else, with no logger,
+    ``<default_root_dir>/lightning_attn_logs/<namespace>`` (beside Lightning's ``lightning_logs``; a plain
+    ``lightning_attn`` there would land in this package's source when run from a checkout).
     """
     if save_dir is not None:
         return Path(save_dir) / namespace
-    root = None
     for logger in _loggers(trainer):
         root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if root:
-            break
-    if not root:
-        root = getattr(trainer, "default_root_dir", None) or "."
-    return Path(root) / "lightning_attn" / namespace
+            return Path(root) / "lightning_attn" / namespace
+    return Path(getattr(trainer, "default_root_dir", None) or ".") / "lightning_attn_logs" / namespace
 
 
 def _safe(name: str) -> str:
