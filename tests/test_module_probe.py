@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import weakref
+from typing import Any
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -341,3 +342,48 @@ def test_stockformer_example_probes_its_gates_and_pooling(tmp_path: Path) -> Non
     assert pool.position_mean.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert results.weights["pool.softmax"].rows.tolist() == [8.0]
     assert any(site.endswith("cross_attn") for site in results.histograms)
+
+
+class MaskedGateModule(models.GatedPoolModule):
+    """The gated model on batches ``(x, g, p, y, mask)``: the mask marks the valid positions of each sample."""
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        return super()._loss(batch[:4])
+
+
+def test_mask_key_leaves_padded_positions_out_of_activation_statistics(tmp_path: Path) -> None:
+    x, g, p, y = models.dataset(16).tensors
+    lengths = torch.tensor([models.LENGTH, 3, 4, 1] * 4)
+    mask = torch.arange(models.LENGTH)[None] < lengths[:, None]  # [N, L]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, g, p, y, mask), batch_size=4)
+    callback = ModuleProbe({"gate": ("layers.0.gate", "activation")}, mask_key=4, log_figures=False)
+    trainer(tmp_path, [callback]).validate(MaskedGateModule(), loader, verbose=False)
+    summary = callback.results["val"].activations["layers.0.gate"]
+
+    gate = torch.sigmoid(g.double())  # [N, L, C]; layer 0 multiplies the logits by 1
+    valid = mask[:, :, None].expand_as(gate)
+    for position in range(models.LENGTH):
+        values = gate[:, position][valid[:, position]]
+        assert summary.position_count[position] == values.numel()
+        assert float(summary.position_mean[position]) == pytest.approx(float(values.mean()), abs=1e-6)
+        assert float(summary.position_std[position]) == pytest.approx(float(values.std(unbiased=False)), abs=1e-6)
+    for channel in range(models.CHANNELS):
+        values = gate[..., channel][mask]
+        assert float(summary.channel_mean[channel]) == pytest.approx(float(values.mean()), abs=1e-6)
+    assert summary.mean == pytest.approx(float(gate[valid].mean()), abs=1e-6)
+    saturated = (gate[valid] <= 0.05) | (gate[valid] >= 0.95)
+    assert summary.saturated == pytest.approx(float(saturated.double().mean()), abs=1e-12)
+    assert summary.mean != pytest.approx(float(gate.mean()), abs=1e-4)  # the padding would have moved it
+
+
+def test_mask_key_errors_name_the_key_and_the_shapes(tmp_path: Path) -> None:
+    x, g, p, y = models.dataset(4).tensors
+    for key, error, match in ((7, KeyError, "mask_key 7"), (0, ValueError, "must select a \\[batch, positions\\] tensor")):
+        callback = ModuleProbe({"gate": ("layers.0.gate", "activation")}, mask_key=key, log_figures=False)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, g, p, y, torch.ones(4, 5, dtype=torch.bool)), batch_size=4)
+        with pytest.raises(error, match=match):
+            trainer(tmp_path, [callback]).validate(MaskedGateModule(), loader, verbose=False)
+    callback = ModuleProbe({"gate": ("layers.0.gate", "activation")}, mask_key=4, log_figures=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, g, p, y, torch.ones(4, 5, dtype=torch.bool)), batch_size=4)
+    with pytest.raises(ValueError, match="position mask of shape \\(4, 5\\)"):
+        trainer(tmp_path, [callback]).validate(MaskedGateModule(), loader, verbose=False)

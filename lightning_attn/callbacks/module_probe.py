@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -114,6 +114,11 @@ class ModuleProbe(StreamingCallback):
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
         top_k: number of top positions reported per weights site.
         max_positions: positions tracked per site (fixed state size).
+        mask_key: where each batch holds a ``[batch, positions]`` mask of valid positions (true or 1 where valid,
+            e.g. ``"attention_mask"``): a key of a mapping batch or the index of an element of a tuple batch.
+            Activation outputs with that many positions then leave padded positions out of every statistic;
+            outputs without a position axis are unaffected, other lengths raise an error. (``"weights"`` outputs
+            need no mask: a masked softmax gives padded positions weight 0, and zero weights are left out.)
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/probe`` (``<default_root_dir>/lightning_attn_logs/probe`` with no logger).
     """
@@ -138,6 +143,7 @@ class ModuleProbe(StreamingCallback):
         max_figure_sites: int = 6,
         top_k: int = 10,
         max_positions: int = 4096,
+        mask_key: str | int | None = None,
         log_figures: bool = True,
         save_dir: str | None = None,
     ) -> None:
@@ -161,6 +167,7 @@ class ModuleProbe(StreamingCallback):
         self.max_channels = max_channels
         self.top_k = top_k
         self.max_positions = max_positions
+        self.mask_key = mask_key
         self.log_figures = log_figures
 
         self._active: ProbeStatistics | None = None
@@ -168,6 +175,7 @@ class ModuleProbe(StreamingCallback):
         self._recorder: AttentionRecorder | None = None
         self._samples: ProbeSamples | None = None
         self._taking_samples = False
+        self._position_mask: Tensor | None = None
         self._site_probe: dict[str, str] = {}
         self._attention_sites: set[str] = set()
         self._probe_sites: dict[str, list[str]] = {}
@@ -213,6 +221,8 @@ class ModuleProbe(StreamingCallback):
             return
         self._close_batch()
         self._active = self._state_for(stage, dataloader_idx, pl_module.device)
+        if self.mask_key is not None:
+            self._position_mask = batch_mask(batch, self.mask_key)
         if self._hooks is not None:
             self._hooks.new_step()
         if probe_batch(trainer, batch_idx, dataloader_idx) and self._samples is None:
@@ -236,6 +246,7 @@ class ModuleProbe(StreamingCallback):
         close_recorder(recorder, quiet=True)  # "no attention found": reported once per epoch instead
         self._active = None
         self._taking_samples = False
+        self._position_mask = None
 
     def _release(self) -> None:
         self._close_batch()
@@ -250,9 +261,11 @@ class ModuleProbe(StreamingCallback):
         self._site_probe.setdefault(site, spec.name)
         samples = self._samples if self._taking_samples else None
         if spec.kind == "activation":
-            statistics.update_activation(site, output)
+            view = activation_view(output)
+            mask = self._position_mask if self._position_mask is not None and view.shape[1] > 1 else None
+            statistics.update_activation(site, view, position_mask=mask)
             if samples is not None:
-                samples.add(site, activation_view(output), position_dim=1)
+                samples.add(site, view, position_dim=1)
         else:
             probs = statistics.update_weights(site, output, histogram=True)
             if samples is not None and probs.shape[-2] == 1:
@@ -418,6 +431,22 @@ class ModuleProbe(StreamingCallback):
         if top:
             figures[f"{results.stage}/{probe}/top_positions"] = attention_plots.plot_top_positions(
                 top, title=f"{probe}: top positions ({when})", xlabel="mean weight")
+
+
+def batch_mask(batch: Any, key: str | int) -> Tensor:
+    """The ``[batch, positions]`` mask at ``key`` of a mapping batch, or at index ``key`` of a tuple/list batch."""
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise KeyError(f"ModuleProbe: mask_key {key!r} is not in the batch (keys: {sorted(map(str, batch))})")
+        mask = batch[key]
+    elif isinstance(batch, (tuple, list)) and isinstance(key, int) and -len(batch) <= key < len(batch):
+        mask = batch[key]
+    else:
+        raise KeyError(f"ModuleProbe: mask_key {key!r} does not select an element of a {type(batch).__name__} batch")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(f"ModuleProbe: mask_key {key!r} must select a [batch, positions] tensor, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    return mask.bool()
 
 
 def _within_unit(values: Tensor) -> bool:

@@ -214,31 +214,45 @@ class ActivationStatistics(SiteSums):
             raise ValueError(f"site {site!r} had {self.sites[site]} channels, now {channels}")
         return getattr(self, names[0]), getattr(self, names[1]), None if names[2] is None else getattr(self, names[2])
 
-    def update(self, site: str, values: Tensor, joint: bool = False) -> None:
+    def update(self, site: str, values: Tensor, joint: bool = False, position_mask: Tensor | None = None) -> None:
         """Add one output of ``site`` (any shape, read by :func:`activation_view`); ``joint`` (fixed at the
-        site's first update) also tracks every (position, channel) pair."""
+        site's first update) also tracks every (position, channel) pair. ``position_mask`` (``[batch, positions]``,
+        true where valid) leaves padded positions out of every statistic."""
         x = activation_view(values.detach())
         batch, length, channels = x.shape
         positions, per_channel, pairs = self._states(site, channels, joint, x.device)
         # Reductions in float32 (a float64 copy of a large activation would cost 2x its memory), accumulated in
         # the float64 states; saturation counts are exact integers.
         x = x if x.dtype == torch.float32 else x.float()
-        squares = x * x
         low = x <= self.saturation_threshold
         high = x >= 1.0 - self.saturation_threshold
         kept = min(length, self.max_positions)
         dtype = positions.dtype
+        if position_mask is None:
+            position_count = torch.full((length,), float(batch * channels), dtype=dtype, device=x.device)
+            channel_count = torch.full((channels,), float(batch * length), dtype=dtype, device=x.device)
+        else:
+            if position_mask.shape != (batch, length):
+                raise ValueError(f"site {site!r}: position mask of shape {tuple(position_mask.shape)} does not match "
+                                 f"its output read as [batch, positions, channels] = {tuple(x.shape)}")
+            valid = position_mask.to(device=x.device, dtype=torch.bool)[:, :, None]
+            x = x * valid
+            low &= valid
+            high &= valid
+            position_count = valid.sum((0, 2), dtype=dtype) * channels
+            channel_count = valid.sum(dtype=dtype).expand(channels)
+        squares = x * x
 
-        def rows(dims: tuple[int, int], count: int) -> Tensor:
-            total = x.sum(dims).to(dtype)
-            return torch.stack([total, squares.sum(dims).to(dtype), torch.full_like(total, count),
+        def rows(dims: tuple[int, int], count: Tensor) -> Tensor:
+            return torch.stack([x.sum(dims).to(dtype), squares.sum(dims).to(dtype), count,
                                 low.sum(dims, dtype=torch.int32).to(dtype), high.sum(dims, dtype=torch.int32).to(dtype)])
 
-        positions[:, :kept] += rows((0, 2), batch * channels)[:, :kept]
-        per_channel += rows((0, 1), batch * length)
+        positions[:, :kept] += rows((0, 2), position_count)[:, :kept]
+        per_channel += rows((0, 1), channel_count)
         if pairs is not None:
             total = x[:, :kept].sum(0).to(dtype)
-            pairs[:, :kept] += torch.stack([total, squares[:, :kept].sum(0).to(dtype), torch.full_like(total, batch)])
+            pair_count = torch.full_like(total, batch) if position_mask is None else valid[:, :kept].sum(0, dtype=dtype).expand_as(total)
+            pairs[:, :kept] += torch.stack([total, squares[:, :kept].sum(0).to(dtype), pair_count])
 
     def compute(self) -> dict[str, ActivationSummary]:
         """``{site: ActivationSummary}`` on the host (a host sync: call at epoch end)."""
@@ -389,9 +403,9 @@ class ProbeStatistics:
         for metric in self.metrics:
             metric.reset()
 
-    def update_activation(self, site: str, output: Tensor) -> None:
-        """An ``"activation"`` probe's output."""
-        self.activations.update(site, output)
+    def update_activation(self, site: str, output: Tensor, position_mask: Tensor | None = None) -> None:
+        """An ``"activation"`` probe's output (``position_mask``: see :meth:`ActivationStatistics.update`)."""
+        self.activations.update(site, output, position_mask=position_mask)
 
     def update_weights(self, site: str, output: Tensor, histogram: bool = False) -> Tensor:
         """A ``"weights"`` probe's output: the attention measures of its rows, the per-position mean and spread
