@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import IO, Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -49,7 +51,15 @@ from lightning_attn.report.explain import (
     resolve_modality_pairs,
     slice_batch,
 )
-from lightning_attn.report.provenance import StreamHasher, hash_config, hash_state_dict, library_versions, report_hash, utc_now
+from lightning_attn.report.provenance import (
+    StreamHasher,
+    combine_input_hashes,
+    hash_config,
+    hash_state_dict,
+    library_versions,
+    report_hash,
+    utc_now,
+)
 
 __all__ = ["SCHEMA_VERSION", "ExplainabilityReport", "build_report"]
 
@@ -58,6 +68,9 @@ SCHEMA_VERSION = "1.0"
 NAMESPACE = "report"
 INCOMPLETE = "INCOMPLETE"
 PROVENANCE_PREFIX = "# lightning_attn report provenance: "
+#: Under DDP, the sample rows of a non-zero rank travel to rank zero as raw CSV bytes in messages of at most this size
+#: (one ``gather_object`` round per chunk), so no message holds a whole shard.
+GATHER_CHUNK_BYTES = 8 << 20
 
 
 class _ReportModule(pl.LightningModule):
@@ -97,11 +110,26 @@ class _HeadSums:
         for name in ("total", "total_sq", "total_correct", "total_incorrect", "focused"):
             setattr(self, name, np.zeros(self.heads, dtype=np.float64))
 
+    def merge(self, other: _HeadSums) -> bool:
+        """Add ``other``'s sums (another rank's); ``False`` (nothing added) when the head counts differ."""
+        if other.heads != self.heads:
+            return False
+        self.n += other.n
+        self.n_correct += other.n_correct
+        for name in ("total", "total_sq", "total_correct", "total_incorrect", "focused"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return True
+
 
 @dataclass
 class _Run:
     """State of one report (one stage and dataloader) while the loop runs; host-side, bounded by the number of
-    classes, sites, heads, batches and probe samples, never by the number of samples."""
+    classes, sites, heads, batches and probe samples, never by the number of samples.
+
+    Under DDP every rank holds one per dataloader: a non-zero rank's (``shard``) streams its rows to a file in a
+    rank-local temporary directory (``tmp_dir``; ``final_dir`` is unused) and sends its sums and rows to rank zero
+    at the end of the epoch, where they are merged into rank zero's (``input_digests`` then holds every rank's
+    input hash, ``world_size`` the number of ranks)."""
 
     stage: str
     key: str
@@ -133,6 +161,10 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     finished: bool = False
+    rank: int = 0
+    shard: bool = False
+    world_size: int = 1
+    input_digests: list[tuple[int, str, int]] = field(default_factory=list)
 
 
 class ExplainabilityReport(EvaluationCallback):
@@ -144,7 +176,8 @@ class ExplainabilityReport(EvaluationCallback):
     calibration bin; per attention site the mean normalized attention entropy over heads (each head's mean
     over valid query rows, Clark et al. 2019), the most focused head (lowest entropy) and its entropy; the
     top attention pairs (``query>key:weight`` of the head-averaged map) of the chosen ``pair_sites``; and the
-    modality agreement of each declared pair (:func:`~lightning_attn.functional.modality_agreement`).
+    modality agreement of each declared pair (:func:`~lightning_attn.functional.modality_agreement`); last, the
+    global ``rank`` that evaluated it (0 in a single process).
 
     Streamed statistics: dataset-level accuracy, mean confidence, ECE/MCE over ``calibration_bins``
     equal-width bins (Guo et al. 2017; bins as torchmetrics and the calibration callback), NLL, Brier;
@@ -196,7 +229,24 @@ class ExplainabilityReport(EvaluationCallback):
     Directory: ``report_dir`` if given (dataloader ``k >= 1`` gets ``<report_dir>_dl<k>``), else
     ``<save_dir or log_dir/lightning_attn>/report/<test|val_epoch<E>>[_dl<k>]``.
 
-    Runs on global rank zero only: under DDP the report covers rank zero's shard (a warning says so).
+    **Distributed runs** (DDP and any strategy on a ``torch.distributed`` process group): every rank evaluates its
+    own batches into its own sums and streams its sample rows to a file in a rank-local temporary directory (no
+    shared file system needed). At the end of the epoch each rank sends rank zero (``torch.distributed.gather_object``:
+    gloo, and NCCL through the current CUDA device, which Lightning sets) its counts, correct-vs-incorrect moments,
+    class-wise, calibration and per-head sums, per-batch rows, input hash and sample rows (raw CSV, in messages of at
+    most ``GATHER_CHUNK_BYTES``). Rank zero appends the other ranks' rows to ``samples.csv`` in rank order
+    (``sample`` renumbered consecutively, rank zero's rows first; ``batch`` is the rank's own batch index), merges
+    the sums and alone writes the report: its dataset-level numbers, class-wise and per-head tables equal those of
+    one process over the same samples (up to float summation order). Per-batch rows follow each rank's batches (a
+    ``rank`` column says whose). Saliency runs on rank zero only, for the first ``probe_samples`` (or the
+    ``probe_indices``) of rank zero's shard, which are the first rows of ``samples.csv``. The inputs hash combines
+    the per-rank hashes in rank order (:func:`~lightning_attn.report.provenance.combine_input_hashes`): it differs
+    from a single-process hash of the same data, the model and configuration hashes do not; ``provenance``
+    records the ``world_size``. The logged scalars are the merged values, broadcast to every rank. Lightning's
+    ``DistributedSampler`` pads data that does not split evenly over the ranks by repeating samples: the report
+    then counts those repeats, as Lightning's metrics do (a note in the report and a warning say how many). One
+    process gathers nothing. Under a strategy without an initialized ``torch.distributed`` group the report falls
+    back to rank zero's shard (a warning says so).
 
     Args:
         stages: evaluation loops to report on: ``"test"`` and/or ``"validate"``.
@@ -224,7 +274,7 @@ class ExplainabilityReport(EvaluationCallback):
         probe_indices: explicit sample indices (order of evaluation) for saliency, instead of the first ones.
         saliency_target: explain the ``"predicted"`` class or the ``"target"`` class.
         chunk_size: query rows reduced at a time for per-sample entropy (``None``: whole maps).
-        max_batches: report on at most this many batches per dataloader (``None``: all).
+        max_batches: report on at most this many batches per dataloader (per rank under DDP; ``None``: all).
         html_max_rows: at most this many rows in the HTML per-sample table (``None``: all; the CSV has all).
         max_positions: positions kept (block-averaged) per probe for position x feature saliency maps.
         title: title of the report.
@@ -312,6 +362,8 @@ class ExplainabilityReport(EvaluationCallback):
         self._record_in_step = True
         self._model_sha256: str | None = None
         self._warned_ddp = False
+        self._warned_padding = False
+        self._distributed = False  # this epoch's ranks each evaluate their shard and send it to rank zero
 
     # -- identity ----------------------------------------------------------------------------------------
     @property
@@ -368,6 +420,20 @@ class ExplainabilityReport(EvaluationCallback):
         run = self._runs.get(dataloader_idx)
         if run is not None:
             return run
+        model = _target_module(pl_module)
+        if not trainer.is_global_zero:
+            # a shard of a distributed report: rank-local scratch space, sent to rank zero at the end of the epoch
+            rank = int(trainer.global_rank)
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f"lightning_attn_report_rank{rank}_"))
+            run = _Run(
+                stage=stage, key=stage_key(stage, dataloader_idx), dataloader_idx=dataloader_idx, epoch=int(trainer.current_epoch),
+                final_dir=tmp_dir, tmp_dir=tmp_dir, started=utc_now(), model_sha256="",
+                model_class=f"{type(model).__module__}.{type(model).__qualname__}", rank=rank, shard=True,
+                world_size=int(trainer.world_size),
+            )
+            run.bins = {name: np.zeros(self.calibration_bins, dtype=np.float64) for name in ("count", "conf", "hits")}
+            self._runs[dataloader_idx] = run
+            return run
         final_dir = self._final_dir(trainer, stage, dataloader_idx)
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = final_dir.parent / f".{final_dir.name}.incomplete-{os.getpid()}-{id(self) % 100000}"
@@ -380,12 +446,11 @@ class ExplainabilityReport(EvaluationCallback):
             f"A finished report is renamed to {final_dir.name}/ and has no INCOMPLETE file.\n"
         )
         if self._model_sha256 is None:
-            self._model_sha256 = hash_state_dict(_target_module(pl_module).state_dict())
-        model = _target_module(pl_module)
+            self._model_sha256 = hash_state_dict(model.state_dict())
         run = _Run(
             stage=stage, key=stage_key(stage, dataloader_idx), dataloader_idx=dataloader_idx, epoch=int(trainer.current_epoch),
             final_dir=final_dir, tmp_dir=tmp_dir, started=started, model_sha256=self._model_sha256,
-            model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+            model_class=f"{type(model).__module__}.{type(model).__qualname__}", world_size=int(trainer.world_size),
         )
         run.bins = {name: np.zeros(self.calibration_bins, dtype=np.float64) for name in ("count", "conf", "hits")}
         self._runs[dataloader_idx] = run
@@ -400,16 +465,22 @@ class ExplainabilityReport(EvaluationCallback):
         self._runs = {}
         self._model_sha256 = None
         self._record_in_step = not isinstance(pl_module, _ReportModule)
-        if trainer.world_size > 1 and not self._warned_ddp:
+        self._distributed = (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+                             and dist.get_world_size() == trainer.world_size)
+        if trainer.world_size > 1 and not self._distributed and not self._warned_ddp:
             self._warned_ddp = True
             warnings.warn(
-                "ExplainabilityReport runs on global rank zero only: under a distributed strategy the report covers "
-                "rank zero's shard of the data.", UserWarning, stacklevel=2,
+                "ExplainabilityReport: this distributed strategy has no initialized torch.distributed process group to "
+                "gather the ranks' samples through, so the report covers rank zero's shard of the data.", UserWarning, stacklevel=2,
             )
+
+    def _covers(self, trainer: pl.Trainer) -> bool:
+        """Whether this rank evaluates its batches for the report (every rank under DDP, else rank zero)."""
+        return trainer.is_global_zero or self._distributed
 
     def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         self._close_recorder()
-        if not trainer.is_global_zero or not self._sampled(batch_idx):
+        if not self._covers(trainer) or not self._sampled(batch_idx):
             return
         self._run_for(trainer, pl_module, stage, dataloader_idx)
         self._step_output = None
@@ -420,7 +491,7 @@ class ExplainabilityReport(EvaluationCallback):
         attention, step_output = self._attention, self._step_output
         self._close_recorder()
         self._step_output = None
-        if not trainer.is_global_zero or not self._sampled(batch_idx):
+        if not self._covers(trainer) or not self._sampled(batch_idx):
             return
         run = self._run_for(trainer, pl_module, stage, dataloader_idx)
         self._process(run, pl_module, outputs, batch, batch_idx, attention, step_output)
@@ -432,16 +503,17 @@ class ExplainabilityReport(EvaluationCallback):
         for run in runs:
             if run.samples_handle is not None:
                 run.samples_handle.flush()
-        self._pending.extend(runs)
-        if trainer.world_size == 1:
-            scalars = {}
-            for run in runs:
-                n = run.class_arrays.get("support", np.zeros(0)).sum()
-                if n:
-                    scalars[f"{NAMESPACE}/{run.key}/accuracy"] = float(run.class_arrays["tp"].sum() / n)
-                    scalars[f"{NAMESPACE}/{run.key}/ece"] = float(_calibration(run.bins)["ece"] or 0.0)
-            if scalars:
-                log_scalars(pl_module, scalars)
+        if self._distributed:
+            scalars = self._gather(trainer, pl_module, stage, runs)  # a collective: every rank
+        else:
+            if trainer.world_size > 1:
+                for run in runs:
+                    run.notes.append(f"rank zero's shard only: no torch.distributed process group to gather the "
+                                     f"{trainer.world_size} ranks through")
+            self._pending.extend(runs)
+            scalars = _scalars(runs) if trainer.world_size == 1 else {}
+        if scalars:
+            log_scalars(pl_module, scalars)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finalize_pending(trainer)
@@ -484,6 +556,9 @@ class ExplainabilityReport(EvaluationCallback):
             if run.samples_handle is not None:
                 run.samples_handle.close()
                 run.samples_handle = None
+            if run.shard:  # a non-zero rank's scratch space: nothing of the report is there
+                shutil.rmtree(run.tmp_dir, ignore_errors=True)
+                continue
             if run.tmp_dir.exists() and not run.finished:
                 (run.tmp_dir / INCOMPLETE).write_text(
                     f"This report is INCOMPLETE: its run failed ({reason}).\nStarted {run.started}; nothing here is final.\n"
@@ -629,18 +704,19 @@ class ExplainabilityReport(EvaluationCallback):
             row.append(int(host["bins"][i]))
             if names is not None:
                 row += [_name(names, t_list[i]), _name(names, p_list[i])]
-            row += [site_columns[c][i] for c in run.columns[len(row):]]
+            row += [site_columns[c][i] for c in run.columns[len(row):-1]]
+            row.append(run.rank)
             run.samples_writer.writerow([_cell(v) for v in row])
         run.count += batch_size
         finite_entropy = [v for v in attention_entropy if math.isfinite(v)]
         run.batch_rows.append([
             batch_idx, batch_size, sum(correct_list) / batch_size, sum(measures["confidence"]) / batch_size,
-            sum(finite_entropy) / len(finite_entropy) if finite_entropy else None,
+            sum(finite_entropy) / len(finite_entropy) if finite_entropy else None, run.rank,
         ])
         run.hasher.update(batch)
 
-        # probes
-        wanted = self._probe_positions(first_index, batch_size)
+        # probes (rank zero only: the first samples of its shard are the first rows of a distributed report)
+        wanted = self._probe_positions(first_index, batch_size) if not run.shard else []
         if wanted:
             self._saliency(run, module, batch, wanted, first_index, batch_idx, host)
 
@@ -670,6 +746,7 @@ class ExplainabilityReport(EvaluationCallback):
             columns += [f"{site}/entropy_mean", f"{site}/focused_head", f"{site}/focused_entropy"]
         columns += [f"{site}/top_pairs" for site in run.pair_sites]
         columns += [f"agreement/{pair}" for pair in run.modality]
+        columns.append("rank")
         run.columns = columns
         run.samples_handle = (run.tmp_dir / "samples.csv.part").open("w", newline="", encoding="utf-8")
         run.samples_writer = csv.writer(run.samples_handle)
@@ -759,6 +836,212 @@ class ExplainabilityReport(EvaluationCallback):
                                     "row0": rollout["row0"][row].double().tolist()}
             run.probes.append(probe)
 
+    # -- distributed: every rank's shard to rank zero ---------------------------------------------------------------
+    def _gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, runs: list[_Run]) -> dict[str, float]:
+        """Send every rank's sums and sample rows to rank zero, which merges them into its runs (then finalized as
+        in one process); returns the merged scalars to log, the same on every rank. A collective: every rank calls
+        it, in the same order as the other callbacks' epoch-end collectives.
+
+        Messages: ``all_gather_object`` of each rank's chunk counts (tiny), ``gather_object`` of each rank's sums
+        (bounded by classes, sites, heads and batches), then one ``gather_object`` round per chunk of at most
+        :data:`GATHER_CHUNK_BYTES` of raw CSV rows (rank zero writes them to a local scratch file, never holding a
+        shard in memory), and a ``broadcast`` of the scalars or of the first error, raised on every rank."""
+        rank, world = int(trainer.global_rank), int(trainer.world_size)
+        mine = {run.dataloader_idx: run for run in runs}
+        error: BaseException | str | None = None
+        payloads: dict[int, dict[str, Any]] | str = {}
+        chunks: dict[int, int] = {}
+        if rank:
+            try:
+                for run in runs:
+                    if run.samples_handle is not None:
+                        run.samples_handle.close()
+                        run.samples_handle = None
+                    part = run.tmp_dir / "samples.csv.part"
+                    size = part.stat().st_size if part.exists() else 0
+                    chunks[run.dataloader_idx] = -(-size // GATHER_CHUNK_BYTES)
+                    payloads[run.dataloader_idx] = _shard_payload(run)  # type: ignore[index]
+            except Exception as exc:  # noqa: BLE001 - sent to rank zero, raised on every rank below
+                payloads, chunks = f"rank {rank}: {type(exc).__name__}: {exc}", {}
+        scratch: Path | None = None
+        if rank == 0:
+            try:
+                scratch = Path(tempfile.mkdtemp(prefix="lightning_attn_report_gather_"))
+            except Exception as exc:  # noqa: BLE001 - keep to the collectives, raise after them
+                error = exc
+        try:
+            counts: list[Any] = [None] * world
+            dist.all_gather_object(counts, chunks)
+            gathered: list[Any] | None = [None] * world if rank == 0 else None
+            dist.gather_object(payloads, gathered, dst=0)
+            keys = sorted(set(mine) | {k for c in counts for k in c})  # every rank's dataloaders with sample chunks to send
+            if gathered is not None:
+                keys = sorted(set(keys) | {k for p in gathered if isinstance(p, dict) for k in p})
+            for idx in keys:
+                rounds = max(c.get(idx, 0) for c in counts)
+                source: IO[bytes] | None = None
+                try:
+                    for round_index in range(rounds):
+                        piece = b""
+                        try:
+                            if round_index == 0 and rank and chunks.get(idx):
+                                source = (mine[idx].tmp_dir / "samples.csv.part").open("rb")
+                            if source is not None:
+                                piece = source.read(GATHER_CHUNK_BYTES)
+                        except Exception as exc:  # noqa: BLE001 - keep to the rounds; rank zero sees the short row count
+                            piece = b""
+                            if source is not None:
+                                source.close()
+                            source = None
+                            warnings.warn(f"ExplainabilityReport: rank {rank} could not read its samples: {exc}", UserWarning, stacklevel=2)
+                        received: list[Any] | None = [None] * world if rank == 0 else None
+                        dist.gather_object(piece, received, dst=0)
+                        if received is not None and scratch is not None and error is None:
+                            try:
+                                for k in range(1, world):
+                                    if received[k]:
+                                        with (scratch / f"rank{k}_dl{idx}.csv").open("ab") as handle:
+                                            handle.write(received[k])
+                            except Exception as exc:  # noqa: BLE001 - keep to the rounds, raise after them
+                                error = exc
+                finally:
+                    if source is not None:
+                        source.close()
+            scalars: dict[str, float] = {}
+            if rank == 0:
+                targets: list[_Run] = []
+                try:
+                    if error is not None:
+                        raise error
+                    assert gathered is not None and scratch is not None
+                    failed = [p for p in gathered[1:] if isinstance(p, str)]
+                    if failed:
+                        raise ReportError(f"a rank could not send its part of the report ({failed[0]})")
+                    for idx in keys:
+                        run = mine.get(idx)
+                        if run is None:  # rank zero evaluated no batch of this dataloader; other ranks did
+                            run = self._run_for(trainer, pl_module, stage, idx)
+                            self._runs.pop(idx, None)
+                        targets.append(run)
+                    for run in targets:
+                        self._merge_shards(run, gathered, scratch)
+                        self._padding_note(trainer, stage, run)
+                    scalars = _scalars(targets)
+                except Exception as exc:  # noqa: BLE001 - raised on every rank below
+                    error = exc
+                # finalized at the end of the loop, or left INCOMPLETE by on_exception
+                self._pending.extend(targets or list(mine.values()))
+            outcome = {"scalars": scalars, "error": None if error is None else f"{type(error).__name__}: {error}"}
+            outcome = trainer.strategy.broadcast(outcome, src=0)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            for run in runs:
+                if run.shard:
+                    shutil.rmtree(run.tmp_dir, ignore_errors=True)
+        if outcome["error"] is not None:
+            if isinstance(error, BaseException):
+                raise error
+            raise ReportError(f"the distributed report failed on rank zero: {outcome['error']}")
+        return outcome["scalars"]
+
+    def _merge_shards(self, run: _Run, gathered: list[Any], scratch: Path) -> None:
+        """Merge the other ranks' sums into rank zero's ``run`` and append their rows (from the scratch files) to
+        its samples, in rank order with consecutive sample indices."""
+        run.world_size = len(gathered)
+        run.input_digests = [(0, run.hasher.hexdigest(), run.hasher.count)]
+        for k in range(1, len(gathered)):
+            payload = gathered[k].get(run.dataloader_idx)
+            if payload is None:  # this rank evaluated no batch of this dataloader
+                run.input_digests.append((k, StreamHasher().hexdigest(), 0))
+                continue
+            run.input_digests.append(tuple(payload["digest"]))  # type: ignore[arg-type]
+            if not payload["count"]:
+                continue
+            if run.num_classes == 0:
+                self._adopt(run, payload)
+            elif payload["num_classes"] != run.num_classes:
+                raise ReportError(f"rank {k} saw {payload['num_classes']} classes in the {run.key} report, rank 0 {run.num_classes}")
+            run.stats.merge(payload["stats"])
+            for name, values in payload["class_arrays"].items():
+                run.class_arrays[name] = run.class_arrays[name] + values
+            for name, values in payload["bins"].items():
+                run.bins[name] = run.bins[name] + values
+            for site, sums in payload["heads"].items():
+                if site not in run.heads:
+                    run.heads[site] = sums
+                elif not run.heads[site].merge(sums):
+                    run.notes.append(f"site {site}: rank {k} saw {sums.heads} heads, rank 0 {run.heads[site].heads}; "
+                                     "its samples are not in the per-head table")
+            for pair, stats in payload["agreement"].items():
+                run.agreement.setdefault(pair, GroupStatistics()).merge(stats)
+            run.batch_rows.extend(payload["batch_rows"])
+            for note in payload["notes"]:
+                if note not in run.notes:
+                    run.notes.append(f"rank {k}: {note}")
+            rows = self._append_rows(run, scratch / f"rank{k}_dl{run.dataloader_idx}.csv")
+            if rows != payload["count"]:
+                raise ReportError(f"rank {k} sent {rows} sample rows for its {payload['count']} samples of the {run.key} report")
+            run.count += rows
+
+    def _adopt(self, run: _Run, payload: Mapping[str, Any]) -> None:
+        """Set up rank zero's ``run`` from another rank's first batch (rank zero evaluated none of this dataloader)."""
+        run.num_classes = payload["num_classes"]
+        run.class_names = payload["class_names"]
+        run.class_arrays = {name: np.zeros_like(values) for name, values in payload["class_arrays"].items()}
+        run.sites, run.site_info, run.pair_sites = list(payload["sites"]), dict(payload["site_info"]), list(payload["pair_sites"])
+        run.modality = dict(payload["modality"])
+        run.columns = list(payload["columns"])
+        run.samples_handle = (run.tmp_dir / "samples.csv.part").open("w", newline="", encoding="utf-8")
+        run.samples_writer = csv.writer(run.samples_handle)
+        run.samples_writer.writerow(run.columns)
+
+    def _append_rows(self, run: _Run, path: Path) -> int:
+        """Append another rank's sample rows (its CSV, header first) to rank zero's, renumbering ``sample``;
+        columns are matched by name (the ranks' first batches normally give the same). Returns the row count."""
+        if not path.exists():
+            return 0
+        count = 0
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                return 0
+            index = {name: i for i, name in enumerate(header)}
+            same = header == run.columns
+            for row in reader:
+                if not same:
+                    row = [row[index[name]] if name in index else "" for name in run.columns]
+                row[0] = str(run.count + count)
+                run.samples_writer.writerow(row)
+                count += 1
+        return count
+
+    def _padding_note(self, trainer: pl.Trainer, stage: str, run: _Run) -> None:
+        """Note (and warn once) when Lightning's DistributedSampler padded this dataloader with repeated samples
+        that the report counted."""
+        try:
+            from torch.utils.data import DistributedSampler
+
+            loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+            if isinstance(loaders, Mapping):
+                loaders = list(loaders.values())
+            elif not isinstance(loaders, (list, tuple)):
+                loaders = [loaders]
+            sampler = getattr(loaders[run.dataloader_idx], "sampler", None) if run.dataloader_idx < len(loaders) else None
+            if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+                return
+            total, size = int(sampler.total_size), len(sampler.dataset)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a best-effort note
+            return
+        if total > size and run.count == total:
+            note = (f"the DistributedSampler padded the {size} samples to {total} ({total - size} repeated) so that the "
+                    f"{run.world_size} ranks get as many: samples.csv and every statistic count the repeats (as Lightning's metrics do)")
+            run.notes.append(note)
+            if not self._warned_padding:
+                self._warned_padding = True
+                warnings.warn(f"ExplainabilityReport ({run.key}): {note}", UserWarning, stacklevel=2)
+
     # -- end of loop: write everything ----------------------------------------------------------------------------
     def _finalize_pending(self, trainer: pl.Trainer) -> None:
         pending, self._pending = self._pending, []
@@ -778,7 +1061,11 @@ class ExplainabilityReport(EvaluationCallback):
             raise ReportError(f"no samples were evaluated for the {run.key} report (empty dataloader?)")
         config = self.config()
         config_sha = hash_config(config)
-        inputs_sha = run.hasher.hexdigest()
+        if run.world_size > 1 and run.input_digests:
+            inputs_sha = combine_input_hashes(run.input_digests)
+            num_batches = sum(count for _, _, count in run.input_digests)
+        else:
+            inputs_sha, num_batches = run.hasher.hexdigest(), run.hasher.count
         provenance = {
             "report_sha256": report_hash(run.model_sha256, inputs_sha, config_sha),
             "model_sha256": run.model_sha256,
@@ -786,7 +1073,8 @@ class ExplainabilityReport(EvaluationCallback):
             "config_sha256": config_sha,
             "model_class": run.model_class,
             "num_samples": run.count,
-            "num_batches": run.hasher.count,
+            "num_batches": num_batches,
+            "world_size": run.world_size,
             "stage": run.stage,
             "dataloader_idx": run.dataloader_idx,
             "epoch": run.epoch,
@@ -937,7 +1225,7 @@ class ExplainabilityReport(EvaluationCallback):
         batch_acc = [row[2] for row in run.batch_rows]
         batches = {
             "count": len(run.batch_rows),
-            "columns": ["batch", "samples", "accuracy", "mean_confidence", "mean_attention_entropy"],
+            "columns": ["batch", "samples", "accuracy", "mean_confidence", "mean_attention_entropy", "rank"],
             "rows": run.batch_rows,
             "accuracy": _moments(batch_acc),
             "mean_confidence": _moments([row[3] for row in run.batch_rows]),
@@ -1142,6 +1430,8 @@ class ExplainabilityReport(EvaluationCallback):
                  "## Provenance", "", "| item | value |", "|---|---|"]
         for key in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "model_class", "started_utc", "finished_utc"):
             lines.append(f"| {key} | `{provenance[key]}` |")
+        if provenance.get("world_size", 1) > 1:
+            lines.append(f"| world_size | {provenance['world_size']} (inputs_sha256 combines the ranks' hashes) |")
         lines.append("| versions | " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()) + " |")
         lines += ["", "## Dataset", "", "| measure | value |", "|---|---|"]
         for key in ("accuracy", "mean_confidence", "ece", "mce", "nll", "brier", "mean_margin", "mean_output_entropy", "num_correct", "num_incorrect"):
@@ -1314,6 +1604,27 @@ def _moments(values: Sequence[float]) -> dict[str, float | None]:
         return {"mean": None, "std": None, "min": None, "max": None}
     array = np.asarray(clean, dtype=np.float64)
     return {"mean": float(array.mean()), "std": float(array.std()), "min": float(array.min()), "max": float(array.max())}
+
+
+def _scalars(runs: Iterable[_Run]) -> dict[str, float]:
+    """``report/<key>/accuracy`` and ``report/<key>/ece`` of the runs that saw samples."""
+    scalars = {}
+    for run in runs:
+        n = run.class_arrays.get("support", np.zeros(0)).sum()
+        if n:
+            scalars[f"{NAMESPACE}/{run.key}/accuracy"] = float(run.class_arrays["tp"].sum() / n)
+            scalars[f"{NAMESPACE}/{run.key}/ece"] = float(_calibration(run.bins)["ece"] or 0.0)
+    return scalars
+
+
+def _shard_payload(run: _Run) -> dict[str, Any]:
+    """What a non-zero rank sends rank zero for one run: everything mergeable, no sample rows (those follow in chunks)."""
+    return {
+        "count": run.count, "num_classes": run.num_classes, "class_names": run.class_names, "columns": run.columns,
+        "sites": run.sites, "site_info": run.site_info, "pair_sites": run.pair_sites, "modality": run.modality,
+        "stats": run.stats, "class_arrays": run.class_arrays, "bins": run.bins, "heads": run.heads, "agreement": run.agreement,
+        "batch_rows": run.batch_rows, "notes": run.notes, "digest": (run.rank, run.hasher.hexdigest(), run.hasher.count),
+    }
 
 
 def _calibration(bins: Mapping[str, np.ndarray]) -> dict[str, float | None]:
@@ -1498,12 +1809,14 @@ def build_report(
         stage: ``"test"`` or ``"validate"``.
         callbacks: more callbacks for the Trainer.
         accelerator: Trainer accelerator (``"cpu"`` for hashes comparable across machines).
-        devices: Trainer devices (one process: the report covers what it evaluates).
+        devices: Trainer devices; with several (``trainer_kwargs={"strategy": "ddp"}``) every rank evaluates its shard
+            and global rank zero writes the report of all of them (see :class:`ExplainabilityReport`).
         progress: show the progress bar.
         trainer_kwargs: more Trainer arguments.
 
     Returns:
-        The report directory (``report.html``, ``report.json``, CSVs, ``summary.md``, ``figures/``).
+        The report directory (``report.html``, ``report.json``, CSVs, ``summary.md``, ``figures/``), written by global
+        rank zero.
 
     Raises:
         ReportError: bad inputs (no targets, not a classifier output, ...), with a one-line message.
@@ -1537,6 +1850,8 @@ def build_report(
     else:
         run(module, dataloaders=data, verbose=False)
     key = STAGE_KEYS[stage]
+    if not trainer.is_global_zero:  # rank zero wrote the report
+        return Path(out_dir)
     if key not in report.results:
         raise ReportError(f"the {stage} loop evaluated no batch: is the dataloader empty?")
     return Path(report.results[key]["directory"])

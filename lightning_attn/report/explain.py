@@ -355,6 +355,12 @@ class _Moments:
             self.total += value
             self.total_sq += value * value
 
+    def merge(self, other: _Moments) -> None:
+        """Add ``other``'s sums (another rank's, for example) to these."""
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+
     def summary(self) -> dict[str, float | int | None]:
         if not self.count:
             return {"n": 0, "mean": None, "std": None}
@@ -374,6 +380,15 @@ class GroupStatistics:
         groups["all"].add(values)
         groups["correct"].add([v for v, c in zip(values, correct) if c])
         groups["incorrect"].add([v for v, c in zip(values, correct) if not c])
+
+    def merge(self, other: GroupStatistics) -> None:
+        """Add ``other``'s sufficient statistics (count, sum, sum of squares per measure and group) to these: the
+        result is that of one instance fed both streams (up to float summation order). Measures new to this one
+        are appended in ``other``'s order."""
+        for name, groups in other.measures.items():
+            mine = self.measures.setdefault(name, {"all": _Moments(), "correct": _Moments(), "incorrect": _Moments()})
+            for key, moments in groups.items():
+                mine.setdefault(key, _Moments()).merge(moments)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per measure: ``all``/``correct``/``incorrect`` (n, mean, std), ``difference`` (correct minus

@@ -9,6 +9,9 @@ machine with the same byte order (little-endian everywhere PyTorch runs today):
   entries (``_extra_state``) are hashed through their ``repr``.
 - **inputs**: :class:`StreamHasher` is fed every evaluated batch in order (the whole batch: inputs and
   targets), walking mappings in sorted key order; the same per-tensor record as above.
+  Under DDP every rank hashes its own batches and :func:`combine_input_hashes` combines the per-rank digests in
+  rank order: the hash of a distributed run therefore differs from a single-process hash of the same data (the
+  model and configuration hashes do not).
 - **configuration**: :func:`hash_config` hashes the canonical JSON (sorted keys, no whitespace) of the
   report's settings; callables are named by their qualified name.
 
@@ -22,7 +25,7 @@ import hashlib
 import json
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -32,6 +35,7 @@ from torch import Tensor
 __all__ = [
     "StreamHasher",
     "canonical_json",
+    "combine_input_hashes",
     "hash_config",
     "hash_state_dict",
     "library_versions",
@@ -106,6 +110,15 @@ class StreamHasher:
 
     def hexdigest(self) -> str:
         return self._digest.copy().hexdigest()
+
+
+def combine_input_hashes(digests: Sequence[tuple[int, str, int]]) -> str:
+    """SHA-256 (hex) of per-rank :class:`StreamHasher` digests ``(rank, hexdigest, batches)``, in the given (rank)
+    order: the inputs hash of a distributed run."""
+    digest = hashlib.sha256(b"lightning_attn ranks\n")
+    for rank, hexdigest, batches in digests:
+        digest.update(f"rank {rank} batches {batches} inputs {hexdigest}\n".encode())
+    return digest.hexdigest()
 
 
 def _json_default(value: Any) -> Any:
