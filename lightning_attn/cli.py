@@ -125,7 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args in ([], ["-h"], ["--help"]):
         print("lightning-attn report --help: the post-hoc explainability report (see below for the Lightning subcommands)")
     run_lightning(argv)
+    end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Destroy the process group of a multi-process run once every rank is done. Lightning leaves it open, and
+    gloo torn down by interpreter exit instead can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_attn.cli import end_process_group  # noqa: F401 - the DDP scripts end with it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Variables of a torch/Lightning launcher: inherited by a subprocess, they make its DDP job join (or wait for)
@@ -108,14 +110,6 @@ def script_main(run: Callable[[int, str, str, str | None], Any]) -> None:
     arguments = parser.parse_args()
     run(arguments.devices, arguments.strategy, arguments.out, arguments.root)
     end_process_group()
-
-
-def end_process_group() -> None:
-    """End a DDP script's process group once every rank is done: gloo torn down by interpreter exit instead
-    (Lightning leaves the group open) can abort a rank ("terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 # -- DDP scripts (the test side) ---------------------------------------------------------------------------------

@@ -135,6 +135,28 @@ def test_report_subcommand_on_a_trained_checkpoint(example_runs: dict[str, Futur
     assert "report.html" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_digits_config_under_two_process_ddp(tmp_path: Path) -> None:
+    """The documented multi-process command (README, GPU and DDP) on 2 CPU processes: fit, test and the report
+    run through, rank zero writes the files once, and the report holds both ranks' test samples."""
+    from test_report import read_csv
+
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    run_cli(["fit", "--config", str(CONFIGS / "digits_vit.yaml"), *SHORT, *ddp], tmp_path)
+    out = tmp_path / "outputs" / "digits_vit"
+    assert [p.name for p in (out / "tensorboard").iterdir()] == ["version_0"], "one TensorBoard run (rank zero's)"
+    _one(sorted((out / "tensorboard" / "version_0").glob("checkpoints/*.ckpt")), "checkpoint")
+    assert (out / "lightning_attn" / "calibration" / "test.json").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    _, header, rows = read_csv(out / "report" / "samples.csv")
+    ranks = [row[header.index("rank")] for row in rows]
+    # 2 test batches of 64 per rank (limit_test_batches=2), rank zero's rows first
+    assert report["dataset"]["num_samples"] == len(rows) == 256
+    assert ranks == ["0"] * 128 + ["1"] * 128
+    assert report["provenance"]["world_size"] == 2
+
+
 # -- fast: the CLI and logger plumbing ----------------------------------------------------------------------------
 def test_report_subcommand_missing_module_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from lightning_attn import cli
