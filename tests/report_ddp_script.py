@@ -26,7 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lightning_attn import ExplainabilityReport  # noqa: E402
-from lightning_attn.report import callback as report_callback  # noqa: E402
+from lightning_attn.report import distributed as report_distributed  # noqa: E402
 
 SAMPLES, BATCH, SEED = 16, 4, 7
 REPORT_KWARGS: dict[str, Any] = dict(
@@ -44,7 +44,7 @@ def run(devices: int, strategy: str = "auto", out: str | None = None, root: str 
     reproducible()
     assert root is not None
     if devices > 1:
-        report_callback.GATHER_CHUNK_BYTES = 500  # many rounds of the chunked row transfer
+        report_distributed.GATHER_CHUNK_BYTES = 500  # many rounds of the chunked row transfer
     model = TinyClassifier()
     report = ExplainabilityReport(report_dir=os.path.join(root, "report"), **REPORT_KWARGS)
     trainer = pl.Trainer(callbacks=[report], **trainer_options(root, devices=devices, strategy=strategy))

@@ -1,0 +1,178 @@
+"""The report's directory: made as a temporary directory with an ``INCOMPLETE`` marker while the loop runs
+(:func:`incomplete_dir`), filled with every output file of a finished run and renamed to its final name only on
+success (:func:`write_report`).
+
+Files: ``samples.csv``, ``per_head.csv``, ``classwise.csv``, ``batches.csv``, ``saliency.csv`` (each starting with
+the provenance line), ``figures/*.png`` (provenance in a PNG text chunk), ``summary.md``, ``report.html`` and
+``report.json``, which lists every other file with its SHA-256.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lightning_attn.report import render
+from lightning_attn.report.provenance import combine_input_hashes, hash_config, library_versions, report_hash, utc_now
+from lightning_attn.report.run import _Run, csv_cell
+from lightning_attn.report.summary import jsonable, summarize, tables
+
+__all__ = ["INCOMPLETE", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "write_report"]
+
+INCOMPLETE = "INCOMPLETE"
+PROVENANCE_PREFIX = "# lightning_attn report provenance: "
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """The report's arguments that shape its files (see :class:`~lightning_attn.report.callback.ExplainabilityReport`)."""
+
+    title: str
+    calibration_bins: int
+    saliency_target: str
+    html_max_rows: int | None
+    figures: bool
+    figure_dpi: int
+
+
+def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
+    """Make a fresh temporary directory for the report bound for ``final_dir`` (a sibling named after this process and
+    ``owner``, the report's ``id``) holding only an ``INCOMPLETE`` marker; returns it and the start time."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = final_dir.parent / f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    started = utc_now()
+    (tmp_dir / INCOMPLETE).write_text(
+        f"This report is INCOMPLETE: it is being written (started {started}) or its run failed.\n"
+        f"A finished report is renamed to {final_dir.name}/ and has no INCOMPLETE file.\n"
+    )
+    return tmp_dir, started
+
+
+def write_report(run: _Run, config: dict[str, Any], sections: dict[str, Any], *, global_step: int,
+                 settings: OutputSettings) -> dict[str, Any]:
+    """Write every file of a finished ``run`` (samples closed, at least one sample) into its temporary directory and
+    rename that to ``run.final_dir`` (replacing an older report there). ``config`` is the report's configuration
+    (hashed into the provenance), ``sections`` the other callbacks' (:func:`~lightning_attn.report.summary.other_sections`).
+    Returns the content of ``report.json`` plus its ``directory``."""
+    config_sha = hash_config(config)
+    if run.world_size > 1 and run.input_digests:
+        inputs_sha = combine_input_hashes(run.input_digests)
+        num_batches = sum(count for _, _, count in run.input_digests)
+    else:
+        inputs_sha, num_batches = run.hasher.hexdigest(), run.hasher.count
+    provenance = {
+        "report_sha256": report_hash(run.model_sha256, inputs_sha, config_sha),
+        "model_sha256": run.model_sha256,
+        "inputs_sha256": inputs_sha,
+        "config_sha256": config_sha,
+        "model_class": run.model_class,
+        "num_samples": run.count,
+        "num_batches": num_batches,
+        "world_size": run.world_size,
+        "stage": run.stage,
+        "dataloader_idx": run.dataloader_idx,
+        "epoch": run.epoch,
+        "global_step": global_step,
+        "started_utc": run.started,
+        "finished_utc": utc_now(),
+        "versions": library_versions(),
+    }
+    summary = summarize(run, config, sections, title=settings.title, calibration_bins=settings.calibration_bins,
+                        saliency_target=settings.saliency_target)
+    tmp = run.tmp_dir
+    files: dict[str, dict[str, Any]] = {}
+    line = PROVENANCE_PREFIX + json.dumps(jsonable(provenance), sort_keys=True, separators=(",", ":")) + "\n"
+
+    # CSVs: the provenance line, then the table (the per-sample body is copied, never loaded)
+    with (tmp / "samples.csv").open("w", newline="", encoding="utf-8") as out, (tmp / "samples.csv.part").open(encoding="utf-8") as body:
+        out.write(line)
+        shutil.copyfileobj(body, out)
+    (tmp / "samples.csv.part").unlink()
+    files["samples.csv"] = {"rows": run.count, "kind": "per-sample"}
+    for name, (columns, rows) in tables(summary).items():
+        _write_csv(tmp / name, line, columns, rows)
+        files[name] = {"rows": len(rows), "kind": name[:-4]}
+
+    # figures
+    (tmp / "figures").mkdir()
+    figures = render.figures(run, summary) if settings.figures else []
+    rendered: list[tuple[str, str, bytes]] = []
+    png_meta = {"Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
+                "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True)}
+    for name, title, caption, figure in figures:
+        png = _render_png(figure, settings.figure_dpi, png_meta)
+        path = f"figures/{name}.png"
+        (tmp / path).write_bytes(png)
+        files[path] = {"kind": "figure", "title": title}
+        rendered.append((title, caption, png))
+    figures.clear()
+
+    # Markdown and HTML
+    (tmp / "summary.md").write_text(render.markdown(summary, provenance, sorted(files) + ["report.html", "report.json"], title=settings.title),
+                                    encoding="utf-8")
+    files["summary.md"] = {"kind": "summary"}
+    render.write_html(tmp / "report.html", run, summary, provenance, rendered, title=settings.title, html_max_rows=settings.html_max_rows)
+    files["report.html"] = {"kind": "html"}
+    for name, entry in files.items():
+        entry["sha256"] = _file_sha256(tmp / name)
+        entry["bytes"] = (tmp / name).stat().st_size
+    summary["files"] = {name: files[name] for name in sorted(files)}
+    summary["provenance"] = provenance
+    document = jsonable(summary)
+    (tmp / "report.json").write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
+
+    # publish: the temporary directory becomes the final one
+    (tmp / INCOMPLETE).unlink()
+    final = run.final_dir
+    trash = None
+    if final.exists():
+        trash = final.parent / f".{final.name}.replaced-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash)
+        final.rename(trash)
+    tmp.rename(final)
+    run.finished = True
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    document["directory"] = str(final)
+    return document
+
+
+def _write_csv(path: Path, provenance_line: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        handle.write(provenance_line)
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([csv_cell(v) for v in row])
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _render_png(figure: Figure, dpi: int, metadata: Mapping[str, str]) -> bytes:
+    if not isinstance(figure.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, metadata=dict(metadata))
+    figure.clear()
+    return buffer.getvalue()
