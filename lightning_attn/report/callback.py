@@ -43,7 +43,7 @@ from lightning_attn.report.explain import (
     slice_batch,
 )
 from lightning_attn.report.provenance import hash_state_dict, utc_now
-from lightning_attn.report.run import NAMESPACE, _Run, add_batch, record_probes, scalars
+from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, record_probes, scalars
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
 from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, write_report
 
@@ -258,8 +258,8 @@ class ExplainabilityReport(EvaluationCallback):
         self.figure_dpi = figure_dpi
         #: ``results[<stage key>]``: the last report's summary (what report.json holds) and its directory.
         self.results: dict[str, dict[str, Any]] = {}
-        self._runs: dict[int, _Run] = {}
-        self._pending: list[_Run] = []
+        self._runs: dict[int, ReportRun] = {}
+        self._pending: list[ReportRun] = []
         self._recorder: AttentionRecorder | None = None
         self._attention: BatchAttention | None = None
         self._hook: Any = None
@@ -321,19 +321,19 @@ class ExplainabilityReport(EvaluationCallback):
         name = "test" if stage == "test" else f"val_epoch{int(trainer.current_epoch)}"
         return base / (name + suffix)
 
-    def _run_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> _Run:
+    def _run_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> ReportRun:
         run = self._runs.get(dataloader_idx)
         if run is None:
             run = self._runs[dataloader_idx] = self._new_run(trainer, pl_module, stage, dataloader_idx)
         return run
 
-    def _new_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> _Run:
+    def _new_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> ReportRun:
         model = _target_module(pl_module)
         if not trainer.is_global_zero:
             # a shard of a distributed report: rank-local scratch space, sent to rank zero at the end of the epoch
             rank = int(trainer.global_rank)
             tmp_dir = Path(tempfile.mkdtemp(prefix=f"lightning_attn_report_rank{rank}_"))
-            run = _Run(
+            run = ReportRun(
                 stage=stage, key=stage_key(stage, dataloader_idx), dataloader_idx=dataloader_idx, epoch=int(trainer.current_epoch),
                 final_dir=tmp_dir, tmp_dir=tmp_dir, started=utc_now(), model_sha256="",
                 model_class=f"{type(model).__module__}.{type(model).__qualname__}", rank=rank, shard=True,
@@ -344,7 +344,7 @@ class ExplainabilityReport(EvaluationCallback):
             tmp_dir, started = incomplete_dir(final_dir, id(self))
             if self._model_sha256 is None:
                 self._model_sha256 = hash_state_dict(model.state_dict())
-            run = _Run(
+            run = ReportRun(
                 stage=stage, key=stage_key(stage, dataloader_idx), dataloader_idx=dataloader_idx, epoch=int(trainer.current_epoch),
                 final_dir=final_dir, tmp_dir=tmp_dir, started=started, model_sha256=self._model_sha256,
                 model_class=f"{type(model).__module__}.{type(model).__qualname__}", world_size=int(trainer.world_size),
@@ -481,7 +481,7 @@ class ExplainabilityReport(EvaluationCallback):
                     return outputs[key]
         return extract_targets(batch, self.target_key)
 
-    def _process(self, run: _Run, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+    def _process(self, run: ReportRun, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
                  attention: BatchAttention | None, step_output: Any = None) -> None:
         module = _target_module(pl_module)
         raw_targets = self._targets(outputs, batch)
@@ -528,7 +528,7 @@ class ExplainabilityReport(EvaluationCallback):
             return [i - first_index for i in self.probe_indices if first_index <= i < first_index + batch_size]
         return list(range(0, max(0, min(batch_size, self.probe_samples - first_index))))
 
-    def _saliency(self, run: _Run, module: nn.Module, batch: Any, positions: list[int], first_index: int, batch_idx: int,
+    def _saliency(self, run: ReportRun, module: nn.Module, batch: Any, positions: list[int], first_index: int, batch_idx: int,
                   host: Mapping[str, Tensor]) -> None:
         index = torch.tensor(positions, dtype=torch.long)
         device = _batch_device(batch)
@@ -549,7 +549,7 @@ class ExplainabilityReport(EvaluationCallback):
         record_probes(run, result, positions, first_index, batch_idx, host, self.feature_names)
 
     # -- distributed -------------------------------------------------------------------------------------------------
-    def _warn_padding(self, run: _Run, note: str) -> None:
+    def _warn_padding(self, run: ReportRun, note: str) -> None:
         """Warn (once per report) that the DistributedSampler padded a dataloader (``note``, already in the run's notes)."""
         if not self._warned_padding:
             self._warned_padding = True
@@ -566,7 +566,7 @@ class ExplainabilityReport(EvaluationCallback):
                 self._abandon(f"writing the report failed: {type(error).__name__}: {error}")
                 raise
 
-    def _finalize(self, trainer: pl.Trainer, run: _Run) -> None:
+    def _finalize(self, trainer: pl.Trainer, run: ReportRun) -> None:
         run.close_samples()
         if run.count == 0:
             raise ReportError(f"no samples were evaluated for the {run.key} report (empty dataloader?)")

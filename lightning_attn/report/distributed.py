@@ -1,4 +1,4 @@
-"""Distributed reports: every rank's shard (its sums and sample rows, :class:`~lightning_attn.report.run._Run`) sent
+"""Distributed reports: every rank's shard (its sums and sample rows, :class:`~lightning_attn.report.run.ReportRun`) sent
 to global rank zero and merged there into one report equal to that of one process over the same samples.
 
 :func:`gather_shards` is the collective that every rank calls at the end of an evaluation epoch; rank zero then
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from lightning_attn.report.explain import ReportError
 from lightning_attn.report.provenance import StreamHasher
-from lightning_attn.report.run import _Run, scalars
+from lightning_attn.report.run import ReportRun, scalars
 
 __all__ = ["GATHER_CHUNK_BYTES", "gather_shards"]
 
@@ -30,8 +30,8 @@ __all__ = ["GATHER_CHUNK_BYTES", "gather_shards"]
 GATHER_CHUNK_BYTES = 8 << 20
 
 
-def gather_shards(trainer: pl.Trainer, stage: str, runs: list[_Run], *, new_run: Callable[[int], _Run], pending: list[_Run],
-                  warn_padding: Callable[[_Run, str], None]) -> dict[str, float]:
+def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new_run: Callable[[int], ReportRun], pending: list[ReportRun],
+                  warn_padding: Callable[[ReportRun, str], None]) -> dict[str, float]:
     """Send every rank's sums and sample rows to rank zero, which merges them into its runs (then finalized as
     in one process); returns the merged scalars to log, the same on every rank. A collective: every rank calls
     it, in the same order as the other callbacks' epoch-end collectives.
@@ -106,7 +106,7 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[_Run], *, new_run:
                     source.close()
         merged_scalars: dict[str, float] = {}
         if rank == 0:
-            targets: list[_Run] = []
+            targets: list[ReportRun] = []
             try:
                 if error is not None:
                     raise error
@@ -144,7 +144,7 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[_Run], *, new_run:
     return outcome["scalars"]
 
 
-def _shard_payload(run: _Run) -> dict[str, Any]:
+def _shard_payload(run: ReportRun) -> dict[str, Any]:
     """What a non-zero rank sends rank zero for one run: everything mergeable, no sample rows (those follow in chunks)."""
     return {
         "count": run.count, "num_classes": run.num_classes, "class_names": run.class_names, "columns": run.columns,
@@ -154,7 +154,7 @@ def _shard_payload(run: _Run) -> dict[str, Any]:
     }
 
 
-def _merge_shards(run: _Run, gathered: list[Any], scratch: Path) -> None:
+def _merge_shards(run: ReportRun, gathered: list[Any], scratch: Path) -> None:
     """Merge the other ranks' sums into rank zero's ``run`` and append their rows (from the scratch files) to
     its samples, in rank order with consecutive sample indices."""
     run.world_size = len(gathered)
@@ -192,7 +192,7 @@ def _merge_shards(run: _Run, gathered: list[Any], scratch: Path) -> None:
         run.count += rows
 
 
-def _adopt(run: _Run, payload: Mapping[str, Any]) -> None:
+def _adopt(run: ReportRun, payload: Mapping[str, Any]) -> None:
     """Set up rank zero's ``run`` from another rank's first batch (rank zero evaluated none of this dataloader)."""
     run.num_classes = payload["num_classes"]
     run.class_names = payload["class_names"]
@@ -203,7 +203,7 @@ def _adopt(run: _Run, payload: Mapping[str, Any]) -> None:
     run.open_samples()
 
 
-def _append_rows(run: _Run, path: Path) -> int:
+def _append_rows(run: ReportRun, path: Path) -> int:
     """Append another rank's sample rows (its CSV, header first) to rank zero's, renumbering ``sample``;
     columns are matched by name (the ranks' first batches normally give the same). Returns the row count."""
     if not path.exists():
@@ -225,7 +225,7 @@ def _append_rows(run: _Run, path: Path) -> int:
     return count
 
 
-def _padding_note(trainer: pl.Trainer, stage: str, run: _Run) -> str | None:
+def _padding_note(trainer: pl.Trainer, stage: str, run: ReportRun) -> str | None:
     """The note (added to ``run.notes``) when Lightning's DistributedSampler padded this dataloader with repeated
     samples that the report counted; ``None`` otherwise."""
     try:

@@ -16,13 +16,13 @@ from matplotlib.figure import Figure
 
 from lightning_attn.plots import report as plots
 from lightning_attn.report import html as page
-from lightning_attn.report.run import _Run
+from lightning_attn.report.run import ReportRun
 from lightning_attn.report.summary import SCHEMA_VERSION, tables
 
 __all__ = ["figures", "markdown", "write_html"]
 
 
-def figures(run: _Run, summary: dict[str, Any]) -> list[tuple[str, str, str, Figure]]:
+def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str, Figure]]:
     """The figures of a report, ``(file name, title, caption, figure)``, from its ``summary`` and ``run`` (per-batch rows,
     position saliency maps)."""
     out: list[tuple[str, str, str, Figure]] = []
@@ -143,7 +143,7 @@ def markdown(summary: dict[str, Any], provenance: dict[str, Any], files: list[st
     return "\n".join(lines)
 
 
-def write_html(path: Path, run: _Run, summary: dict[str, Any], provenance: dict[str, Any],
+def write_html(path: Path, run: ReportRun, summary: dict[str, Any], provenance: dict[str, Any],
                pngs: list[tuple[str, str, bytes]], *, title: str, html_max_rows: int | None) -> None:
     """Write ``report.html`` to ``path``: the summary's sections, the rendered figures ``pngs`` (title, caption, PNG)
     and the first ``html_max_rows`` rows (``None``: all) of the run's ``samples.csv``, streamed."""

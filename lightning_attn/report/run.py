@@ -1,4 +1,4 @@
-"""The state of one explainability report while its loop runs (:class:`_Run`) and what each batch adds to it:
+"""The state of one explainability report while its loop runs (:class:`ReportRun`) and what each batch adds to it:
 the per-sample rows streamed to ``samples.csv.part``, the streamed sums (correct-vs-incorrect moments, class-wise,
 calibration and per-head sums, per-batch rows, the inputs hash) and the saliency probes; last, the scalars logged
 from those sums.
@@ -26,14 +26,14 @@ from lightning_attn.plots import report as plots
 from lightning_attn.report.explain import BatchAttention, GroupStatistics, ReportError, pair_agreement, resolve_modality_pairs
 from lightning_attn.report.provenance import StreamHasher
 
-__all__ = ["NAMESPACE", "add_batch", "calibration_errors", "class_name", "csv_cell", "record_probes", "scalars"]
+__all__ = ["NAMESPACE", "HeadSums", "ReportRun", "add_batch", "calibration_errors", "class_name", "csv_cell", "record_probes", "scalars"]
 
 #: Namespace of the report: the prefix of its logged scalars and the folder of its default output directory.
 NAMESPACE = "report"
 
 
 @dataclass
-class _HeadSums:
+class HeadSums:
     heads: int
     n: int = 0
     n_correct: int = 0
@@ -47,7 +47,7 @@ class _HeadSums:
         for name in ("total", "total_sq", "total_correct", "total_incorrect", "focused"):
             setattr(self, name, np.zeros(self.heads, dtype=np.float64))
 
-    def merge(self, other: _HeadSums) -> bool:
+    def merge(self, other: HeadSums) -> bool:
         """Add ``other``'s sums (another rank's); ``False`` (nothing added) when the head counts differ."""
         if other.heads != self.heads:
             return False
@@ -59,7 +59,7 @@ class _HeadSums:
 
 
 @dataclass
-class _Run:
+class ReportRun:
     """State of one report (one stage and dataloader) while the loop runs; host-side, bounded by the number of
     classes, sites, heads, batches and probe samples, never by the number of samples.
 
@@ -89,7 +89,7 @@ class _Run:
     stats: GroupStatistics = field(default_factory=GroupStatistics)
     class_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     bins: dict[str, np.ndarray] = field(default_factory=dict)
-    heads: dict[str, _HeadSums] = field(default_factory=dict)
+    heads: dict[str, HeadSums] = field(default_factory=dict)
     batch_rows: list[list[Any]] = field(default_factory=list)
     hasher: StreamHasher = field(default_factory=StreamHasher)
     probes: list[dict[str, Any]] = field(default_factory=list)
@@ -137,7 +137,7 @@ def calibration_errors(bins: Mapping[str, np.ndarray]) -> dict[str, float | None
     return {"ece": float((gap * count[filled]).sum() / n), "mce": float(gap.max())}
 
 
-def scalars(runs: Iterable[_Run]) -> dict[str, float]:
+def scalars(runs: Iterable[ReportRun]) -> dict[str, float]:
     """``report/<key>/accuracy`` and ``report/<key>/ece`` of the runs that saw samples."""
     logged = {}
     for run in runs:
@@ -151,7 +151,7 @@ def scalars(runs: Iterable[_Run]) -> dict[str, float]:
 # -----------------------------------------------------------------------------------------------------------------
 # per batch
 # -----------------------------------------------------------------------------------------------------------------
-def add_batch(run: _Run, probs: Tensor, target: Tensor, batch: Any, batch_idx: int, attention: BatchAttention | None, *,
+def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_idx: int, attention: BatchAttention | None, *,
               calibration_bins: int, class_names: list[str] | None, modality_pairs: Mapping[str, tuple[str, str]]) -> dict[str, Tensor]:
     """Add one batch (``probs`` [B, C], class indices ``target`` [B], the recorded ``attention``) to ``run``: its rows
     to ``samples.csv.part``, its values to the sums, ``batch`` to the inputs hash. The first batch sets the run up
@@ -258,7 +258,7 @@ def add_batch(run: _Run, probs: Tensor, target: Tensor, batch: Any, batch_idx: i
     return host
 
 
-def _first_batch(run: _Run, num_classes: int, attention: BatchAttention | None, class_names: list[str] | None,
+def _first_batch(run: ReportRun, num_classes: int, attention: BatchAttention | None, class_names: list[str] | None,
                  modality_pairs: Mapping[str, tuple[str, str]]) -> None:
     run.num_classes = num_classes
     run.class_names = class_names
@@ -290,11 +290,11 @@ def _first_batch(run: _Run, num_classes: int, attention: BatchAttention | None, 
     run.open_samples()
 
 
-def _update_heads(run: _Run, site: str, entropy: Tensor, correct: Tensor) -> None:
+def _update_heads(run: ReportRun, site: str, entropy: Tensor, correct: Tensor) -> None:
     sums = run.heads.get(site)
     heads = entropy.shape[1]
     if sums is None:
-        sums = run.heads[site] = _HeadSums(heads)
+        sums = run.heads[site] = HeadSums(heads)
     if sums.heads != heads:
         note = f"site {site}: {heads} heads in a batch after {sums.heads} in the first; those batches are not in the per-head table"
         if note not in run.notes:
@@ -314,7 +314,7 @@ def _update_heads(run: _Run, site: str, entropy: Tensor, correct: Tensor) -> Non
 # -----------------------------------------------------------------------------------------------------------------
 # saliency probes
 # -----------------------------------------------------------------------------------------------------------------
-def record_probes(run: _Run, result: Mapping[str, Any], positions: list[int], first_index: int, batch_idx: int,
+def record_probes(run: ReportRun, result: Mapping[str, Any], positions: list[int], first_index: int, batch_idx: int,
                   host: Mapping[str, Tensor], feature_names: Sequence[str] | Mapping[str, Sequence[str]] | None) -> None:
     """Add the probes at ``positions`` of a batch (its first sample is ``first_index``) to ``run``: the
     :func:`~lightning_attn.report.explain.compute_saliency` ``result`` for them, with the batch's host values

@@ -17,7 +17,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_attn.callbacks.base import STAGE_KEYS
-from lightning_attn.report.run import _Run, calibration_errors, class_name
+from lightning_attn.report.run import ReportRun, calibration_errors, class_name
 
 __all__ = ["SCHEMA_VERSION", "callable_name", "jsonable", "other_sections", "summarize", "tables"]
 
@@ -25,7 +25,7 @@ __all__ = ["SCHEMA_VERSION", "callable_name", "jsonable", "other_sections", "sum
 SCHEMA_VERSION = "1.0"
 
 
-def summarize(run: _Run, config: dict[str, Any], sections: dict[str, Any], *, title: str, calibration_bins: int,
+def summarize(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, title: str, calibration_bins: int,
               saliency_target: str) -> dict[str, Any]:
     """The summary of a finished ``run`` (report.json without ``files`` and ``provenance``), with the report's
     ``config``, the ``sections`` of the other callbacks (:func:`other_sections`) and the report's ``title``,
@@ -138,7 +138,7 @@ def summarize(run: _Run, config: dict[str, Any], sections: dict[str, Any], *, ti
     }
 
 
-def _saliency_summary(run: _Run, target: str) -> dict[str, Any]:
+def _saliency_summary(run: ReportRun, target: str) -> dict[str, Any]:
     probes = run.probes
     inputs: dict[str, Any] = {}
     for probe in probes:
@@ -179,7 +179,7 @@ def _saliency_summary(run: _Run, target: str) -> dict[str, Any]:
     }
 
 
-def other_sections(callbacks: Iterable[Any], run: _Run, skip: type) -> dict[str, Any]:
+def other_sections(callbacks: Iterable[Any], run: ReportRun, skip: type) -> dict[str, Any]:
     """``.results`` and ``registry()`` of the other lightning_attn callbacks of the Trainer (any that exist);
     instances of ``skip`` (the reports) are left out."""
     sections: dict[str, Any] = {}
@@ -273,7 +273,7 @@ def _section_name(callback: Any) -> str:
     return type(callback).__name__
 
 
-def _pick_stage(results: Any, run: _Run) -> Any:
+def _pick_stage(results: Any, run: ReportRun) -> Any:
     if isinstance(results, Mapping):
         for key in (run.key, STAGE_KEYS.get(run.stage), run.stage):
             if key is not None and key in results:

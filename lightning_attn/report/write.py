@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from lightning_attn.report import render
 from lightning_attn.report.provenance import combine_input_hashes, hash_config, library_versions, report_hash, utc_now
-from lightning_attn.report.run import _Run, csv_cell
+from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
 
 __all__ = ["INCOMPLETE", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "write_report"]
@@ -62,7 +62,7 @@ def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
     return tmp_dir, started
 
 
-def write_report(run: _Run, config: dict[str, Any], sections: dict[str, Any], *, global_step: int,
+def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, global_step: int,
                  settings: OutputSettings) -> dict[str, Any]:
     """Write every file of a finished ``run`` (samples closed, at least one sample) into its temporary directory and
     rename that to ``run.final_dir`` (replacing an older report there). ``config`` is the report's configuration
