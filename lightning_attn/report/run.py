@@ -34,6 +34,9 @@ NAMESPACE = "report"
 
 @dataclass
 class HeadSums:
+    """Per-head sums of one site's per-sample attention entropy: over all samples (``total``, ``total_sq``), over
+    correct and incorrect ones, and how often each head was a sample's most focused (lowest entropy) head."""
+
     heads: int
     n: int = 0
     n_correct: int = 0
