@@ -41,6 +41,7 @@ __all__ = [
     "compute_saliency",
     "default_forward",
     "exclusive_recording",
+    "explained_score",
     "extract_targets",
     "floating_inputs",
     "model_inputs",
@@ -421,6 +422,18 @@ def _square_group(sites: Mapping[str, Tensor]) -> list[str]:
     return max(groups.values(), key=len)
 
 
+def explained_score(logits: Tensor, explain: Tensor) -> Tensor:
+    """The score the saliency explains, ``s = sum_b z[b, c_b]`` for ``[B, C]`` logits and classes ``c_b = explain[b]``;
+    for ``[B]``/``[B, 1]`` binary logits ``z`` for class 1 and ``-z`` for class 0. One sum over the batch: each
+    sample's gradient is its own (samples do not interact in evaluation mode)."""
+    z = logits.float()
+    if z.dim() == 2 and z.shape[1] == 1:
+        z = z[:, 0]
+    if z.dim() == 1:
+        return torch.where(explain == 1, z, -z).sum()
+    return z.gather(1, explain[:, None]).sum()
+
+
 def _graph_base(attn: Tensor) -> Tensor | None:
     """The tensor a returned attention view was made from (``nn.MultiheadAttention`` returns its weights as a
     view taken after they were used; gradients reach the base, not the view)."""
@@ -496,13 +509,7 @@ def compute_saliency(
         if logits is None:
             raise ReportError("forward_fn returned no logits tensor for the saliency pass")
         explain = explain.detach().clone().to(device=logits.device, dtype=torch.long)  # a normal tensor, not an inference one
-        z = logits.float()
-        if z.dim() == 2 and z.shape[1] == 1:
-            z = z[:, 0]
-        if z.dim() == 1:
-            score = torch.where(explain == 1, z, -z).sum()
-        else:
-            score = z.gather(1, explain[:, None]).sum()
+        score = explained_score(logits, explain)
         maps = {site: attn for site, attn in recorder.maps.items() if attn.requires_grad}
         targets: list[Tensor] = list(leaves.values())
         slots: dict[str, tuple[int, int | None]] = {}

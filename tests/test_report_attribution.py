@@ -1,0 +1,160 @@
+"""Token saliency and Grad-CAM of the report's probes against independent references: Captum's layer methods on
+the same embedding layer (float64), and a direct Grad-CAM computation from hooked activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_attn.functional.attribution import gradcam_map, patch_grid
+from lightning_attn.report.attribution import AttributionSettings, find_embedding, gradcam, token_saliency
+from lightning_attn.report.explain import ReportError, default_forward
+
+captum_attr = pytest.importorskip("captum.attr")
+
+VOCAB, LENGTH, CLASSES = 20, 7, 3
+
+
+class TinyText(nn.Module):
+    """Token ids -> embedding (padding id 0) -> one encoder layer -> masked mean -> logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8, padding_idx=0)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+class TinyViT(nn.Module):
+    """8x8 images -> 2x2 patches (a 4x4 grid) + [CLS] -> two pre-norm encoder layers -> [CLS] logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 8, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1))[:, 0])
+
+
+def _text_batch() -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (3, LENGTH), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, 5:], mask[1, 5:] = 0, 0  # trailing padding
+    return {"input_ids": ids, "attention_mask": mask, "label": torch.tensor([0, 1, 2])}
+
+
+@pytest.fixture
+def text_model() -> TinyText:
+    torch.manual_seed(0)
+    return TinyText().double().eval()
+
+
+def test_find_embedding(text_model: TinyText) -> None:
+    assert find_embedding(text_model) == ("embed", text_model.embed)
+    assert find_embedding(text_model, "encoder.linear1")[0] == "encoder.linear1"
+    with pytest.raises(ReportError, match="embedding='nope' names no submodule"):
+        find_embedding(text_model, "nope")
+
+
+def test_gradient_x_input_equals_captum(text_model: TinyText) -> None:
+    batch = _text_batch()
+    explain = torch.tensor([2, 0, 1])
+    ours = token_saliency(text_model, batch, default_forward, explain=explain, layer=text_model.embed,
+                          settings=AttributionSettings())
+    reference = captum_attr.LayerGradientXActivation(text_model, text_model.embed).attribute(
+        batch["input_ids"], target=explain, additional_forward_args=(batch["attention_mask"],)).sum(-1)
+    assert torch.equal(ours["ids"], batch["input_ids"])
+    assert (ours["attribution"] - reference).abs().max() < 1e-5
+    assert reference.abs().max() > 1e-3  # a real signal, not two zeros
+
+
+@pytest.mark.parametrize("n_steps", [8, 25])
+def test_integrated_gradients_equal_captum(text_model: TinyText, n_steps: int) -> None:
+    batch = _text_batch()
+    explain = torch.tensor([1, 1, 0])
+    ours = token_saliency(text_model, batch, default_forward, explain=explain, layer=text_model.embed,
+                          settings=AttributionSettings(saliency="integrated_gradients", n_steps=n_steps))
+    reference = captum_attr.LayerIntegratedGradients(text_model, text_model.embed).attribute(
+        batch["input_ids"], baselines=torch.zeros_like(batch["input_ids"]), target=explain,
+        additional_forward_args=(batch["attention_mask"],), n_steps=n_steps).sum(-1)
+    assert (ours["attribution"] - reference).abs().max() < 1e-5
+
+
+def test_integrated_gradients_completeness(text_model: TinyText) -> None:
+    """Sundararajan et al.: the attributions add up to S(x) - S(baseline) as the path sum converges (the encoder's
+    LayerNorm makes the integrand steep near the zero embedding, so this needs many points)."""
+    batch = _text_batch()
+    explain = torch.tensor([1, 1, 0])
+    ours = token_saliency(text_model, batch, default_forward, explain=explain, layer=text_model.embed,
+                          settings=AttributionSettings(saliency="integrated_gradients", n_steps=200))
+    with torch.no_grad():
+        full = text_model(batch["input_ids"], batch["attention_mask"]).gather(1, explain[:, None])[:, 0]
+        base = text_model(torch.zeros_like(batch["input_ids"]), batch["attention_mask"]).gather(1, explain[:, None])[:, 0]
+    assert (ours["attribution"].sum(1) - (full - base)).abs().max() < 0.05 * float((full - base).abs().max())
+
+
+def test_gradcam_equals_direct_computation() -> None:
+    torch.manual_seed(1)
+    model = TinyViT().double().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    explain = torch.tensor([1, 2])
+    result = gradcam(model, (x, torch.zeros(2, dtype=torch.long)), default_forward, explain=explain,
+                     layer_glob="encoder.layers.*.norm1")
+    assert result["layer"] == "encoder.layers.1.norm1" and result["grid"] == (4, 4) and result["dropped_cls"]
+
+    # direct: hook the same layer's output, differentiate the explained logits, weights = token-mean gradient
+    stored: dict[str, Tensor] = {}
+    handle = model.encoder.layers[1].norm1.register_forward_hook(lambda m, a, out: stored.setdefault("a", out))
+    logits = model(x)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, explain[:, None]).sum(), stored["a"])
+    weights = grad.mean(1, keepdim=True)
+    direct = torch.relu((weights * stored["a"]).sum(-1))[:, 1:].reshape(2, 4, 4)
+    assert (result["map"] - direct.detach()).abs().max() < 1e-10
+    assert direct.max() > 0
+    # the trap (pytorch-grad-cam): the head reads [CLS] only, so the last block's own output gives its patch tokens
+    # no gradient, which is why the layer to name is that block's first norm
+    handle = model.encoder.layers[1].register_forward_hook(lambda m, a, out: stored.__setitem__("block", out))
+    logits = model(x)
+    handle.remove()
+    (block_grad,) = torch.autograd.grad(logits.gather(1, explain[:, None]).sum(), stored["block"])
+    assert float(block_grad[:, 1:].abs().max()) == 0.0 and float(block_grad[:, 0].abs().max()) > 0
+
+
+def test_gradcam_errors() -> None:
+    model = TinyViT().eval()
+    batch = (torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ReportError, match="matches no submodule"):
+        gradcam(model, batch, default_forward, explain=torch.tensor([0, 0]), layer_glob="decoder.*")
+    with pytest.raises(ReportError, match=r"not \[batch=2, tokens, channels\]"):
+        gradcam(model, batch, default_forward, explain=torch.tensor([0, 0]), layer_glob="patch")
+    with pytest.raises(ReportError, match="grid 3x3 does not fit 17 tokens"):
+        gradcam(model, batch, default_forward, explain=torch.tensor([0, 0]), layer_glob="encoder.layers.0.norm1", grid=(3, 3))
+
+
+def test_gradcam_map_and_grid_match_formula() -> None:
+    a, g = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    expected = torch.stack([torch.relu(sum(g[b, :, c].mean() * a[b, :, c] for c in range(3))) for b in range(2)])
+    assert torch.allclose(gradcam_map(a, g), expected.double(), atol=1e-12)
+    assert patch_grid(197) == (1, (14, 14)) and patch_grid(196) == (0, (14, 14))
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="saliency must be one of"):
+        AttributionSettings(saliency="lime")
+    with pytest.raises(ValueError, match="n_steps must be >= 1"):
+        AttributionSettings(n_steps=0)
+    with pytest.raises(ValueError, match="grid must be"):
+        AttributionSettings(grid=(4, 0))
