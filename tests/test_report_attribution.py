@@ -3,11 +3,17 @@ the same embedding layer (float64), and a direct Grad-CAM computation from hooke
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from report_helpers import DictDataset
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn.functional.attribution import gradcam_map, patch_grid
+from lightning_attn.report import build_report
 from lightning_attn.report.attribution import AttributionSettings, find_embedding, gradcam, token_saliency
 from lightning_attn.report.explain import ReportError, default_forward
 
@@ -63,7 +69,7 @@ def text_model() -> TinyText:
 
 def test_find_embedding(text_model: TinyText) -> None:
     assert find_embedding(text_model) == ("embed", text_model.embed)
-    assert find_embedding(text_model, "encoder.linear1")[0] == "encoder.linear1"
+    assert find_embedding(text_model, "encoder.linear1") == ("encoder.linear1", text_model.encoder.linear1)
     with pytest.raises(ReportError, match="embedding='nope' names no submodule"):
         find_embedding(text_model, "nope")
 
@@ -71,10 +77,14 @@ def test_find_embedding(text_model: TinyText) -> None:
 def test_gradient_x_input_equals_captum(text_model: TinyText) -> None:
     batch = _text_batch()
     explain = torch.tensor([2, 0, 1])
-    ours = token_saliency(text_model, batch, default_forward, explain=explain, layer=text_model.embed,
-                          settings=AttributionSettings())
-    reference = captum_attr.LayerGradientXActivation(text_model, text_model.embed).attribute(
-        batch["input_ids"], target=explain, additional_forward_args=(batch["attention_mask"],)).sum(-1)
+    ours = token_saliency(
+        text_model, batch, default_forward, explain=explain, layer=text_model.embed, settings=AttributionSettings()
+    )
+    reference = (
+        captum_attr.LayerGradientXActivation(text_model, text_model.embed)
+        .attribute(batch["input_ids"], target=explain, additional_forward_args=(batch["attention_mask"],))
+        .sum(-1)
+    )
     assert torch.equal(ours["ids"], batch["input_ids"])
     assert (ours["attribution"] - reference).abs().max() < 1e-5
     assert reference.abs().max() > 1e-3  # a real signal, not two zeros
@@ -84,11 +94,25 @@ def test_gradient_x_input_equals_captum(text_model: TinyText) -> None:
 def test_integrated_gradients_equal_captum(text_model: TinyText, n_steps: int) -> None:
     batch = _text_batch()
     explain = torch.tensor([1, 1, 0])
-    ours = token_saliency(text_model, batch, default_forward, explain=explain, layer=text_model.embed,
-                          settings=AttributionSettings(saliency="integrated_gradients", n_steps=n_steps))
-    reference = captum_attr.LayerIntegratedGradients(text_model, text_model.embed).attribute(
-        batch["input_ids"], baselines=torch.zeros_like(batch["input_ids"]), target=explain,
-        additional_forward_args=(batch["attention_mask"],), n_steps=n_steps).sum(-1)
+    ours = token_saliency(
+        text_model,
+        batch,
+        default_forward,
+        explain=explain,
+        layer=text_model.embed,
+        settings=AttributionSettings(saliency="integrated_gradients", n_steps=n_steps),
+    )
+    reference = (
+        captum_attr.LayerIntegratedGradients(text_model, text_model.embed)
+        .attribute(
+            batch["input_ids"],
+            baselines=torch.zeros_like(batch["input_ids"]),
+            target=explain,
+            additional_forward_args=(batch["attention_mask"],),
+            n_steps=n_steps,
+        )
+        .sum(-1)
+    )
     assert (ours["attribution"] - reference).abs().max() < 1e-5
 
 
@@ -97,11 +121,19 @@ def test_integrated_gradients_completeness(text_model: TinyText) -> None:
     LayerNorm makes the integrand steep near the zero embedding, so this needs many points)."""
     batch = _text_batch()
     explain = torch.tensor([1, 1, 0])
-    ours = token_saliency(text_model, batch, default_forward, explain=explain, layer=text_model.embed,
-                          settings=AttributionSettings(saliency="integrated_gradients", n_steps=200))
+    ours = token_saliency(
+        text_model,
+        batch,
+        default_forward,
+        explain=explain,
+        layer=text_model.embed,
+        settings=AttributionSettings(saliency="integrated_gradients", n_steps=200),
+    )
     with torch.no_grad():
         full = text_model(batch["input_ids"], batch["attention_mask"]).gather(1, explain[:, None])[:, 0]
-        base = text_model(torch.zeros_like(batch["input_ids"]), batch["attention_mask"]).gather(1, explain[:, None])[:, 0]
+        base = text_model(torch.zeros_like(batch["input_ids"]), batch["attention_mask"]).gather(1, explain[:, None])[
+            :, 0
+        ]
     assert (ours["attribution"].sum(1) - (full - base)).abs().max() < 0.05 * float((full - base).abs().max())
 
 
@@ -110,8 +142,13 @@ def test_gradcam_equals_direct_computation() -> None:
     model = TinyViT().double().eval()
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     explain = torch.tensor([1, 2])
-    result = gradcam(model, (x, torch.zeros(2, dtype=torch.long)), default_forward, explain=explain,
-                     layer_glob="encoder.layers.*.norm1")
+    result = gradcam(
+        model,
+        (x, torch.zeros(2, dtype=torch.long)),
+        default_forward,
+        explain=explain,
+        layer_glob="encoder.layers.*.norm1",
+    )
     assert result["layer"] == "encoder.layers.1.norm1" and result["grid"] == (4, 4) and result["dropped_cls"]
 
     # direct: hook the same layer's output, differentiate the explained logits, weights = token-mean gradient
@@ -141,12 +178,21 @@ def test_gradcam_errors() -> None:
     with pytest.raises(ReportError, match=r"not \[batch=2, tokens, channels\]"):
         gradcam(model, batch, default_forward, explain=torch.tensor([0, 0]), layer_glob="patch")
     with pytest.raises(ReportError, match="grid 3x3 does not fit 17 tokens"):
-        gradcam(model, batch, default_forward, explain=torch.tensor([0, 0]), layer_glob="encoder.layers.0.norm1", grid=(3, 3))
+        gradcam(
+            model,
+            batch,
+            default_forward,
+            explain=torch.tensor([0, 0]),
+            layer_glob="encoder.layers.0.norm1",
+            grid=(3, 3),
+        )
 
 
 def test_gradcam_map_and_grid_match_formula() -> None:
     a, g = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
-    expected = torch.stack([torch.relu(sum(g[b, :, c].mean() * a[b, :, c] for c in range(3))) for b in range(2)])
+    expected = torch.stack(
+        [torch.stack([g[b, :, c].mean() * a[b, :, c] for c in range(3)]).sum(0).relu() for b in range(2)]
+    )
     assert torch.allclose(gradcam_map(a, g), expected.double(), atol=1e-12)
     assert patch_grid(197) == (1, (14, 14)) and patch_grid(196) == (0, (14, 14))
 
@@ -158,3 +204,84 @@ def test_settings_validation() -> None:
         AttributionSettings(n_steps=0)
     with pytest.raises(ValueError, match="grid must be"):
         AttributionSettings(grid=(4, 0))
+
+
+# -- in the report --------------------------------------------------------------------------------------------
+def _text_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (8, LENGTH), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[::2, 5:], mask[::2, 5:] = 0, 0
+    samples = [{"input_ids": ids[i], "attention_mask": mask[i], "label": torch.tensor(i % CLASSES)} for i in range(8)]
+    return DataLoader(DictDataset(samples), batch_size=4)
+
+
+@pytest.mark.slow
+def test_report_of_a_text_model_has_token_saliency_equal_to_captum(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyText().eval()
+    out = build_report(
+        model,
+        _text_loader(),
+        tmp_path / "text",
+        probe_samples=2,
+        figures=False,
+        progress=False,
+        accelerator="cpu",
+        id_to_token=lambda i: f"w{i}",
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["saliency"] == "gradient_x_input"
+    batch = next(iter(_text_loader()))
+    for probe in report["saliency"]["probes"]:
+        row = probe["sample"]
+        entry = probe["tokens"]
+        ids = batch["input_ids"][row]
+        keep = int(batch["attention_mask"][row].sum())  # trailing padding (id 0 = padding_idx) is left out
+        assert entry["layer"] == "embed" and entry["ids"] == ids[:keep].tolist()
+        assert entry["tokens"] == [f"w{i}" for i in ids[:keep].tolist()]
+        reference = (
+            captum_attr.LayerGradientXActivation(model, model.embed)
+            .attribute(
+                ids[None],
+                target=probe["explained_class"],
+                additional_forward_args=(batch["attention_mask"][row][None],),
+            )
+            .sum(-1)[0]
+        )
+        assert (
+            max(abs(a - float(r)) for a, r in zip(entry["attribution"], reference.detach()[:keep], strict=True)) < 1e-5
+        )
+        assert sum(entry["share"]) == pytest.approx(1.0)
+    page = (out / "report.html").read_text()
+    assert page.count('class="tok"') == sum(len(p["tokens"]["ids"]) for p in report["saliency"]["probes"])
+
+
+@pytest.mark.slow
+def test_report_of_an_image_model_draws_gradcam(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = TinyViT().eval()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    loader = DataLoader(TensorDataset(x, torch.arange(6) % CLASSES), batch_size=3)
+    out = build_report(
+        model,
+        loader,
+        tmp_path / "image",
+        probe_samples=2,
+        progress=False,
+        accelerator="cpu",
+        gradcam_layer="encoder.layers.1.norm1",
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "figures" / "gradcam.png").is_file()
+    for probe in report["saliency"]["probes"]:
+        cam = probe["gradcam"]
+        assert cam["grid"] == [4, 4] and cam["dropped_cls"]
+        direct = gradcam(
+            model,
+            (x[probe["sample"]][None], torch.zeros(1, dtype=torch.long)),
+            default_forward,
+            explain=torch.tensor([probe["explained_class"]]),
+            layer_glob="encoder.layers.1.norm1",
+        )
+        assert (torch.tensor(cam["map"]) - direct["map"][0]).abs().max() < 1e-6

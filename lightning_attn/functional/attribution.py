@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["gauss_legendre_path", "gradcam_map", "patch_grid", "token_attribution"]
@@ -21,6 +20,7 @@ def token_attribution(activation: Tensor, gradient: Tensor) -> Tensor:
     hidden axis), in float64. For integrated gradients pass ``x - baseline`` and the path-averaged gradient.
 
     Example:
+        >>> import torch
         >>> x = torch.tensor([[[1.0, 2.0], [0.5, -1.0]]])
         >>> g = torch.tensor([[[3.0, 1.0], [2.0, 2.0]]])
         >>> token_attribution(x, g)
@@ -60,14 +60,17 @@ def gradcam_map(activation: Tensor, gradient: Tensor) -> Tensor:
         ``[B, T]`` (float64).
 
     Example:
+        >>> import torch
         >>> a = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
         >>> g = torch.tensor([[[3.0, -3.0], [0.0, 0.0], [0.0, 0.0]]])
         >>> gradcam_map(a, g)
         tensor([[1., 0., 0.]], dtype=torch.float64)
     """
     if activation.dim() != 3 or activation.shape != gradient.shape:
-        raise ValueError(f"Grad-CAM needs [batch, tokens, channels] activations and gradients of one shape, got "
-                         f"{tuple(activation.shape)} and {tuple(gradient.shape)}")
+        raise ValueError(
+            f"Grad-CAM needs [batch, tokens, channels] activations and gradients of one shape, got "
+            f"{tuple(activation.shape)} and {tuple(gradient.shape)}"
+        )
     weights = gradient.double().mean(1, keepdim=True)
     return (weights * activation.double()).sum(-1).clamp_min(0)
 
@@ -89,11 +92,12 @@ def patch_grid(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[in
             return 0, (rows, cols)
         if rows * cols == num_tokens - 1:
             return 1, (rows, cols)
-        raise ValueError(f"grid {rows}x{cols} does not fit {num_tokens} tokens (expected {rows * cols} patches, "
-                         "optionally after one [CLS] token)")
+        raise ValueError(
+            f"grid {rows}x{cols} does not fit {num_tokens} tokens (expected {rows * cols} patches, "
+            "optionally after one [CLS] token)"
+        )
     for drop in (0, 1):
         side = math.isqrt(num_tokens - drop) if num_tokens - drop > 0 else 0
         if side > 1 and side * side == num_tokens - drop:
             return drop, (side, side)
     return 0, None
-

@@ -31,9 +31,18 @@ from lightning_attn.report.explain import (
     floating_inputs,
     model_inputs,
 )
+from lightning_attn.report.run import ReportRun
 
-__all__ = ["SALIENCY_METHODS", "AttributionSettings", "compute_attributions", "find_embedding", "gradcam", "probe_entries",
-           "token_saliency"]
+__all__ = [
+    "SALIENCY_METHODS",
+    "AttributionSettings",
+    "compute_attributions",
+    "find_embedding",
+    "gradcam",
+    "probe_entries",
+    "record_attributions",
+    "token_saliency",
+]
 
 #: Token saliency methods: gradient x activation, or integrated gradients along the straight path from the baseline.
 SALIENCY_METHODS = ("gradient_x_input", "integrated_gradients")
@@ -65,14 +74,23 @@ class AttributionSettings:
                 raise ValueError(f"grid must be (rows, cols) of positive integers, got {self.grid!r}")
             object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
         if self.tokenizer is not None and not callable(getattr(self.tokenizer, "convert_ids_to_tokens", None)):
-            raise ValueError("tokenizer must have convert_ids_to_tokens (a Hugging Face tokenizer); pass id_to_token= otherwise")
+            raise ValueError(
+                "tokenizer must have convert_ids_to_tokens (a Hugging Face tokenizer); pass id_to_token= otherwise"
+            )
 
     def config(self) -> dict[str, Any]:
         """The settings as plain values (hashed into the report's provenance)."""
-        return {"embedding": self.embedding, "saliency": self.saliency, "n_steps": self.n_steps,
-                "tokenizer": None if self.tokenizer is None else type(self.tokenizer).__name__,
-                "id_to_token": None if self.id_to_token is None else getattr(self.id_to_token, "__qualname__", repr(self.id_to_token)),
-                "gradcam_layer": self.gradcam_layer, "grid": list(self.grid) if self.grid else None}
+        return {
+            "embedding": self.embedding,
+            "saliency": self.saliency,
+            "n_steps": self.n_steps,
+            "tokenizer": None if self.tokenizer is None else type(self.tokenizer).__name__,
+            "id_to_token": None
+            if self.id_to_token is None
+            else getattr(self.id_to_token, "__qualname__", repr(self.id_to_token)),
+            "gradcam_layer": self.gradcam_layer,
+            "grid": list(self.grid) if self.grid else None,
+        }
 
     def pad_id(self, layer: nn.Module) -> int | None:
         """The padding token id: the tokenizer's, else the embedding's ``padding_idx``; ``None`` when neither says."""
@@ -101,7 +119,10 @@ def find_embedding(module: nn.Module, name: str | None = None) -> tuple[str, nn.
     if name is not None:
         if name not in modules:
             embeddings = [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
-            raise ReportError(f"embedding={name!r} names no submodule of {type(module).__name__} (its nn.Embedding layers: {embeddings})")
+            raise ReportError(
+                f"embedding={name!r} names no submodule of {type(module).__name__} "
+                f"(its nn.Embedding layers: {embeddings})"
+            )
         return name, modules[name]
     by_identity = {id(m): n for n, m in modules.items()}
     for candidate in modules.values():
@@ -120,8 +141,14 @@ def has_integer_inputs(batch: Any, target_key: str | None) -> bool:
     """Whether the model inputs of ``batch`` hold an integer tensor of token ids (a boolean mask does not count)."""
     inputs = model_inputs(batch, target_key)
     leaves = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, tuple) else [inputs]
-    return any(isinstance(t, Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
-               and t.dim() >= 2 for t in leaves)
+    return any(
+        isinstance(t, Tensor)
+        and not t.is_floating_point()
+        and not t.is_complex()
+        and t.dtype != torch.bool
+        and t.dim() >= 2
+        for t in leaves
+    )
 
 
 @dataclass
@@ -133,15 +160,26 @@ class _LayerPass:
     first_input: Any  # the layer's first positional input (token ids for an embedding)
 
 
-def _layer_pass(module: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any], layer: nn.Module, explain: Tensor, *,
-                logits_key: str, baseline: Tensor | None = None, alpha: float = 1.0) -> _LayerPass:
+def _layer_pass(
+    module: nn.Module,
+    batch: Any,
+    forward_fn: Callable[[nn.Module, Any], Any],
+    layer: nn.Module,
+    explain: Tensor,
+    *,
+    logits_key: str,
+    baseline: Tensor | None = None,
+    alpha: float = 1.0,
+) -> _LayerPass:
     captured: dict[str, Any] = {}
 
     def replace(_: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
         if "leaf" in captured:  # a second call of the layer in the same forward (tied weights) is left alone
             return output
         if not isinstance(output, Tensor):
-            raise ReportError(f"the attributed layer {type(layer).__name__} returns a {type(output).__name__}, not a tensor")
+            raise ReportError(
+                f"the attributed layer {type(layer).__name__} returns a {type(output).__name__}, not a tensor"
+            )
         x = output.detach()
         point = x if baseline is None else baseline + alpha * (x - baseline)
         leaf = point.clone().requires_grad_(True)
@@ -165,11 +203,23 @@ def _layer_pass(module: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, 
     if gradient is None:
         gradient = torch.zeros_like(captured["leaf"])
     first = captured["first"]
-    return _LayerPass(output=captured["output"], gradient=gradient.detach(), first_input=first.detach() if isinstance(first, Tensor) else first)
+    return _LayerPass(
+        output=captured["output"],
+        gradient=gradient.detach(),
+        first_input=first.detach() if isinstance(first, Tensor) else first,
+    )
 
 
-def token_saliency(module: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any], *, explain: Tensor, layer: nn.Module,
-                   settings: AttributionSettings, logits_key: str = "logits") -> dict[str, Tensor]:
+def token_saliency(
+    module: nn.Module,
+    batch: Any,
+    forward_fn: Callable[[nn.Module, Any], Any],
+    *,
+    explain: Tensor,
+    layer: nn.Module,
+    settings: AttributionSettings,
+    logits_key: str = "logits",
+) -> dict[str, Tensor]:
     """Per-token attribution of the explained score on the output of the embedding ``layer``, summed over the hidden
     axis (:func:`~lightning_attn.functional.attribution.token_attribution`).
 
@@ -195,8 +245,10 @@ def token_saliency(module: nn.Module, batch: Any, forward_fn: Callable[[nn.Modul
                 baseline = layer(torch.full_like(ids, pad)).detach().to(first.output.dtype)
         alphas, weights = gauss_legendre_path(settings.n_steps)
         total = torch.zeros_like(first.output, dtype=torch.float64)
-        for alpha, weight in zip(alphas, weights):
-            step = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key, baseline=baseline, alpha=alpha)
+        for alpha, weight in zip(alphas, weights, strict=True):
+            step = _layer_pass(
+                module, batch, forward_fn, layer, explain, logits_key=logits_key, baseline=baseline, alpha=alpha
+            )
             total += weight * step.gradient.double()
         attribution = token_attribution(first.output.double() - baseline.double(), total)
     if not isinstance(ids, Tensor) or ids.shape != attribution.shape:
@@ -211,26 +263,39 @@ def _named_layer(module: nn.Module, pattern: str) -> tuple[str, nn.Module]:
     return matched[-1]
 
 
-def gradcam(module: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any], *, explain: Tensor, layer_glob: str,
-            grid: tuple[int, int] | None = None, logits_key: str = "logits") -> dict[str, Any]:
+def gradcam(
+    module: nn.Module,
+    batch: Any,
+    forward_fn: Callable[[nn.Module, Any], Any],
+    *,
+    explain: Tensor,
+    layer_glob: str,
+    grid: tuple[int, int] | None = None,
+    logits_key: str = "logits",
+) -> dict[str, Any]:
     """Grad-CAM (:func:`~lightning_attn.functional.attribution.gradcam_map`) on the output ``[B, tokens, channels]`` of
     the last submodule whose name matches ``layer_glob``; a leading [CLS] token is dropped and the map reshaped to the
-    patch grid when ``grid`` is given or the token count is a square (:func:`~lightning_attn.functional.attribution.patch_grid`).
+    patch grid when ``grid`` is given or the token count is a square
+    (:func:`~lightning_attn.functional.attribution.patch_grid`).
     For a ViT name the last block's first norm (``...layers.<last>.norm1``), as pytorch-grad-cam does: the
     classifier reads [CLS] only, so after the last block's attention the patch tokens get no gradient.
 
     Returns:
-        ``{"layer": name, "map": [B, rows, cols] or [B, T'] float64, "grid": (rows, cols) | None, "dropped_cls": bool}``.
+        ``{"layer": name, "map": [B, rows, cols] or [B, T'] float64, "grid": (rows, cols) | None,
+        "dropped_cls": bool}``.
 
     Raises:
-        ReportError: no matching module, an output that is not ``[batch, tokens, channels]``, a ``grid`` that does not fit.
+        ReportError: no matching module, an output that is not ``[batch, tokens, channels]``, a ``grid`` that does not
+            fit.
     """
     name, layer = _named_layer(module, layer_glob)
     run = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key)
     batch_size = int(explain.shape[0])
     if run.output.dim() != 3 or run.output.shape[0] != batch_size:
-        raise ReportError(f"gradcam_layer {name!r} outputs shape {tuple(run.output.shape)}, not [batch={batch_size}, tokens, "
-                          "channels] (a batch-first token layer, e.g. a ViT block's norm1)")
+        raise ReportError(
+            f"gradcam_layer {name!r} outputs shape {tuple(run.output.shape)}, not [batch={batch_size}, tokens, "
+            "channels] (a batch-first token layer, e.g. a ViT block's norm1)"
+        )
     cam = gradcam_map(run.output, run.gradient).cpu()
     try:
         drop, shape = patch_grid(int(cam.shape[1]), grid)
@@ -256,8 +321,16 @@ def _probe_image(batch: Any, target_key: str | None) -> Tensor | None:
     return None
 
 
-def compute_attributions(module: nn.Module, batch: Any, forward_fn: Callable[[nn.Module, Any], Any], *, explain: Tensor,
-                         settings: AttributionSettings, target_key: str | None = None, logits_key: str = "logits") -> dict[str, Any]:
+def compute_attributions(
+    module: nn.Module,
+    batch: Any,
+    forward_fn: Callable[[nn.Module, Any], Any],
+    *,
+    explain: Tensor,
+    settings: AttributionSettings,
+    target_key: str | None = None,
+    logits_key: str = "logits",
+) -> dict[str, Any]:
     """The layer attributions of the probe samples in ``batch``: token saliency when the model inputs hold token ids
     (or ``settings.embedding`` names a layer), Grad-CAM when ``settings.gradcam_layer`` is set.
 
@@ -269,21 +342,35 @@ def compute_attributions(module: nn.Module, batch: Any, forward_fn: Callable[[nn
     if settings.embedding is not None or has_integer_inputs(batch, target_key):
         found = find_embedding(module, settings.embedding)
         if found is None:
-            out["attribution_notes"].append("the inputs hold token ids but the model has no nn.Embedding or get_input_embeddings(): "
-                                            "no token saliency (name the layer with embedding=)")
+            out["attribution_notes"].append(
+                "the inputs hold token ids but the model has no nn.Embedding or get_input_embeddings(): "
+                "no token saliency (name the layer with embedding=)"
+            )
         else:
             name, layer = found
-            tokens = token_saliency(module, batch, forward_fn, explain=explain, layer=layer, settings=settings, logits_key=logits_key)
+            tokens = token_saliency(
+                module, batch, forward_fn, explain=explain, layer=layer, settings=settings, logits_key=logits_key
+            )
             out["tokens"] = {**tokens, "layer": name, "method": settings.saliency, "pad_id": settings.pad_id(layer)}
     if settings.gradcam_layer is not None:
-        cam = gradcam(module, batch, forward_fn, explain=explain, layer_glob=settings.gradcam_layer, grid=settings.grid,
-                      logits_key=logits_key)
+        cam = gradcam(
+            module,
+            batch,
+            forward_fn,
+            explain=explain,
+            layer_glob=settings.gradcam_layer,
+            grid=settings.grid,
+            logits_key=logits_key,
+        )
         out["gradcam"] = {**cam, "image": _probe_image(batch, target_key) if cam["grid"] is not None else None}
     return out
 
 
-def probe_entries(result: dict[str, Any], row: int, settings: AttributionSettings) -> tuple[dict[str, Any], np.ndarray | None]:
-    """The ``tokens`` and ``gradcam`` entries of one probe (row ``row`` of :func:`compute_attributions`'s ``result``) for
+def probe_entries(
+    result: dict[str, Any], row: int, settings: AttributionSettings
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The ``tokens`` and ``gradcam`` entries of one probe (row ``row`` of :func:`compute_attributions`'s ``result``)
+    for
     report.json, and the probe's image for the Grad-CAM overlay (kept out of the JSON)."""
     entries: dict[str, Any] = {}
     tokens = result.get("tokens")
@@ -296,13 +383,39 @@ def probe_entries(result: dict[str, Any], row: int, settings: AttributionSetting
         values = values[:keep]
         total = float(values.abs().sum())
         share = (values.abs() / total).tolist() if total > 0 else [0.0] * keep
-        entries["tokens"] = {"layer": tokens["layer"], "method": tokens["method"], "ids": ids[:keep],
-                             "tokens": settings.token_strings(ids[:keep]), "attribution": values.tolist(), "share": share}
+        entries["tokens"] = {
+            "layer": tokens["layer"],
+            "method": tokens["method"],
+            "ids": ids[:keep],
+            "tokens": settings.token_strings(ids[:keep]),
+            "attribution": values.tolist(),
+            "share": share,
+        }
     image = None
     cam = result.get("gradcam")
     if cam is not None:
-        entries["gradcam"] = {"layer": cam["layer"], "grid": list(cam["grid"]) if cam["grid"] else None,
-                              "dropped_cls": cam["dropped_cls"], "map": cam["map"][row].tolist()}
+        entries["gradcam"] = {
+            "layer": cam["layer"],
+            "grid": list(cam["grid"]) if cam["grid"] else None,
+            "dropped_cls": cam["dropped_cls"],
+            "map": cam["map"][row].tolist(),
+        }
         if cam["image"] is not None:
             image = cam["image"][row].numpy()
     return entries, image
+
+
+def record_attributions(
+    run: ReportRun, result: dict[str, Any], positions: Sequence[int], settings: AttributionSettings
+) -> None:
+    """Add :func:`compute_attributions`'s ``result`` for the probes at ``positions`` (just recorded by
+    :func:`~lightning_attn.report.run.record_probes`, the last ``len(positions)`` of ``run.probes``) to them, their
+    images to ``run.probe_images`` and the result's notes to ``run.notes``."""
+    for note in result.get("attribution_notes", []):
+        if note not in run.notes:
+            run.notes.append(note)
+    for row, probe in enumerate(run.probes[len(run.probes) - len(positions) :]):
+        entries, image = probe_entries(result, row, settings)
+        probe.update(entries)
+        if image is not None:
+            run.probe_images[int(probe["sample"])] = image

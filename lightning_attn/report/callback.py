@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lightning_attn import sinks
 from lightning_attn.callbacks.base import STAGE_KEYS, EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, stage_key
 from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.report.attribution import AttributionSettings, compute_attributions, record_attributions
 from lightning_attn.report.distributed import gather_shards
 from lightning_attn.report.explain import (
     TARGET_KEYS,
@@ -97,8 +98,10 @@ class ExplainabilityReport(EvaluationCallback):
     ``d(score)/d(attention)`` with negatives clamped, maps and gradients paired by site name
     (:func:`~lightning_attn.report.explain.compute_saliency`). The loop runs under ``torch.inference_mode``;
     the saliency pass runs under ``torch.inference_mode(False)`` and ``torch.enable_grad()`` on clones of
-    the batch made outside inference mode. Integer inputs (token ids) get no gradient x input; their
-    explanation is the rollout.
+    the batch made outside inference mode. Integer inputs (token ids) get token saliency instead: gradient x
+    input (or integrated gradients, ``saliency=``) on the output of the input embedding layer, summed over its hidden
+    axis, shown as coloured tokens; ``gradcam_layer`` adds Grad-CAM over the input image
+    (:mod:`~lightning_attn.report.attribution`).
 
     **How the model is called.** Logits are taken from what ``test_step``/``validation_step`` returned when it
     is a ``[B, C]`` tensor or a mapping with ``logits_key`` (targets from its ``target``/``y``/``labels`` key
@@ -185,6 +188,22 @@ class ExplainabilityReport(EvaluationCallback):
         title: title of the report.
         figures: draw the PNG figures (embedded in the HTML); ``False`` is faster and writes tables only.
         figure_dpi: resolution of the PNG figures.
+        embedding: name of the input embedding layer for token saliency (default: ``get_input_embeddings()``, else
+            the first ``nn.Embedding``; used when the inputs hold token ids).
+        saliency: token saliency method, ``"gradient_x_input"`` or ``"integrated_gradients"``
+            (:mod:`~lightning_attn.report.attribution`).
+        n_steps: Gauss-Legendre points of integrated gradients (baseline: the padding token's embedding, else zeros).
+        tokenizer: a Hugging Face tokenizer: token strings (and the padding id) in the token view.
+        id_to_token: ``id_to_token(id) -> str`` instead of a tokenizer.
+        gradcam_layer: glob of the module whose ``[batch, tokens, channels]`` output gets Grad-CAM (the last match;
+            for a ViT the last block's first norm, e.g. ``"encoder.layers.2.norm1"``); ``None``: no Grad-CAM.
+        grid: ``(rows, cols)`` patch grid of the Grad-CAM map (default: inferred when the tokens, or the tokens less a
+            leading [CLS], form a square).
+
+    Raises:
+        ValueError: an argument out of range (at construction).
+        ReportError: at the first batch: no targets, not a classifier output, an ``embedding`` or ``gradcam_layer``
+            that names no fitting module.
     """
 
     def __init__(
@@ -216,6 +235,13 @@ class ExplainabilityReport(EvaluationCallback):
         title: str = "Explainability report",
         figures: bool = True,
         figure_dpi: int = 90,
+        embedding: str | None = None,
+        saliency: Literal["gradient_x_input", "integrated_gradients"] = "gradient_x_input",
+        n_steps: int = 32,
+        tokenizer: Any = None,
+        id_to_token: Callable[[int], str] | None = None,
+        gradcam_layer: str | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
         for name, value, low in (("top_k", top_k, 1), ("calibration_bins", calibration_bins, 1), ("probe_samples", probe_samples, 0),
@@ -256,6 +282,8 @@ class ExplainabilityReport(EvaluationCallback):
         self.title = title
         self.figures = figures
         self.figure_dpi = figure_dpi
+        self.attribution = AttributionSettings(embedding=embedding, saliency=saliency, n_steps=n_steps, tokenizer=tokenizer,
+                                               id_to_token=id_to_token, gradcam_layer=gradcam_layer, grid=grid)
         #: ``results[<stage key>]``: the last report's summary (what report.json holds) and its directory.
         self.results: dict[str, dict[str, Any]] = {}
         self._runs: dict[int, ReportRun] = {}
@@ -305,6 +333,7 @@ class ExplainabilityReport(EvaluationCallback):
             "title": self.title,
             "figures": self.figures,
             "figure_dpi": self.figure_dpi,
+            **self.attribution.config(),
         }
 
     def _forward(self) -> Callable[[Any, Any], Any]:
@@ -539,6 +568,8 @@ class ExplainabilityReport(EvaluationCallback):
             result = compute_saliency(module, sub, self._forward(), explain=explain, target_key=self.target_key,
                                       logits_key=self.logits_key, include=self.include, exclude=self.exclude,
                                       max_positions=self.max_positions)
+            result.update(compute_attributions(module, sub, self._forward(), explain=explain, settings=self.attribution,
+                                               target_key=self.target_key, logits_key=self.logits_key))
         except ReportError:
             raise
         except Exception as error:  # the report stays useful without saliency; the failure is in it
@@ -547,6 +578,7 @@ class ExplainabilityReport(EvaluationCallback):
             warnings.warn(f"ExplainabilityReport: {message}", UserWarning, stacklevel=2)
             return
         record_probes(run, result, positions, first_index, batch_idx, host, self.feature_names)
+        record_attributions(run, result, positions, self.attribution)
 
     # -- distributed -------------------------------------------------------------------------------------------------
     def _warn_padding(self, run: ReportRun, note: str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lightning_attn.plots import report as plots
+from lightning_attn.report import attribution_view
 from lightning_attn.report import html as page
 from lightning_attn.report.run import ReportRun
 from lightning_attn.report.summary import SCHEMA_VERSION, tables
@@ -94,6 +95,7 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
                     plots.plot_rollout_relevance([p["rollout"]["mean_row"] for p in rolled],
                                                  sample_labels=[f"sample {p['sample']}" for p in rolled],
                                                  title="Gradient-weighted rollout relevance")))
+    out += attribution_view.figures(run, summary)
     return out
 
 
@@ -196,6 +198,7 @@ def write_html(path: Path, run: ReportRun, summary: dict[str, Any], provenance: 
                 rows.append([p["sample"], p["target"], p["predicted"], p["explained_class"], "rollout tokens",
                              ", ".join(f"{i} ({relevance[i]:.3f})" for i in order)])
         sal_block += page.table_html(["sample", "target", "predicted", "explained class", "input", "top features (share)"], rows)
+        sal_block += attribution_view.token_view_html(summary)
     else:
         sal_block += '<p class="note">No probe samples (probe_samples=0).</p>'
     blocks.append(sal_block + "</section>")

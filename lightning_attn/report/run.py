@@ -97,6 +97,7 @@ class ReportRun:
     hasher: StreamHasher = field(default_factory=StreamHasher)
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_positions: dict[str, list[tuple[int, np.ndarray, bool]]] = field(default_factory=dict)
+    probe_images: dict[int, np.ndarray] = field(default_factory=dict)  # input images of Grad-CAM probes, by sample
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     finished: bool = False
