@@ -16,6 +16,7 @@
 
 - ``report ...``: the post-hoc explainability report, :func:`lightning_attn.report.cli.main`
   (``python -m lightning_attn.cli report --help``).
+- ``compare REPORT_A REPORT_B [...] --out DIR``: reports side by side, :func:`lightning_attn.report.compare.main`.
 """
 
 from __future__ import annotations
@@ -118,12 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "report":
         return run_report(args[1:])
+    if args and args[0] == "compare":
+        from lightning_attn.report.compare import main as compare_main
+
+        return compare_main(args[1:])
     # class_path entries such as examples.digits_vit.DigitsViT resolve from the working directory, for the
     # console script as for `python -m` (which puts it on sys.path itself).
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args in ([], ["-h"], ["--help"]):
-        print("lightning-attn report --help: the post-hoc explainability report (see below for the Lightning subcommands)")
+        print("lightning-attn report --help: the post-hoc explainability report; lightning-attn compare --help: reports "
+              "side by side (see below for the Lightning subcommands)")
     run_lightning(argv)
     end_process_group()
     return 0

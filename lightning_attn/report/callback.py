@@ -40,10 +40,11 @@ from lightning_attn.report.explain import (
     default_forward,
     exclusive_recording,
     extract_targets,
+    model_inputs,
     probabilities,
     slice_batch,
 )
-from lightning_attn.report.provenance import hash_state_dict, utc_now
+from lightning_attn.report.provenance import hash_state_dict, sample_hashes, utc_now
 from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, record_probes, scalars
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
 from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, write_report
@@ -545,7 +546,8 @@ class ExplainabilityReport(EvaluationCallback):
         target = class_targets(raw_targets, batch_size, num_classes).to(probs.device)
         first_index = run.count
         host = add_batch(run, probs, target, batch, batch_idx, attention, calibration_bins=self.calibration_bins,
-                         class_names=self.class_names, modality_pairs=self.modality_pairs)
+                         class_names=self.class_names, modality_pairs=self.modality_pairs,
+                         input_hashes=sample_hashes(model_inputs(batch, self.target_key), batch_size))
 
         # probes (rank zero only: the first samples of its shard are the first rows of a distributed report)
         wanted = self._probe_positions(first_index, batch_size) if not run.shard else []

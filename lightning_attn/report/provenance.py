@@ -40,6 +40,7 @@ __all__ = [
     "hash_state_dict",
     "library_versions",
     "report_hash",
+    "sample_hashes",
     "utc_now",
 ]
 
@@ -110,6 +111,36 @@ class StreamHasher:
 
     def hexdigest(self) -> str:
         return self._digest.copy().hexdigest()
+
+
+def sample_hashes(inputs: Any, batch_size: int) -> list[str]:
+    """Per-sample SHA-256 (first 16 hex digits) of a batch's model ``inputs``: sample ``i``'s digest covers row ``i`` of
+    every tensor whose first axis is the batch (mappings in sorted key order, dtype and shape recorded as in
+    :func:`hash_state_dict`) and the other leaves whole. Equal inputs give equal digests in any batch, at any position
+    and under any model, which is how :mod:`lightning_attn.report.compare` matches the samples of two reports.
+    """
+    digests = [hashlib.sha256() for _ in range(batch_size)]
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
+            for digest, row in zip(digests, value.unbind(0), strict=True):
+                digest.update(f"{path}:".encode())
+                _update_tensor(digest, row)
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                visit(value[key], f"{path}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(item, f"{path}/{index}")
+        else:
+            for digest in digests:
+                if isinstance(value, Tensor):
+                    _update_tensor(digest, value)
+                else:
+                    digest.update(f"{path}={value!r}".encode())
+
+    visit(inputs, "")
+    return [digest.hexdigest()[:16] for digest in digests]
 
 
 def combine_input_hashes(digests: Sequence[tuple[int, str, int]]) -> str:

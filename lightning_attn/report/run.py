@@ -156,10 +156,12 @@ def scalars(runs: Iterable[ReportRun]) -> dict[str, float]:
 # per batch
 # -----------------------------------------------------------------------------------------------------------------
 def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_idx: int, attention: BatchAttention | None, *,
-              calibration_bins: int, class_names: list[str] | None, modality_pairs: Mapping[str, tuple[str, str]]) -> dict[str, Tensor]:
+              calibration_bins: int, class_names: list[str] | None, modality_pairs: Mapping[str, tuple[str, str]],
+              input_hashes: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Add one batch (``probs`` [B, C], class indices ``target`` [B], the recorded ``attention``) to ``run``: its rows
     to ``samples.csv.part``, its values to the sums, ``batch`` to the inputs hash. The first batch sets the run up
-    (classes, sites, columns; ``class_names`` and ``modality_pairs`` as the report's arguments). Returns the batch's
+    (classes, sites, columns; ``class_names`` and ``modality_pairs`` as the report's arguments). ``input_hashes``: the
+    samples' :func:`~lightning_attn.report.provenance.sample_hashes` (the ``input_sha256`` column). Returns the batch's
     per-sample values on the host (``confidence``, ``predicted``, ``target``, ``correct``, ...)."""
     batch_size, num_classes = probs.shape
     if run.num_classes == 0:
@@ -219,6 +221,7 @@ def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_i
         site_columns[f"agreement/{pair}"] = agreement
         measures[f"agreement/{pair}"] = [math.nan if v is None else v for v in agreement]
 
+    site_columns["input_sha256"] = list(input_hashes) if input_hashes is not None else [None] * batch_size
     attention_entropy = [sum(v) / len(v) for v in zip(*site_mean_entropy)] if site_mean_entropy else [math.nan] * batch_size
     for name, values in measures.items():
         run.stats.add(name, values, correct_list)
@@ -289,7 +292,7 @@ def _first_batch(run: ReportRun, num_classes: int, attention: BatchAttention | N
         columns += [f"{site}/entropy_mean", f"{site}/focused_head", f"{site}/focused_entropy"]
     columns += [f"{site}/top_pairs" for site in run.pair_sites]
     columns += [f"agreement/{pair}" for pair in run.modality]
-    columns.append("rank")
+    columns += ["input_sha256", "rank"]
     run.columns = columns
     run.open_samples()
 
