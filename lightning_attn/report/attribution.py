@@ -274,9 +274,10 @@ def gradcam(
     logits_key: str = "logits",
 ) -> dict[str, Any]:
     """Grad-CAM (:func:`~lightning_attn.functional.attribution.gradcam_map`) on the output ``[B, tokens, channels]`` of
-    the last submodule whose name matches ``layer_glob``; a leading [CLS] token is dropped and the map reshaped to the
-    patch grid when ``grid`` is given or the token count is a square
-    (:func:`~lightning_attn.functional.attribution.patch_grid`).
+    the last submodule whose name matches ``layer_glob``, over the patch tokens: a leading [CLS] token is dropped from
+    the activations and gradients first (as pytorch-grad-cam's ViT ``reshape_transform`` does, so that the channel
+    weights average the patches' gradients only) and the map is reshaped to the patch grid when ``grid`` is given or
+    the token count is a square (:func:`~lightning_attn.functional.attribution.patch_grid`).
     For a ViT name the last block's first norm (``...layers.<last>.norm1``), as pytorch-grad-cam does: the
     classifier reads [CLS] only, so after the last block's attention the patch tokens get no gradient.
 
@@ -296,12 +297,11 @@ def gradcam(
             f"gradcam_layer {name!r} outputs shape {tuple(run.output.shape)}, not [batch={batch_size}, tokens, "
             "channels] (a batch-first token layer, e.g. a ViT block's norm1)"
         )
-    cam = gradcam_map(run.output, run.gradient).cpu()
     try:
-        drop, shape = patch_grid(int(cam.shape[1]), grid)
+        drop, shape = patch_grid(int(run.output.shape[1]), grid)
     except ValueError as error:
         raise ReportError(f"gradcam_layer {name!r}: {error}") from None
-    cam = cam[:, drop:]
+    cam = gradcam_map(run.output[:, drop:], run.gradient[:, drop:]).cpu()
     if shape is not None:
         cam = cam.reshape(batch_size, *shape)
     return {"layer": name, "map": cam, "grid": shape, "dropped_cls": bool(drop)}
@@ -419,3 +419,9 @@ def record_attributions(
         probe.update(entries)
         if image is not None:
             run.probe_images[int(probe["sample"])] = image
+        cam = probe.get("gradcam")
+        if cam is not None and not np.any(np.asarray(cam["map"]) > 0):
+            note = (f"Grad-CAM on {cam['layer']} is zero for some probes (sample {probe['sample']}): no channel of that "
+                    "layer speaks for the explained class there; an earlier layer may show more")
+            if not any(n.startswith(f"Grad-CAM on {cam['layer']} is zero") for n in run.notes):
+                run.notes.append(note)

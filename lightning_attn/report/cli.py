@@ -363,7 +363,7 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
             load_weights(model, checkpoint, args.trust_checkpoint)
 
     kwargs: dict[str, Any] = {key: value for key, value in report_defaults.items() if key not in ("stages", "report_dir", "save_dir")}
-    for key in ("forward_fn", "target_fn"):
+    for key in ("forward_fn", "target_fn", "id_to_token"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = import_object(kwargs[key], f"the report's {key}", "callable")
     explicit = {

@@ -85,16 +85,16 @@ def page_html(
     blocks.append(
         '<section id="reports"><h2>Reports</h2>'
         + page.table_html(
-            ["label", "title", "stage", "samples", "epoch", "global step", "model class", "report sha256", "path"],
+            ["label", "title", "stage", "samples", "model class", "model sha256", "inputs sha256", "report sha256", "path"],
             [
                 [
                     r["label"],
                     r["title"],
                     r["stage_key"],
                     r["num_samples"],
-                    r["epoch"],
-                    r["global_step"],
                     r["model_class"],
+                    (r["model_sha256"] or "")[:16],
+                    (r["inputs_sha256"] or "")[:16],
                     (r["report_sha256"] or "")[:16],
                     r["path"],
                 ]
