@@ -18,6 +18,7 @@ from lightning_attn.report.attribution import AttributionSettings, find_embeddin
 from lightning_attn.report.explain import ReportError, default_forward
 
 captum_attr = pytest.importorskip("captum.attr")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, LENGTH, CLASSES = 20, 7, 3
 
@@ -285,3 +286,47 @@ def test_report_of_an_image_model_draws_gradcam(tmp_path: Path) -> None:
             layer_glob="encoder.layers.1.norm1",
         )
         assert (torch.tensor(cam["map"]) - direct["map"][0]).abs().max() < 1e-6
+
+
+@pytest.mark.slow
+def test_token_saliency_on_real_minilm_equals_captum() -> None:
+    """The real all-MiniLM-L6-v2 (Hugging Face BertModel, SDPA attention): the embedding layer is found through
+    get_input_embeddings(), and both methods equal Captum's on it."""
+    minilm = pytest.importorskip("examples.minilm_text")
+    torch.manual_seed(0)
+    model = minilm.MiniLMClassifier().eval()
+    tokenizer = minilm._tokenizer()
+    encoded = tokenizer(
+        ["the striker scored twice", "a storm will bring rain to the coast"], padding=True, return_tensors="pt"
+    )
+    batch = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "target": torch.tensor([0, 1]),
+    }
+    layer = model.bert.embeddings.word_embeddings
+    assert find_embedding(model) == ("bert.embeddings.word_embeddings", layer)  # through get_input_embeddings()
+    explain = torch.tensor([0, 1])
+    mask = (batch["attention_mask"],)
+    ours = token_saliency(model, batch, default_forward, explain=explain, layer=layer, settings=AttributionSettings())
+    reference = (
+        captum_attr.LayerGradientXActivation(model, layer)
+        .attribute(batch["input_ids"], target=explain, additional_forward_args=mask)
+        .sum(-1)
+    )
+    assert (ours["attribution"] - reference.detach()).abs().max() < 1e-5
+    settings = AttributionSettings(saliency="integrated_gradients", n_steps=8, tokenizer=tokenizer)
+    ours = token_saliency(model, batch, default_forward, explain=explain, layer=layer, settings=settings)
+    reference = (
+        captum_attr.LayerIntegratedGradients(model, layer)
+        .attribute(
+            batch["input_ids"],
+            baselines=torch.full_like(batch["input_ids"], tokenizer.pad_token_id),
+            target=explain,
+            additional_forward_args=mask,
+            n_steps=8,
+        )
+        .sum(-1)
+    )
+    assert (ours["attribution"] - reference.detach()).abs().max() < 1e-5
+    assert settings.token_strings(batch["input_ids"][0, :3].tolist())[0] == "[CLS]"

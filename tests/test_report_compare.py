@@ -19,7 +19,7 @@ from lightning_attn.report import build_report
 from lightning_attn.report.compare import COMPARE_KIND
 from lightning_attn.report.provenance import sample_hashes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _samples(folder: Path) -> list[dict[str, str]]:

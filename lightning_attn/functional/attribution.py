@@ -50,8 +50,8 @@ def gauss_legendre_path(n_steps: int) -> tuple[list[float], list[float]]:
 
 def gradcam_map(activation: Tensor, gradient: Tensor) -> Tensor:
     """Grad-CAM over tokens (Selvaraju et al. 2017, as pytorch-grad-cam applies it to transformers): channel weights
-    ``w_c = mean_t dS/dA_tc`` (the gradient averaged over tokens), map ``M_t = relu(sum_c w_c A_tc)``. For a ViT pass the
-    patch tokens only (a [CLS] token left out of both, see :func:`patch_grid`), as pytorch-grad-cam does.
+    ``w_c = mean_t dS/dA_tc`` (the gradient averaged over tokens), map ``M_t = relu(sum_c w_c A_tc)``. For a ViT pass
+    the patch tokens only (a [CLS] token left out of both, see :func:`patch_grid`), as pytorch-grad-cam does.
 
     Args:
         activation: ``[B, T, C]`` token activations ``A``.

@@ -421,7 +421,7 @@ def record_attributions(
             run.probe_images[int(probe["sample"])] = image
         cam = probe.get("gradcam")
         if cam is not None and not np.any(np.asarray(cam["map"]) > 0):
-            note = (f"Grad-CAM on {cam['layer']} is zero for some probes (sample {probe['sample']}): no channel of that "
-                    "layer speaks for the explained class there; an earlier layer may show more")
+            note = (f"Grad-CAM on {cam['layer']} is zero for some probes (sample {probe['sample']}): no channel of "
+                    "that layer speaks for the explained class there; an earlier layer may show more")
             if not any(n.startswith(f"Grad-CAM on {cam['layer']} is zero") for n in run.notes):
                 run.notes.append(note)
