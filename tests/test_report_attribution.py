@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from report_helpers import DictDataset
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn.functional.attribution import gradcam_map, patch_grid
-from lightning_attn.report import build_report
+from lightning_attn.report import build_report, load_schema
 from lightning_attn.report.attribution import AttributionSettings, find_embedding, gradcam, token_saliency
 from lightning_attn.report.explain import ReportError, default_forward
 
@@ -233,6 +234,7 @@ def test_report_of_a_text_model_has_token_saliency_equal_to_captum(tmp_path: Pat
     )
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["saliency"] == "gradient_x_input"
+    jsonschema.validate(report, load_schema(), cls=jsonschema.Draft202012Validator)
     batch = next(iter(_text_loader()))
     for probe in report["saliency"]["probes"]:
         row = probe["sample"]
@@ -275,6 +277,7 @@ def test_report_of_an_image_model_draws_gradcam(tmp_path: Path) -> None:
     )
     report = json.loads((out / "report.json").read_text())
     assert (out / "figures" / "gradcam.png").is_file()
+    jsonschema.validate(report, load_schema(), cls=jsonschema.Draft202012Validator)
     for probe in report["saliency"]["probes"]:
         cam = probe["gradcam"]
         assert cam["grid"] == [4, 4] and cam["dropped_cls"]

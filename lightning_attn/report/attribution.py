@@ -32,6 +32,7 @@ from lightning_attn.report.explain import (
     model_inputs,
 )
 from lightning_attn.report.run import ReportRun
+from lightning_attn.report.summary import callable_name
 
 __all__ = [
     "SALIENCY_METHODS",
@@ -85,9 +86,7 @@ class AttributionSettings:
             "saliency": self.saliency,
             "n_steps": self.n_steps,
             "tokenizer": None if self.tokenizer is None else type(self.tokenizer).__name__,
-            "id_to_token": None
-            if self.id_to_token is None
-            else getattr(self.id_to_token, "__qualname__", repr(self.id_to_token)),
+            "id_to_token": callable_name(self.id_to_token),
             "gradcam_layer": self.gradcam_layer,
             "grid": list(self.grid) if self.grid else None,
         }

@@ -83,8 +83,9 @@ class ExplainabilityReport(EvaluationCallback):
     calibration bin; per attention site the mean normalized attention entropy over heads (each head's mean
     over valid query rows, Clark et al. 2019), the most focused head (lowest entropy) and its entropy; the
     top attention pairs (``query>key:weight`` of the head-averaged map) of the chosen ``pair_sites``; and the
-    modality agreement of each declared pair (:func:`~lightning_attn.functional.modality_agreement`); last, the
-    global ``rank`` that evaluated it (0 in a single process).
+    modality agreement of each declared pair (:func:`~lightning_attn.functional.modality_agreement`); the
+    SHA-256 of its model inputs (``input_sha256``, 16 hex digits: ``lightning-attn compare`` matches samples by it);
+    last, the global ``rank`` that evaluated it (0 in a single process).
 
     Streamed statistics: dataset-level accuracy, mean confidence, ECE/MCE over ``calibration_bins``
     equal-width bins (Guo et al. 2017; bins as torchmetrics and the calibration callback), NLL, Brier;

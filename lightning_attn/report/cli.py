@@ -25,8 +25,8 @@ DESCRIPTION = """\
 Build a self-contained explainability report of a trained classifier on its test data (or validation
 data with --stage validate): per-sample explanations (prediction, confidence, correctness, calibration
 bin, per-site attention entropy and most focused head, top attention pairs, modality agreement),
-correct-vs-incorrect and class-wise statistics, saliency of a few probe samples (gradient x input and
-gradient-weighted attention rollout), written as report.html (open it offline), report.json (every
+correct-vs-incorrect and class-wise statistics, saliency of a few probe samples (gradient x input,
+token saliency for token-id inputs, gradient-weighted attention rollout, optional Grad-CAM), written as report.html (open it offline), report.json (every
 number; JSON Schema in lightning_attn/report/report.schema.json), CSV files, summary.md and PNG figures,
 each carrying the SHA-256 of the weights, of the evaluated inputs and of the report settings.
 
@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--probe-index", type=int, action="append", metavar="I", help="explicit sample index for saliency (repeatable)")
     what.add_argument("--saliency-target", choices=("predicted", "target"), help="class to explain (default: predicted)")
     what.add_argument("--outputs-are-probabilities", action="store_true", help="the model outputs probabilities, not logits")
+    what.add_argument("--saliency", choices=("gradient_x_input", "integrated_gradients"),
+                      help="token saliency on the input embedding layer (token-id inputs; default gradient_x_input)")
+    what.add_argument("--n-steps", type=int, metavar="N", help="integrated-gradients points (default 32)")
+    what.add_argument("--embedding", metavar="MODULE",
+                      help="input embedding layer (default: get_input_embeddings() or the first nn.Embedding)")
+    what.add_argument("--gradcam-layer", metavar="GLOB",
+                      help="Grad-CAM on this module's [batch, tokens, channels] output (e.g. a ViT block's norm1)")
+    what.add_argument("--grid", type=_csv, metavar="ROWS,COLS",
+                      help="patch grid of the Grad-CAM map (default: inferred when square)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu: hashes comparable across machines)")
@@ -269,6 +278,14 @@ def _feature_names(values: Sequence[str]) -> Any:
     return mapping or shared
 
 
+def _grid(value: Sequence[str] | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if len(value) != 2 or not all(part.isdigit() and int(part) > 0 for part in value):
+        raise CliError(f"--grid must look like ROWS,COLS (positive integers), got {','.join(value)!r}")
+    return int(value[0]), int(value[1])
+
+
 def _modality_pairs(values: Sequence[str]) -> dict[str, tuple[str, str]] | None:
     pairs: dict[str, tuple[str, str]] = {}
     for value in values:
@@ -385,6 +402,11 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
         "html_max_rows": args.html_max_rows,
         "outputs_are_probabilities": args.outputs_are_probabilities or None,
         "figures": False if args.no_figures else None,
+        "saliency": args.saliency,
+        "n_steps": args.n_steps,
+        "embedding": args.embedding,
+        "gradcam_layer": args.gradcam_layer,
+        "grid": _grid(args.grid),
     }
     kwargs.update({key: value for key, value in explicit.items() if value is not None})
     out = build_report(model, data, args.out, stage=args.stage, callbacks=callbacks, accelerator=args.accelerator,
