@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 from examples.digits_vit import DigitsDataModule, DigitsViT
 from lightning_attn.cli import main as cli_main
 from lightning_attn.report import build_report
-from lightning_attn.report.compare import COMPARE_KIND
+from lightning_attn.report.compare import COMPARE_KIND, compare_reports, load_report
 from lightning_attn.report.provenance import sample_hashes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -188,3 +189,48 @@ def test_never_overwrites_foreign_files(
     assert cli_main(["compare", str(first), str(second), "--out", str(first)]) == 2
     assert "is the report folder" in capsys.readouterr().err
     assert cli_main(["compare", str(first), "--out", str(tmp_path / "z")]) == 2
+
+
+def test_intervals_labels_and_importance_from_the_reports_sections(
+    two_reports: tuple[Path, Path, DigitsDataModule], tmp_path: Path
+) -> None:
+    """The calibration callback's ECE interval and the head-specialization registry's labels and importance, in the
+    layouts those callbacks write into report.json's sections, come out per report."""
+    folders = []
+    for index, source in enumerate(two_reports[:2]):
+        folder = tmp_path / f"r{index}"
+        shutil.copytree(source, folder)
+        report = json.loads((folder / "report.json").read_text())
+        site = report["attention"]["sites"][0]["name"]
+        report["sections"] = {
+            "calibration": {
+                "callback": "x",
+                "results": {"metrics": {"ece": 0.1, "ece_ci_low": 0.05 + index, "ece_ci_high": 0.2 + index}},
+            },
+            "head_specialization": {
+                "callback": "y",
+                "registry": {
+                    "layers": [
+                        {
+                            "site": site,
+                            "heads": [
+                                {
+                                    "head": 0,
+                                    "label": ["Broad head", "Previous-token head"][index],
+                                    "importance": {"raw": 2.0 + index, "normalized": 0.5 * index},
+                                },
+                                {"head": 1, "label": "Broad head", "importance": {"raw": 1.0, "normalized": None}},
+                            ],
+                        }
+                    ]
+                },
+            },
+        }
+        (folder / "report.json").write_text(json.dumps(report))
+        folders.append(load_report(folder))
+    comparison = compare_reports(folders)
+    assert comparison["metrics"]["ece_ci_low"] == [0.05, 1.05] and comparison["metrics"]["ece_ci_high"] == [0.2, 1.2]
+    head0, head1 = comparison["heads"][:2]
+    assert head0["label"] == ["Broad head", "Previous-token head"] and head0["label_changed"]
+    assert head0["importance"] == [0.0, 0.5] and head0["importance_raw"] == [2.0, 3.0]
+    assert not head1["label_changed"] and head1["importance"] == [None, None]

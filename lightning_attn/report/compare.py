@@ -174,8 +174,17 @@ def _registry_heads(document: dict[str, Any]) -> dict[tuple[str, int], dict[str,
     return heads
 
 
+def _importance(head: dict[str, Any]) -> tuple[float | None, float | None]:
+    """``(raw, normalized)`` head importance of a registry head (Michel et al. 2019: ``{"raw", "normalized"}``)."""
+    value = head.get("importance")
+    if isinstance(value, dict):
+        return value.get("raw"), value.get("normalized")
+    return value, None
+
+
 def _heads(reports: Sequence[LoadedReport]) -> list[dict[str, Any]]:
-    """Per (site, head) of the first report: entropy, label and importance in each report (``None`` where absent)."""
+    """Per (site, head) of the first report: entropy, label, normalized and raw importance in each report (``None``
+    where absent)."""
     entropy = [{s["name"]: s.get("entropy_mean") for s in r.document["attention"]["sites"]} for r in reports]
     registries = [_registry_heads(r.document) for r in reports]
     rows = []
@@ -191,7 +200,8 @@ def _heads(reports: Sequence[LoadedReport]) -> list[dict[str, Any]]:
                     "entropy_mean": [v[head] if v is not None and head < len(v) else None for v in per],
                     "label": labels,
                     "label_changed": len(set(known)) > 1,
-                    "importance": [reg.get((site, head), {}).get("importance") for reg in registries],
+                    "importance": [_importance(reg.get((site, head), {}))[1] for reg in registries],
+                    "importance_raw": [_importance(reg.get((site, head), {}))[0] for reg in registries],
                 }
             )
     return rows
