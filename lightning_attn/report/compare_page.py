@@ -151,7 +151,8 @@ def page_html(
     blocks.append(
         '<section id="heads"><h2>Attention heads</h2>'
         '<p class="note">Mean normalized attention entropy per head; labels and normalized importance (Michel et al. '
-        f"2019) from the reports' head-specialization sections where present ({changed_labels} heads changed label).</p>"
+        f"2019) from the reports' head-specialization sections where present ({changed_labels} heads changed "
+        "label).</p>"
         + "".join(page.figure_html(t, png, c) for name, t, c, png in pngs if name == "head_entropy")
         + page.table_html(
             [
