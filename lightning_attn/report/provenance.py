@@ -123,7 +123,7 @@ def sample_hashes(inputs: Any, batch_size: int) -> list[str]:
 
     def visit(value: Any, path: str) -> None:
         if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
-            for digest, row in zip(digests, value.unbind(0), strict=True):
+            for digest, row in zip(digests, value.detach().cpu().unbind(0), strict=True):  # one device copy per tensor
                 digest.update(f"{path}:".encode())
                 _update_tensor(digest, row)
         elif isinstance(value, Mapping):
