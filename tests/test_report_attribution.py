@@ -199,6 +199,13 @@ def test_gradcam_map_and_grid_match_formula() -> None:
     assert patch_grid(197) == (1, (14, 14)) and patch_grid(196) == (0, (14, 14))
 
 
+def test_a_failing_id_to_token_is_one_clear_error() -> None:
+    settings = AttributionSettings(id_to_token=lambda i: ["a", "b"][i])
+    assert settings.token_strings([0, 1]) == ["a", "b"]
+    with pytest.raises(ReportError, match=r"id_to_token failed on the token ids \[0, 5\]"):
+        settings.token_strings([0, 5])
+
+
 def test_settings_validation() -> None:
     with pytest.raises(ValueError, match="saliency must be one of"):
         AttributionSettings(saliency="lime")

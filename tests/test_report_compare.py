@@ -234,3 +234,8 @@ def test_intervals_labels_and_importance_from_the_reports_sections(
     assert head0["label"] == ["Broad head", "Previous-token head"] and head0["label_changed"]
     assert head0["importance"] == [0.0, 0.5] and head0["importance_raw"] == [2.0, 3.0]
     assert not head1["label_changed"] and head1["importance"] == [None, None]
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["compare", "--help"]) == 0
+    assert "--out" in capsys.readouterr().out

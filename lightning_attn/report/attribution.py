@@ -99,11 +99,21 @@ class AttributionSettings:
         return None if pad is None else int(pad)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
-        """Strings of token ``ids`` (the tokenizer's, ``id_to_token``'s, else the ids themselves)."""
-        if self.tokenizer is not None:
-            return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
-        if self.id_to_token is not None:
-            return [str(self.id_to_token(int(i))) for i in ids]
+        """Strings of token ``ids`` (the tokenizer's, ``id_to_token``'s, else the ids themselves).
+
+        Raises:
+            ReportError: the tokenizer or ``id_to_token`` fails on one of the ids (a tokenizer of another vocabulary).
+        """
+        try:
+            if self.tokenizer is not None:
+                return [str(t) for t in self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+            if self.id_to_token is not None:
+                return [str(self.id_to_token(int(i))) for i in ids]
+        except Exception as error:  # the user's callable: any failure becomes one line at the first probe batch
+            source = "the tokenizer" if self.tokenizer is not None else "id_to_token"
+            raise ReportError(
+                f"{source} failed on the token ids {list(ids)[:8]}...: {type(error).__name__}: {error}"
+            ) from None
         return [str(int(i)) for i in ids]
 
 

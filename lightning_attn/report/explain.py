@@ -489,7 +489,8 @@ def compute_saliency(
 
     - **gradient x input** (Shrikumar et al. 2017; Simonyan et al. 2014 for the gradient): ``a = x * ds/dx``
       per floating input tensor; per feature (last axis) ``|a|`` summed over the other axes, its share of
-      the input's total, and the signed sum. Integer inputs (token ids) get none.
+      the input's total, and the signed sum. Integer inputs (token ids) get none here: their saliency is taken on
+      the embedding layer's output (:mod:`~lightning_attn.report.attribution`).
     - **gradient-weighted rollout** (Chefer et al. 2021; jacobgil/vit-explain): per layer
       ``mean_h(max(A * dA, 0))`` rolled out over the largest group of square maps of one length, in forward
       order (:func:`~lightning_attn.functional.gradient_weighted_rollout`); reported as the relevance of each
