@@ -114,8 +114,13 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
     assert (report / "report.html").is_file()
     assert json.loads((report / "report.json").read_text())["dataset"]["num_samples"] > 0
     assert "saliency failed" not in stderr, "the report could not call the model on the batch (forward_fn)"
-    # saliency: gradient x input for float inputs; token ids get the gradient-weighted rollout only
+    # saliency: gradient x input for float inputs; token ids get token saliency on the embedding layer instead
     assert sorted(report.glob("figures/saliency*.png" if example != "minilm_text" else "figures/rollout.png")), "report saliency"
+    probes = json.loads((report / "report.json").read_text())["saliency"]["probes"]
+    if example == "minilm_text":
+        assert probes and all(p["tokens"]["tokens"][0] == "[CLS]" for p in probes), "token saliency with token strings"
+    if example == "digits_vit":
+        assert (report / "figures" / "gradcam.png").is_file(), "Grad-CAM over the digits"
 
     if example == "cross_modal":
         assert sorted(attn.glob("*pairs_signal*.png")), "modality-pair figure"

@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn.functional.attribution import gradcam_map, patch_grid
 from lightning_attn.report import build_report, load_schema
-from lightning_attn.report.attribution import AttributionSettings, find_embedding, gradcam, token_saliency
+from lightning_attn.report.attribution import (
+    AttributionSettings,
+    compute_attributions,
+    find_embedding,
+    gradcam,
+    token_saliency,
+)
 from lightning_attn.report.explain import ReportError, default_forward
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -197,6 +203,29 @@ def test_gradcam_map_and_grid_match_formula() -> None:
     )
     assert torch.allclose(gradcam_map(a, g), expected.double(), atol=1e-12)
     assert patch_grid(197) == (1, (14, 14)) and patch_grid(196) == (0, (14, 14))
+
+
+class OneHotText(nn.Module):
+    """Token ids read through one_hot: its nn.Embedding (kept for another use) never sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Embedding(VOCAB, 4)
+        self.head = nn.Linear(VOCAB, CLASSES)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(nn.functional.one_hot(input_ids, VOCAB).float().mean(1))
+
+
+def test_an_embedding_the_forward_never_calls() -> None:
+    """Found automatically: a note and no token saliency; named by the user: one clear error."""
+    batch, explain = _text_batch(), torch.tensor([0, 1, 2])
+    result = compute_attributions(OneHotText(), batch, default_forward, explain=explain, settings=AttributionSettings())
+    assert result["tokens"] is None and "no token saliency on the layer found, unused" in result["attribution_notes"][0]
+    with pytest.raises(ReportError, match="was not called by the model's forward"):
+        compute_attributions(
+            OneHotText(), batch, default_forward, explain=explain, settings=AttributionSettings(embedding="unused")
+        )
 
 
 def test_a_failing_id_to_token_is_one_clear_error() -> None:

@@ -241,9 +241,9 @@ def token_saliency(
         ``{"ids": [B, T] token ids (the layer's input), "attribution": [B, T] float64}`` on the host.
     """
     if settings.saliency == "gradient_x_input":
-        run = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key)
-        attribution = token_attribution(run.output, run.gradient)
-        ids = run.first_input
+        layer_pass = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key)
+        attribution = token_attribution(layer_pass.output, layer_pass.gradient)
+        ids = layer_pass.first_input
     else:
         first = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key)
         ids = first.first_input
@@ -299,18 +299,18 @@ def gradcam(
             fit.
     """
     name, layer = _named_layer(module, layer_glob)
-    run = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key)
+    layer_pass = _layer_pass(module, batch, forward_fn, layer, explain, logits_key=logits_key)
     batch_size = int(explain.shape[0])
-    if run.output.dim() != 3 or run.output.shape[0] != batch_size:
+    if layer_pass.output.dim() != 3 or layer_pass.output.shape[0] != batch_size:
         raise ReportError(
-            f"gradcam_layer {name!r} outputs shape {tuple(run.output.shape)}, not [batch={batch_size}, tokens, "
+            f"gradcam_layer {name!r} outputs shape {tuple(layer_pass.output.shape)}, not [batch={batch_size}, tokens, "
             "channels] (a batch-first token layer, e.g. a ViT block's norm1)"
         )
     try:
-        drop, shape = patch_grid(int(run.output.shape[1]), grid)
+        drop, shape = patch_grid(int(layer_pass.output.shape[1]), grid)
     except ValueError as error:
         raise ReportError(f"gradcam_layer {name!r}: {error}") from None
-    cam = gradcam_map(run.output[:, drop:], run.gradient[:, drop:]).cpu()
+    cam = gradcam_map(layer_pass.output[:, drop:], layer_pass.gradient[:, drop:]).cpu()
     if shape is not None:
         cam = cam.reshape(batch_size, *shape)
     return {"layer": name, "map": cam, "grid": shape, "dropped_cls": bool(drop)}
@@ -357,10 +357,17 @@ def compute_attributions(
             )
         else:
             name, layer = found
-            tokens = token_saliency(
-                module, batch, forward_fn, explain=explain, layer=layer, settings=settings, logits_key=logits_key
-            )
-            out["tokens"] = {**tokens, "layer": name, "method": settings.saliency, "pad_id": settings.pad_id(layer)}
+            try:
+                tokens = token_saliency(
+                    module, batch, forward_fn, explain=explain, layer=layer, settings=settings, logits_key=logits_key
+                )
+            except ReportError as error:
+                if settings.embedding is not None:  # the layer the user named does not fit: say so at once
+                    raise
+                out["attribution_notes"].append(f"no token saliency on the layer found, {name}: {error} (name the "
+                                                "input embedding layer with embedding=)")
+            else:
+                out["tokens"] = {**tokens, "layer": name, "method": settings.saliency, "pad_id": settings.pad_id(layer)}
     if settings.gradcam_layer is not None:
         cam = gradcam(
             module,
