@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from examples.digits_vit import DigitsDataModule, DigitsViT
 from lightning_attn.cli import main as cli_main
 from lightning_attn.report import build_report
-from lightning_attn.report.compare import COMPARE_KIND, compare_reports, load_report
+from lightning_attn.report.compare import COMPARE_KIND, CompareError, compare_reports, load_report
 from lightning_attn.report.provenance import sample_hashes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -239,3 +239,27 @@ def test_intervals_labels_and_importance_from_the_reports_sections(
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["compare", "--help"]) == 0
     assert "--out" in capsys.readouterr().out
+
+
+def _without_hashes(source: Path, target: Path) -> Path:
+    """A copy of a report as written before samples.csv had its input_sha256 column."""
+    shutil.copytree(source, target)
+    lines = (target / "samples.csv").read_text().splitlines(keepends=True)
+    rows = list(csv.reader(lines[1:]))
+    drop = rows[0].index("input_sha256")
+    with (target / "samples.csv").open("w", newline="") as handle:
+        handle.write(lines[0])
+        csv.writer(handle).writerows([cell for i, cell in enumerate(row) if i != drop] for row in rows)
+    return target
+
+
+def test_reports_without_input_hashes(two_reports: tuple[Path, Path, DigitsDataModule], tmp_path: Path) -> None:
+    """Older reports match by position only when their inputs hash equal; else the comparison stops."""
+    first, second, _ = two_reports
+    a = load_report(_without_hashes(first, tmp_path / "a"))
+    same = load_report(_without_hashes(first, tmp_path / "same"))
+    comparison = compare_reports([a, same])
+    assert comparison["samples"]["matched"] == len(a.rows) and comparison["samples"]["changed"] == []
+    b = load_report(_without_hashes(second, tmp_path / "b"))  # other batch sizes: another inputs hash
+    with pytest.raises(CompareError, match="no per-sample input hashes"):
+        compare_reports([a, b])
