@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import json
+
 import jsonschema
 import lightning.pytorch as pl
 import pytest
@@ -30,16 +32,20 @@ class RoleChangingModule(PlantedModule):
         self.model.layers[0].plan = tuple(plan)
 
 
+def fit_three_epochs(root: Path, logger: Any) -> HeadSpecializationTracker:
+    torch.manual_seed(0)
+    tracker = HeadSpecializationTracker(probe_samples=0, log_figures=False, logged_scores=())
+    options = trainer_options(root, logger=logger, max_epochs=3, limit_train_batches=1, limit_val_batches=2, num_sanity_val_steps=0,
+                              log_every_n_steps=1)
+    pl.Trainer(callbacks=[tracker], **options).fit(RoleChangingModule(), make_loader(batch_size=16), make_loader(size=32, batch_size=16))
+    return tracker
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("roles")
-    torch.manual_seed(0)
-    module = RoleChangingModule()
-    tracker = HeadSpecializationTracker(probe_samples=0, log_figures=False, logged_scores=())
     logger = TensorBoardLogger(str(root), name="tb", version=0)
-    options = trainer_options(root, logger=logger, max_epochs=3, limit_train_batches=1, limit_val_batches=2, num_sanity_val_steps=0)
-    pl.Trainer(callbacks=[tracker], **options).fit(module, make_loader(batch_size=16), make_loader(size=32, batch_size=16))
-    return {"tracker": tracker, "logdir": Path(logger.log_dir)}
+    return {"tracker": fit_three_epochs(root, logger), "logdir": Path(logger.log_dir)}
 
 
 def test_the_planted_change_is_one_event_at_its_epoch(run: dict[str, Any]) -> None:
@@ -112,3 +118,25 @@ def test_timeline_figure_shows_the_change(run: dict[str, Any]) -> None:
     assert {"Broad head", "Previous-token head", "Sink head"} <= set(legend)
     marks = ax.collections[0].get_offsets().tolist()
     assert marks == [[CHANGE_EPOCH, row]]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_events_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.finish()  # a run left active by another test would be reused
+    logger = WandbLogger(project="roles-test", save_dir=str(tmp_path), offline=True)
+    try:
+        fit_three_epochs(tmp_path, logger)
+        run_dir = Path(logger.experiment.dir).parent
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    tables = sorted((run_dir / "files" / "media" / "table").rglob("role_events*.table.json"))
+    assert len(tables) == 3  # one per evaluated epoch
+    rows = [row for path in tables for row in json.loads(path.read_text())["data"]]
+    assert [(row[0], row[2], row[4]) for row in rows] == [(CHANGE_EPOCH, CHANGING, "Previous-token head")]
