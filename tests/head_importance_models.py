@@ -16,10 +16,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from helpers import reproducible, script_main, validate_to_json
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from helpers import reproducible, script_main, validate_to_json
 
 from lightning_attn import HeadSpecializationTracker
 
@@ -124,7 +123,9 @@ def importance_json(tracker: HeadSpecializationTracker) -> dict[str, Any]:
 
 def run(devices: int, strategy: str, out: str, root: str | None) -> None:
     reproducible()
-    tracker = HeadSpecializationTracker(head_importance=True, probe_samples=0, log_figures=False, export_registry=False, logged_scores=())
+    tracker = HeadSpecializationTracker(
+        head_importance=True, probe_samples=0, log_figures=False, export_registry=False, logged_scores=()
+    )
     validate_to_json(trained_module(), tracker, val_loader(), importance_json, devices, strategy, out, root)
 
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from head_importance_models import HEADS, importance_json, make_data, trained_module, val_loader
 from helpers import run_ddp_script, trainer_options
 from matplotlib.figure import Figure
-from scipy.stats import spearmanr
+from scipy.stats import spearmanr  # type: ignore[import-untyped]
 
 from lightning_attn import HeadSpecializationTracker
 from lightning_attn.callbacks.head_importance import step_loss
@@ -33,7 +33,9 @@ HEAD_DIM = 16 // HEADS
 
 
 def tracker(**overrides: Any) -> HeadSpecializationTracker:
-    options: dict[str, Any] = dict(head_importance=True, probe_samples=0, log_figures=False, export_registry=False, logged_scores=())
+    options: dict[str, Any] = dict(
+        head_importance=True, probe_samples=0, log_figures=False, export_registry=False, logged_scores=()
+    )
     return HeadSpecializationTracker(**{**options, **overrides})
 
 
@@ -82,7 +84,7 @@ def test_raw_importance_is_the_mean_per_sample_gradient(validated: dict[str, Any
     for b in range(0, 256, 4):  # every 4th sample keeps it fast: compare on the same subset below
         with torch.enable_grad(), HeadGates(module) as heads:
             loss = F.cross_entropy(module.model(x[b : b + 1]), y[b : b + 1])
-        for site, grad in zip(heads.gates, torch.autograd.grad(loss, list(heads.gates.values()))):
+        for site, grad in zip(heads.gates, torch.autograd.grad(loss, list(heads.gates.values())), strict=True):
             total[site] += grad[0].abs().double()
     subset = tracker()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[::4], y[::4]), batch_size=16)
@@ -103,12 +105,12 @@ def test_gate_gradient_equals_finite_difference(trained: Any, site: str, head: i
     gates = heads.gates
     grad = torch.autograd.grad(loss, [gates[site]])[0]
     assert set(gates) == set(SITES) and gates[site].shape == (3, HEADS)
-    projection = dict(zip(SITES, model.out_projections()))[site]
+    projection = dict(zip(SITES, model.out_projections(), strict=True))[site]
     eps = 1e-6
 
     def loss_at(scale: float) -> float:  # one sample's gate = scaling that head's columns of the output projection
         scaled = copy.deepcopy(model)
-        weight = dict(zip(SITES, scaled.out_projections()))[site].weight
+        weight = dict(zip(SITES, scaled.out_projections(), strict=True))[site].weight
         with torch.no_grad():
             weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM] *= scale
             return F.cross_entropy(scaled(x[:1]), y[:1]).item()
@@ -140,9 +142,11 @@ def test_normalization_registry_table_and_figure(validated: dict[str, Any]) -> N
     callback: HeadSpecializationTracker = validated["tracker"]
     record = callback.history_for("val")[-1]
     # Michel et al. / HF bertology, by hand: per layer by the L2 norm, then global min-max
-    per_layer = [[v / math.sqrt(sum(w * w for w in record["importance"][s])) for v in record["importance"][s]] for s in SITES]
+    per_layer = [
+        [v / math.sqrt(sum(w * w for w in record["importance"][s])) for v in record["importance"][s]] for s in SITES
+    ]
     low, high = min(min(r) for r in per_layer), max(max(r) for r in per_layer)
-    for site, row in zip(SITES, per_layer):
+    for site, row in zip(SITES, per_layer, strict=True):
         assert record["importance_normalized"][site] == pytest.approx([(v - low) / (high - low) for v in row])
     registry = callback.registry("val")
     jsonschema.validate(registry, registry_schema())
@@ -157,7 +161,10 @@ def test_normalization_registry_table_and_figure(validated: dict[str, Any]) -> N
     figure = callback.figures("val")["importance"]
     assert isinstance(figure, Figure)
     shown = figure.axes[0].images[0].get_array()
-    assert shown.shape == (2, HEADS) and float(shown[0, 0]) == pytest.approx(record["importance_normalized"]["model.sdpa"][0])
+    assert shown is not None
+    assert shown.shape == (2, HEADS) and float(shown[0, 0]) == pytest.approx(
+        record["importance_normalized"]["model.sdpa"][0]
+    )
 
 
 def test_functional_helpers_on_hand_values() -> None:

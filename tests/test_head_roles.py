@@ -3,18 +3,18 @@ the state_dict, logged to TensorBoard (read back from the event file), listed in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-import json
-
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from helpers import trainer_options
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # type: ignore[import-untyped]
 from test_head_specialization import LAYER_PLANS, PlantedModule, make_loader
 
 from lightning_attn import HeadSpecializationTracker
@@ -29,15 +29,25 @@ class RoleChangingModule(PlantedModule):
     def on_validation_epoch_start(self) -> None:
         plan = list(LAYER_PLANS[0])
         plan[2] = "previous" if self.current_epoch >= CHANGE_EPOCH else "uniform"
-        self.model.layers[0].plan = tuple(plan)
+        layer: Any = self.model.layers[0]
+        layer.plan = tuple(plan)
 
 
 def fit_three_epochs(root: Path, logger: Any) -> HeadSpecializationTracker:
     torch.manual_seed(0)
     tracker = HeadSpecializationTracker(probe_samples=0, log_figures=False, logged_scores=())
-    options = trainer_options(root, logger=logger, max_epochs=3, limit_train_batches=1, limit_val_batches=2, num_sanity_val_steps=0,
-                              log_every_n_steps=1)
-    pl.Trainer(callbacks=[tracker], **options).fit(RoleChangingModule(), make_loader(batch_size=16), make_loader(size=32, batch_size=16))
+    options = trainer_options(
+        root,
+        logger=logger,
+        max_epochs=3,
+        limit_train_batches=1,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    pl.Trainer(callbacks=[tracker], **options).fit(
+        RoleChangingModule(), make_loader(batch_size=16), make_loader(size=32, batch_size=16)
+    )
     return tracker
 
 
@@ -61,7 +71,13 @@ def test_the_planted_change_is_one_event_at_its_epoch(run: dict[str, Any]) -> No
 
 def test_role_events_by_hand() -> None:
     def record(epoch: int, label: str, types: list[str], hsi: float | None) -> dict[str, Any]:
-        return {"epoch": epoch, "sites": [{"name": "s", "num_heads": 1}], "labels": {"s": [label]}, "types": {"s": [types]}, "hsi": {"s": [hsi]}}
+        return {
+            "epoch": epoch,
+            "sites": [{"name": "s", "num_heads": 1}],
+            "labels": {"s": [label]},
+            "types": {"s": [types]},
+            "hsi": {"s": [hsi]},
+        }
 
     same = record(0, "General context", [], 0.1)
     assert role_events(None, same, 0.3) == []
@@ -109,14 +125,15 @@ def test_timeline_figure_shows_the_change(run: dict[str, Any]) -> None:
     figure = tracker.figures("val")["timeline"]
     ax = figure.axes[0]
     grid = ax.images[0].get_array()
+    assert grid is not None
     heads = [f"{s['name']}/h{h}" for s in tracker.history_for("val")[-1]["sites"] for h in range(s["num_heads"])]
     row = heads.index(CHANGING)
     assert grid.shape == (len(heads), 3)
     assert grid[row, 0] == grid[row, 1] != grid[row, 2]
     assert all(grid[n, 0] == grid[n, 2] for n in range(len(heads)) if n != row)
-    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]  # type: ignore[union-attr]
     assert {"Broad head", "Previous-token head", "Sink head"} <= set(legend)
-    marks = ax.collections[0].get_offsets().tolist()
+    marks = np.asarray(ax.collections[0].get_offsets()).tolist()
     assert marks == [[CHANGE_EPOCH, row]]
 
 

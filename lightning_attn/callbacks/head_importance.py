@@ -51,7 +51,7 @@ def step_loss(output: Any) -> Tensor:
 
 @contextlib.contextmanager
 def _logging_off(pl_module: pl.LightningModule) -> Iterator[None]:
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -65,7 +65,9 @@ def _metric_states_kept(pl_module: pl.LightningModule) -> Iterator[None]:
     for metric in pl_module.modules():
         if isinstance(metric, Metric):
             states = {name: getattr(metric, name) for name in metric._defaults}
-            states = {name: value.clone() if isinstance(value, Tensor) else list(value) for name, value in states.items()}
+            states = {
+                name: value.clone() if isinstance(value, Tensor) else list(value) for name, value in states.items()
+            }
             saved.append((metric, states, metric._update_count, metric._computed))
     try:
         yield
@@ -97,12 +99,17 @@ def head_gradients(
     kwargs = {"dataloader_idx": dataloader_idx} if len(loaders) > 1 else {}
     with torch.inference_mode(False), torch.enable_grad():
         batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())  # normal tensors, not inference ones
-        with _logging_off(pl_module), _metric_states_kept(pl_module), HeadGates(pl_module, include, exclude) as heads, INTERCEPTOR.exclusive(heads):
+        with (
+            _logging_off(pl_module),
+            _metric_states_kept(pl_module),
+            HeadGates(pl_module, include, exclude) as heads,
+            INTERCEPTOR.exclusive(heads),
+        ):
             loss = step_loss(step(batch, batch_idx, **kwargs))
         if not heads.gates:
             return {}
         grads = torch.autograd.grad(loss, list(heads.gates.values()), allow_unused=True)
     return {
         site: (torch.zeros_like(gate) if grad is None else grad * gate.shape[0]).detach()
-        for (site, gate), grad in zip(heads.gates.items(), grads)
+        for (site, gate), grad in zip(heads.gates.items(), grads, strict=True)
     }

@@ -362,8 +362,10 @@ class HeadSpecializationTracker(EvaluationCallback):
         self._close_recorder()
         if self.head_importance:
             importance = self._importance.setdefault((stage, dataloader_idx), HeadImportance()).to(pl_module.device)
-            for site, gradients in head_gradients(trainer, pl_module, batch, batch_idx, dataloader_idx, stage, self.include, self.exclude).items():
-                importance.update(site, gradients)
+            sites = (self.include, self.exclude)
+            gradients = head_gradients(trainer, pl_module, batch, batch_idx, dataloader_idx, stage, *sites)
+            for site, per_sample in gradients.items():
+                importance.update(site, per_sample)
 
     def eval_abort(self) -> None:
         self._close_recorder()
@@ -426,7 +428,8 @@ class HeadSpecializationTracker(EvaluationCallback):
             if importance is not None and importance.update_called:
                 entry.update(importance_record(importance.compute(), entry["sites"]))  # a collective: every rank
                 importance.reset()
-            entry["events"] = role_events(previous_record(self.history_for(key), entry["epoch"]), entry, self.hsi_threshold)
+            previous = previous_record(self.history_for(key), entry["epoch"])
+            entry["events"] = role_events(previous, entry, self.hsi_threshold)
             self._record(entry)
             if redundancy:
                 self.last_redundancy[key] = redundancy
@@ -479,9 +482,12 @@ class HeadSpecializationTracker(EvaluationCallback):
                 for head in layer["heads"]
             ]
             publish_table(trainer, "registry", ["head", "label", "hsi", "primary_feature", "correlation", "types"], rows, namespace=namespace, step=step, save_dir=self.save_dir)
-        publish_table(trainer, "role_events", EVENT_COLUMNS, event_rows(entry["events"]), namespace=namespace, step=step, save_dir=self.save_dir)
+        tables: dict[str, tuple[Sequence[str], list[list[Any]]]] = {}
+        tables["role_events"] = (EVENT_COLUMNS, event_rows(entry["events"]))
         if "importance" in entry:
-            publish_table(trainer, "prunable_heads", PRUNABLE_COLUMNS, prunable_heads(entry), namespace=namespace, step=step, save_dir=self.save_dir)
+            tables["prunable_heads"] = (PRUNABLE_COLUMNS, prunable_heads(entry))
+        for name, (columns, table_rows) in tables.items():
+            publish_table(trainer, name, columns, table_rows, namespace=namespace, step=step, save_dir=self.save_dir)
         if self.log_figures:
             publish_figures(trainer, self.figures(key, redundancy), namespace=namespace, step=step, save_dir=self.save_dir)
 
@@ -518,10 +524,12 @@ class HeadSpecializationTracker(EvaluationCallback):
             series["hsi"] = [self._flat(r, heads, "hsi") for r in ordered]
         figures["evolution"] = plot_head_evolution(epochs, series, heads, title=f"Per-head evolution ({stage})")
         labels = [[self._label_at(r, head) for head in heads] for r in ordered]
-        figures["timeline"] = plot_head_timeline(epochs, labels, heads, self.events(stage), title=f"Head roles over epochs ({stage})")
+        events = self.events(stage)
+        figures["timeline"] = plot_head_timeline(epochs, labels, heads, events, title=f"Head roles ({stage})")
         if "importance" in entry:
-            table = [entry["importance_normalized"][site] + [math.nan] * (width - len(entry["importance_normalized"][site])) for site in sites]
-            figures["importance"] = plot_head_importance(table, sites, title=f"Head importance, Michel et al. 2019 ({title})")
+            normalized = entry["importance_normalized"]
+            table = [normalized[site] + [math.nan] * (width - len(normalized[site])) for site in sites]
+            figures["importance"] = plot_head_importance(table, sites, title=f"Head importance ({title})")
         return figures
 
     @staticmethod

@@ -301,7 +301,9 @@ class _Interceptor:
         gates = self._gate_sink()
         if gates is not None:  # gate the heads between the merge and out_proj: project with the identity first
             out_proj = a["out_proj_weight"], a["out_proj_bias"]
-            a["out_proj_weight"], a["out_proj_bias"] = torch.eye(out_proj[0].shape[1], dtype=out_proj[0].dtype, device=out_proj[0].device), None
+            weight = out_proj[0]
+            a["out_proj_weight"] = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+            a["out_proj_bias"] = None
         self._mha_weights_depth += 1
         try:
             out, weights = original(*bound.args, **bound.kwargs)

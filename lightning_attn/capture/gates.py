@@ -50,7 +50,9 @@ class HeadGates(AttentionRecorder):
         grads = torch.autograd.grad(loss, list(heads.gates.values()))
     """
 
-    def __init__(self, model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+    ) -> None:
         super().__init__(model, include=include, exclude=exclude, keep=False, on_capture=self._remember)
         self.gates: OrderedDict[str, Tensor] = OrderedDict()
         self._pending: AttentionCapture | None = None
@@ -63,7 +65,9 @@ class HeadGates(AttentionRecorder):
         super().__enter__()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         super().__exit__(exc_type, exc, tb)
         self._pending = None
         if self._fastpath_was is not None:
@@ -78,7 +82,9 @@ class HeadGates(AttentionRecorder):
         if capture is None or not torch.is_grad_enabled():
             return None
         if capture.info.num_heads != heads:
-            raise ValueError(f"site {capture.site!r}: the output has {heads} heads, the attention {capture.info.num_heads}")
+            raise ValueError(
+                f"site {capture.site!r}: the output has {heads} heads, the attention {capture.info.num_heads}"
+            )
         gate = torch.ones(batch, heads, dtype=like.dtype, device=like.device, requires_grad=True)
         self.gates[capture.site] = gate
         return gate

@@ -32,7 +32,7 @@ def normalize_head_importance(per_layer: Sequence[Tensor], exponent: float = 2.0
 
     Example:
         >>> [t.tolist() for t in normalize_head_importance([torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])])]
-        [[0.0, 0.25], [1.0, 0.0]]
+        [[0.6, 0.8], [1.0, 0.0]]
     """
     scaled = [layer.double() / (layer.double().pow(exponent).sum().pow(1.0 / exponent) + eps) for layer in per_layer]
     if not scaled:

@@ -27,7 +27,17 @@ __all__ = [
 ]
 
 #: Columns of the per-epoch ``role_events`` table.
-EVENT_COLUMNS = ("epoch", "since_epoch", "head", "label_from", "label_to", "types_from", "types_to", "hsi_from", "hsi_to")
+EVENT_COLUMNS = (
+    "epoch",
+    "since_epoch",
+    "head",
+    "label_from",
+    "label_to",
+    "types_from",
+    "types_to",
+    "hsi_from",
+    "hsi_to",
+)
 
 #: Columns of the ``prunable_heads`` table.
 PRUNABLE_COLUMNS = ("rank", "head", "label", "importance", "normalized", "cumulative_share")
@@ -43,7 +53,9 @@ def previous_record(records: Sequence[Mapping[str, Any]], epoch: int) -> Mapping
     return max(earlier, key=lambda r: r["epoch"]) if earlier else None
 
 
-def role_events(previous: Mapping[str, Any] | None, entry: Mapping[str, Any], hsi_threshold: float) -> list[dict[str, Any]]:
+def role_events(
+    previous: Mapping[str, Any] | None, entry: Mapping[str, Any], hsi_threshold: float
+) -> list[dict[str, Any]]:
     """The heads whose role changed between the ``previous`` record of the stage and ``entry``.
 
     A change is a new label, a new set of structural types (e.g. a head reaching the previous-token threshold), or
@@ -62,13 +74,25 @@ def role_events(previous: Mapping[str, Any] | None, entry: Mapping[str, Any], hs
         for h in range(min(site_info["num_heads"], len(old_labels))):
             before = (old_labels[h], previous["types"][site][h], previous["hsi"][site][h])
             after = (entry["labels"][site][h], entry["types"][site][h], entry["hsi"][site][h])
-            if before[0] == after[0] and set(before[1]) == set(after[1]) and _specialized(before[2], hsi_threshold) == _specialized(after[2], hsi_threshold):
+            if (
+                before[0] == after[0]
+                and set(before[1]) == set(after[1])
+                and _specialized(before[2], hsi_threshold) == _specialized(after[2], hsi_threshold)
+            ):
                 continue
-            events.append({
-                "epoch": entry["epoch"], "since_epoch": previous["epoch"], "head": f"{site}/h{h}",
-                "label_from": before[0], "label_to": after[0], "types_from": list(before[1]), "types_to": list(after[1]),
-                "hsi_from": before[2], "hsi_to": after[2],
-            })
+            events.append(
+                {
+                    "epoch": entry["epoch"],
+                    "since_epoch": previous["epoch"],
+                    "head": f"{site}/h{h}",
+                    "label_from": before[0],
+                    "label_to": after[0],
+                    "types_from": list(before[1]),
+                    "types_to": list(after[1]),
+                    "hsi_from": before[2],
+                    "hsi_to": after[2],
+                }
+            )
     return events
 
 
@@ -77,13 +101,15 @@ def event_rows(events: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     return [[", ".join(e[c]) if c.startswith("types") else e[c] for c in EVENT_COLUMNS] for e in events]
 
 
-def importance_record(raw: Mapping[str, Tensor], sites: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[float]]]:
+def importance_record(
+    raw: Mapping[str, Tensor], sites: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, list[float]]]:
     """``{"importance": {site: [raw]}, "importance_normalized": {site: [normalized]}}`` in ``sites`` order,
     normalized by :func:`~lightning_attn.functional.importance.normalize_head_importance` over the sites that have
     a defined importance (NaN elsewhere)."""
     names = [s["name"] for s in sites]
     scored = [n for n in names if n in raw and not torch.isnan(raw[n]).any()]
-    normalized = dict(zip(scored, normalize_head_importance([raw[n] for n in scored])))
+    normalized = dict(zip(scored, normalize_head_importance([raw[n] for n in scored]), strict=True))
     nan_row = lambda n: [math.nan] * next(s["num_heads"] for s in sites if s["name"] == n)  # noqa: E731
     return {
         "importance": {n: raw[n].double().tolist() if n in raw else nan_row(n) for n in names},
@@ -104,7 +130,10 @@ def prunable_heads(entry: Mapping[str, Any]) -> list[list[Any]]:
                 normalized.append(value)
                 labels.append(entry["labels"][site][h])
     order, share = pruning_order(torch.tensor(normalized, dtype=torch.float64))
-    return [[rank + 1, heads[i], labels[i], raw[i], normalized[i], float(share[rank])] for rank, i in enumerate(order.tolist())]
+    return [
+        [rank + 1, heads[i], labels[i], raw[i], normalized[i], float(share[rank])]
+        for rank, i in enumerate(order.tolist())
+    ]
 
 
 def add_head_history(registry: dict[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
