@@ -192,3 +192,51 @@ def test_ddp_equals_one_process(tmp_path: Path, validated: dict[str, Any]) -> No
     for key in ("importance", "importance_normalized"):
         for site in SITES:  # float32 gradients of other batch compositions: equal up to their rounding
             assert ddp[key][site] == pytest.approx(single[key][site], rel=1e-6, abs=1e-9), (key, site)
+
+
+def test_encoder_layers_are_gated_off_their_fast_path_with_the_same_output() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)  # grad-free parameters: the fused fast path would run without the gates
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        plain = encoder(x)
+    with torch.enable_grad(), HeadGates(encoder) as heads:
+        gated = encoder(x)
+    assert list(heads.gates) == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert (gated - plain).abs().max().item() < 1e-5
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    grads = torch.autograd.grad(gated.square().sum(), list(heads.gates.values()))
+    assert all(g.shape == (3, 2) and g.abs().sum() > 0 for g in grads)
+
+
+class EagerAttention(torch.nn.Module):
+    """Returns ``(output, weights)`` and merges its heads itself: captured, but not gateable."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = x @ x.transpose(-1, -2)
+        weights = torch.stack([scores.softmax(-1), (-scores).softmax(-1)], 1)  # two heads
+        return weights.mean(1) @ x, weights
+
+
+class EagerModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = EagerAttention()
+        self.head = torch.nn.Linear(4, 2)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(self.attention(x)[0].mean(1)), y)
+
+
+def test_attention_that_merges_its_own_heads_gets_a_clear_warning() -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 4), torch.randint(0, 2, (8,)))
+    callback = tracker()
+    with pytest.warns(UserWarning, match="found no head to gate"):
+        pl.Trainer(callbacks=[callback], **trainer_options(None)).validate(
+            EagerModule(), torch.utils.data.DataLoader(data, batch_size=4), verbose=False
+        )
+    assert "importance" not in callback.history_for("val")[-1]

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
@@ -64,9 +65,9 @@ def _metric_states_kept(pl_module: pl.LightningModule) -> Iterator[None]:
     saved = []
     for metric in pl_module.modules():
         if isinstance(metric, Metric):
-            states = {name: getattr(metric, name) for name in metric._defaults}
             states = {
-                name: value.clone() if isinstance(value, Tensor) else list(value) for name, value in states.items()
+                name: value.clone() if isinstance(value, Tensor) else list(value)
+                for name, value in metric.metric_state.items()
             }
             saved.append((metric, states, metric._update_count, metric._computed))
     try:
@@ -107,6 +108,11 @@ def head_gradients(
         ):
             loss = step_loss(step(batch, batch_idx, **kwargs))
         if not heads.gates:
+            rank_zero_warn(
+                "HeadSpecializationTracker(head_importance=True) found no head to gate: only attention computed by "
+                "scaled_dot_product_attention or nn.MultiheadAttention can be gated (Hugging Face models: use the "
+                "default attn_implementation='sdpa', not 'eager')"
+            )
             return {}
         grads = torch.autograd.grad(loss, list(heads.gates.values()), allow_unused=True)
     return {

@@ -27,7 +27,10 @@ from torch import Tensor, nn
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 
-__all__ = ["HeadGates"]
+__all__ = ["GATED_SOURCES", "HeadGates"]
+
+#: Capture sources whose output the interceptor can gate (see the module docstring).
+GATED_SOURCES = ("sdpa", "mha")
 
 
 class HeadGates(AttentionRecorder):
@@ -74,7 +77,9 @@ class HeadGates(AttentionRecorder):
             torch.backends.mha.set_fastpath_enabled(self._fastpath_was)
 
     def _remember(self, capture: AttentionCapture) -> None:
-        self._pending = capture
+        # Modules that return their own weights (Hugging Face ``eager``) merge the heads themselves: not gated.
+        if capture.info.source in GATED_SOURCES:
+            self._pending = capture
 
     def _take_gate(self, batch: int, heads: int, like: Tensor) -> Tensor | None:
         """The gate of the call just recorded (``None`` when it was not recorded: excluded, nested)."""
