@@ -6,11 +6,13 @@ see the tokens: head ``h`` of layer 0 (a module calling ``F.scaled_dot_product_a
 ``h``, head ``h`` of layer 1 (``nn.MultiheadAttention``, weights returned: its own path) only to token ``4 + h``
 (planted masks). So, once trained, head ``j`` of the model matters as much as ``c_j``.
 
-Run as a script, it is the DDP job of the importance test: ``--devices 2 --out results.json``.
+Run as a script, it is the DDP job of the importance test: ``--devices 2 --out results.json --root DIR``, with the
+trained weights read from ``DIR/../trained.pt`` (:data:`WEIGHTS`), written there by the test.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_attn import HeadSpecializationTracker
 
 LENGTH, HEADS, DIM = 8, 4, 16
+WEIGHTS = "trained.pt"
 COEFFICIENTS = (8.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.0)
 
 
@@ -123,10 +126,13 @@ def importance_json(tracker: HeadSpecializationTracker) -> dict[str, Any]:
 
 def run(devices: int, strategy: str, out: str, root: str | None) -> None:
     reproducible()
+    assert root is not None, "--root DIR: the trained weights are DIR/../trained.pt"
+    module = GradedModule()
+    module.load_state_dict(torch.load(Path(root).parent / WEIGHTS))
     tracker = HeadSpecializationTracker(
         head_importance=True, probe_samples=0, log_figures=False, export_registry=False, logged_scores=()
     )
-    validate_to_json(trained_module(), tracker, val_loader(), importance_json, devices, strategy, out, root)
+    validate_to_json(module.eval(), tracker, val_loader(), importance_json, devices, strategy, out, root)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from head_importance_models import HEADS, importance_json, make_data, trained_module, val_loader
+from head_importance_models import HEADS, WEIGHTS, importance_json, make_data, trained_module, val_loader
 from helpers import run_ddp_script, trainer_options
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr  # type: ignore[import-untyped]
@@ -185,7 +185,8 @@ def test_a_step_without_loss_fails_at_the_first_batch(trained: Any) -> None:
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_ddp_equals_one_process(tmp_path: Path, validated: dict[str, Any]) -> None:
+def test_ddp_equals_one_process(tmp_path: Path, validated: dict[str, Any], trained: Any) -> None:
+    torch.save(trained.state_dict(), tmp_path / WEIGHTS)
     ddp = run_ddp_script(Path(__file__).with_name("head_importance_models.py"), tmp_path)
     assert ddp["world_size"] == 2
     single = importance_json(validated["tracker"])
