@@ -72,7 +72,8 @@ def plot_head_timeline(
         for n, label in enumerate(row):
             if label is not None:
                 grid[n, column] = index[label]
-    palette = [colormaps["tab20"](k % 20) for k in range(len(names))]
+    # tab10's distinct colours first, then tab20's light shades of them
+    palette = [colormaps["tab10"](k) if k < 10 else colormaps["tab20"]((2 * k - 19) % 20) for k in range(len(names))]
     fig = Figure(
         figsize=(max(5.0, 0.5 * len(epochs) + 4.5), max(2.5, min(0.22 * len(heads) + 1.5, 30.0))), layout="constrained"
     )
