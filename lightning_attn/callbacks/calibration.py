@@ -53,7 +53,8 @@ from torch import Tensor
 
 from lightning_attn.callbacks.base import EvaluationCallback, Stage, log_scalars, stage_key
 from lightning_attn.functional.calibration import apply_temperature, fit_temperature
-from lightning_attn.metrics.calibration import CalibrationMetric, LogitReservoir
+from lightning_attn.metrics.calibration import CalibrationMetric
+from lightning_attn.metrics.reservoir import LogitReservoir
 from lightning_attn.plots.calibration import (
     plot_calibration_trend,
     plot_classwise_reliability,

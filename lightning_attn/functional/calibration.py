@@ -26,8 +26,6 @@ References:
       error and its debiased estimate).
     - J. Blasiok, P. Nakkiran. *Smooth ECE: Principled Reliability Diagrams via Kernel Smoothing*. 2023
       (smooth ECE; reference implementation: the ``relplot`` package).
-    - N. Chamandy, O. Muralidharan, A. Najmi, S. Naidu. *Estimating Uncertainty for Massive Data Streams*.
-      Google 2012 (the Poisson bootstrap, streamed and distributed).
     - G. W. Brier. *Verification of forecasts expressed in terms of probability*. Monthly Weather Review 1950.
 """
 
@@ -40,10 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_attn.functional.bootstrap import percentile_interval
+
 __all__ = [
     "adaptive_calibration_error",
     "apply_temperature",
     "bin_statistics",
+    "bootstrap_intervals",
     "brier_score",
     "calibration_error",
     "classwise_calibration_error",
@@ -54,9 +55,6 @@ __all__ = [
     "fit_temperature",
     "fold_last_bin",
     "negative_log_likelihood",
-    "percentile_interval",
-    "poisson_bootstrap_weights",
-    "sample_hash",
     "smooth_calibration_error",
     "smooth_ece_at",
     "temperature_nll",
@@ -214,6 +212,43 @@ def adaptive_calibration_error(
     return calibration_error(count, conf, hits, norm)
 
 
+def bootstrap_intervals(
+    count: Tensor, conf_sum: Tensor, hit_sum: Tensor, correct: Tensor, brier_sum: Tensor, level: float = 0.95
+) -> dict[str, Tensor]:
+    r"""Percentile bootstrap intervals of the ECE, accuracy and Brier score, and of each bin's accuracy.
+
+    Inputs are the weighted sums of ``R`` replicates (:mod:`lightning_attn.functional.bootstrap`):
+    histograms ``[R, n_bins]`` (folded) and ``[R]`` totals of correct predictions and of per-sample
+    Brier scores. Replicate :math:`r` gives :math:`\mathrm{ECE}_r` (:func:`calibration_error`),
+    :math:`\mathrm{acc}_r = \text{correct}_r / N_r` and :math:`\mathrm{Brier}_r = \text{brier}_r / N_r`
+    with :math:`N_r = \sum_m \text{count}_{rm}`; the interval is their :math:`(1 \mp \ell)/2` quantiles
+    (:func:`~lightning_attn.functional.bootstrap.percentile_interval`).
+
+    Returns:
+        ``ece_ci_low``, ``ece_ci_high``, ``accuracy_ci_*``, ``brier_ci_*`` (0-d) and
+        ``bin_accuracy_ci_low``/``_high`` (``[n_bins]``, NaN for bins empty in every replicate).
+
+    Example:
+        >>> count = torch.tensor([[10.0, 10.0], [8.0, 12.0], [12.0, 8.0]])
+        >>> conf, hits = count * torch.tensor([0.3, 0.9]), count * torch.tensor([0.5, 0.8])
+        >>> out = bootstrap_intervals(count, conf, hits, hits.sum(1), count.sum(1) * 0.2)
+        >>> [round(float(out[k]), 4) for k in ("ece_ci_low", "ece_ci_high")]  # replicates' ECE: 0.15, 0.14, 0.16
+        [0.1405, 0.1595]
+    """
+    total = count.double().sum(-1)
+    out: dict[str, Tensor] = {}
+    per_replicate = {
+        "ece": calibration_error(count, conf_sum, hit_sum, "l1"),
+        "accuracy": correct.double() / total,
+        "brier": brier_sum.double() / total,
+    }
+    for name, values in per_replicate.items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = percentile_interval(values, level)
+    accuracy, _, _ = bin_statistics(count, conf_sum, hit_sum)
+    out["bin_accuracy_ci_low"], out["bin_accuracy_ci_high"] = percentile_interval(accuracy.T, level)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # debiased and smooth estimates
 # ---------------------------------------------------------------------------------------------
@@ -341,97 +376,6 @@ def smooth_calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, e
             else:
                 sigma = middle
     return smooth_ece_at(count, conf_sum, hit_sum, sigma)
-
-
-# ---------------------------------------------------------------------------------------------
-# bootstrap
-# ---------------------------------------------------------------------------------------------
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """In place, a 32-bit integer hash (C. Wellons' ``lowbias32`` constants) on int64 values in
-    ``[0, 2^32)``: every product stays below ``2^63``, so the result is exact on every device."""
-    x ^= x >> 16
-    x.mul_(0x21F0AAAD).bitwise_and_(_MASK32)
-    x ^= x >> 15
-    x.mul_(0x735A2D97).bitwise_and_(_MASK32)
-    x ^= x >> 15
-    return x
-
-
-def sample_hash(scores: Tensor, target: Tensor) -> Tensor:
-    """A 32-bit hash (``int64`` in ``[0, 2^32)``) of each sample's scores (their float32 bits) and target.
-
-    ``scores`` ``[N, ...]``, ``target`` ``[N]``. Integer arithmetic only, so the value depends on the
-    sample alone, not on the batch, the device or the order of a sum: the same sample hashes the
-    same on every rank. Samples with bit-identical scores and target hash the same.
-
-    Example:
-        >>> a = sample_hash(torch.tensor([[0.5, 1.5], [2.0, -1.0]]), torch.tensor([0, 1]))
-        >>> b = sample_hash(torch.tensor([[2.0, -1.0]]), torch.tensor([1]))
-        >>> bool(a[1] == b[0]), bool(a[0] != a[1])
-        (True, True)
-    """
-    n = scores.shape[0]
-    bits = scores.detach().float().reshape(n, -1).contiguous().view(torch.int32).long()
-    columns = torch.cat([bits, target.detach().long().reshape(n, 1)], 1) & _MASK32
-    columns += torch.arange(columns.shape[1], device=columns.device) * 0x9E3779B9  # position matters
-    columns &= _MASK32
-    return _mix32(_mix32(columns).sum(1) & _MASK32)
-
-
-def _poisson_thresholds(device: torch.device) -> Tensor:
-    """``floor(2^32 F(k))`` for the Poisson(1) CDF ``F``, k = 0, 1, ... while below ``2^32``."""
-    thresholds, cdf, term, k = [], 0.0, math.exp(-1.0), 0
-    while True:
-        cdf += term
-        value = math.floor(cdf * 2**32)
-        if value >= 2**32:
-            break
-        thresholds.append(value)
-        k += 1
-        term /= k
-    return torch.tensor(thresholds, dtype=torch.long, device=device)
-
-
-def poisson_bootstrap_weights(sample_hash: Tensor, replicates: int) -> Tensor:
-    r"""Poisson(1) bootstrap weights ``[N, replicates]`` (``int64``), a deterministic function of each
-    sample's hash and the replicate index.
-
-    The Poisson bootstrap (Hanley & MacGibbon 2006; Chamandy et al. 2012, "Estimating uncertainty for
-    massive data streams") weights every sample by an independent :math:`w_{ir} \sim \mathrm{Poisson}(1)`
-    instead of drawing :math:`N` samples with replacement: the replicates need no knowledge of
-    :math:`N`, so they stream, and each replicate's statistics are weighted sums. Here
-    :math:`w_{ir} = F^{-1}(u_{ir})` with :math:`u_{ir} = \mathrm{hash}(h_i + r \phi) / 2^{32}`
-    (inverse CDF, exact to ``2^-32``), so the weights depend on the sample, not on where or when it
-    is seen: sum-reduced replicate histograms are the same in DDP as in one process.
-
-    Example:
-        >>> w = poisson_bootstrap_weights(torch.arange(20000), 3)
-        >>> w.shape, round(w.double().mean().item(), 1), round(w.double().var().item(), 1)
-        (torch.Size([20000, 3]), 1.0, 1.0)
-    """
-    salt = torch.arange(1, replicates + 1, device=sample_hash.device, dtype=torch.long) * 0x9E3779B9
-    uniform = _mix32((sample_hash.reshape(-1, 1) + salt) & _MASK32)
-    return torch.bucketize(uniform, _poisson_thresholds(uniform.device), right=True)
-
-
-def percentile_interval(replicates: Tensor, level: float = 0.95) -> tuple[Tensor, Tensor]:
-    r"""Percentile bootstrap interval (Efron & Tibshirani 1993): the :math:`(1 - \ell)/2` and
-    :math:`(1 + \ell)/2` quantiles over the last dimension (linear interpolation, NaN replicates
-    left out).
-
-    Example:
-        >>> low, high = percentile_interval(torch.arange(101.0), 0.9)
-        >>> float(low), float(high)
-        (5.0, 95.0)
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=replicates.dtype, device=replicates.device)
-    low, high = torch.nanquantile(replicates, q, dim=-1)
-    return low, high
 
 
 # ---------------------------------------------------------------------------------------------
