@@ -48,6 +48,7 @@ __all__ = [
     "brier_score",
     "calibration_error",
     "classwise_calibration_error",
+    "confidence_histogram",
     "debiased_calibration_error",
     "equal_mass_bins",
     "equal_width_bin_index",
@@ -199,6 +200,30 @@ def equal_mass_bins(
     edges = torch.cat([torch.zeros(1, device=device, dtype=torch.float64), (ends.double() + 1) / fine])
     edges[-1] = 1.0
     return count, conf, hits, edges
+
+
+def confidence_histogram(
+    fine_count: Tensor, fine_hits: Tensor, bins: int, binary: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-label confidence histogram ``(edges, correct, incorrect)``, ``bins`` equal-width bins,
+    re-binned from a fine histogram (folded, ``F`` entries: fine bin ``j`` goes to ``floor(j bins / F)``).
+
+    ``binary``: the fine histogram is of ``p = P(y = 1)`` with hits the positives; it is mirrored
+    (``max(p, 1 - p)``, correct = positives above 0.5, negatives below), a fine bin straddling 0.5
+    counted with the upper half.
+    """
+    fine = fine_count.shape[-1]
+    device = fine_count.device
+    j = torch.arange(fine, device=device)
+    correct, count = fine_hits.double(), fine_count.double()
+    if binary:
+        upper = (j + 0.5) / fine >= 0.5
+        correct = torch.where(upper, correct, count - correct)
+        j = torch.where(upper, j, fine - 1 - j)
+    coarse = torch.div(j * bins, fine, rounding_mode="floor").clamp_max(bins - 1)
+    hits = torch.zeros(bins, dtype=torch.float64, device=device).index_add_(0, coarse, correct)
+    total = torch.zeros(bins, dtype=torch.float64, device=device).index_add_(0, coarse, count)
+    return equal_width_edges(bins, device=device), hits, total - hits
 
 
 def adaptive_calibration_error(
