@@ -9,16 +9,25 @@
 from __future__ import annotations
 
 import doctest
+import json
 import math
+from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_attn.functional.bootstrap as bootstrap_module
 import lightning_attn.functional.calibration as calibration_module
+from lightning_attn import CalibrationMonitor
+from lightning_attn.callbacks.calibration import INTERVALS
 from lightning_attn.functional.bootstrap import poisson_bootstrap_weights, sample_hash
+from lightning_attn.functional.calibration import calibration_error
 from lightning_attn.metrics import CalibrationMetric
+from lightning_attn.plots.calibration import plot_calibration_trend, plot_reliability_diagram
 
 relplot = pytest.importorskip("relplot")
 
@@ -118,8 +127,6 @@ def test_replicates_equal_a_direct_weighted_ece() -> None:
     probs = torch.softmax(z, 1).double().numpy()
     brier = ((probs - np.eye(4)[y.numpy()]) ** 2).sum(1)
     index = np.minimum(np.floor(conf * 15).astype(int), 14)
-    from lightning_attn.functional.calibration import calibration_error
-
     ece = calibration_error(metric.boot_count, metric.boot_conf, metric.boot_hits).numpy()
     for r in range(30):
         w = weights[:, r]
@@ -220,3 +227,90 @@ def test_binary_bootstrap_intervals_bracket_the_estimates() -> None:
     shown = torch.isfinite(values["bin_accuracy"]) & (values["bin_count"] > 50)
     assert bool((values["bin_accuracy_ci_low"][shown] <= values["bin_accuracy"][shown]).all())
     assert bool((values["bin_accuracy"][shown] <= values["bin_accuracy_ci_high"][shown]).all())
+
+
+def test_static_shape_path_with_bootstrap_never_syncs_with_the_host() -> None:
+    from helpers import NoHostSync
+
+    z, y = logits_source(512, 4, seed=10)
+    y[::50] = -100
+    metric = CalibrationMetric("multiclass", 4, bootstrap=20, ignore_index=-100)
+    metric.sparse_on_cpu = False
+    binary = CalibrationMetric("binary", bootstrap=20)
+    with NoHostSync():
+        metric.update(z, y)
+        binary.update(z[:, 0], (y == 0).long())
+    assert int(metric.boot_count.sum()) > 0 and int(binary.boot_count.sum()) > 0
+
+
+# -- in the callback -----------------------------------------------------------------------------------------------
+class FixedLogits(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"logits": x * self.scale, "target": y}
+
+
+def test_monitor_logs_intervals_and_keys_repeated_validate_calls_by_evaluation(tmp_path: Path) -> None:
+    z, y = logits_source(512, 5, seed=11, temperature=2.0)
+    callback = CalibrationMonitor(bootstrap=100, save_dir=str(tmp_path / "out"))
+    model, data = FixedLogits(), DataLoader(TensorDataset(z, y), batch_size=64)
+    trainer = cpu_trainer(tmp_path, [callback])
+    for _ in range(3):
+        trainer.validate(model, data, verbose=False)
+    assert [(h["evaluation"], h["epoch"]) for h in callback.history] == [(0, 0), (1, 0), (2, 0)]
+    assert callback.results["val"]["evaluation"] == 2
+    reference = CalibrationMetric("multiclass", 5, bootstrap=100)
+    reference.update(z, y)
+    expected = reference.compute()
+    for name in ("ece", "smece", "ece_debiased", *INTERVALS):
+        logged = trainer.callback_metrics[f"calibration/val/{name}"]
+        assert float(logged) == pytest.approx(float(expected[name]), rel=1e-6), name
+        assert callback.history[-1][name] == pytest.approx(float(expected[name]), rel=1e-12), name
+    low, high = callback.results["val"]["bins"]["accuracy_ci_low"], callback.results["val"]["bins"]["accuracy_ci_high"]
+    np.testing.assert_allclose(low, expected["bin_accuracy_ci_low"].numpy())
+    np.testing.assert_allclose(high, expected["bin_accuracy_ci_high"].numpy())
+    # the trend over the repeated evaluations is drawn (one per call from the second on)
+    assert len(list((tmp_path / "out" / "calibration" / "val").glob("trend_step*.png"))) == 1
+    summary = json.loads((tmp_path / "out" / "calibration" / "val.json").read_text())
+    assert [h["evaluation"] for h in summary["history"]] == [0, 1, 2]
+    restored = CalibrationMonitor()
+    restored.load_state_dict(callback.state_dict())
+    assert [h["evaluation"] for h in restored.history] == [0, 1, 2]
+
+
+def test_monitor_bootstrap_off_and_invalid(tmp_path: Path) -> None:
+    for bad in (-5, 1.5, False):
+        with pytest.raises(ValueError, match="bootstrap must be a number of replicates"):
+            CalibrationMonitor(bootstrap=bad)  # type: ignore[arg-type]
+    z, y = logits_source(128, 3, seed=12)
+    callback = CalibrationMonitor(bootstrap=0, plot=False, save_dir=str(tmp_path / "out"))
+    data = DataLoader(TensorDataset(z, y), batch_size=64)
+    cpu_trainer(tmp_path, [callback]).validate(FixedLogits(), data, verbose=False)
+    assert "ece_ci_low" not in callback.history[0] and "smece" in callback.history[0]
+    assert "accuracy_ci_low" not in callback.results["val"]["bins"]
+
+
+def test_figures_draw_the_intervals() -> None:
+    from matplotlib.collections import PolyCollection
+    from matplotlib.container import ErrorbarContainer
+
+    edges = np.linspace(0, 1, 6)
+    accuracy = np.array([np.nan, 0.3, 0.5, 0.6, 0.9])
+    confidence = np.array([np.nan, 0.35, 0.5, 0.7, 0.95])
+    figure = plot_reliability_diagram(edges, accuracy, confidence, np.array([0, 10, 20, 30, 40]), ece=0.05,
+                                      accuracy_low=accuracy - 0.05, accuracy_high=accuracy + 0.04,
+                                      ece_interval=(0.03, 0.08))
+    top = figure.axes[0]
+    bars = [c for c in top.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == 4  # one bar per non-empty bin
+    assert "[0.0300, 0.0800]" in top.get_title()
+    history = [{"evaluation": i, "ece": 0.1 - 0.01 * i, "ece_ci_low": 0.08 - 0.01 * i, "ece_ci_high": 0.12 - 0.01 * i,
+                "brier": 0.3, "brier_ci_low": 0.28, "brier_ci_high": 0.33} for i in range(3)]
+    trend = plot_calibration_trend(history, x="evaluation")
+    bands = [c for ax in trend.axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2  # ece (left) and brier (right)
+    assert trend.axes[0].get_xlabel() == "evaluation"

@@ -94,6 +94,12 @@ class CalibrationMetric(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    # bootstrap states (declared with add_state in __init__ when bootstrap > 0)
+    boot_count: Tensor
+    boot_conf: Tensor
+    boot_hits: Tensor
+    boot_correct: Tensor
+    boot_brier: Tensor
     #: Use the CPU fast path (data-dependent shapes) for CPU tensors; the masked path is what runs
     #: on accelerators. Both give the same sums; tests switch this off to exercise the masked path.
     sparse_on_cpu: bool = True

@@ -39,7 +39,8 @@ def check_shapes(scores: Tensor, target: Tensor, task: Task, num_classes: int | 
         if scores.shape != target.shape and not one_column:
             raise ValueError(
                 "binary scores must have the target's shape (one logit or probability of class 1 per target); got "
-                f"scores {tuple(scores.shape)} and target {tuple(target.shape)} (for [N, 2] scores use task='multiclass')"
+                f"scores {tuple(scores.shape)} and target {tuple(target.shape)} "
+                "(for [N, 2] scores use task='multiclass')"
             )
     else:
         raise ValueError(f"task must be 'binary' or 'multiclass', got {task!r}")
