@@ -91,8 +91,8 @@ def poisson_bootstrap_weights(sample_hash: Tensor, replicates: int) -> Tensor:
         >>> w.shape, round(w.double().mean().item(), 1), round(w.double().var().item(), 1)
         (torch.Size([20000, 3]), 1.0, 1.0)
     """
-    salt = torch.arange(1, replicates + 1, device=sample_hash.device, dtype=torch.long) * 0x9E3779B9
-    uniform = _mix32((sample_hash.reshape(-1, 1) + salt) & _MASK32)
+    salt = (torch.arange(1, replicates + 1, device=sample_hash.device, dtype=torch.long) * 0x9E3779B9) & _MASK32
+    uniform = _mix32(sample_hash.reshape(-1, 1) + salt)  # below 2^33: _mix32's first product stays below 2^63
     return torch.bucketize(uniform, _poisson_thresholds(uniform.device), right=True)
 
 

@@ -297,13 +297,14 @@ class CalibrationMetric(Metric):
         if not self.bootstrap:
             return
         b = self.n_bins
-        index = index.clamp_max(b - 1)
+        pair = index.clamp_max(b - 1) * 2 + hits  # count and hits from one histogram of (bin, hit) pairs
         if valid is not None:
-            index = torch.where(valid, index, b)  # dropped by replicate_sums
+            pair = torch.where(valid, pair, 2 * b)  # dropped by replicate_sums
         weights = poisson_bootstrap_weights(sample_hash(x, t), self.bootstrap).double()
-        self.boot_count = self.boot_count + replicate_sums(weights, index, b)
-        self.boot_conf = self.boot_conf + replicate_sums(weights, index, b, value64)
-        self.boot_hits = self.boot_hits + replicate_sums(weights, index, b, hits)
+        pairs = replicate_sums(weights, pair, 2 * b).view(self.bootstrap, b, 2)
+        self.boot_count = self.boot_count + pairs.sum(-1)
+        self.boot_hits = self.boot_hits + pairs[..., 1]
+        self.boot_conf = self.boot_conf + replicate_sums(weights, pair // 2, b, value64)
         self.boot_correct = self.boot_correct + correct.double() @ weights
         self.boot_brier = self.boot_brier + brier @ weights
 
