@@ -60,7 +60,7 @@ def test_smece_equals_relplot(temperature: float, n: int) -> None:
     ours = float(metric.compute()["smece"])
     reference = relplot.smECE(*top_label(z, y))
     assert abs(ours - reference) < 2e-3, (ours, reference)
-    assert abs(ours - reference) < 1e-4  # measured: ~1e-6; the fine bins (1e-4 wide) are the only approximation
+    assert abs(ours - reference) < 1e-4  # measured 1e-9 to 2.5e-5: the fine bins (1e-4 wide) are the only approximation
 
 
 def test_smece_binary_equals_relplot() -> None:

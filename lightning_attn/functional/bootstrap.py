@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,8 +61,10 @@ def sample_hash(scores: Tensor, target: Tensor) -> Tensor:
     return _mix32(_mix32(columns).sum(1) & _MASK32)
 
 
+@functools.lru_cache(maxsize=8)
 def _poisson_thresholds(device: torch.device) -> Tensor:
-    """``floor(2^32 F(k))`` for the Poisson(1) CDF ``F``, k = 0, 1, ... while below ``2^32``."""
+    """``floor(2^32 F(k))`` for the Poisson(1) CDF ``F``, k = 0, 1, ... while below ``2^32``; one copy per
+    device (made once: no host-to-device copy per batch)."""
     thresholds, cdf, term, k = [], 0.0, math.exp(-1.0), 0
     while True:
         cdf += term
@@ -71,7 +74,8 @@ def _poisson_thresholds(device: torch.device) -> Tensor:
         thresholds.append(value)
         k += 1
         term /= k
-    return torch.tensor(thresholds, dtype=torch.long, device=device)
+    with torch.inference_mode(False):  # usable outside evaluation too
+        return torch.tensor(thresholds, dtype=torch.long, device=device)
 
 
 def poisson_bootstrap_weights(sample_hash: Tensor, replicates: int) -> Tensor:
