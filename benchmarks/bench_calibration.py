@@ -3,8 +3,11 @@
 One run, side by side, at 1e5, 1e6 and 1e7 samples of 100 classes (logits, fed in batches of
 ``--batch`` rows cycled from a small pre-generated pool: the data never exist all at once):
 
-- ``ours``: :class:`lightning_attn.metrics.CalibrationMetric` (default settings) computes ECE, MCE,
-  RMSCE, adaptive ECE, classwise ECE, Brier, NLL, accuracy and confidences from sum-reduced histograms;
+- ``ours``: :class:`lightning_attn.metrics.CalibrationMetric` (default settings, no bootstrap) computes
+  ECE, MCE, RMSCE, adaptive ECE, classwise ECE, smooth ECE, debiased L2 error, Brier, NLL, accuracy and
+  confidences from sum-reduced histograms;
+- ``ours_bootstrap``: the same with ``bootstrap=200`` (CalibrationMonitor's default): 95% intervals of
+  ECE, accuracy, Brier and each bin's accuracy from 200 hash-keyed Poisson bootstrap replicates;
 - ``torchmetrics``: ``MulticlassCalibrationError(num_classes=100, n_bins=15)`` (default settings,
   input validation on) computes the ECE only, from one confidence and one accuracy kept per sample.
 
@@ -85,8 +88,9 @@ def worker(impl: str, mode: str, samples: int, classes: int, batch: int, threads
         logits = torch.randn(batch, classes, generator=g) * 3
         target = torch.where(torch.rand(batch, generator=g) < 0.7, logits.argmax(1), torch.randint(0, classes, (batch,), generator=g))
         pool.append((logits, target))
-    if impl == "ours":
-        metric = CalibrationMetric("multiclass", classes, score_type="logits")
+    if impl in ("ours", "ours_bootstrap"):
+        replicates = 200 if impl == "ours_bootstrap" else 0
+        metric = CalibrationMetric("multiclass", classes, score_type="logits", bootstrap=replicates)
     else:
         metric = MulticlassCalibrationError(num_classes=classes, n_bins=15)
     for logits, target in pool[:2]:  # warm-up
@@ -148,9 +152,9 @@ def main() -> None:
           f"{args.threads} torch thread(s), {args.classes} classes, logits in batches of {args.batch}")
     rows = []
     for size in args.sizes:
-        results: dict[str, dict] = {"ours": {}, "torchmetrics": {}}
+        results: dict[str, dict] = {"ours": {}, "ours_bootstrap": {}, "torchmetrics": {}}
         for mode in ("time", "memory"):
-            for impl in ("ours", "torchmetrics"):
+            for impl in results:
                 cmd = [sys.executable, __file__, "--worker", impl, mode, str(size), "--classes", str(args.classes),
                        "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats)]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -159,7 +163,8 @@ def main() -> None:
                     raise RuntimeError(f"{impl}/{mode} at {size:.0e} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
                 results[impl].update(json.loads(line[len(RESULT_TAG):]))
         for impl, r in results.items():
-            print(f"  {impl:12s} {r['samples']:>10,d} samples: update {r['update_s']:.2f} s (CPU {r['update_cpu_s']:.2f} s), "
+            print(f"  {impl:14s} {r['samples']:>10,d} samples: update {r['update_s']:.2f} s "
+                  f"(CPU {r['update_cpu_s']:.2f} s), "
                   f"compute {r['compute_s'] * 1e3:.0f} ms, state {_human(r['state_bytes'])}, "
                   f"peak RSS +{_human(r['peak_rss_bytes'])}, ECE {r['ece']:.6f}", flush=True)
         rows.append(results)
@@ -176,6 +181,17 @@ def main() -> None:
         print(f"| {n:.0e} | {thr_o:,.0f} | {thr_t:,.0f} | {thr_o / thr_t:.2f}x | {t['update_cpu_s'] / o['update_cpu_s']:.2f}x "
               f"| {o['compute_s'] * 1e3:.0f} / {t['compute_s'] * 1e3:.0f} | {_human(o['state_bytes'])} / {_human(t['state_bytes'])} "
               f"| {_human(o['peak_rss_bytes'])} / {_human(t['peak_rss_bytes'])} | {mem_ratio:.1f}x |")
+    print()
+    print("| samples | ours, bootstrap off (samples/s) | ours, bootstrap=200 (samples/s) | torchmetrics (samples/s) "
+          "| bootstrap=200 / tm (wall) | bootstrap cost per 1e5 samples (s) | state off / on |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for results in rows:
+        o, b, t = results["ours"], results["ours_bootstrap"], results["torchmetrics"]
+        n = o["samples"]
+        extra = (b["update_s"] - o["update_s"]) / n * 1e5
+        print(f"| {n:.0e} | {n / o['update_s']:,.0f} | {n / b['update_s']:,.0f} | {n / t['update_s']:,.0f} "
+              f"| {t['update_s'] / b['update_s']:.2f}x | {extra:.3f} "
+              f"| {_human(o['state_bytes'])} / {_human(b['state_bytes'])} |")
     print()
     print("ours / tm > 1: ours is faster. memory tm / ours > 1: ours holds less (the larger of state and peak RSS).")
     print("Ours computes ECE, MCE, RMSCE, adaptive ECE, classwise ECE (all K probabilities binned), Brier, NLL, accuracy and")

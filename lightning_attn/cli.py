@@ -79,6 +79,21 @@ def __getattr__(name: str) -> Any:  # lazy: importing the module does not import
     raise AttributeError(name)
 
 
+USAGE = """usage: lightning-attn {fit,validate,test,predict,report,compare} ...
+
+Lightning's CLI (model and data module by class_path in a YAML config) with the lightning_attn callbacks:
+  fit        train, validate every epoch; `--test_after_fit true` then tests the best checkpoint
+  validate   run the validation loop once
+  test       run the test loop (with `--ckpt_path`)
+  predict    run the predict loop
+  report     the post-hoc explainability report of a checkpoint
+  compare    reports side by side: `lightning-attn compare REPORT_A REPORT_B --out DIR`
+
+Each subcommand has its own help: `lightning-attn fit --help`, `lightning-attn report --help`,
+`lightning-attn compare --help`.
+Example: lightning-attn fit --config configs/digits_vit.yaml"""
+
+
 def run_lightning(argv: Sequence[str] | None = None) -> Any:
     """Run ``LightningCLI`` on ``argv`` (``None``: ``sys.argv[1:]``), model and data in subclass mode, the saved
     config overwritten; returns the ``LightningCLI`` object (``.trainer``, ``.model``, ``.datamodule``).
@@ -128,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args in ([], ["-h"], ["--help"]):
-        print("lightning-attn report --help: the post-hoc explainability report; lightning-attn compare --help: reports "
-              "side by side (see below for the Lightning subcommands)")
+        print(USAGE)
+        return 0 if args else 2
     run_lightning(argv)
     end_process_group()
     return 0

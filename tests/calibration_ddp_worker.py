@@ -1,7 +1,9 @@
 """Worker of ``test_calibration_ddp.py``: ``python calibration_ddp_worker.py OUT_DIR [DEVICES]``.
 
-Runs ``trainer.validate`` with a CalibrationMonitor (temperature scaling on) under
-``strategy="ddp"`` on CPU (gloo) and writes ``OUT_DIR/rank<r>.json`` per rank. Run as a script,
+Runs ``trainer.validate`` with a CalibrationMonitor (temperature scaling and the default 200
+bootstrap replicates on) under ``strategy="ddp"`` on CPU (gloo), then a bare CalibrationMetric over
+this rank's shard synchronised by hand (to read the reduced bootstrap states), and writes
+``OUT_DIR/rank<r>.json`` per rank. Run as a script,
 not under pytest: Lightning's DDP launcher re-executes ``sys.argv`` for the other ranks.
 """
 
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import end_process_group
 
 from lightning_attn import CalibrationMonitor
+from lightning_attn.metrics import CalibrationMetric
 
 warnings.filterwarnings("ignore")
 
@@ -52,6 +55,13 @@ def run(out: Path, devices: int) -> dict:
     trainer.validate(FixedLogits(), DataLoader(TensorDataset(x, y), batch_size=BATCH))
     result = callback.results["val"]
     metric = next(iter(callback._metrics.values()))
+    # the shard DistributedSampler gives this rank (N splits evenly: no padding), in batches
+    bare = CalibrationMetric("multiclass", K, bootstrap=200)
+    shard = slice(trainer.global_rank, None, trainer.world_size)
+    for start in range(0, N // trainer.world_size, BATCH):
+        bare.update(x[shard][start : start + BATCH], y[shard][start : start + BATCH])
+    bare.sync()
+    boot = {name: getattr(bare, name).tolist() for name in ("boot_count", "boot_hits", "boot_conf", "boot_correct", "boot_brier")}
     payload = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -62,6 +72,9 @@ def run(out: Path, devices: int) -> dict:
         "class_count": result["classwise_bins"]["count"].tolist(),
         "state_bytes": metric.state_bytes(),
         "logged_ece": float(trainer.callback_metrics["calibration/val/ece"]),
+        "logged_ece_ci_high": float(trainer.callback_metrics["calibration/val/ece_ci_high"]),
+        "bin_accuracy_ci_low": result["bins"]["accuracy_ci_low"].tolist(),
+        "boot": boot,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
     return payload

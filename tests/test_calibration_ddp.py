@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import run_script
 
@@ -39,6 +40,14 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
             assert rank["metrics"][name] == pytest.approx(value, rel=rel, abs=1e-12), name
         assert rank["logged_ece"] == pytest.approx(one["metrics"]["ece"], rel=1e-6)
         assert rank["state_bytes"] == one["state_bytes"]
+        # bootstrap: hash-keyed weights, so the reduced replicate states are one process's (counts exactly)
+        assert rank["boot"]["boot_count"] == one["boot"]["boot_count"]
+        assert rank["boot"]["boot_hits"] == one["boot"]["boot_hits"]
+        assert rank["boot"]["boot_correct"] == one["boot"]["boot_correct"]
+        for name in ("boot_conf", "boot_brier"):
+            np.testing.assert_allclose(rank["boot"][name], one["boot"][name], rtol=1e-12)
+        np.testing.assert_allclose(rank["bin_accuracy_ci_low"], one["bin_accuracy_ci_low"], rtol=1e-12)
+        assert rank["logged_ece_ci_high"] == pytest.approx(one["metrics"]["ece_ci_high"], rel=1e-6)
         # the gathered reservoirs hold the whole epoch, like the single process's
         assert rank["sample_size"] == one["sample_size"] == 2048
     # the same temperature on every rank (fitted on rank 0, broadcast), and the single-process one

@@ -18,7 +18,8 @@ from lightning_attn.functional.calibration import (
     negative_log_likelihood,
     temperature_nll,
 )
-from lightning_attn.metrics.calibration import CalibrationMetric, LogitReservoir
+from lightning_attn.metrics.calibration import CalibrationMetric
+from lightning_attn.metrics.reservoir import LogitReservoir
 
 NORMS = {"l1": "ece", "l2": "rmsce", "max": "mce"}
 

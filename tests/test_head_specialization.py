@@ -434,7 +434,7 @@ def test_registry_json_round_trips_and_validates(planted_run: dict[str, Any], tm
     assert written["features"]["ttc"] == {"label": "Safety Head", "description": "Attends to low-TTC (collision threats)", "expected_sign": -1}
     # figures and the table went to disk (no dashboard logger)
     names = {p.name.split("_step")[0] for p in out.glob("*.png")}
-    assert names == {"hsi", "feature_correlation", "type_scores", "redundancy", "evolution"}
+    assert names == {"hsi", "feature_correlation", "type_scores", "redundancy", "evolution", "timeline"}
     assert (out / "registry_step0.csv").exists()
 
 

@@ -15,6 +15,9 @@ name                        meaning
 ``mce``                     maximum calibration error (max over non-empty bins)
 ``rmsce``                   root-mean-square calibration error (L2)
 ``adaptive_ece``            ECE over equal-mass bins (Nixon et al. 2019)
+``smece``                   smooth ECE, kernel-smoothed with its own bandwidth (Blasiok & Nakkiran 2023;
+                            ``relplot.smECE``), from the fine confidence histogram
+``ece_debiased``            debiased L2 calibration error over the ``n_bins`` bins (Kumar et al. 2019)
 ``classwise_ece``           classwise ECE / static calibration error, SCE (Nixon et al. 2019)
 ``brier``                   Brier score
 ``nll``                     negative log-likelihood (cross-entropy)
@@ -25,6 +28,8 @@ name                        meaning
 ``confidence_incorrect``    mean confidence of the wrong predictions
 ``n_samples``               samples counted (all ranks)
 ``n_skipped``               samples skipped because their scores were NaN
+``ece_ci_low``/``_high``    95% percentile interval of the ECE over ``bootstrap`` Poisson bootstrap
+                            replicates (absent with ``bootstrap=0``); likewise ``accuracy_ci_*``, ``brier_ci_*``
 ``temperature``             fitted temperature (``fit_temperature=True``)
 ``ece_scaled``              ECE of the reservoir sample after temperature scaling
 ``nll_scaled``              NLL of the reservoir sample after temperature scaling
@@ -34,6 +39,11 @@ Binary tasks bin ``P(y = 1)`` against the outcome (the usual binary reliability 
 torchmetrics' ``BinaryCalibrationError``) for ``ece``, ``mce``, ``rmsce`` and ``adaptive_ece``; the
 top-label quantities use ``max(p, 1 - p)`` and the prediction ``p > 0.5``.
 
+The bootstrap intervals are percentile intervals of the binned measures: they describe how much
+the estimate moves with the sample, around the binned ECE's own upward bias; for a
+well-calibrated model (true ECE near 0) the ECE interval lies above the point estimate, and
+``ece_debiased`` and ``smece`` are the better guides.
+
 Figures (``calibration/<stage>/<name>`` in W&B and TensorBoard, PNG files when no dashboard logger
 is attached or ``save_dir`` is given): ``reliability``, ``confidence_histogram``, ``classwise_reliability``,
 ``trend``. A JSON summary with the latest values, per-bin arrays and the history is written to
@@ -42,6 +52,7 @@ is attached or ``save_dir`` is given): ``reliability``, ``confidence_histogram``
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -53,7 +64,8 @@ from torch import Tensor
 
 from lightning_attn.callbacks.base import EvaluationCallback, Stage, log_scalars, stage_key
 from lightning_attn.functional.calibration import apply_temperature, fit_temperature
-from lightning_attn.metrics.calibration import CalibrationMetric, LogitReservoir
+from lightning_attn.metrics.calibration import CalibrationMetric
+from lightning_attn.metrics.reservoir import LogitReservoir
 from lightning_attn.plots.calibration import (
     plot_calibration_trend,
     plot_classwise_reliability,
@@ -62,7 +74,7 @@ from lightning_attn.plots.calibration import (
 )
 from lightning_attn.sinks import publish_figures, publish_json, publish_table
 
-__all__ = ["SCALARS", "CalibrationMonitor"]
+__all__ = ["INTERVALS", "SCALARS", "CalibrationMonitor"]
 
 NAMESPACE = "calibration"
 
@@ -82,6 +94,13 @@ SCALARS: tuple[str, ...] = (
     "confidence_incorrect",
     "n_samples",
     "n_skipped",
+    "smece",
+    "ece_debiased",
+)
+
+#: Bootstrap interval bounds logged beside their measure when ``bootstrap > 0``.
+INTERVALS: tuple[str, ...] = tuple(
+    f"{name}_ci_{side}" for name in ("ece", "accuracy", "brier") for side in ("low", "high")
 )
 
 
@@ -113,6 +132,15 @@ class CalibrationMonitor(EvaluationCallback):
     the sample the fit used (in-sample) at validation and with the validation ``T`` on the test
     sample (held out) at test. With ``score_type="probs"`` the log-probabilities stand in for logits.
 
+    Intervals (``bootstrap=R``, default 200): every sample gets, in each of ``R`` replicates, a
+    Poisson(1) weight drawn from a hash of its own scores and target, and each replicate keeps
+    its own reliability-bin, accuracy and Brier sums (``R x (3 n_bins + 2)`` float64 numbers, 74 KiB
+    for 200 x 15 bins, whatever the number of samples). The 2.5% and 97.5% quantiles over the
+    replicates are logged as ``ece_ci_low``/``ece_ci_high`` (and for the accuracy and Brier score)
+    and drawn as error bars on the reliability diagram and bands on the trend. As the weights depend
+    only on each sample, DDP gives the replicates of one process. Samples with bit-identical
+    scores and target share their weights.
+
     Args:
         task: ``"binary"`` or ``"multiclass"``; inferred from the first batch when ``None`` (scores
             shaped like the target: binary; one more dimension: multiclass).
@@ -135,6 +163,7 @@ class CalibrationMonitor(EvaluationCallback):
             calibration after scaling with it).
         reservoir_size: at most this many samples (logits) are kept per epoch for the fit.
         temperature_max_iter: L-BFGS iterations of the fit.
+        bootstrap: Poisson bootstrap replicates behind the 95% intervals; 0 turns them off.
         plot: publish the figures (reliability diagram, confidence histogram, classwise grid, trend).
         plot_classes: classes shown in the classwise reliability grid (the first ones).
         class_names: names of the classes, for the classwise grid.
@@ -161,6 +190,7 @@ class CalibrationMonitor(EvaluationCallback):
         fit_temperature: bool = False,
         reservoir_size: int = 10_000,
         temperature_max_iter: int = 100,
+        bootstrap: int = 200,
         plot: bool = True,
         plot_classes: int = 9,
         class_names: list[str] | None = None,
@@ -180,6 +210,8 @@ class CalibrationMonitor(EvaluationCallback):
             raise ValueError("n_bins, reservoir_size and plot_classes must be positive")
         if task == "multiclass" and num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+            raise ValueError(f"bootstrap must be a number of replicates >= 0 (0: no intervals), got {bootstrap!r}")
         self.task = task
         self.num_classes = num_classes
         self.n_bins = n_bins
@@ -194,6 +226,7 @@ class CalibrationMonitor(EvaluationCallback):
         self.fit_temperature = fit_temperature
         self.reservoir_size = reservoir_size
         self.temperature_max_iter = temperature_max_iter
+        self.bootstrap = bootstrap
         self.plot = plot
         self.plot_classes = plot_classes
         self.class_names = list(class_names) if class_names is not None else None
@@ -203,7 +236,8 @@ class CalibrationMonitor(EvaluationCallback):
         self.temperature: float | None = None
         #: Latest results per stage key (``"val"``, ``"test"``, ``"val_dl1"``, ...).
         self.results: dict[str, dict[str, Any]] = {}
-        #: One entry per evaluation epoch: stage key, epoch, step and every scalar.
+        #: One entry per evaluation epoch: stage key, evaluation (0, 1, ... per stage key, also across
+        #: repeated ``validate``/``test`` calls), epoch, step and every scalar.
         self.history: list[dict[str, Any]] = []
         self._metrics: dict[tuple[str, int], CalibrationMetric] = {}
         self._reservoirs: dict[tuple[str, int], LogitReservoir] = {}
@@ -296,6 +330,7 @@ class CalibrationMonitor(EvaluationCallback):
                 classwise_bins=self.classwise_bins,
                 fine_bins=self.fine_bins,
                 ignore_index=self.ignore_index,
+                bootstrap=self.bootstrap,
             )
             if scores.device.type == "mps":
                 raise NotImplementedError(
@@ -365,18 +400,21 @@ class CalibrationMonitor(EvaluationCallback):
             key = stage_key(stage, dataloader_idx)
             values = metric.compute()  # collective under DDP: every rank
             metric.reset()
-            scalars = {name: float(values[name]) for name in SCALARS}
+            names = SCALARS + (INTERVALS if self.bootstrap else ())
+            scalars = {name: float(values[name]) for name in names}
             scaling = None
             if self.fit_temperature and (stage == "validate" or self.temperature is not None):
                 scaling = self._temperature_epoch(trainer, stage, dataloader_idx, metric)
-            logged = {f"{NAMESPACE}/{key}/{name}": values[name].float() for name in SCALARS}
+            logged = {f"{NAMESPACE}/{key}/{name}": values[name].float() for name in names}
             if scaling is not None:
                 for name in ("temperature", "ece_scaled", "nll_scaled"):
                     logged[f"{NAMESPACE}/{key}/{name}"] = torch.tensor(scaling[name], dtype=torch.float32, device=values["ece"].device)
                 scalars.update({name: scaling[name] for name in ("temperature", "ece_scaled", "nll_scaled")})
             log_scalars(pl_module, logged)
+            evaluation = sum(h["stage"] == key for h in self.history)
+            self.history.append({"stage": key, "evaluation": evaluation, "epoch": trainer.current_epoch,
+                                 "step": trainer.global_step, **scalars})
             self.results[key] = self._result(trainer, stage, metric, values, scalars, scaling)
-            self.history.append({"stage": key, "epoch": trainer.current_epoch, "step": trainer.global_step, **scalars})
             if trainer.is_global_zero:
                 self._publish(trainer, key, metric)
 
@@ -448,6 +486,7 @@ class CalibrationMonitor(EvaluationCallback):
             "stage": stage,
             "task": metric.task,
             "num_classes": metric.num_classes,
+            "evaluation": self.history[-1]["evaluation"],
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "metrics": scalars,
@@ -462,6 +501,9 @@ class CalibrationMonitor(EvaluationCallback):
             "n_at_one": float(values["n_at_one"]),
             "n_ignored": float(values["n_ignored"]),
         }
+        if self.bootstrap:
+            result["bins"]["accuracy_ci_low"] = arr("bin_accuracy_ci_low")
+            result["bins"]["accuracy_ci_high"] = arr("bin_accuracy_ci_high")
         if scaling is not None:
             result["temperature_scaling"] = scaling
         return result
@@ -471,13 +513,19 @@ class CalibrationMonitor(EvaluationCallback):
         namespace = f"{NAMESPACE}/{key}"
         step = trainer.global_step
         label = f"{key} epoch {trainer.current_epoch}"
+        if any(h["stage"] == key and h["epoch"] == result["epoch"] for h in self.history[:-1]):  # repeated validate
+            label += f" (evaluation {result['evaluation']})"
         if self.plot:
             bins, scalars = result["bins"], result["metrics"]
             classwise = result["classwise_bins"]
             hist = result["confidence_histogram"]
             figures = {
-                "reliability": plot_reliability_diagram(bins["edges"], bins["accuracy"], bins["confidence"], bins["count"],
-                                                        ece=scalars["ece"], title=label, binary=metric.task == "binary"),
+                "reliability": plot_reliability_diagram(
+                    bins["edges"], bins["accuracy"], bins["confidence"], bins["count"], ece=scalars["ece"], title=label,
+                    binary=metric.task == "binary", accuracy_low=bins.get("accuracy_ci_low"),
+                    accuracy_high=bins.get("accuracy_ci_high"),
+                    ece_interval=(scalars["ece_ci_low"], scalars["ece_ci_high"]) if self.bootstrap else None,
+                ),
                 "confidence_histogram": plot_confidence_histogram(hist["edges"], hist["correct"], hist["incorrect"],
                                                                   accuracy=scalars["accuracy"], confidence=scalars["confidence"],
                                                                   title=label),
@@ -488,7 +536,9 @@ class CalibrationMonitor(EvaluationCallback):
             }
             history = [h for h in self.history if h["stage"] == key]
             if len(history) >= 2:
-                figures["trend"] = plot_calibration_trend(history, title=f"{key}: calibration over epochs")
+                epochs = [h["epoch"] for h in history]
+                x = "epoch" if all(a < b for a, b in itertools.pairwise(epochs)) else "evaluation"
+                figures["trend"] = plot_calibration_trend(history, x=x, title=f"{key}: calibration over {x}s")
             publish_figures(trainer, figures, namespace=namespace, step=step, save_dir=self.save_dir)
         bins = result["bins"]
         rows = [

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, probe_batch, stage_key
+from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.heads import (
@@ -28,6 +29,17 @@ from lightning_attn.metrics.heads import (
     build_registry,
     lookup,
 )
+from lightning_attn.metrics.head_roles import (
+    EVENT_COLUMNS,
+    PRUNABLE_COLUMNS,
+    add_head_history,
+    event_rows,
+    importance_record,
+    previous_record,
+    prunable_heads,
+    role_events,
+)
+from lightning_attn.metrics.importance import HeadImportance
 from lightning_attn.plots.heads import (
     plot_feature_correlations,
     plot_head_evolution,
@@ -35,6 +47,7 @@ from lightning_attn.plots.heads import (
     plot_head_type_scores,
     plot_hsi,
 )
+from lightning_attn.plots.head_roles import plot_head_importance, plot_head_timeline
 from lightning_attn.sinks import publish_figures, publish_json, publish_table
 
 __all__ = ["HeadSpecializationTracker"]
@@ -98,10 +111,23 @@ class HeadSpecializationTracker(EvaluationCallback):
       ``heads/<stage>/general`` (heads labelled *General context*);
     - figures (W&B, TensorBoard, else PNG files; through :mod:`lightning_attn.sinks`) under ``heads/<stage>/``:
       ``hsi``, ``feature_correlation``, ``type_scores``, ``redundancy``, ``evolution`` (entropy and HSI per head
-      over the epochs of the history);
+      over the epochs of the history), ``timeline`` and ``importance`` (below);
     - ``head_functions.json`` (the registry, :meth:`registry`, schema
       ``lightning_attn/report/head_functions.schema.json``) and a ``registry`` table, in
-      ``<save_dir or log_dir/lightning_attn>/heads/<stage>/``.
+      ``<save_dir or log_dir/lightning_attn>/heads/<stage>/``;
+    - **head roles over training**: a head whose label, structural types or HSI side of ``hsi_threshold`` differs
+      from the stage's previous evaluated epoch is an *event* (:func:`~lightning_attn.metrics.head_roles.role_events`),
+      kept in the epoch's record (``events``, so in the ``state_dict`` too, and in :meth:`events`), published as
+      a ``role_events`` table every epoch (W&B table, TensorBoard text, CSV) and drawn in the ``timeline`` figure
+      (heads x epochs, coloured by label); each registry head has its ``label_history``;
+    - with ``head_importance``: Michel et al.'s (2019) head importance ``I_h = E_x |dL(x)/d xi_h|`` for a gate
+      ``xi_h`` of ones on the head's output (:mod:`lightning_attn.capture.gates`), from one extra forward and
+      backward of each evaluated batch (:mod:`lightning_attn.callbacks.head_importance`: the module's own
+      evaluation step is re-run with grad enabled and logging off, and must return its loss or ``logits`` and
+      ``target``; parameters' ``.grad`` is never touched). Streamed as sum-reduced states (DDP equal to one
+      process), kept as ``importance`` (raw) and ``importance_normalized`` (per layer by the L2 norm, then
+      min-max over the model) in the record, ``importance`` on each registry head, an ``importance`` heatmap and
+      a ``prunable_heads`` table (least important first, with the cumulative share of importance removed).
 
     The per-epoch history (:attr:`history`) is kept in the callback's ``state_dict``, so a run resumed from a
     checkpoint continues it; re-evaluating an epoch replaces that epoch's record.
@@ -146,6 +172,12 @@ class HeadSpecializationTracker(EvaluationCallback):
         log_figures: publish the figures.
         export_registry: write ``head_functions.json`` and the registry table each evaluated epoch.
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn``.
+        head_importance: also score every head's importance by the gradient of the step's loss with respect to a
+            gate on its output (one extra forward and backward per evaluated batch, about 3x the step's cost).
+
+    Raises:
+        ValueError: with ``head_importance``, at the first batch, when the evaluation step returns neither its loss
+            nor ``logits`` and ``target``.
     """
 
     def __init__(
@@ -179,6 +211,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         log_figures: bool = True,
         export_registry: bool = True,
         save_dir: str | None = None,
+        head_importance: bool = False,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
         if chunk_size is not None and chunk_size < 1:
@@ -226,6 +259,8 @@ class HeadSpecializationTracker(EvaluationCallback):
         self.logged_scores = tuple(logged_scores)
         self.log_figures = log_figures
         self.export_registry = export_registry
+        self.head_importance = head_importance
+        self._importance: dict[tuple[str, int], HeadImportance] = {}
         self._history: list[dict[str, Any]] = []
         self._metrics: dict[tuple[str, int], HeadSpecializationMetrics] = {}
         self._recorder: AttentionRecorder | None = None
@@ -256,6 +291,10 @@ class HeadSpecializationTracker(EvaluationCallback):
         """The records of one stage key (``val``, ``test``, ``val_dl1`` ...), oldest first."""
         return [record for record in self._history if record["stage"] == stage]
 
+    def events(self, stage: str = "val") -> list[dict[str, Any]]:
+        """The head-role changes of one stage key over the history, oldest first (see :func:`role_events`)."""
+        return [event for record in self.history_for(stage) for event in record.get("events", [])]
+
     # -- registry ---------------------------------------------------------------------------------------
     def registry(self, stage: str = "val") -> dict[str, Any]:
         """The head-function registry of the latest record of ``stage`` (JSON-ready, NaN as ``None``); layout in
@@ -267,7 +306,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         records = self.history_for(stage)
         if not records:
             raise LookupError(f"no head-specialization record for stage {stage!r} yet (have {sorted({r['stage'] for r in self._history})})")
-        return build_registry(
+        registry = build_registry(
             records[-1],
             hsi_threshold=self.hsi_threshold,
             thresholds=self.thresholds,
@@ -275,6 +314,7 @@ class HeadSpecializationTracker(EvaluationCallback):
             features=list(self.features),
             summary=self.summary,
         )
+        return add_head_history(registry, records)
 
     def save_registry(self, path: str | Path, stage: str = "val") -> Path:
         """Write :meth:`registry` to ``path`` as JSON (any rank; the callback itself writes on rank zero)."""
@@ -306,6 +346,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         for (metric_stage, _), metrics in self._metrics.items():
             if metric_stage == stage:
                 metrics.reset()
+        for (metric_stage, _), importance in self._importance.items():
+            if metric_stage == stage:
+                importance.reset()
 
     def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         self._close_recorder()
@@ -317,6 +360,12 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
         self._close_recorder()
+        if self.head_importance:
+            importance = self._importance.setdefault((stage, dataloader_idx), HeadImportance()).to(pl_module.device)
+            sites = (self.include, self.exclude)
+            gradients = head_gradients(trainer, pl_module, batch, batch_idx, dataloader_idx, stage, *sites)
+            for site, per_sample in gradients.items():
+                importance.update(site, per_sample)
 
     def eval_abort(self) -> None:
         self._close_recorder()
@@ -375,6 +424,12 @@ class HeadSpecializationTracker(EvaluationCallback):
             entry.update(stage=key, epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
             entry["clusters"] = list(redundancy["clusters"]) if redundancy else []
             analyze_heads(entry, hsi_threshold=self.hsi_threshold, thresholds=self.thresholds, feature_labels=self.feature_labels)
+            importance = self._importance.get((metric_stage, dataloader_idx))
+            if importance is not None and importance.update_called:
+                entry.update(importance_record(importance.compute(), entry["sites"]))  # a collective: every rank
+                importance.reset()
+            previous = previous_record(self.history_for(key), entry["epoch"])
+            entry["events"] = role_events(previous, entry, self.hsi_threshold)
             self._record(entry)
             if redundancy:
                 self.last_redundancy[key] = redundancy
@@ -427,13 +482,20 @@ class HeadSpecializationTracker(EvaluationCallback):
                 for head in layer["heads"]
             ]
             publish_table(trainer, "registry", ["head", "label", "hsi", "primary_feature", "correlation", "types"], rows, namespace=namespace, step=step, save_dir=self.save_dir)
+        tables: dict[str, tuple[Sequence[str], list[list[Any]]]] = {}
+        tables["role_events"] = (EVENT_COLUMNS, event_rows(entry["events"]))
+        if "importance" in entry:
+            tables["prunable_heads"] = (PRUNABLE_COLUMNS, prunable_heads(entry))
+        for name, (columns, table_rows) in tables.items():
+            publish_table(trainer, name, columns, table_rows, namespace=namespace, step=step, save_dir=self.save_dir)
         if self.log_figures:
             publish_figures(trainer, self.figures(key, redundancy), namespace=namespace, step=step, save_dir=self.save_dir)
 
     def figures(self, stage: str = "val", redundancy: dict[str, Any] | None = None) -> dict[str, Figure]:
         """The figures of the latest record of ``stage`` (``matplotlib.figure.Figure``, no pyplot): ``hsi`` and
         ``feature_correlation`` (with features), ``type_scores``, ``redundancy`` (given the probe's result),
-        ``evolution``."""
+        ``evolution``, ``timeline`` (labels and role changes over the epochs), ``importance`` (with
+        ``head_importance``)."""
         records = self.history_for(stage)
         if not records:
             return {}
@@ -461,7 +523,20 @@ class HeadSpecializationTracker(EvaluationCallback):
         if self.features:
             series["hsi"] = [self._flat(r, heads, "hsi") for r in ordered]
         figures["evolution"] = plot_head_evolution(epochs, series, heads, title=f"Per-head evolution ({stage})")
+        labels = [[self._label_at(r, head) for head in heads] for r in ordered]
+        events = self.events(stage)
+        figures["timeline"] = plot_head_timeline(epochs, labels, heads, events, title=f"Head roles ({stage})")
+        if "importance" in entry:
+            normalized = entry["importance_normalized"]
+            table = [normalized[site] + [math.nan] * (width - len(normalized[site])) for site in sites]
+            figures["importance"] = plot_head_importance(table, sites, title=f"Head importance ({title})")
         return figures
+
+    @staticmethod
+    def _label_at(record: dict[str, Any], head: str) -> str | None:
+        site, k = head.rsplit("/h", 1)
+        labels = record["labels"].get(site, [])
+        return labels[int(k)] if int(k) < len(labels) else None
 
     @staticmethod
     def _flat(record: dict[str, Any], heads: Sequence[str], what: str) -> list[float]:

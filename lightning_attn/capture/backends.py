@@ -226,7 +226,15 @@ class _Interceptor:
             return self._sdpa_through_probs(args, kwargs)
         out = self.original(F, "scaled_dot_product_attention")(*args, **kwargs)
         self._record_sdpa(args, kwargs)
-        return out
+        return self._gated(out)
+
+    def _gate_sink(self) -> Any:
+        """The active :class:`~lightning_attn.capture.gates.HeadGates` (head importance), if any."""
+        return next((sink for sink in self.sinks if hasattr(sink, "gate_merged")), None)
+
+    def _gated(self, out: Tensor) -> Tensor:
+        gates = self._gate_sink()
+        return out if gates is None else gates.gate(out)
 
     @property
     def differentiable(self) -> bool:
@@ -253,7 +261,7 @@ class _Interceptor:
         weights = as_bhqk(probs)
         kind = "self" if query is key else "cross"
         self._emit(module, "sdpa", kind, lambda info: AttentionCapture(info, weights=weights), weights.shape)
-        return out
+        return self._gated(out)
 
     @torch.compiler.disable
     def _record_sdpa(self, args: tuple, kwargs: dict) -> None:
@@ -290,6 +298,12 @@ class _Interceptor:
             return original(*args, **kwargs)
         average = a["average_attn_weights"]
         a["average_attn_weights"] = False
+        gates = self._gate_sink()
+        if gates is not None:  # gate the heads between the merge and out_proj: project with the identity first
+            out_proj = a["out_proj_weight"], a["out_proj_bias"]
+            weight = out_proj[0]
+            a["out_proj_weight"] = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+            a["out_proj_bias"] = None
         self._mha_weights_depth += 1
         try:
             out, weights = original(*bound.args, **bound.kwargs)
@@ -299,6 +313,8 @@ class _Interceptor:
         kind = "self" if query is key else "cross"
         per_head = as_bhqk(weights)
         self._emit(module, "mha", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(per_head)), per_head.shape)
+        if gates is not None:
+            out = gates.gate_merged(out, a["num_heads"], *out_proj)
         return out, (weights.mean(dim=-3) if average else weights)
 
     def _native_mha(self, query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask=None, need_weights=True, average_attn_weights=True, mask_type=None):  # noqa: ANN001, ANN202

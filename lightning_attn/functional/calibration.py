@@ -22,7 +22,10 @@ References:
       (ECE, MCE, reliability diagrams, temperature scaling).
     - J. Nixon, M. Dusenberry, L. Zhang, G. Jerfel, D. Tran. *Measuring Calibration in Deep Learning*.
       CVPR Workshops 2019 (adaptive / equal-mass ECE, static calibration error SCE = classwise ECE).
-    - A. Kumar, P. Liang, T. Ma. *Verified Uncertainty Calibration*. NeurIPS 2019 (L2 / RMS calibration error).
+    - A. Kumar, P. Liang, T. Ma. *Verified Uncertainty Calibration*. NeurIPS 2019 (L2 / RMS calibration
+      error and its debiased estimate).
+    - J. Blasiok, P. Nakkiran. *Smooth ECE: Principled Reliability Diagrams via Kernel Smoothing*. 2023
+      (smooth ECE; reference implementation: the ``relplot`` package).
     - G. W. Brier. *Verification of forecasts expressed in terms of probability*. Monthly Weather Review 1950.
 """
 
@@ -35,19 +38,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_attn.functional.bootstrap import percentile_interval
+
 __all__ = [
     "adaptive_calibration_error",
     "apply_temperature",
     "bin_statistics",
+    "bootstrap_intervals",
     "brier_score",
     "calibration_error",
     "classwise_calibration_error",
+    "confidence_histogram",
+    "debiased_calibration_error",
     "equal_mass_bins",
     "equal_width_bin_index",
     "equal_width_edges",
     "fit_temperature",
     "fold_last_bin",
     "negative_log_likelihood",
+    "smooth_calibration_error",
+    "smooth_ece_at",
     "temperature_nll",
 ]
 
@@ -116,20 +126,19 @@ def calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, norm: No
     Equal to torchmetrics ``BinaryCalibrationError`` / ``MulticlassCalibrationError`` with the same
     ``n_bins`` and ``norm`` when no confidence equals ``1.0`` exactly; torchmetrics puts such
     samples in a hidden extra bin with accuracy compared against confidence 1.0 on their own,
-    here they share the last bin. ``NaN`` when there are no samples.
+    here they share the last bin. ``NaN`` when there are no samples. Leading dimensions are
+    independent histograms (e.g. ``[R, n_bins]`` bootstrap replicates give ``[R]`` errors).
     """
     count = count.double()
-    total = count.sum()
+    total = count.sum(-1)
     if norm == "l1":
-        return (hit_sum.double() - conf_sum.double()).abs().sum() / total
+        return (hit_sum.double() - conf_sum.double()).abs().sum(-1) / total
     accuracy, confidence, proportion = bin_statistics(count, conf_sum, hit_sum)
     gap = torch.nan_to_num(accuracy - confidence, nan=0.0)
     if norm == "l2":
-        return torch.sqrt((proportion * gap.square()).sum())
+        return torch.sqrt((proportion * gap.square()).sum(-1))
     if norm == "max":
-        if not bool(total > 0):
-            return torch.tensor(float("nan"), dtype=torch.float64, device=count.device)
-        return gap.abs().max()
+        return torch.where(total > 0, gap.abs().amax(-1), float("nan"))
     raise ValueError(f"norm must be one of 'l1', 'l2', 'max', got {norm!r}")
 
 
@@ -193,6 +202,30 @@ def equal_mass_bins(
     return count, conf, hits, edges
 
 
+def confidence_histogram(
+    fine_count: Tensor, fine_hits: Tensor, bins: int, binary: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-label confidence histogram ``(edges, correct, incorrect)``, ``bins`` equal-width bins,
+    re-binned from a fine histogram (folded, ``F`` entries: fine bin ``j`` goes to ``floor(j bins / F)``).
+
+    ``binary``: the fine histogram is of ``p = P(y = 1)`` with hits the positives; it is mirrored
+    (``max(p, 1 - p)``, correct = positives above 0.5, negatives below), a fine bin straddling 0.5
+    counted with the upper half.
+    """
+    fine = fine_count.shape[-1]
+    device = fine_count.device
+    j = torch.arange(fine, device=device)
+    correct, count = fine_hits.double(), fine_count.double()
+    if binary:
+        upper = (j + 0.5) / fine >= 0.5
+        correct = torch.where(upper, correct, count - correct)
+        j = torch.where(upper, j, fine - 1 - j)
+    coarse = torch.div(j * bins, fine, rounding_mode="floor").clamp_max(bins - 1)
+    hits = torch.zeros(bins, dtype=torch.float64, device=device).index_add_(0, coarse, correct)
+    total = torch.zeros(bins, dtype=torch.float64, device=device).index_add_(0, coarse, count)
+    return equal_width_edges(bins, device=device), hits, total - hits
+
+
 def adaptive_calibration_error(
     fine_count: Tensor, fine_conf_sum: Tensor, fine_hit_sum: Tensor, n_bins: int, norm: Norm = "l1"
 ) -> Tensor:
@@ -202,6 +235,172 @@ def adaptive_calibration_error(
     if count.numel() == 0:
         return torch.tensor(float("nan"), dtype=torch.float64, device=fine_count.device)
     return calibration_error(count, conf, hits, norm)
+
+
+def bootstrap_intervals(
+    count: Tensor, conf_sum: Tensor, hit_sum: Tensor, correct: Tensor, brier_sum: Tensor, level: float = 0.95
+) -> dict[str, Tensor]:
+    r"""Percentile bootstrap intervals of the ECE, accuracy and Brier score, and of each bin's accuracy.
+
+    Inputs are the weighted sums of ``R`` replicates (:mod:`lightning_attn.functional.bootstrap`):
+    histograms ``[R, n_bins]`` (folded) and ``[R]`` totals of correct predictions and of per-sample
+    Brier scores. Replicate :math:`r` gives :math:`\mathrm{ECE}_r` (:func:`calibration_error`),
+    :math:`\mathrm{acc}_r = \text{correct}_r / N_r` and :math:`\mathrm{Brier}_r = \text{brier}_r / N_r`
+    with :math:`N_r = \sum_m \text{count}_{rm}`; the interval is their :math:`(1 \mp \ell)/2` quantiles
+    (:func:`~lightning_attn.functional.bootstrap.percentile_interval`).
+
+    Returns:
+        ``ece_ci_low``, ``ece_ci_high``, ``accuracy_ci_*``, ``brier_ci_*`` (0-d) and
+        ``bin_accuracy_ci_low``/``_high`` (``[n_bins]``, NaN for bins empty in every replicate).
+
+    Example:
+        >>> count = torch.tensor([[10.0, 10.0], [8.0, 12.0], [12.0, 8.0]])
+        >>> conf, hits = count * torch.tensor([0.3, 0.9]), count * torch.tensor([0.5, 0.8])
+        >>> out = bootstrap_intervals(count, conf, hits, hits.sum(1), count.sum(1) * 0.2)
+        >>> [round(float(out[k]), 4) for k in ("ece_ci_low", "ece_ci_high")]  # replicates' ECE: 0.15, 0.14, 0.16
+        [0.1405, 0.1595]
+    """
+    total = count.double().sum(-1)
+    out: dict[str, Tensor] = {}
+    per_replicate = {
+        "ece": calibration_error(count, conf_sum, hit_sum, "l1"),
+        "accuracy": correct.double() / total,
+        "brier": brier_sum.double() / total,
+    }
+    for name, values in per_replicate.items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = percentile_interval(values, level)
+    accuracy, _, _ = bin_statistics(count, conf_sum, hit_sum)
+    out["bin_accuracy_ci_low"], out["bin_accuracy_ci_high"] = percentile_interval(accuracy.T, level)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# debiased and smooth estimates
+# ---------------------------------------------------------------------------------------------
+def debiased_calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor) -> Tensor:
+    r"""Debiased L2 calibration error of Kumar et al. 2019 (*Verified Uncertainty Calibration*), float64.
+
+    The plug-in squared error :math:`\sum_b p_b (\mathrm{conf}_b - \mathrm{acc}_b)^2` over-estimates
+    the true one by the sampling variance of each bin's accuracy; their estimator subtracts it:
+
+    .. math::
+        \widehat{\mathrm{CE}}^2 = \sum_b p_b \Big[ (\mathrm{conf}_b - \mathrm{acc}_b)^2
+            - \frac{\mathrm{acc}_b (1 - \mathrm{acc}_b)}{n_b - 1} \Big], \qquad
+        \mathrm{ece\_debiased} = \sqrt{\max(\widehat{\mathrm{CE}}^2, 0)}
+
+    with :math:`p_b = n_b / N`; bins with fewer than two samples contribute 0 (as their reference
+    code, p-lambda/verified_calibration ``unbiased_l2_ce``). It is the debiased counterpart of the
+    L2 error (``calibration_error(..., "l2")``) over the same bins. ``NaN`` without samples.
+
+    Example:
+        >>> count, conf, hits = torch.tensor([10, 10]), torch.tensor([3.0, 9.0]), torch.tensor([6, 6])
+        >>> round(float(calibration_error(count, conf, hits, "l2")), 4)  # plug-in: |0.3 - 0.6| = |0.9 - 0.6|
+        0.3
+        >>> round(float(debiased_calibration_error(count, conf, hits)), 4)  # sqrt(0.09 - 0.24 / 9)
+        0.2517
+    """
+    count = count.double()
+    accuracy, confidence, proportion = bin_statistics(count, conf_sum, hit_sum)
+    variance = torch.where(count > 1, accuracy * (1 - accuracy) / (count - 1).clamp_min(1), 0.0)
+    term = torch.where(count > 1, (confidence - accuracy).square() - variance, 0.0)
+    squared = (proportion * term).sum(-1)
+    return torch.where(count.sum(-1) > 0, squared.clamp_min(0).sqrt(), float("nan"))
+
+
+def _round_to_grid(position: Tensor, weight: Tensor, points: int) -> Tensor:
+    """Each ``weight`` split linearly between the two grid points (``linspace(0, 1, points)``) around
+    its ``position``; rows of ``weight`` are separate grids."""
+    scaled = position * (points - 1)
+    left = scaled.long().clamp(0, points - 2)
+    right_share = scaled - left
+    grid = weight.new_zeros(weight.shape[0], points)
+    grid.index_add_(1, left, weight * (1 - right_share))
+    grid.index_add_(1, left + 1, weight * right_share)
+    return grid
+
+
+def _reflected_gaussian(grid: Tensor, sigma: float) -> Tensor:
+    """Convolution of each row with a Gaussian of width ``sigma`` sampled on the same grid, the
+    values mirrored at 0 and 1 (so no mass leaves ``[0, 1]``); by FFT, the grid having up to
+    ``10 / eps`` points."""
+    points = grid.shape[-1]
+    t = torch.linspace(0.0, 1.0, points, dtype=torch.float64, device=grid.device)
+    kernel = torch.exp(-(t - 0.5).square() / (2 * sigma**2)) / (math.sqrt(2 * math.pi) * sigma)
+    mirrored = torch.cat([grid.flip(-1)[:, :-1], grid, grid.flip(-1)[:, 1:]], -1)
+    size = mirrored.shape[-1] + points - 1
+    full = torch.fft.irfft(torch.fft.rfft(mirrored, size) * torch.fft.rfft(kernel, size), size)
+    start = points - 1 + points // 2  # the centred window of the "valid" part of the full convolution
+    return full[:, start : start + points]
+
+
+def _interpolate(grid: Tensor, at: Tensor) -> Tensor:
+    """Rows of ``grid`` (values at ``linspace(0, 1, points)``) linearly interpolated at ``at``."""
+    points = grid.shape[-1]
+    left = (at * (points - 1)).long().clamp(0, points - 2)
+    right_share = at * (points - 1) - left
+    return grid[:, left] * (1 - right_share) + grid[:, left + 1] * right_share
+
+
+def smooth_ece_at(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, sigma: float) -> Tensor:
+    r"""Smooth ECE at a fixed bandwidth ``sigma`` (Blasiok & Nakkiran 2023), from a fine histogram.
+
+    With residuals :math:`r_i = c_i - y_i` (``y`` the hit), the kernel-smoothed residual and density
+    :math:`R(t) = \sum_i K_\sigma(t, c_i) r_i`, :math:`D(t) = \sum_i K_\sigma(t, c_i)` (Gaussian
+    kernel reflected at 0 and 1), on an evaluation mesh :math:`t_j`:
+
+    .. math::
+        \mathrm{smECE}_\sigma = \frac{\sum_j |R(t_j)|}{\sum_j (D(t_j) + 10^{-4})}
+
+    computed as ``relplot.smECE_sigma`` does (grids of ``max(2000, 20/sigma)/2 + 1`` points, mesh of
+    ``max(10/sigma, 200)`` points), the samples of each fine bin placed at the bin's mean
+    confidence (their exact positions within ``1/fine_bins`` are not kept).
+    """
+    nonempty = count > 0
+    n = count.double()[nonempty]
+    position = conf_sum.double()[nonempty] / n
+    residual = conf_sum.double()[nonempty] - hit_sum.double()[nonempty]
+    points = max(2000, round(20 / sigma)) // 2 + 1
+    grid = _round_to_grid(position, torch.stack([residual, n]), points)
+    smoothed = _reflected_gaussian(grid, sigma)
+    mesh = torch.linspace(0.0, 1.0, max(round(10 / sigma), 200), dtype=torch.float64, device=count.device)
+    residual_at, density_at = _interpolate(smoothed, mesh)
+    return residual_at.abs().sum() / (density_at + 1e-4).sum()
+
+
+def smooth_calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, eps: float = 1e-3) -> Tensor:
+    r"""Smooth ECE (Blasiok & Nakkiran 2023, *Smooth ECE: Principled Reliability Diagrams via Kernel
+    Smoothing*) with its automatic bandwidth, from a fine histogram (folded, ``[fine_bins]``).
+
+    The bandwidth is the fixed point :math:`\sigma^* = \mathrm{smECE}_{\sigma^*}` (see
+    :func:`smooth_ece_at`), found as ``relplot.smECE`` finds it: 10 bisection steps on ``(0, 1]``
+    keeping the smallest :math:`\sigma` with :math:`\sigma \ge \mathrm{smECE}_\sigma` (or
+    :math:`\sigma < \text{eps}`); the result is :math:`\mathrm{smECE}_{\sigma^*}`. Equal to
+    ``relplot.smECE(confidences, hits)`` on the samples up to the fine-bin resolution (tested
+    within 2e-3). Unlike the binned ECE it is continuous in the predictions and needs no bin count.
+    ``NaN`` without samples.
+
+    Example:
+        >>> count = torch.tensor([0, 50, 0, 50])  # 100 samples: confidence 0.3 (15 hits), 0.9 (40 hits)
+        >>> conf, hits = torch.tensor([0.0, 15.0, 0.0, 45.0]), torch.tensor([0, 15, 0, 40])
+        >>> round(float(smooth_calibration_error(count, conf, hits)), 3)
+        0.05
+    """
+    if not bool(count.sum() > 0):
+        return torch.tensor(float("nan"), dtype=torch.float64, device=count.device)
+
+    def small_enough(sigma: float) -> bool:
+        return sigma < eps or sigma < float(smooth_ece_at(count, conf_sum, hit_sum, sigma))
+
+    sigma = 1.0
+    if not small_enough(sigma):
+        low = 0.0
+        for _ in range(10):
+            middle = (sigma + low) / 2
+            if small_enough(middle):
+                low = middle
+            else:
+                sigma = middle
+    return smooth_ece_at(count, conf_sum, hit_sum, sigma)
 
 
 # ---------------------------------------------------------------------------------------------

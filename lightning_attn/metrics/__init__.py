@@ -15,7 +15,8 @@ from lightning_attn.metrics.heads import (
     ProbeHeadMaps,
     head_statistics_reducers,
 )
-from lightning_attn.metrics.calibration import CalibrationMetric, LogitReservoir
+from lightning_attn.metrics.calibration import CalibrationMetric
+from lightning_attn.metrics.reservoir import LogitReservoir
 from lightning_attn.metrics.probes import (
     ActivationStatistics,
     ProbeResults,

@@ -5,8 +5,6 @@ whatever the number of samples (torchmetrics' ``CalibrationError`` keeps one con
 accuracy per sample and gathers them all on sync). Every state is reduced by ``sum`` across
 processes, so DDP gives the same result as one process, and the formulas live in
 :mod:`lightning_attn.functional.calibration`.
-
-:class:`LogitReservoir` keeps a bounded uniform sample of an epoch's logits for temperature scaling.
 """
 
 from __future__ import annotations
@@ -19,54 +17,27 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
+from lightning_attn.functional.bootstrap import poisson_bootstrap_weights, replicate_sums, sample_hash
 from lightning_attn.functional.calibration import (
     adaptive_calibration_error,
     bin_statistics,
+    bootstrap_intervals,
     calibration_error,
     classwise_calibration_error,
+    confidence_histogram,
+    debiased_calibration_error,
     equal_mass_bins,
     equal_width_edges,
     fold_last_bin,
+    smooth_calibration_error,
 )
+from lightning_attn.metrics.calibration_inputs import Task, check_shapes
 
-__all__ = ["CalibrationMetric", "LogitReservoir", "check_shapes"]
+__all__ = ["CalibrationMetric"]
 
-Task = Literal["binary", "multiclass"]
 ScoreType = Literal["logits", "probs"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def check_shapes(scores: Tensor, target: Tensor, task: Task, num_classes: int | None) -> None:
-    """Raise a ``ValueError`` naming the problem when ``scores``/``target`` do not fit ``task``.
-
-    Cheap: shapes and dtypes only, never values (no device synchronisation).
-
-    - multiclass: ``scores [N, K, ...]``, ``target [N, ...]`` (class dimension 1, as ``cross_entropy``);
-    - binary: ``scores`` shaped like ``target`` (``[N, ...]``), or ``[N, 1]`` with ``target [N]``.
-    """
-    if not isinstance(scores, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"scores and target must be tensors, got {type(scores).__name__} and {type(target).__name__}")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be a floating-point tensor of logits or probabilities, got dtype {scores.dtype}")
-    if target.is_complex() or (target.is_floating_point() and task != "binary"):
-        raise ValueError(f"multiclass target must hold integer class indices, got dtype {target.dtype}")
-    if task == "multiclass":
-        if scores.ndim != target.ndim + 1 or scores.shape[0] != target.shape[0] or scores.shape[2:] != target.shape[1:]:
-            raise ValueError(
-                f"multiclass scores must be [N, num_classes, ...] with target [N, ...]; got scores {tuple(scores.shape)} "
-                f"and target {tuple(target.shape)}"
-            )
-        if num_classes is not None and scores.shape[1] != num_classes:
-            raise ValueError(f"scores have {scores.shape[1]} classes in dimension 1 but num_classes={num_classes}")
-    elif task == "binary":
-        if scores.shape != target.shape and not (scores.ndim == 2 and scores.shape[1] == 1 and target.shape == scores.shape[:1]):
-            raise ValueError(
-                f"binary scores must have the target's shape (one logit or probability of class 1 per target); got scores "
-                f"{tuple(scores.shape)} and target {tuple(target.shape)} (for [N, 2] scores use task='multiclass')"
-            )
-    else:
-        raise ValueError(f"task must be 'binary' or 'multiclass', got {task!r}")
 
 
 class CalibrationMetric(Metric):
@@ -84,7 +55,14 @@ class CalibrationMetric(Metric):
     - per-class bins (``K x (B + 1)``) of every class probability for the classwise ECE (SCE);
     - top-label sums: samples, correct, confidence, confidence of the correct ones (binary: top
       label = ``max(p, 1 - p)``, predicted class ``p > 0.5``);
-    - Brier and NLL sums; counters of skipped (NaN), ignored and invalid samples.
+    - Brier and NLL sums; counters of skipped (NaN), ignored and invalid samples;
+    - with ``bootstrap = R > 0``: the reliability-bin sums (count, confidence, hits; ``R x B``) and the
+      correct and Brier sums (``R``) of ``R`` Poisson bootstrap replicates, each sample weighted in
+      replicate ``r`` by a Poisson(1) count drawn from a hash of its scores and target
+      (:mod:`lightning_attn.functional.bootstrap`): the weights do not depend on the batch or the
+      process, so the replicates reduce by ``sum`` exactly like the other states. Samples with
+      bit-identical scores and target share their weights (a model that outputs a constant gives
+      a zero-width interval).
 
     Every state is an ``add_state(..., dist_reduce_fx="sum")`` tensor: counts ``int64``, sums
     ``float64``; their size does not depend on the number of samples.
@@ -108,12 +86,20 @@ class CalibrationMetric(Metric):
         ignore_index: target value to leave out (e.g. padding ``-100``).
         prob_tolerance: how far a probability row sum may be from 1 (``score_type="probs"``,
             multiclass); default ``1e-3``, ``1e-2`` for half-precision scores.
+        bootstrap: number of Poisson bootstrap replicates behind the 95% intervals of the ECE,
+            accuracy, Brier score and per-bin accuracy; 0 turns them off.
         kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    # bootstrap states (declared with add_state in __init__ when bootstrap > 0)
+    boot_count: Tensor
+    boot_conf: Tensor
+    boot_hits: Tensor
+    boot_correct: Tensor
+    boot_brier: Tensor
     #: Use the CPU fast path (data-dependent shapes) for CPU tensors; the masked path is what runs
     #: on accelerators. Both give the same sums; tests switch this off to exercise the masked path.
     sparse_on_cpu: bool = True
@@ -129,6 +115,7 @@ class CalibrationMetric(Metric):
         fine_bins: int = 10_000,
         ignore_index: int | None = None,
         prob_tolerance: float | None = None,
+        bootstrap: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,6 +128,8 @@ class CalibrationMetric(Metric):
         for name, value in (("n_bins", n_bins), ("adaptive_bins", adaptive_bins), ("classwise_bins", classwise_bins), ("fine_bins", fine_bins)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+            raise ValueError(f"bootstrap must be a number of replicates >= 0 (0: off), got {bootstrap!r}")
         self.task: Task = task
         self.num_classes = 2 if task == "binary" else int(num_classes)  # type: ignore[arg-type]
         self.score_type: ScoreType = score_type
@@ -150,6 +139,7 @@ class CalibrationMetric(Metric):
         self.fine_bins = fine_bins
         self.ignore_index = ignore_index
         self.prob_tolerance = prob_tolerance
+        self.bootstrap = bootstrap
 
         f64, i64 = torch.float64, torch.long
         k, b, bc, fb = self.num_classes, n_bins, self.classwise_bins, fine_bins
@@ -170,6 +160,11 @@ class CalibrationMetric(Metric):
         state("class_count", (k, bc + 1), i64)
         state("class_conf", (k, bc + 1), f64)
         state("class_hits", (k, bc + 1), i64)
+        if bootstrap:  # float64: integer-valued weighted counts stay exact below 2^53
+            for name in ("boot_count", "boot_conf", "boot_hits"):
+                state(name, (bootstrap, b), f64)
+            state("boot_correct", (bootstrap,), f64)
+            state("boot_brier", (bootstrap,), f64)
         self._edges_cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._padded_edges: dict[torch.dtype, np.ndarray] = {}
         self._eager = False
@@ -285,13 +280,33 @@ class CalibrationMetric(Metric):
         setattr(self, f"{prefix}_conf", getattr(self, f"{prefix}_conf") + conf)
         setattr(self, f"{prefix}_hits", getattr(self, f"{prefix}_hits") + pairs[:, 1])
 
-    def _update_reliability(self, value: Tensor, value64: Tensor, hits: Tensor, valid: Tensor | None) -> None:
-        """Equal-width and fine histograms of ``value`` (in ``[0, 1]`` where valid, 0 elsewhere)."""
+    def _update_reliability(self, value: Tensor, value64: Tensor, hits: Tensor, valid: Tensor | None) -> Tensor:
+        """Equal-width and fine histograms of ``value`` (in ``[0, 1]`` where valid, 0 elsewhere);
+        returns the equal-width bin index (1.0 -> ``n_bins``)."""
         b, fb = self.n_bins, self.fine_bins
         index = torch.bucketize(value, self._edges(value), right=True) - 1  # torchmetrics' boundaries; 1.0 -> b
         self._histogram("bin", index, value64, hits, valid, b + 1)
         fine = (value64 * fb).long()  # exact floor of a float32 value; 1.0 -> fb
         self._histogram("fine", fine, value64, hits, valid, fb + 1)
+        return index
+
+    def _update_bootstrap(self, x: Tensor, t: Tensor, index: Tensor, valid: Tensor | None, value64: Tensor,
+                          hits: Tensor, correct: Tensor, brier: Tensor) -> None:
+        """Add the batch to every replicate: reliability-bin ``index`` (1.0 -> ``n_bins``, folded here)
+        of ``value64``, ``hits``, ``correct`` and per-sample ``brier`` (0 for invalid samples)."""
+        if not self.bootstrap:
+            return
+        b = self.n_bins
+        pair = index.clamp_max(b - 1) * 2 + hits  # count and hits from one histogram of (bin, hit) pairs
+        if valid is not None:
+            pair = torch.where(valid, pair, 2 * b)  # dropped by replicate_sums
+        weights = poisson_bootstrap_weights(sample_hash(x, t), self.bootstrap).double()
+        pairs = replicate_sums(weights, pair, 2 * b).view(self.bootstrap, b, 2)
+        self.boot_count = self.boot_count + pairs.sum(-1)
+        self.boot_hits = self.boot_hits + pairs[..., 1]
+        self.boot_conf = self.boot_conf + replicate_sums(weights, pair // 2, b, value64)
+        self.boot_correct = self.boot_correct + correct.double() @ weights
+        self.boot_brier = self.boot_brier + brier @ weights
 
     def _update_top_label(self, conf64: Tensor, correct: Tensor, n_valid: Tensor | int) -> None:
         """``conf64`` is 0 and ``correct`` False for invalid samples."""
@@ -382,7 +397,8 @@ class CalibrationMetric(Metric):
         conf_sum[:, 0] += probs.sum(0).double().numpy() - conf_sum.sum(1)  # torch's column sums: cascaded, ~1e-7
         hits = np.bincount(target * stride + (p_y64 * bc).astype(np.int64), minlength=size).reshape(k, stride)
 
-        sum_sq = torch.linalg.vector_norm(probs, dim=1).double().square().sum().item()
+        sum_sq_rows = torch.linalg.vector_norm(probs, dim=1).double().square()
+        sum_sq = sum_sq_rows.sum().item()
         if self.score_type == "logits":
             # log p_y = z_y - logsumexp(z) and logsumexp(z) = z_pred - log p_pred: no second pass over [N, K]
             z = x.numpy().reshape(-1)
@@ -404,6 +420,9 @@ class CalibrationMetric(Metric):
         self.class_hits = self.class_hits + torch.from_numpy(hits)
         self.brier_sum = self.brier_sum + (sum_sq - 2 * float(p_y64.sum()) + n)
         self.nll_sum = self.nll_sum + nll
+        correct_t = torch.from_numpy(correct)
+        self._update_bootstrap(x, t, torch.from_numpy(bin_index), None, torch.from_numpy(conf64), correct_t, correct_t,
+                               sum_sq_rows - 2 * torch.from_numpy(p_y64) + 1)
 
     def _update_multiclass_masked(self, x: Tensor, probs: Tensor, t: Tensor, valid: Tensor | None) -> None:
         """Static shapes, no synchronisation (accelerators): invalid rows are zeroed and sent to a
@@ -422,7 +441,7 @@ class CalibrationMetric(Metric):
         p_y64 = probs64.gather(1, t.unsqueeze(1)).squeeze(1)
 
         self._update_top_label(conf64, correct, n_valid)
-        self._update_reliability(conf, conf64, correct, valid)
+        bin_index = self._update_reliability(conf, conf64, correct, valid)
 
         index = (probs64 * bc).long()  # invalid rows are zeros: one entry each in bin 0 of every class
         index += torch.arange(0, k * stride, stride, device=index.device)
@@ -434,6 +453,8 @@ class CalibrationMetric(Metric):
 
         sum_sq = torch.linalg.vector_norm(probs64, dim=1).square()
         self.brier_sum = self.brier_sum + (sum_sq - 2 * p_y64).sum() + n_valid
+        brier = torch.where(valid, sum_sq - 2 * p_y64 + 1, 0.0)
+        self._update_bootstrap(x, t, bin_index, valid, conf64, correct, correct, brier)
         if self.score_type == "logits":
             z = x.gather(1, torch.stack([t, pred], 1)).double()
             log_p_y = z[:, 0] - z[:, 1] + torch.log(conf64.clamp_min(1e-300))
@@ -453,7 +474,7 @@ class CalibrationMetric(Metric):
 
         p = torch.where(valid, p, 0.0)
         p64 = p.double()
-        self._update_reliability(p, p64, positive, valid)
+        bin_index = self._update_reliability(p, p64, positive, valid)
 
         pred = p > 0.5
         conf64 = torch.where(valid, torch.where(pred, p64, 1 - p64), 0.0)
@@ -470,7 +491,9 @@ class CalibrationMetric(Metric):
         self._add_classwise(count, conf_sum, t, torch.where(positive, p64, 1 - p64), valid)
 
         y = t.double()
-        self.brier_sum = self.brier_sum + torch.where(valid, (p64 - y).square(), 0.0).sum()
+        brier = torch.where(valid, (p64 - y).square(), 0.0)
+        self.brier_sum = self.brier_sum + brier.sum()
+        self._update_bootstrap(x, t, bin_index, valid, p64, positive, correct, brier)
         if self.score_type == "logits":
             z = x.double()
             per = torch.nn.functional.softplus(-z) * y + torch.nn.functional.softplus(z) * (1 - y)
@@ -505,7 +528,10 @@ class CalibrationMetric(Metric):
         ``confidence_incorrect``, ``n_samples``, ``n_skipped`` (NaN), ``n_ignored``, ``n_at_one``
         (reliability values of exactly 1.0, merged into the last bin). Arrays: ``bin_*`` (edges,
         count, accuracy, confidence), ``adaptive_*``, ``class_*`` (``[K, classwise_bins]``),
-        ``hist_*`` (top-label confidence histogram, correct/incorrect, 50 bins).
+        ``hist_*`` (top-label confidence histogram, correct/incorrect, 50 bins). Also ``smece`` (smooth
+        ECE from the fine histogram) and ``ece_debiased`` (Kumar et al.'s debiased L2 error over the
+        reliability bins); with ``bootstrap``: ``ece_ci_low``/``_high``, ``accuracy_ci_*``,
+        ``brier_ci_*`` (95% percentile intervals) and ``bin_accuracy_ci_*`` (per bin).
         """
         self.check()
         out: dict[str, Tensor] = {}
@@ -520,6 +546,11 @@ class CalibrationMetric(Metric):
         out["rmsce"] = calibration_error(count, conf, hits, "l2")
         fcount, fconf, fhits = (fold_last_bin(s) for s in (self.fine_count, self.fine_conf, self.fine_hits))
         out["adaptive_ece"] = adaptive_calibration_error(fcount, fconf, fhits, self.adaptive_bins)
+        out["smece"] = smooth_calibration_error(fcount, fconf, fhits)
+        out["ece_debiased"] = debiased_calibration_error(count, conf, hits)
+        if self.bootstrap:
+            out.update(bootstrap_intervals(self.boot_count, self.boot_conf, self.boot_hits, self.boot_correct,
+                                           self.boot_brier))
         ccount, cconf, chits = (fold_last_bin(s) for s in (self.class_count, self.class_conf, self.class_hits))
         out["classwise_ece"] = classwise_calibration_error(ccount, cconf, chits, self.n_samples)
         out["brier"] = self.brier_sum / n
@@ -554,108 +585,12 @@ class CalibrationMetric(Metric):
         out["class_count"] = ccount.double()
         out["class_accuracy"] = acc
         out["class_confidence"] = mean_conf
-        edges, correct, incorrect = self._confidence_histogram(fcount, fhits, 50)
+        edges, correct, incorrect = confidence_histogram(fcount, fhits, 50, binary=self.task == "binary")
         out["hist_edges"] = edges
         out["hist_correct"] = correct
         out["hist_incorrect"] = incorrect
         return out
 
-    def _confidence_histogram(self, fcount: Tensor, fhits: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-label confidence histogram (correct / incorrect) re-binned from the fine histogram.
-
-        Binary: the fine histogram is of ``p = P(y = 1)``; it is mirrored (``max(p, 1 - p)``, correct =
-        positives above 0.5, negatives below), a fine bin straddling 0.5 counted with the upper half.
-        """
-        fb = self.fine_bins
-        device = fcount.device
-        j = torch.arange(fb, device=device)
-        correct, count = fhits.double(), fcount.double()
-        if self.task == "binary":
-            upper = (j + 0.5) / fb >= 0.5
-            correct = torch.where(upper, correct, count - correct)
-            j = torch.where(upper, j, fb - 1 - j)
-        coarse = torch.div(j * bins, fb, rounding_mode="floor").clamp_max(bins - 1)
-        c = torch.zeros(bins, dtype=torch.float64, device=device).index_add_(0, coarse, correct)
-        total = torch.zeros(bins, dtype=torch.float64, device=device).index_add_(0, coarse, count)
-        return equal_width_edges(bins, device=device), c, total - c
-
     def state_bytes(self) -> int:
         """Bytes held in metric states (constant in the number of samples)."""
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._defaults)
-
-
-class LogitReservoir:
-    """A uniform sample without replacement of at most ``size`` (logits, target) pairs of an epoch.
-
-    Bottom-k sampling: every valid sample gets a random key in ``[0, 1)`` (from a private generator,
-    so the global RNG stream and hence training are untouched) and the ``size`` samples with the
-    smallest keys are kept: a uniform sample over the epoch, whatever the batch order. A batch is
-    merged without synchronisation and with static shapes: its smallest ``m = min(batch, size)``
-    keys, ascending, are paired with the reservoir's ``m`` largest, descending, and each pair
-    swaps where the batch key is smaller (exactly the bottom-``size`` of the union). Under DDP the
-    bottom-``size`` of the gathered reservoirs is a uniform sample of the global epoch
-    (:meth:`merge`). Memory: ``size x K`` float32 logits plus ``size`` keys and targets.
-
-    Args:
-        size: the most samples kept.
-        seed: seed of the private generator (add the global rank under DDP).
-    """
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        if size < 1:
-            raise ValueError(f"reservoir size must be >= 1, got {size}")
-        self.size = size
-        self.seed = seed
-        self.keys: Tensor | None = None
-        self.logits: Tensor | None = None
-        self.target: Tensor | None = None
-        self._generator: torch.Generator | None = None
-
-    def reset(self) -> None:
-        self.keys = self.logits = self.target = None
-
-    def _allocate(self, like: Tensor) -> None:
-        device = like.device
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        self.keys = torch.full((self.size,), float("inf"), device=device)
-        self.logits = torch.zeros((self.size, *like.shape[1:]), dtype=torch.float32, device=device)
-        self.target = torch.zeros(self.size, dtype=torch.long, device=device)
-
-    def update(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
-        """Offer a batch: ``logits [n, K]`` (or ``[n]`` binary), ``target [n]``, ``valid [n]`` (others never enter)."""
-        if logits.shape[0] == 0:
-            return
-        if self.keys is None or self.logits is None or self.logits.shape[1:] != logits.shape[1:]:
-            self._allocate(logits)
-        assert self.keys is not None and self.logits is not None and self.target is not None
-        keys = torch.rand(logits.shape[0], device=logits.device, generator=self._generator)
-        if valid is not None:
-            keys = torch.where(valid, keys, float("inf"))
-        m = min(logits.shape[0], self.size)
-        new_keys, order = torch.topk(keys, m, largest=False, sorted=True)
-        old_keys, slots = torch.topk(self.keys, m, largest=True, sorted=True)
-        swap = new_keys < old_keys
-        shape = (m,) + (1,) * (logits.ndim - 1)
-        self.keys[slots] = torch.where(swap, new_keys, old_keys)
-        self.logits[slots] = torch.where(swap.view(shape), logits[order].float(), self.logits[slots])
-        self.target[slots] = torch.where(swap, target[order].long(), self.target[slots])
-
-    def sample(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits, target, keys)`` of the filled slots (synchronises: call at epoch end)."""
-        if self.keys is None or self.logits is None or self.target is None:
-            empty = torch.zeros(0)
-            return empty, empty.long(), empty
-        keep = torch.isfinite(self.keys)
-        return self.logits[keep], self.target[keep], self.keys[keep]
-
-    @staticmethod
-    def merge(keys: Tensor, logits: Tensor, target: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        """Bottom-``size`` by key of gathered reservoirs (``keys [R]``, ``logits [R, ...]``); infinite keys dropped."""
-        keep = torch.isfinite(keys)
-        keys, logits, target = keys[keep], logits[keep], target[keep]
-        if keys.numel() > size:
-            idx = torch.topk(keys, size, largest=False, sorted=True).indices
-            logits, target = logits[idx], target[idx]
-        return logits, target

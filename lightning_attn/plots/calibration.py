@@ -1,10 +1,11 @@
 """Calibration figures: per-bin arrays in, ``matplotlib.figure.Figure`` out (never pyplot).
 
 - :func:`plot_reliability_diagram`: accuracy against confidence per bin, the gap to the diagonal, the
-  number of samples per bin, ECE in the title (Guo et al. 2017, figure 1);
+  number of samples per bin, ECE in the title (Guo et al. 2017, figure 1), bootstrap intervals of each
+  bin's accuracy as error bars;
 - :func:`plot_confidence_histogram`: top-label confidence, correct and incorrect stacked;
 - :func:`plot_classwise_reliability`: one small reliability diagram per class (the first ``max_classes``);
-- :func:`plot_calibration_trend`: chosen measures over epochs.
+- :func:`plot_calibration_trend`: chosen measures over epochs, with their bootstrap intervals as bands.
 
 Inputs are arrays (NumPy, tensors or lists; empty bins as NaN) as produced by
 :class:`lightning_attn.metrics.CalibrationMetric`; nothing here computes statistics.
@@ -59,6 +60,9 @@ def plot_reliability_diagram(
     ece: float | None = None,
     title: str | None = None,
     binary: bool = False,
+    accuracy_low: Any = None,
+    accuracy_high: Any = None,
+    ece_interval: tuple[float, float] | None = None,
 ) -> Figure:
     """Reliability diagram with a histogram of samples per bin underneath.
 
@@ -70,16 +74,30 @@ def plot_reliability_diagram(
         ece: shown in the title.
         title: title prefix (e.g. the stage and epoch).
         binary: label the axes for ``P(y = 1)`` against the observed frequency of positives.
+        accuracy_low: per-bin lower bound of the accuracy (e.g. a bootstrap percentile), with
+            ``accuracy_high``: drawn as error bars at each bin's mean confidence.
+        accuracy_high: per-bin upper bound of the accuracy.
+        ece_interval: ``(low, high)`` of the ECE, shown in the title.
     """
     edges, accuracy, confidence, count = (as_array(a) for a in (edges, accuracy, confidence, count))
     fig = Figure(figsize=(5.2, 6.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     _reliability_axes(top, edges, accuracy, confidence)
+    if accuracy_low is not None and accuracy_high is not None:
+        low, high = as_array(accuracy_low), as_array(accuracy_high)
+        shown = np.isfinite(accuracy) & np.isfinite(low) & np.isfinite(high)
+        below = np.clip(accuracy - low, 0, None)[shown]  # a percentile may sit on the wrong side of a skewed bin
+        above = np.clip(high - accuracy, 0, None)[shown]
+        top.errorbar(confidence[shown], accuracy[shown], yerr=np.vstack([below, above]), fmt="none", ecolor="black",
+                     elinewidth=0.8, capsize=2, label="95% bootstrap interval")
     top.set_ylabel("fraction of positives" if binary else "accuracy")
     top.legend(loc="upper left", fontsize=7)
     parts = [title] if title else []
     if ece is not None and math.isfinite(ece):
-        parts.append(f"ECE = {ece:.4f}")
+        interval = ""
+        if ece_interval is not None and all(math.isfinite(v) for v in ece_interval):
+            interval = f" [{ece_interval[0]:.4f}, {ece_interval[1]:.4f}]"
+        parts.append(f"ECE = {ece:.4f}{interval}")
     parts.append(f"n = {int(count.sum())}")
     top.set_title(" | ".join(parts), fontsize=9)
     lower, upper = edges[:-1], edges[1:]
@@ -161,14 +179,15 @@ def plot_classwise_reliability(
 def plot_calibration_trend(
     history: Sequence[Mapping[str, Any]],
     *,
-    errors: Sequence[str] = ("ece", "adaptive_ece", "classwise_ece", "mce"),
+    errors: Sequence[str] = ("ece", "smece", "adaptive_ece", "classwise_ece", "mce"),
     scores: Sequence[str] = ("nll", "brier", "overconfidence"),
     x: str = "epoch",
     title: str | None = None,
 ) -> Figure:
     """Calibration errors (left) and proper scores with the over-confidence gap (right) over ``x``.
 
-    ``history``: one mapping per evaluation with ``x`` and the measures (missing ones are skipped).
+    ``history``: one mapping per evaluation with ``x`` and the measures (missing ones are skipped);
+    a measure with ``<name>_ci_low``/``<name>_ci_high`` entries gets its interval as a band.
     """
     fig = Figure(figsize=(8.4, 3.4), layout="constrained")
     left, right = fig.subplots(1, 2)
@@ -177,7 +196,10 @@ def plot_calibration_trend(
         for name in names:
             ys = np.asarray([float(h[name]) if h.get(name) is not None else np.nan for h in history])
             if np.isfinite(ys).any():
-                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+                (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+                bounds = [[float(h.get(f"{name}_ci_{side}", np.nan)) for h in history] for side in ("low", "high")]
+                if np.isfinite(bounds).any():
+                    ax.fill_between(xs, *bounds, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(x)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
