@@ -1,0 +1,110 @@
+"""Every precision Lightning offers runs with every callback, and gives the float32 run's numbers.
+
+One fit of one epoch with validation (sanity check included) of a tiny two-modality classifier, with the
+AttentionLogger, CalibrationMonitor, HeadSpecializationTracker, ModuleProbe and ExplainabilityReport at their
+defaults, under each precision; every scalar the callbacks log must be finite and within 1e-2 of the float32 run,
+and every figure must be written. Under ``bf16-mixed``/``16-mixed`` the rollout was once left in bfloat16 by
+autocast and crashed the figures (issue 13).
+
+The model trains with SGD at a tiny learning rate so that the weights of every run stay (almost) those of the
+float32 run: the differences measured are those of the precision, not of a different training trajectory (Adam's
+``eps=1e-8`` underflows to 0 in ``16-true`` and would make the weights NaN: a property of the optimizer, not of
+the callbacks).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from report_helpers import TinyClassifier, TinyData
+from torch import Tensor
+
+from lightning_attn import AttentionLogger, CalibrationMonitor, HeadSpecializationTracker, ModuleProbe
+from lightning_attn.report import ExplainabilityReport
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+#: Largest difference allowed between a logged scalar and the float32 run's (issue 13).
+TOLERANCE = 1e-2
+
+
+class PrecisionClassifier(TinyClassifier):
+    """TinyClassifier whose evaluation steps also return the targets (for the CalibrationMonitor's defaults), whose
+    inputs follow the weights' dtype (for ``model.double()``), trained by SGD at a tiny learning rate."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        dtype = self.embed_a.weight.dtype
+        return super().forward(a.to(dtype), b.to(dtype))
+
+    def _eval(self, batch: dict[str, Tensor]) -> Any:
+        return {**super()._eval(batch), "target": batch["label"]}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+
+def fp16_runs_on_cpu() -> bool:
+    """Whether this CPU build runs the model's float16 kernels (layer norm, matmul, softmax)."""
+    try:
+        x = torch.randn(2, 4, dtype=torch.float16)
+        torch.nn.functional.layer_norm(x @ x.T, (2,)).softmax(-1)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def fit(root: Path, precision: str, double: bool = False) -> tuple[dict[str, float], pl.Trainer]:
+    """One epoch of fit with every callback at its defaults; the scalars the callbacks logged."""
+    pl.seed_everything(0, verbose=False)
+    model = PrecisionClassifier()
+    if double:
+        model = model.double()
+    callbacks = [AttentionLogger(), CalibrationMonitor(), HeadSpecializationTracker(),
+                 ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}), ExplainabilityReport(stages=("validate",))]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=precision, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root), callbacks=callbacks)
+    trainer.fit(model, datamodule=TinyData(num_train=16, num_test=16, batch_size=8))
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key != "train_loss"}
+    return logged, trainer
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    torch.set_num_threads(1)
+    logged, _ = fit(tmp_path_factory.mktemp("float32"), "32-true")
+    return logged
+
+
+@pytest.mark.parametrize(
+    ("precision", "double"),
+    [("bf16-mixed", False), ("16-mixed", False), ("bf16-true", False), ("16-true", False), ("64-true", False), ("32-true", True)],
+    ids=["bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "model.double"],
+)
+def test_every_precision_gives_the_float32_numbers(tmp_path: Path, float32_run: dict[str, float], precision: str, double: bool) -> None:
+    if precision == "16-true" and not fp16_runs_on_cpu():
+        pytest.skip("this CPU build of torch has no float16 kernels for the model (layer norm / matmul)")
+    logged, trainer = fit(tmp_path, precision, double)
+
+    # every callback logged the float32 run's keys, finite and close
+    for prefix in ("attn/val/", "calibration/val/", "heads/val/", "probe/val/", "report/val/"):
+        assert any(key.startswith(prefix) for key in float32_run), prefix
+    assert set(logged) == set(float32_run)
+    for key, want in float32_run.items():
+        got = logged[key]
+        assert math.isfinite(got) == math.isfinite(want), key
+        if math.isfinite(want):
+            assert abs(got - want) <= TOLERANCE, f"{precision}: {key} = {got}, float32 run {want}"
+
+    # every figure was drawn (the rollout crashed the figures under autocast), from float32/float64 data
+    logs = tmp_path / "lightning_attn_logs"
+    assert list((logs / "attn").glob("val_rollout_step*.png"))
+    report_dir = logs / "report" / "val_epoch0"
+    assert (report_dir / "figures" / "rollout.png").is_file() and (report_dir / "report.html").is_file()
+    logger = next(c for c in trainer.callbacks if isinstance(c, AttentionLogger))
+    for values in (*logger.results["val"].mean.values(), *logger.results["val"].std.values()):
+        assert values.dtype in (torch.float32, torch.float64)
