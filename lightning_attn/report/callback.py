@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_attn import sinks
@@ -43,9 +44,9 @@ from lightning_attn.report.explain import (
     slice_batch,
 )
 from lightning_attn.report.provenance import hash_state_dict, utc_now
-from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, record_probes, scalars
+from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, record_probes, scalars, skip_rows
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
-from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, write_report
+from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, report_destination, write_report
 
 __all__ = ["SCHEMA_VERSION", "ExplainabilityReport", "build_report"]
 
@@ -132,7 +133,11 @@ class ExplainabilityReport(EvaluationCallback):
     library versions, start and end time (:mod:`lightning_attn.report.provenance`).
 
     Directory: ``report_dir`` if given (dataloader ``k >= 1`` gets ``<report_dir>_dl<k>``), else
-    ``<save_dir or log_dir/lightning_attn>/report/<test|val_epoch<E>>[_dl<k>]``.
+    ``<save_dir or log_dir/lightning_attn>/report/<test|val_epoch<E>>[_dl<k>]``. Nothing the library did not write is
+    ever deleted or overwritten: the directory is created when absent and replaced only when it holds a previous
+    report of this library and nothing else (its ``.lightning_attn_report`` marker file lists what the report
+    wrote); a folder with other files, or a file, at that path stays as it is and the report goes to the first
+    free sibling ``<dir>-1``, ``<dir>-2``, ... (a warning names both; ``results[...]["directory"]`` says where).
 
     **Distributed runs** (DDP and any strategy on a ``torch.distributed`` process group): every rank evaluates its
     own batches into its own sums and streams its sample rows to a file in a rank-local temporary directory (no
@@ -268,6 +273,8 @@ class ExplainabilityReport(EvaluationCallback):
         self._model_sha256: str | None = None
         self._warned_ddp = False
         self._warned_padding = False
+        self._warned_nonfinite = False
+        self._warned_moves: set[str] = set()  # "goes to <dir>-1 instead" warnings already given
         self._distributed = False  # this epoch's ranks each evaluate their shard and send it to rank zero
 
     # -- identity ----------------------------------------------------------------------------------------
@@ -340,7 +347,10 @@ class ExplainabilityReport(EvaluationCallback):
                 world_size=int(trainer.world_size),
             )
         else:
-            final_dir = self._final_dir(trainer, stage, dataloader_idx)
+            final_dir, moved = report_destination(self._final_dir(trainer, stage, dataloader_idx))
+            if moved is not None and moved not in self._warned_moves:
+                self._warned_moves.add(moved)
+                rank_zero_warn(f"ExplainabilityReport: {moved}", category=UserWarning)
             tmp_dir, started = incomplete_dir(final_dir, id(self))
             if self._model_sha256 is None:
                 self._model_sha256 = hash_state_dict(model.state_dict())
@@ -514,14 +524,30 @@ class ExplainabilityReport(EvaluationCallback):
         probs = probabilities(logits, self.outputs_are_probabilities)
         batch_size, num_classes = probs.shape
         target = class_targets(raw_targets, batch_size, num_classes).to(probs.device)
+        # rows whose probabilities are not all finite (NaN or Inf outputs) are left out of everything, named in a note
+        finite = torch.isfinite(probs).all(1)
+        kept = list(range(batch_size))
+        if not bool(finite.all()):
+            kept = finite.nonzero()[:, 0].tolist()
+            note = skip_rows(run, batch_idx, sorted(set(range(batch_size)) - set(kept)))
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                rank_zero_warn(f"ExplainabilityReport ({run.key}): {note}", category=UserWarning)
+            if not kept:
+                run.hasher.update(batch)  # evaluated all the same: part of the inputs hash
+                return
+            rows = torch.tensor(kept, device=probs.device)
+            probs, target = probs[rows], target[rows]
+            if attention is not None:
+                attention.select(rows)
         first_index = run.count
         host = add_batch(run, probs, target, batch, batch_idx, attention, calibration_bins=self.calibration_bins,
                          class_names=self.class_names, modality_pairs=self.modality_pairs)
 
         # probes (rank zero only: the first samples of its shard are the first rows of a distributed report)
-        wanted = self._probe_positions(first_index, batch_size) if not run.shard else []
+        wanted = self._probe_positions(first_index, len(kept)) if not run.shard else []
         if wanted:
-            self._saliency(run, module, batch, wanted, first_index, batch_idx, host)
+            self._saliency(run, module, batch, wanted, first_index, batch_idx, host, [kept[p] for p in wanted])
 
     def _probe_positions(self, first_index: int, batch_size: int) -> list[int]:
         if self.probe_indices is not None:
@@ -529,10 +555,13 @@ class ExplainabilityReport(EvaluationCallback):
         return list(range(0, max(0, min(batch_size, self.probe_samples - first_index))))
 
     def _saliency(self, run: ReportRun, module: nn.Module, batch: Any, positions: list[int], first_index: int, batch_idx: int,
-                  host: Mapping[str, Tensor]) -> None:
+                  host: Mapping[str, Tensor], batch_rows: list[int]) -> None:
+        """Saliency of the samples at ``positions`` of the batch's kept rows (``host``), which are the batch's rows
+        ``batch_rows``."""
         index = torch.tensor(positions, dtype=torch.long)
         device = _batch_device(batch)
-        sub = slice_batch(batch, index.to(device) if device is not None else index)
+        in_batch = torch.tensor(batch_rows, dtype=torch.long)
+        sub = slice_batch(batch, in_batch.to(device) if device is not None else in_batch)
         source = host["predicted"] if self.saliency_target == "predicted" else host["target"]
         explain = source[index]
         try:
@@ -569,7 +598,8 @@ class ExplainabilityReport(EvaluationCallback):
     def _finalize(self, trainer: pl.Trainer, run: ReportRun) -> None:
         run.close_samples()
         if run.count == 0:
-            raise ReportError(f"no samples were evaluated for the {run.key} report (empty dataloader?)")
+            why = "every model output was NaN or Inf" if run.skipped_rows else "empty dataloader?"
+            raise ReportError(f"no samples were evaluated for the {run.key} report ({why})")
         config = self.config()
         sections = other_sections(getattr(trainer, "callbacks", None) or [], run, skip=ExplainabilityReport)
         settings = OutputSettings(title=self.title, calibration_bins=self.calibration_bins, saliency_target=self.saliency_target,
@@ -649,8 +679,10 @@ def build_report(
         model: a LightningModule with a ``test_step`` (``validation_step``) or any ``nn.Module``; modules
             without the step are wrapped, and the report explains the module itself (its site names, its hash).
         data: a DataLoader (or any iterable of batches), or a LightningDataModule.
-        out_dir: the report's directory; replaced on success, untouched on failure (the partial output stays
-            in a sibling ``.<name>.incomplete-*`` directory with an ``INCOMPLETE`` marker).
+        out_dir: the report's directory; replaced on success when it holds a previous report of this library and
+            nothing else, else the report goes to a sibling ``<out_dir>-1``, ... (see :class:`ExplainabilityReport`);
+            untouched on failure (the partial output stays in a sibling ``.<name>.incomplete-*`` directory with an
+            ``INCOMPLETE`` marker).
         stage: ``"test"`` or ``"validate"``.
         callbacks: more callbacks for the Trainer.
         accelerator: Trainer accelerator (``"cpu"`` for hashes comparable across machines).
@@ -660,7 +692,7 @@ def build_report(
         trainer_kwargs: more Trainer arguments.
 
     Returns:
-        The report directory (``report.html``, ``report.json``, CSVs, ``summary.md``, ``figures/``), written by global
+        The directory the report was written to (``report.html``, ``report.json``, CSVs, ``summary.md``, ``figures/``), written by global
         rank zero.
 
     Raises:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -307,6 +307,16 @@ class BatchAttention:
                                       top_values=top_values, top_index=top_index, head_mean=head_mean)
         self.infos[site] = info
         self.last_site = site
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the samples ``rows`` (``[n]`` indices into the batch) of every site."""
+        for site, sample in self.sites.items():
+            self.sites[site] = replace(
+                sample, entropy=sample.entropy[rows],
+                top_values=None if sample.top_values is None else sample.top_values[rows],
+                top_index=None if sample.top_index is None else sample.top_index[rows],
+                head_mean=None if sample.head_mean is None else sample.head_mean[rows],
+            )
 
     def pair_site_names(self) -> list[str]:
         """Sites whose top pairs are reported, in forward order."""
