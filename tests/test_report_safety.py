@@ -15,7 +15,7 @@ from report_helpers import OneFeatureModel, TinyClassifier, TinyData
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attn import build_report
+from lightning_attn import AttentionLogger, HeadSpecializationTracker, build_report
 from lightning_attn.report.write import MARKER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,3 +154,14 @@ def test_nan_and_inf_rows_are_left_out_named_and_warned_once(tmp_path: Path) -> 
     assert report["saliency"]["num_probes"] == 2
     assert [p["confidence"] for p in report["saliency"]["probes"]] == pytest.approx(
         [p["confidence"] for p in reference["saliency"]["probes"]], abs=1e-7)
+
+
+def test_no_torchmetrics_compute_before_update_warning_reaches_the_user(tmp_path: Path) -> None:
+    """A plain module's report runs the only forward pass itself, recorded for the report alone: the other callbacks'
+    states see no update, which torchmetrics would warn about at every compute."""
+    callbacks = [AttentionLogger(stages=["test"], save_dir=str(tmp_path / "attn")),
+                 HeadSpecializationTracker(stages=["test"], save_dir=str(tmp_path / "heads"))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _report(tmp_path / "r", callbacks=callbacks)
+    assert not [str(w.message) for w in caught if "before the ``update``" in str(w.message)]
