@@ -40,8 +40,10 @@ class TargetClassifier(TinyClassifier):
 
 def run(devices: int, strategy: str, accelerator: str, out: str, root: str) -> None:
     reproducible()
-    callbacks = [AttentionLogger(log_figures=False), CalibrationMonitor(plot=False), HeadSpecializationTracker(log_figures=False)]
-    trainer = pl.Trainer(callbacks=callbacks, **trainer_options(root, accelerator=accelerator, devices=devices, strategy=strategy))
+    callbacks = [AttentionLogger(log_figures=False), CalibrationMonitor(plot=False),
+                 HeadSpecializationTracker(log_figures=False)]
+    options = trainer_options(root, accelerator=accelerator, devices=devices, strategy=strategy)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
     data = TinyData(num_test=SAMPLES, batch_size=BATCH)
     trainer.validate(TargetClassifier(), data.val_dataloader(), verbose=False)
     if trainer.is_global_zero:

@@ -151,13 +151,15 @@ def test_out_over_the_checkpoint_or_config_it_reads_is_refused(checkpoint: str, 
     config = write_config(run / "config.yaml")
     before = {p: p.read_bytes() for p in (ckpt, config)}
     for out in (run, run / "checkpoints"):
-        _fails(["--config", str(config), "--checkpoint", str(ckpt), "--out", str(out)], capsys, "contains the checkpoint")
-        _fails(["--entry", "report_helpers:entry", "--checkpoint", str(ckpt), "--out", str(out)], capsys, "contains the checkpoint")
+        for source in (["--config", str(config)], ["--entry", "report_helpers:entry"]):
+            _fails([*source, "--checkpoint", str(ckpt), "--out", str(out)], capsys, "contains the checkpoint")
     _fails(["--config", str(config), "--checkpoint", checkpoint, "--out", str(run)], capsys, "contains the config")
-    assert {p: p.read_bytes() for p in (ckpt, config)} == before and sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+    assert {p: p.read_bytes() for p in (ckpt, config)} == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
 
 
-def test_pickled_checkpoint_is_refused_unless_trusted(checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pickled_checkpoint_is_refused_unless_trusted(checkpoint: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A checkpoint holding arbitrary Python objects is not unpickled without --trust-checkpoint (safe loading)."""
     import torch
     from report_helpers import DictDataset
@@ -167,7 +169,8 @@ def test_pickled_checkpoint_is_refused_unless_trusted(checkpoint: str, tmp_path:
     pickled = tmp_path / "pickled.ckpt"
     torch.save(payload, pickled)
     config = write_config(tmp_path / "config.yaml", callbacks=[])
-    argv = ["--config", str(config), "--checkpoint", str(pickled), "--no-progress", "--no-figures", "--probe-samples", "0"]
+    argv = ["--config", str(config), "--checkpoint", str(pickled), "--no-progress", "--no-figures",
+            "--probe-samples", "0"]
     line = _fails([*argv, "--out", str(tmp_path / "refused")], capsys, "--trust-checkpoint")
     assert "safe loading refuses" in line and not (tmp_path / "refused").exists()
     assert main([*argv, "--out", str(tmp_path / "trusted"), "--trust-checkpoint"]) == 0, capsys.readouterr().err

@@ -32,8 +32,8 @@ def _loader(samples: int = 16, seed: int = 0) -> DataLoader:
 
 def _report(out: Path, model: nn.Module | None = None, loader: DataLoader | None = None, **kwargs: object) -> Path:
     torch.manual_seed(0)
-    return build_report(model or OneFeatureModel(), loader or _loader(), out, accelerator="cpu", progress=False, figures=False,
-                        probe_samples=0, **kwargs)
+    return build_report(model or OneFeatureModel(), loader or _loader(), out, accelerator="cpu", progress=False,
+                        figures=False, probe_samples=0, **kwargs)
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -83,8 +83,8 @@ def test_a_second_report_replaces_its_own_folder_but_not_a_file_added_to_it(tmp_
 # -- escaping ------------------------------------------------------------------------------------------------------
 def test_script_payloads_are_inert_in_html_and_summary(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    out = build_report(TinyClassifier(), TinyData(num_test=16, batch_size=8).test_dataloader(), tmp_path / "r", accelerator="cpu",
-                       progress=False, figures=False, probe_samples=1, title=f"T {PAYLOAD}",
+    out = build_report(TinyClassifier(), TinyData(num_test=16, batch_size=8).test_dataloader(), tmp_path / "r",
+                       accelerator="cpu", progress=False, figures=False, probe_samples=1, title=f"T {PAYLOAD}",
                        class_names=[PAYLOAD, "<img src=x onerror=alert(2)>", "a|b`c"],
                        feature_names={"a": [f"<b>f{i}</b>" for i in range(5)], "b": ["b0", "b1", "b2"]})
     page = (out / "report.html").read_text(encoding="utf-8")
@@ -99,7 +99,7 @@ def test_script_payloads_are_inert_in_html_and_summary(tmp_path: Path) -> None:
 
 # -- NaN / Inf outputs ---------------------------------------------------------------------------------------------
 class Poisoned(nn.Module):
-    """``base``'s logits, NaN for samples whose feature 4 is ``nan_flag`` and +Inf (one class) where it is ``inf_flag``."""
+    """``base``'s logits; NaN for samples whose feature 4 is 7, +Inf for class 0 (NaN probabilities) where it is 9."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -127,8 +127,8 @@ def test_nan_and_inf_rows_are_left_out_named_and_warned_once(tmp_path: Path) -> 
     model = Poisoned(base)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = build_report(model, DataLoader(TensorDataset(x, y), batch_size=8), tmp_path / "poisoned", accelerator="cpu",
-                           progress=False, figures=False, probe_samples=2)
+        out = build_report(model, DataLoader(TensorDataset(x, y), batch_size=8), tmp_path / "poisoned",
+                           accelerator="cpu", progress=False, figures=False, probe_samples=2)
     reference_out = build_report(model, DataLoader(TensorDataset(x[clean], y[clean]), batch_size=8), tmp_path / "clean",
                                  accelerator="cpu", progress=False, figures=False, probe_samples=2)
     nonfinite = [w for w in caught if "non-finite" in str(w.message)]
@@ -144,7 +144,8 @@ def test_nan_and_inf_rows_are_left_out_named_and_warned_once(tmp_path: Path) -> 
         assert got[key] is not None and got[key] == pytest.approx(want[key], abs=1e-9), key
     assert [c["support"] for c in report["classwise"]] == [c["support"] for c in reference["classwise"]]
     note = next(n for n in report["notes"] if "non-finite" in n)
-    assert note.startswith("4 samples") and "batch 0 rows 1, 3" in note and "batch 1 row 1" in note and "batch 2 row 1" in note
+    assert note.startswith("4 samples") and "batch 0 rows 1, 3" in note
+    assert "batch 1 row 1" in note and "batch 2 row 1" in note
     # samples.csv holds the clean rows only, with the clean run's values; the probes are the first clean samples
     def rows(path: Path) -> list[list[str]]:
         with (path / "samples.csv").open(newline="") as handle:

@@ -65,8 +65,8 @@ def rollout_product(step: Tensor, previous: Tensor | None) -> Tensor:
     if previous is None:
         return step
     device_type = step.device.type
-    off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext()
-    with off:
+    available = torch.amp.is_autocast_available(device_type)
+    with torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext():
         return step @ _float(previous)
 
 

@@ -692,7 +692,8 @@ def build_report(
         trainer_kwargs: more Trainer arguments.
 
     Returns:
-        The directory the report was written to (``report.html``, ``report.json``, CSVs, ``summary.md``, ``figures/``), written by global
+        The directory the report was written to (``report.html``, ``report.json``, CSVs, ``summary.md``,
+        ``figures/``), written by global
         rank zero.
 
     Raises:

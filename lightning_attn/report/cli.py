@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "only for checkpoints you trust")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", "-o", required=True, metavar="DIR", help="report directory (a previous report there is replaced on success; anything else is kept "
+    out.add_argument("--out", "-o", required=True, metavar="DIR",
+                     help="report directory (a previous report there is replaced on success; anything else is kept "
                           "and the report goes to DIR-1, ...)")
     out.add_argument("--title", help="report title (default: Explainability report)")
     out.add_argument("--no-figures", action="store_true", help="write tables only, no PNG figures (faster)")
@@ -312,7 +313,8 @@ def _refuse_out_over_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
             continue
         source = Path(path).resolve()
         if source == target or target in source.parents:
-            raise CliError(f"--out {out} contains the {what} {path} that the report reads: choose another output directory")
+            raise CliError(f"--out {out} contains the {what} {path} that the report reads: "
+                           "choose another output directory")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -119,17 +119,21 @@ def markdown(summary: dict[str, Any], provenance: dict[str, Any], files: list[st
     lines += ["", "## Correct vs. incorrect predictions", "",
               "| measure | mean (correct) | mean (incorrect) | difference | effect size |", "|---|---|---|---|---|"]
     for name, g in summary["correct_vs_incorrect"].items():
-        lines.append(f"| {_md(name)} | {_f(g['correct']['mean'])} | {_f(g['incorrect']['mean'])} | {_f(g['difference'])} | {_f(g['effect_size'])} |")
+        lines.append(f"| {_md(name)} | {_f(g['correct']['mean'])} | {_f(g['incorrect']['mean'])} "
+                     f"| {_f(g['difference'])} | {_f(g['effect_size'])} |")
     lines += ["", "## Class-wise", "", "| class | support | predicted | precision | recall | f1 | mean confidence |", "|---|---|---|---|---|---|---|"]
     for c in summary["classwise"]:
-        lines.append(f"| {_md(c['name'])} | {c['support']} | {c['predicted']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {_f(c['mean_confidence_true'])} |")
+        lines.append(f"| {_md(c['name'])} | {c['support']} | {c['predicted']} | {_f(c['precision'])} "
+                     f"| {_f(c['recall'])} | {_f(c['f1'])} | {_f(c['mean_confidence_true'])} |")
     sites = [s for s in summary["attention"]["sites"] if "entropy_mean" in s]
     if sites:
         lines += ["", "## Attention sites", "", "| site | heads | mean entropy | most focused head |", "|---|---|---|---|"]
         for s in sites:
-            lines.append(f"| {_code(s['name'])} | {s['num_heads']} | {_f(float(np.mean(s['entropy_mean'])))} | h{s['most_focused_head']} |")
+            lines.append(f"| {_code(s['name'])} | {s['num_heads']} | {_f(float(np.mean(s['entropy_mean'])))} "
+                         f"| h{s['most_focused_head']} |")
     for pair, entry in summary["attention"]["modality_pairs"].items():
-        lines.append(f"\nModality agreement {_code(pair)}: mean {_f(entry['all']['mean'])} over {entry['all']['n']} samples.")
+        lines.append(f"\nModality agreement {_code(pair)}: mean {_f(entry['all']['mean'])} "
+                     f"over {entry['all']['n']} samples.")
     sal = summary["saliency"]
     if sal["num_probes"]:
         lines += ["", f"## Saliency ({sal['num_probes']} probe samples, {sal['target']} class)", ""]
@@ -137,9 +141,11 @@ def markdown(summary: dict[str, Any], provenance: dict[str, Any], files: list[st
             lines.append(f"- input {_code(name)}: " + ", ".join(f"{_md(f)} {_f(v)}" for f, v in agg["top"][:5]))
         for site, rel in sal["head_relevance"].items():
             top = int(np.argmax(rel["share"])) if rel["share"] else 0
-            lines.append(f"- head relevance {_code(site)}: most relevant h{top} ({_f(rel['share'][top] if rel['share'] else None)})")
+            share = _f(rel["share"][top] if rel["share"] else None)
+            lines.append(f"- head relevance {_code(site)}: most relevant h{top} ({share})")
     if summary["sections"]:
-        lines += ["", "## Other callbacks", ""] + [f"- {_md(k)}: {_code(v['callback'])} (see report.json / report.html)" for k, v in summary["sections"].items()]
+        lines += ["", "## Other callbacks", ""] + [f"- {_md(k)}: {_code(v['callback'])} (see report.json / report.html)"
+                                                   for k, v in summary["sections"].items()]
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in summary["notes"]]
     lines += ["", "## Files", ""] + [f"- {_code(f)}" for f in files] + [""]

@@ -26,8 +26,10 @@ from lightning_attn.plots import report as plots
 from lightning_attn.report.explain import BatchAttention, GroupStatistics, ReportError, pair_agreement, resolve_modality_pairs
 from lightning_attn.report.provenance import StreamHasher
 
-__all__ = ["NAMESPACE", "HeadSums", "ReportRun", "add_batch", "calibration_errors", "class_name", "csv_cell", "record_probes", "scalars",
-           "skip_rows"]
+__all__ = [
+    "NAMESPACE", "HeadSums", "ReportRun", "add_batch", "calibration_errors", "class_name", "csv_cell", "record_probes",
+    "scalars", "skip_rows",
+]
 
 #: Namespace of the report: the prefix of its logged scalars and the folder of its default output directory.
 NAMESPACE = "report"
@@ -125,10 +127,11 @@ def skip_rows(run: ReportRun, batch_idx: int, rows: list[int]) -> str:
     one note in ``run.notes`` that counts and names every such row so far; returns that note."""
     run.skipped_rows.append((batch_idx, rows))
     count = sum(len(r) for _, r in run.skipped_rows)
-    named = "; ".join(f"batch {b} row{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for b, r in run.skipped_rows[:20])
+    named = "; ".join(f"batch {b} row{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+                      for b, r in run.skipped_rows[:20])
     more = f"; and {len(run.skipped_rows) - 20} more batches" if len(run.skipped_rows) > 20 else ""
-    note = (f"{count} sample{'s' if count > 1 else ''} with non-finite model outputs (NaN or Inf probabilities) left out of "
-            f"every statistic and of samples.csv ({named}{more}; rows counted from 0 within the batch)")
+    note = (f"{count} sample{'s' if count > 1 else ''} with non-finite model outputs (NaN or Inf probabilities) "
+            f"left out of every statistic and of samples.csv ({named}{more}; rows counted from 0 within the batch)")
     run.notes[:] = [n for n in run.notes if not n.endswith(_SKIPPED_SUFFIX)] + [note]
     return note
 

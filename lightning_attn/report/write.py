@@ -37,8 +37,8 @@ from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
 
 __all__ = [
-    "INCOMPLETE", "MARKER", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "is_own_report", "report_destination",
-    "write_report",
+    "INCOMPLETE", "MARKER", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "is_own_report",
+    "report_destination", "write_report",
 ]
 
 INCOMPLETE = "INCOMPLETE"
@@ -97,7 +97,8 @@ def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
     process and ``owner``, the report's ``id``; never an existing path) holding only an ``INCOMPLETE`` marker;
     returns it and the start time."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}-", dir=final_dir.parent))
+    prefix = f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}-"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=final_dir.parent))
     started = utc_now()
     (tmp_dir / INCOMPLETE).write_text(
         f"This report is INCOMPLETE: it is being written (started {started}) or its run failed.\n"
