@@ -330,7 +330,7 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
     import lightning.pytorch as pl
     from torch import nn
 
-    from lightning_attn.report.callback import build_report
+    from lightning_attn.report.build import build_report
 
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # config class paths of the project in the working directory (after installed packages)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -175,6 +175,23 @@ def _clone_structure(batch: Any) -> Any:
     if isinstance(batch, list):
         return [_clone_structure(v) for v in batch]
     return batch
+
+
+def batch_device(batch: Any) -> torch.device | None:
+    """The device of the first tensor in ``batch`` (nested mappings, lists and tuples), ``None`` when it has none."""
+    if isinstance(batch, Tensor):
+        return batch.device
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return None
+    for value in values:
+        device = batch_device(value)
+        if device is not None:
+            return device
+    return None
 
 
 def floating_inputs(batch: Any, target_key: str | None = None) -> dict[str, Tensor]:

@@ -23,12 +23,27 @@ from torch import Tensor
 
 from lightning_attn.functional.calibration import equal_width_bin_index
 from lightning_attn.plots import report as plots
-from lightning_attn.report.explain import BatchAttention, GroupStatistics, ReportError, pair_agreement, resolve_modality_pairs
+from lightning_attn.report.explain import (
+    BatchAttention,
+    GroupStatistics,
+    ReportError,
+    pair_agreement,
+    resolve_modality_pairs,
+)
 from lightning_attn.report.provenance import StreamHasher
 
 __all__ = [
-    "NAMESPACE", "HeadSums", "ReportRun", "add_batch", "calibration_errors", "class_name", "csv_cell", "record_probes",
-    "scalars", "skip_rows",
+    "NAMESPACE",
+    "HeadSums",
+    "ReportRun",
+    "add_batch",
+    "calibration_errors",
+    "class_name",
+    "csv_cell",
+    "keep_finite_rows",
+    "record_probes",
+    "scalars",
+    "skip_rows",
 ]
 
 #: Namespace of the report: the prefix of its logged scalars and the folder of its default output directory.
@@ -120,6 +135,22 @@ class ReportRun:
         if self.samples_handle is not None:
             self.samples_handle.close()
             self.samples_handle = None
+
+
+def keep_finite_rows(run: ReportRun, batch_idx: int, probs: Tensor, target: Tensor, attention: BatchAttention | None
+                     ) -> tuple[list[int], Tensor, Tensor, str | None]:
+    """Leave out the rows of a batch whose probabilities are not all finite (NaN or Inf model outputs): returns the
+    kept rows' indices, their ``probs`` and ``target``, and the run's note on the skipped rows when this batch had
+    any (``None`` otherwise); ``attention`` keeps only the kept rows too."""
+    finite = torch.isfinite(probs).all(1)
+    if bool(finite.all()):
+        return list(range(probs.shape[0])), probs, target, None
+    rows = finite.nonzero()[:, 0]
+    kept = rows.tolist()
+    note = skip_rows(run, batch_idx, sorted(set(range(probs.shape[0])) - set(kept)))
+    if attention is not None:
+        attention.select(rows)
+    return kept, probs[rows], target[rows], note
 
 
 def skip_rows(run: ReportRun, batch_idx: int, rows: list[int]) -> str:
