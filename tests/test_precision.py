@@ -25,9 +25,12 @@ from report_helpers import TinyClassifier, TinyData
 from torch import Tensor
 
 from lightning_attn import AttentionLogger, CalibrationMonitor, HeadSpecializationTracker, ModuleProbe
+from lightning_attn.functional import attention_rollout
+from lightning_attn.metrics.attention import ProbeMaps
+from lightning_attn.plots import plot_rollout
 from lightning_attn.report import ExplainabilityReport
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Largest difference allowed between a logged scalar and the float32 run's (issue 13).
 TOLERANCE = 1e-2
@@ -82,6 +85,24 @@ def float32_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     return logged
 
 
+def test_rollout_under_autocast_stays_float32_and_draws() -> None:
+    """The probe samples' rollout folded under bf16 autocast (as in a ``bf16-mixed`` validation step) equals the
+    float64 rollout of the same maps, in float32, and its figure draws (a bfloat16 one once crashed numpy)."""
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 3, 6, 6, generator=generator).softmax(-1) for _ in range(3)]
+    probe = ProbeMaps(num_samples=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for layer, attention in enumerate(maps):
+            probe.add(f"layer{layer}", "self", 6, 6, attention, 0)
+            probe.end_site(f"layer{layer}")
+    rollout = probe.finish()["rollout"]
+    assert rollout.dtype == torch.float32
+    reference = attention_rollout([m.double() for m in maps])
+    torch.testing.assert_close(rollout.double(), reference, atol=1e-6, rtol=0)
+    plot_rollout(rollout.bfloat16()).clear()  # figures take any dtype
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("precision", "double"),
     [("bf16-mixed", False), ("16-mixed", False), ("bf16-true", False), ("16-true", False), ("64-true", False),

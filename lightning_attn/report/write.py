@@ -97,8 +97,14 @@ def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
     process and ``owner``, the report's ``id``; never an existing path) holding only an ``INCOMPLETE`` marker;
     returns it and the start time."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}-"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=final_dir.parent))
+    name = f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}"
+    for k in itertools.count():  # a new name (a partial report of an earlier run here stays); mkdir keeps the umask
+        tmp_dir = final_dir.parent / (f"{name}-{k}" if k else name)
+        try:
+            tmp_dir.mkdir()
+            break
+        except FileExistsError:
+            continue
     started = utc_now()
     (tmp_dir / INCOMPLETE).write_text(
         f"This report is INCOMPLETE: it is being written (started {started}) or its run failed.\n"
