@@ -17,9 +17,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
-import itertools
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
