@@ -116,7 +116,8 @@ def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
 def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, global_step: int,
                  settings: OutputSettings) -> dict[str, Any]:
     """Write every file of a finished ``run`` (samples closed, at least one sample) into its temporary directory and
-    rename that to ``run.final_dir`` (replacing an older report there). ``config`` is the report's configuration
+    rename that to ``run.final_dir`` (replacing only a previous report of this library there, else to a sibling:
+    :func:`report_destination`; ``run.final_dir`` becomes where it went). ``config`` is the report's configuration
     (hashed into the provenance), ``sections`` the other callbacks' (:func:`~lightning_attn.report.summary.other_sections`).
     Returns the content of ``report.json`` plus its ``directory``."""
     config_sha = hash_config(config)
@@ -191,7 +192,7 @@ def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any
     (tmp / MARKER).write_text("\n".join([_MARKER_HEADER, *written]) + "\n", encoding="utf-8")
     (tmp / INCOMPLETE).unlink()
     final, moved = report_destination(run.final_dir)  # again: something may have appeared there during the run
-    if moved is not None and final != run.final_dir:
+    if moved is not None:
         rank_zero_warn(f"ExplainabilityReport: {moved}", category=UserWarning)
     trash = None
     if final.exists():
