@@ -1,6 +1,6 @@
 """Every precision Lightning offers runs with every callback, and gives the float32 run's numbers.
 
-One fit of one epoch with validation (sanity check included) of a tiny two-modality classifier, with the
+One fit of one epoch with validation (sanity check included) of a tiny two-layer classifier, with the
 AttentionLogger, CalibrationMonitor, HeadSpecializationTracker, ModuleProbe and ExplainabilityReport at their
 defaults, under each precision; every scalar the callbacks log must be finite and within 1e-2 of the float32 run,
 and every figure must be written. Under ``bf16-mixed``/``16-mixed`` the rollout was once left in bfloat16 by
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from report_helpers import TinyClassifier, TinyData
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn import AttentionLogger, CalibrationMonitor, HeadSpecializationTracker, ModuleProbe
 from lightning_attn.functional import attention_rollout
@@ -36,19 +35,37 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOLERANCE = 1e-2
 
 
-class PrecisionClassifier(TinyClassifier):
-    """TinyClassifier whose evaluation steps also return the targets (for the CalibrationMonitor's defaults), whose
-    inputs follow the weights' dtype (for ``model.double()``), trained by SGD at a tiny learning rate."""
+class PrecisionClassifier(pl.LightningModule):
+    """Two self-attention layers (the rollout multiplies their maps) over ``[B, 6, 5]`` inputs, three classes;
+    evaluation steps return logits and targets (the CalibrationMonitor's defaults); inputs follow the weights' dtype
+    (for ``model.double()``); SGD at a tiny learning rate."""
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        dtype = self.embed_a.weight.dtype
-        return super().forward(a.to(dtype), b.to(dtype))
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
 
-    def _eval(self, batch: dict[str, Tensor]) -> Any:
-        return {**super()._eval(batch), "target": batch["label"]}
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(x.to(self.embed.weight.dtype))).mean(1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        return {"logits": self(x), "target": y}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+
+def loader(seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 6, 5, generator=generator)
+    return DataLoader(TensorDataset(x, torch.randint(0, 3, (16,), generator=generator)), batch_size=8)
 
 
 def fp16_runs_on_cpu() -> bool:
@@ -73,7 +90,7 @@ def fit(root: Path, precision: str, double: bool = False) -> tuple[dict[str, flo
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=precision, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=str(root), callbacks=callbacks)
-    trainer.fit(model, datamodule=TinyData(num_train=16, num_test=16, batch_size=8))
+    trainer.fit(model, loader(0), loader(1))
     logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key != "train_loss"}
     return logged, trainer
 
