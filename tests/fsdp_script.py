@@ -40,20 +40,20 @@ class TargetClassifier(TinyClassifier):
 
 def run(devices: int, strategy: str, accelerator: str, out: str, root: str) -> None:
     reproducible()
-    callbacks = [AttentionLogger(log_figures=False), CalibrationMonitor(plot=False),
-                 HeadSpecializationTracker(log_figures=False)]
+    logger, calibration = AttentionLogger(log_figures=False), CalibrationMonitor(plot=False)
+    callbacks: list[pl.Callback] = [logger, calibration, HeadSpecializationTracker(log_figures=False)]
     options = trainer_options(root, accelerator=accelerator, devices=devices, strategy=strategy)
     trainer = pl.Trainer(callbacks=callbacks, **options)
     data = TinyData(num_test=SAMPLES, batch_size=BATCH)
     trainer.validate(TargetClassifier(), data.val_dataloader(), verbose=False)
     if trainer.is_global_zero:
-        attention = callbacks[0].results["val"]
+        attention = logger.results["val"]
         result = {
             "world_size": trainer.world_size,
             "logged": {key: float(value) for key, value in trainer.callback_metrics.items()},
             "sites": attention.sites,
             "rows": attention.rows.tolist(),
-            "calibration_count": callbacks[1].results["val"]["bins"]["count"].tolist(),
+            "calibration_count": calibration.results["val"]["bins"]["count"].tolist(),
         }
         Path(out).write_text(json.dumps(result))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import pytest
@@ -30,6 +31,8 @@ from lightning_attn.plots import plot_rollout
 from lightning_attn.report import ExplainabilityReport
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
 
 #: Largest difference allowed between a logged scalar and the float32 run's (issue 13).
 TOLERANCE = 1e-2
@@ -78,13 +81,14 @@ def fp16_runs_on_cpu() -> bool:
     return True
 
 
-def fit(root: Path, precision: str, double: bool = False) -> tuple[dict[str, float], pl.Trainer]:
+def fit(root: Path, precision: Precision, double: bool = False) -> tuple[dict[str, float], AttentionLogger]:
     """One epoch of fit with every callback at its defaults; the scalars the callbacks logged."""
     pl.seed_everything(0, verbose=False)
     model = PrecisionClassifier()
     if double:
         model = model.double()
-    callbacks = [AttentionLogger(), CalibrationMonitor(), HeadSpecializationTracker(),
+    logger = AttentionLogger()
+    callbacks: list[pl.Callback] = [logger, CalibrationMonitor(), HeadSpecializationTracker(),
                  ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}),
                  ExplainabilityReport(stages=("validate",))]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=precision, logger=False,
@@ -92,7 +96,7 @@ def fit(root: Path, precision: str, double: bool = False) -> tuple[dict[str, flo
                          default_root_dir=str(root), callbacks=callbacks)
     trainer.fit(model, loader(0), loader(1))
     logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key != "train_loss"}
-    return logged, trainer
+    return logged, logger
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +130,11 @@ def test_rollout_under_autocast_stays_float32_and_draws() -> None:
      ("32-true", True)],
     ids=["bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "model.double"],
 )
-def test_every_precision_gives_the_float32_numbers(tmp_path: Path, float32_run: dict[str, float], precision: str,
+def test_every_precision_gives_the_float32_numbers(tmp_path: Path, float32_run: dict[str, float], precision: Precision,
                                                     double: bool) -> None:
     if precision == "16-true" and not fp16_runs_on_cpu():
         pytest.skip("this CPU build of torch has no float16 kernels for the model (layer norm / matmul)")
-    logged, trainer = fit(tmp_path, precision, double)
+    logged, logger = fit(tmp_path, precision, double)
 
     # every callback logged the float32 run's keys, finite and close
     for prefix in ("attn/val/", "calibration/val/", "heads/val/", "probe/val/", "report/val/"):
@@ -147,6 +151,5 @@ def test_every_precision_gives_the_float32_numbers(tmp_path: Path, float32_run: 
     assert list((logs / "attn").glob("val_rollout_step*.png"))
     report_dir = logs / "report" / "val_epoch0"
     assert (report_dir / "figures" / "rollout.png").is_file() and (report_dir / "report.html").is_file()
-    logger = next(c for c in trainer.callbacks if isinstance(c, AttentionLogger))
     for values in (*logger.results["val"].mean.values(), *logger.results["val"].std.values()):
         assert values.dtype in (torch.float32, torch.float64)

@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def _loader(samples: int = 16, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
-def _report(out: Path, model: nn.Module | None = None, loader: DataLoader | None = None, **kwargs: object) -> Path:
+def _report(out: Path, model: nn.Module | None = None, loader: DataLoader | None = None, **kwargs: Any) -> Path:
     torch.manual_seed(0)
     return build_report(model or OneFeatureModel(), loader or _loader(), out, accelerator="cpu", progress=False,
                         figures=False, probe_samples=0, **kwargs)
