@@ -139,3 +139,39 @@ def test_dataloader_without_targets(checkpoint: str, tmp_path: Path, capsys: pyt
 def test_usage_error_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "r")]) == 2  # neither --config nor --entry
     assert "one of the arguments --config --entry is required" in capsys.readouterr().err
+
+
+def test_out_over_the_checkpoint_or_config_it_reads_is_refused(checkpoint: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13: --out containing (or being) an input would once have been replaced by the report, input and all."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    ckpt.write_bytes(Path(checkpoint).read_bytes())
+    config = write_config(run / "config.yaml")
+    before = {p: p.read_bytes() for p in (ckpt, config)}
+    for out in (run, run / "checkpoints"):
+        for source in (["--config", str(config)], ["--entry", "report_helpers:entry"]):
+            _fails([*source, "--checkpoint", str(ckpt), "--out", str(out)], capsys, "contains the checkpoint")
+    _fails(["--config", str(config), "--checkpoint", checkpoint, "--out", str(run)], capsys, "contains the config")
+    assert {p: p.read_bytes() for p in (ckpt, config)} == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+def test_pickled_checkpoint_is_refused_unless_trusted(checkpoint: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint holding arbitrary Python objects is not unpickled without --trust-checkpoint (safe loading)."""
+    import torch
+    from report_helpers import DictDataset
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    payload["pickled_object"] = DictDataset([])  # any class: unpickling it runs code of the file's choosing
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save(payload, pickled)
+    config = write_config(tmp_path / "config.yaml", callbacks=[])
+    argv = ["--config", str(config), "--checkpoint", str(pickled), "--no-progress", "--no-figures",
+            "--probe-samples", "0"]
+    line = _fails([*argv, "--out", str(tmp_path / "refused")], capsys, "--trust-checkpoint")
+    assert "safe loading refuses" in line and not (tmp_path / "refused").exists()
+    assert main([*argv, "--out", str(tmp_path / "trusted"), "--trust-checkpoint"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "trusted" / "report.json").is_file()

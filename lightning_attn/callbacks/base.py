@@ -23,6 +23,9 @@ from lightning_attn import sinks
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 
+#: torchmetrics' warning when ``compute`` runs on states that saw no ``update``.
+_COMPUTE_BEFORE_UPDATE = r"The ``compute`` method of metric \w+ was called before the ``update`` method"
+
 Stage = Literal["validate", "test"]
 
 #: Short stage names used in logged keys: ``<namespace>/<val|test>/...``.
@@ -274,7 +277,11 @@ class StreamingCallback(EvaluationCallback):
         for dataloader_idx in sorted(self._used):
             state = self._states[(stage, dataloader_idx)]
             key = stage_key(stage, dataloader_idx)
-            results = compute(state, key, dataloader_idx)
+            with warnings.catch_warnings():
+                # a state no batch of this rank updated is expected (no attention in its batches; under DDP its zeros
+                # still join the sum): torchmetrics' "compute before update" warning would only confuse the user
+                warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
+                results = compute(state, key, dataloader_idx)
             state.reset()
             self.results[key] = results
             log_scalars(pl_module, self._scalars(results))

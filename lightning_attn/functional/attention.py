@@ -8,6 +8,7 @@ Nothing here synchronizes with the host except :func:`top_k_pairs` and :func:`to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -36,6 +37,7 @@ __all__ = [
     "normalized_entropy",
     "previous_token_pattern",
     "reduce_in_chunks",
+    "rollout_product",
     "sparsity",
     "top_k_pairs",
     "top_positions",
@@ -47,6 +49,25 @@ Reducer = Callable[[Tensor, int], Tensor]
 
 def _float(tensor: Tensor) -> Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def rollout_product(step: Tensor, previous: Tensor | None) -> Tensor:
+    """One fold of a rollout: ``step @ previous`` (``step`` alone when there is no ``previous``), in float32 or
+    wider with autocast off, because under ``bf16-mixed``/``16-mixed`` autocast would run the product in half
+    precision and each layer's rounding compounds (and a half-precision result reaches the figures).
+
+    >>> step = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]], dtype=torch.bfloat16)
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     rollout_product(step, step).dtype
+    torch.float32
+    """
+    step = _float(step)
+    if previous is None:
+        return step
+    device_type = step.device.type
+    available = torch.amp.is_autocast_available(device_type)
+    with torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext():
+        return step @ _float(previous)
 
 
 def _valid_keys(probs: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -202,7 +223,7 @@ def _rollout(fused: Sequence[Tensor], discard_ratio: float, residual_weight: flo
             layer = layer.masked_fill(drop, 0)
         step = residual_weight * eye + (1 - residual_weight) * layer
         step = step / step.sum(-1, keepdim=True).clamp_min(torch.finfo(step.dtype).tiny)
-        result = step if result is None else step @ result
+        result = rollout_product(step, result)
     return result
 
 

@@ -548,10 +548,10 @@ class ProbeMaps:
         self._done.add(site)
         if self._full is None:
             return
-        from lightning_attn.functional.attention import attention_rollout
+        from lightning_attn.functional.attention import attention_rollout, rollout_product
 
         step = attention_rollout([self._full[:, None]], "mean", 0.0, 0.5)  # one layer: 0.5 I + 0.5 A, renormalized
-        self.rollout = step if self.rollout is None else step @ self.rollout
+        self.rollout = rollout_product(step, self.rollout)
         self.rollout_sites.append(site)
         self._full = None
 

@@ -13,7 +13,8 @@ def as_array(values: Any, none_as_nan: bool = False) -> np.ndarray:
     """``values`` (a tensor on any device, an array or a nested sequence) as a float64 host array; with
     ``none_as_nan`` ``None`` entries (undefined values of a JSON-ready record) become NaN."""
     if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
+        # through float64 first: numpy has no bfloat16 (a map captured under autocast may arrive in it)
+        values = values.detach().cpu().double().numpy()
     if none_as_nan:
         array = np.asarray(values, dtype=object)
         values = np.where(np.equal(array, None), np.nan, array)

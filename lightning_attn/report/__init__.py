@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_attn.report.callback import SCHEMA_VERSION, ExplainabilityReport, build_report
+from lightning_attn.report.build import build_report
+from lightning_attn.report.callback import SCHEMA_VERSION, ExplainabilityReport
 from lightning_attn.report.explain import ReportError, default_forward
 from lightning_attn.report.provenance import StreamHasher, hash_config, hash_state_dict
 

@@ -11,11 +11,10 @@ them to :mod:`~lightning_attn.report.run` (sums and sample rows) and, for probe 
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +22,18 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_attn import sinks
-from lightning_attn.callbacks.base import STAGE_KEYS, EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, stage_key
+from lightning_attn.callbacks.base import (
+    EvaluationCallback,
+    Stage,
+    close_recorder,
+    log_scalars,
+    open_recorder,
+    stage_key,
+)
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.report.attribution import AttributionSettings, compute_attributions, record_attributions
 from lightning_attn.report.distributed import gather_shards
@@ -35,6 +42,7 @@ from lightning_attn.report.explain import (
     BatchAttention,
     ReportError,
     as_logits,
+    batch_device,
     class_targets,
     compute_saliency,
     default_forward,
@@ -45,14 +53,14 @@ from lightning_attn.report.explain import (
     slice_batch,
 )
 from lightning_attn.report.provenance import hash_state_dict, sample_hashes, utc_now
-from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, record_probes, scalars
+from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, keep_finite_rows, record_probes, scalars
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
-from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, write_report
+from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, report_destination, write_report
 
-__all__ = ["SCHEMA_VERSION", "ExplainabilityReport", "build_report"]
+__all__ = ["SCHEMA_VERSION", "ExplainabilityReport", "ReportModule"]
 
 
-class _ReportModule(pl.LightningModule):
+class ReportModule(pl.LightningModule):
     """Wraps a plain ``nn.Module`` (or a LightningModule without the needed step) for :func:`build_report`;
     the report explains ``self.model`` (site names and hashes are those of the wrapped model)."""
 
@@ -71,7 +79,7 @@ class _ReportModule(pl.LightningModule):
 
 
 def _target_module(pl_module: nn.Module) -> nn.Module:
-    return pl_module.model if isinstance(pl_module, _ReportModule) else pl_module
+    return pl_module.model if isinstance(pl_module, ReportModule) else pl_module
 
 
 class ExplainabilityReport(EvaluationCallback):
@@ -137,7 +145,9 @@ class ExplainabilityReport(EvaluationCallback):
     library versions, start and end time (:mod:`lightning_attn.report.provenance`).
 
     Directory: ``report_dir`` if given (dataloader ``k >= 1`` gets ``<report_dir>_dl<k>``), else
-    ``<save_dir or log_dir/lightning_attn>/report/<test|val_epoch<E>>[_dl<k>]``.
+    ``<save_dir or log_dir/lightning_attn>/report/<test|val_epoch<E>>[_dl<k>]``. It is replaced only when it holds a
+    previous report and nothing else (:func:`~lightning_attn.report.write.is_own_report`); a file or a folder with
+    other files there is kept and the report goes to ``<dir>-1``, ``<dir>-2``, ... with a warning naming both.
 
     **Distributed runs** (DDP and any strategy on a ``torch.distributed`` process group): every rank evaluates its
     own batches into its own sums and streams its sample rows to a file in a rank-local temporary directory (no
@@ -298,6 +308,7 @@ class ExplainabilityReport(EvaluationCallback):
         self._model_sha256: str | None = None
         self._warned_ddp = False
         self._warned_padding = False
+        self._warned_nonfinite = False
         self._distributed = False  # this epoch's ranks each evaluate their shard and send it to rank zero
 
     # -- identity ----------------------------------------------------------------------------------------
@@ -371,7 +382,9 @@ class ExplainabilityReport(EvaluationCallback):
                 world_size=int(trainer.world_size),
             )
         else:
-            final_dir = self._final_dir(trainer, stage, dataloader_idx)
+            final_dir, moved = report_destination(self._final_dir(trainer, stage, dataloader_idx))
+            if moved is not None:  # the same message again (every validation epoch) is shown once by Python's filter
+                rank_zero_warn(f"ExplainabilityReport: {moved}", category=UserWarning)
             tmp_dir, started = incomplete_dir(final_dir, id(self))
             if self._model_sha256 is None:
                 self._model_sha256 = hash_state_dict(model.state_dict())
@@ -391,7 +404,7 @@ class ExplainabilityReport(EvaluationCallback):
         self._abandon("a new evaluation epoch started before the previous report was written")
         self._runs = {}
         self._model_sha256 = None
-        self._record_in_step = not isinstance(pl_module, _ReportModule)
+        self._record_in_step = not isinstance(pl_module, ReportModule)
         self._distributed = (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
                              and dist.get_world_size() == trainer.world_size)
         if trainer.world_size > 1 and not self._distributed and not self._warned_ddp:
@@ -545,15 +558,23 @@ class ExplainabilityReport(EvaluationCallback):
         probs = probabilities(logits, self.outputs_are_probabilities)
         batch_size, num_classes = probs.shape
         target = class_targets(raw_targets, batch_size, num_classes).to(probs.device)
+        kept, probs, target, note = keep_finite_rows(run, batch_idx, probs, target, attention)
+        if note is not None and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(f"ExplainabilityReport ({run.key}): {note}", category=UserWarning)
+        if not kept:
+            run.hasher.update(batch)  # evaluated all the same: part of the inputs hash
+            return
         first_index = run.count
+        hashes = sample_hashes(model_inputs(batch, self.target_key), batch_size)
         host = add_batch(run, probs, target, batch, batch_idx, attention, calibration_bins=self.calibration_bins,
                          class_names=self.class_names, modality_pairs=self.modality_pairs,
-                         input_hashes=sample_hashes(model_inputs(batch, self.target_key), batch_size))
+                         input_hashes=[hashes[row] for row in kept])
 
         # probes (rank zero only: the first samples of its shard are the first rows of a distributed report)
-        wanted = self._probe_positions(first_index, batch_size) if not run.shard else []
+        wanted = self._probe_positions(first_index, len(kept)) if not run.shard else []
         if wanted:
-            self._saliency(run, module, batch, wanted, first_index, batch_idx, host)
+            self._saliency(run, module, batch, wanted, first_index, batch_idx, host, [kept[p] for p in wanted])
 
     def _probe_positions(self, first_index: int, batch_size: int) -> list[int]:
         if self.probe_indices is not None:
@@ -561,10 +582,12 @@ class ExplainabilityReport(EvaluationCallback):
         return list(range(0, max(0, min(batch_size, self.probe_samples - first_index))))
 
     def _saliency(self, run: ReportRun, module: nn.Module, batch: Any, positions: list[int], first_index: int, batch_idx: int,
-                  host: Mapping[str, Tensor]) -> None:
+                  host: Mapping[str, Tensor], batch_rows: list[int]) -> None:
+        """Saliency of the kept samples at ``positions`` (of ``host``), rows ``batch_rows`` of ``batch``."""
         index = torch.tensor(positions, dtype=torch.long)
-        device = _batch_device(batch)
-        sub = slice_batch(batch, index.to(device) if device is not None else index)
+        device = batch_device(batch)
+        in_batch = torch.tensor(batch_rows, dtype=torch.long)
+        sub = slice_batch(batch, in_batch.to(device) if device is not None else in_batch)
         source = host["predicted"] if self.saliency_target == "predicted" else host["target"]
         explain = source[index]
         try:
@@ -604,134 +627,10 @@ class ExplainabilityReport(EvaluationCallback):
     def _finalize(self, trainer: pl.Trainer, run: ReportRun) -> None:
         run.close_samples()
         if run.count == 0:
-            raise ReportError(f"no samples were evaluated for the {run.key} report (empty dataloader?)")
+            raise ReportError(f"no samples were evaluated for the {run.key} report "
+                              f"({'every model output was NaN or Inf' if run.skipped_rows else 'empty dataloader?'})")
         config = self.config()
         sections = other_sections(getattr(trainer, "callbacks", None) or [], run, skip=ExplainabilityReport)
         settings = OutputSettings(title=self.title, calibration_bins=self.calibration_bins, saliency_target=self.saliency_target,
                                   html_max_rows=self.html_max_rows, figures=self.figures, figure_dpi=self.figure_dpi)
         self.results[run.key] = write_report(run, config, sections, global_step=int(trainer.global_step), settings=settings)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# helpers
-# -----------------------------------------------------------------------------------------------------------------
-def _batch_device(batch: Any) -> torch.device | None:
-    if isinstance(batch, Tensor):
-        return batch.device
-    if isinstance(batch, Mapping):
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    else:
-        return None
-    for value in values:
-        device = _batch_device(value)
-        if device is not None:
-            return device
-    return None
-
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# build_report
-# -----------------------------------------------------------------------------------------------------------------
-def _stderr_progress_bar() -> pl.Callback:
-    """Lightning's tqdm progress bar, drawn on stderr (Lightning's own draws on stdout, which a command keeps for
-    its result)."""
-    import contextlib
-    import sys
-
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    class StderrTQDMProgressBar(TQDMProgressBar):
-        def init_sanity_tqdm(self) -> Any:
-            with contextlib.redirect_stdout(sys.stderr):
-                return super().init_sanity_tqdm()
-
-        def init_validation_tqdm(self) -> Any:
-            with contextlib.redirect_stdout(sys.stderr):
-                return super().init_validation_tqdm()
-
-        def init_test_tqdm(self) -> Any:
-            with contextlib.redirect_stdout(sys.stderr):
-                return super().init_test_tqdm()
-
-    return StderrTQDMProgressBar()
-
-
-def build_report(
-    model: nn.Module,
-    data: Any,
-    out_dir: str | os.PathLike[str],
-    *,
-    stage: Literal["test", "validate"] = "test",
-    callbacks: Sequence[pl.Callback] = (),
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    progress: bool = True,
-    trainer_kwargs: Mapping[str, Any] | None = None,
-    **report_kwargs: Any,
-) -> Path:
-    """Build the explainability report of ``model`` on ``data`` into ``out_dir``, with no Trainer script.
-
-    Runs ``Trainer.test`` (or ``Trainer.validate`` for ``stage="validate"``) with an
-    :class:`ExplainabilityReport` (``report_kwargs`` are its arguments, e.g. ``forward_fn``, ``class_names``,
-    ``feature_names``, ``modality_pairs``, ``probe_samples``) and the given extra ``callbacks`` (a calibration
-    or head-specialization callback there gets its section in the report). No logger, no checkpointing; the
-    progress bar is Lightning's tqdm bar.
-
-    Args:
-        model: a LightningModule with a ``test_step`` (``validation_step``) or any ``nn.Module``; modules
-            without the step are wrapped, and the report explains the module itself (its site names, its hash).
-        data: a DataLoader (or any iterable of batches), or a LightningDataModule.
-        out_dir: the report's directory; replaced on success, untouched on failure (the partial output stays
-            in a sibling ``.<name>.incomplete-*`` directory with an ``INCOMPLETE`` marker).
-        stage: ``"test"`` or ``"validate"``.
-        callbacks: more callbacks for the Trainer.
-        accelerator: Trainer accelerator (``"cpu"`` for hashes comparable across machines).
-        devices: Trainer devices; with several (``trainer_kwargs={"strategy": "ddp"}``) every rank evaluates its shard
-            and global rank zero writes the report of all of them (see :class:`ExplainabilityReport`).
-        progress: show the progress bar.
-        trainer_kwargs: more Trainer arguments.
-
-    Returns:
-        The report directory (``report.html``, ``report.json``, CSVs, ``summary.md``, ``figures/``), written by global
-        rank zero.
-
-    Raises:
-        ReportError: bad inputs (no targets, not a classifier output, ...), with a one-line message.
-    """
-    from lightning.pytorch.callbacks import ProgressBar
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    if stage not in ("test", "validate"):
-        raise ValueError(f"stage must be 'test' or 'validate', got {stage!r}")
-    if not isinstance(model, nn.Module):
-        raise ReportError(f"build_report needs an nn.Module, got {type(model).__name__}")
-    step = "test_step" if stage == "test" else "validation_step"
-    module = model if isinstance(model, pl.LightningModule) and is_overridden(step, model) else _ReportModule(model)
-    report = ExplainabilityReport(stages=(stage,), report_dir=str(out_dir), **report_kwargs)
-    kwargs: dict[str, Any] = {
-        "accelerator": accelerator, "devices": devices, "logger": False, "enable_checkpointing": False,
-        "enable_model_summary": False, "enable_progress_bar": progress,
-        "default_root_dir": str(Path(out_dir).parent),
-    }
-    max_batches = report_kwargs.get("max_batches")
-    if max_batches is not None:
-        kwargs["limit_test_batches" if stage == "test" else "limit_val_batches"] = int(max_batches)
-    kwargs.update(trainer_kwargs or {})
-    extra = list(callbacks)
-    if kwargs.get("enable_progress_bar") and not any(isinstance(c, ProgressBar) for c in extra):
-        extra.append(_stderr_progress_bar())
-    trainer = pl.Trainer(callbacks=[report, *extra], **kwargs)
-    run = trainer.test if stage == "test" else trainer.validate
-    if isinstance(data, pl.LightningDataModule):
-        run(module, datamodule=data, verbose=False)
-    else:
-        run(module, dataloaders=data, verbose=False)
-    key = STAGE_KEYS[stage]
-    if not trainer.is_global_zero:  # rank zero wrote the report
-        return Path(out_dir)
-    if key not in report.results:
-        raise ReportError(f"the {stage} loop evaluated no batch: is the dataloader empty?")
-    return Path(report.results[key]["directory"])

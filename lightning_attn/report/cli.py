@@ -44,8 +44,11 @@ The model is called as `model(**inputs)` for a dict batch (the batch minus its t
 with "logits", an object with .logits or a tuple starting with them. Pass --forward-fn for anything
 else. Targets: --target-key (default: target, targets, label, labels or y), else the last element.
 
-The output directory is replaced only when the report is complete; a failed run leaves its partial
-output in a sibling `.<name>.incomplete-*` directory with an INCOMPLETE marker file."""
+The output directory is written only when the report is complete, and replaced only when it holds a
+previous report of this command and nothing else; a folder with other files (or a file) at --out is
+never touched: the report then goes to --out-1, --out-2, ... with a warning. An --out that is or
+contains the checkpoint or config read is refused. A failed run leaves its partial output in a
+sibling `.<name>.incomplete-*` directory with an INCOMPLETE marker file."""
 
 EPILOG = """\
 examples:
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "only for checkpoints you trust")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", "-o", required=True, metavar="DIR", help="report directory (replaced on success)")
+    out.add_argument("--out", "-o", required=True, metavar="DIR",
+                     help="report directory (a previous report there is replaced on success; anything else is kept "
+                          "and the report goes to DIR-1, ...)")
     out.add_argument("--title", help="report title (default: Explainability report)")
     out.add_argument("--no-figures", action="store_true", help="write tables only, no PNG figures (faster)")
     out.add_argument("--html-max-rows", type=int, metavar="N", help="at most N rows in the HTML per-sample table (CSV has all)")
@@ -316,6 +321,19 @@ def _config_callback(spec: Any, class_path: str, directory: str) -> Any:
     return instantiate(spec, f"trainer callback {class_path}")
 
 
+def _refuse_out_over_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
+    """Refuse an ``--out`` that is, or is a folder above, an input the command reads (``inputs``: what it is to
+    its path): the report would be written around the very file it explains."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise CliError(f"--out {out} contains the {what} {path} that the report reads: "
+                           "choose another output directory")
+
+
 def _run(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -329,7 +347,7 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
     import lightning.pytorch as pl
     from torch import nn
 
-    from lightning_attn.report.callback import build_report
+    from lightning_attn.report.build import build_report
 
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # config class paths of the project in the working directory (after installed packages)
@@ -349,6 +367,7 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
             raise CliError("no checkpoint: pass --checkpoint (or set ckpt_path in the config)")
         if not Path(checkpoint).is_file():
             raise CliError(f"checkpoint not found: {checkpoint}")
+        _refuse_out_over_inputs(args.out, {"checkpoint": checkpoint, "config": args.config})
         seed = args.seed if args.seed is not None else config.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
             pl.seed_everything(seed, verbose=False)
@@ -371,6 +390,7 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
     else:
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise CliError(f"checkpoint not found: {checkpoint}")
+        _refuse_out_over_inputs(args.out, {"checkpoint": checkpoint})
         if args.seed is not None:
             pl.seed_everything(args.seed, verbose=False)
         model, data, passed = _call_entry(args.entry, checkpoint)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -178,6 +178,23 @@ def _clone_structure(batch: Any) -> Any:
     return batch
 
 
+def batch_device(batch: Any) -> torch.device | None:
+    """The device of the first tensor in ``batch`` (nested mappings, lists and tuples), ``None`` when it has none."""
+    if isinstance(batch, Tensor):
+        return batch.device
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return None
+    for value in values:
+        device = batch_device(value)
+        if device is not None:
+            return device
+    return None
+
+
 def floating_inputs(batch: Any, target_key: str | None = None) -> dict[str, Tensor]:
     """Floating-point tensors among the model inputs of a batch, by name: mapping keys, ``input<k>`` for the
     k-th element of a tuple/list, ``input`` for a tensor batch. Targets are never included."""
@@ -308,6 +325,16 @@ class BatchAttention:
                                       top_values=top_values, top_index=top_index, head_mean=head_mean)
         self.infos[site] = info
         self.last_site = site
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the samples ``rows`` (``[n]`` indices into the batch) of every site."""
+        for site, sample in self.sites.items():
+            self.sites[site] = replace(
+                sample, entropy=sample.entropy[rows],
+                top_values=None if sample.top_values is None else sample.top_values[rows],
+                top_index=None if sample.top_index is None else sample.top_index[rows],
+                head_mean=None if sample.head_mean is None else sample.head_mean[rows],
+            )
 
     def pair_site_names(self) -> list[str]:
         """Sites whose top pairs are reported, in forward order."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -101,48 +102,71 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
 
 def markdown(summary: dict[str, Any], provenance: dict[str, Any], files: list[str], *, title: str) -> str:
     """``summary.md``: provenance, dataset measures, correct vs. incorrect, class-wise, attention, saliency, notes and
-    the list of ``files``."""
+    the list of ``files``. Every name and text that may come from the user (title, class, site and feature names,
+    notes) is escaped (:func:`_md`, :func:`_code`): a Markdown viewer renders raw HTML, so a ``<script>`` in a class
+    name would run there."""
     d = summary["dataset"]
-    lines = [f"# {title}", "",
+    lines = [f"# {_md(title)}", "",
              f"Stage `{summary['stage_key']}`, {d['num_samples']} samples in {d['num_batches']} batches, "
              f"{d['num_classes']} classes. Written {provenance['finished_utc']}.", "",
              "## Provenance", "", "| item | value |", "|---|---|"]
     for key in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "model_class", "started_utc", "finished_utc"):
-        lines.append(f"| {key} | `{provenance[key]}` |")
+        lines.append(f"| {key} | {_code(provenance[key])} |")
     if provenance.get("world_size", 1) > 1:
         lines.append(f"| world_size | {provenance['world_size']} (inputs_sha256 combines the ranks' hashes) |")
-    lines.append("| versions | " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()) + " |")
+    lines.append("| versions | " + ", ".join(f"{_md(k)} {_md(v)}" for k, v in provenance["versions"].items()) + " |")
     lines += ["", "## Dataset", "", "| measure | value |", "|---|---|"]
     for key in ("accuracy", "mean_confidence", "ece", "mce", "nll", "brier", "mean_margin", "mean_output_entropy", "num_correct", "num_incorrect"):
         lines.append(f"| {key} | {_f(d[key])} |")
     lines += ["", "## Correct vs. incorrect predictions", "",
               "| measure | mean (correct) | mean (incorrect) | difference | effect size |", "|---|---|---|---|---|"]
     for name, g in summary["correct_vs_incorrect"].items():
-        lines.append(f"| {name} | {_f(g['correct']['mean'])} | {_f(g['incorrect']['mean'])} | {_f(g['difference'])} | {_f(g['effect_size'])} |")
+        lines.append(f"| {_md(name)} | {_f(g['correct']['mean'])} | {_f(g['incorrect']['mean'])} "
+                     f"| {_f(g['difference'])} | {_f(g['effect_size'])} |")
     lines += ["", "## Class-wise", "", "| class | support | predicted | precision | recall | f1 | mean confidence |", "|---|---|---|---|---|---|---|"]
     for c in summary["classwise"]:
-        lines.append(f"| {c['name']} | {c['support']} | {c['predicted']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {_f(c['mean_confidence_true'])} |")
+        lines.append(f"| {_md(c['name'])} | {c['support']} | {c['predicted']} | {_f(c['precision'])} "
+                     f"| {_f(c['recall'])} | {_f(c['f1'])} | {_f(c['mean_confidence_true'])} |")
     sites = [s for s in summary["attention"]["sites"] if "entropy_mean" in s]
     if sites:
         lines += ["", "## Attention sites", "", "| site | heads | mean entropy | most focused head |", "|---|---|---|---|"]
         for s in sites:
-            lines.append(f"| `{s['name']}` | {s['num_heads']} | {_f(float(np.mean(s['entropy_mean'])))} | h{s['most_focused_head']} |")
+            lines.append(f"| {_code(s['name'])} | {s['num_heads']} | {_f(float(np.mean(s['entropy_mean'])))} "
+                         f"| h{s['most_focused_head']} |")
     for pair, entry in summary["attention"]["modality_pairs"].items():
-        lines.append(f"\nModality agreement `{pair}`: mean {_f(entry['all']['mean'])} over {entry['all']['n']} samples.")
+        lines.append(f"\nModality agreement {_code(pair)}: mean {_f(entry['all']['mean'])} "
+                     f"over {entry['all']['n']} samples.")
     sal = summary["saliency"]
     if sal["num_probes"]:
         lines += ["", f"## Saliency ({sal['num_probes']} probe samples, {sal['target']} class)", ""]
         for name, agg in sal["aggregate"].items():
-            lines.append(f"- input `{name}`: " + ", ".join(f"{f} {_f(v)}" for f, v in agg["top"][:5]))
+            lines.append(f"- input {_code(name)}: " + ", ".join(f"{_md(f)} {_f(v)}" for f, v in agg["top"][:5]))
         for site, rel in sal["head_relevance"].items():
             top = int(np.argmax(rel["share"])) if rel["share"] else 0
-            lines.append(f"- head relevance `{site}`: most relevant h{top} ({_f(rel['share'][top] if rel['share'] else None)})")
+            share = _f(rel["share"][top] if rel["share"] else None)
+            lines.append(f"- head relevance {_code(site)}: most relevant h{top} ({share})")
     if summary["sections"]:
-        lines += ["", "## Other callbacks", ""] + [f"- {k}: `{v['callback']}` (see report.json / report.html)" for k, v in summary["sections"].items()]
+        lines += ["", "## Other callbacks", ""] + [f"- {_md(k)}: {_code(v['callback'])} (see report.json / report.html)"
+                                                   for k, v in summary["sections"].items()]
     if summary["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
-    lines += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
+        lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in summary["notes"]]
+    lines += ["", "## Files", ""] + [f"- {_code(f)}" for f in files] + [""]
     return "\n".join(lines)
+
+
+def _md(value: Any) -> str:
+    """``value`` as inert Markdown text: HTML special characters as entities (no tag or script survives), table
+    pipes, link brackets and backticks escaped, one line."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    for char in ("\\", "|", "[", "]", "`"):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _code(value: Any) -> str:
+    """``value`` as a Markdown code span (inert: no HTML is rendered inside one), its backticks replaced so that it
+    cannot close the span early, table pipes escaped, one line."""
+    return "`" + " ".join(str(value).split()).replace("`", "'").replace("|", "\\|") + "`"
 
 
 def write_html(path: Path, run: ReportRun, summary: dict[str, Any], provenance: dict[str, Any],

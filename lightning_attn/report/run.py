@@ -23,10 +23,28 @@ from torch import Tensor
 
 from lightning_attn.functional.calibration import equal_width_bin_index
 from lightning_attn.plots import report as plots
-from lightning_attn.report.explain import BatchAttention, GroupStatistics, ReportError, pair_agreement, resolve_modality_pairs
+from lightning_attn.report.explain import (
+    BatchAttention,
+    GroupStatistics,
+    ReportError,
+    pair_agreement,
+    resolve_modality_pairs,
+)
 from lightning_attn.report.provenance import StreamHasher
 
-__all__ = ["NAMESPACE", "HeadSums", "ReportRun", "add_batch", "calibration_errors", "class_name", "csv_cell", "record_probes", "scalars"]
+__all__ = [
+    "NAMESPACE",
+    "HeadSums",
+    "ReportRun",
+    "add_batch",
+    "calibration_errors",
+    "class_name",
+    "csv_cell",
+    "keep_finite_rows",
+    "record_probes",
+    "scalars",
+    "skip_rows",
+]
 
 #: Namespace of the report: the prefix of its logged scalars and the folder of its default output directory.
 NAMESPACE = "report"
@@ -105,6 +123,7 @@ class ReportRun:
     shard: bool = False
     world_size: int = 1
     input_digests: list[tuple[int, str, int]] = field(default_factory=list)
+    skipped_rows: list[tuple[int, list[int]]] = field(default_factory=list)
 
     def open_samples(self) -> None:
         """Start ``samples.csv.part`` in ``tmp_dir`` with the header ``columns``."""
@@ -117,6 +136,39 @@ class ReportRun:
         if self.samples_handle is not None:
             self.samples_handle.close()
             self.samples_handle = None
+
+
+def keep_finite_rows(run: ReportRun, batch_idx: int, probs: Tensor, target: Tensor, attention: BatchAttention | None
+                     ) -> tuple[list[int], Tensor, Tensor, str | None]:
+    """Leave out the rows of a batch whose probabilities are not all finite (NaN or Inf model outputs): returns the
+    kept rows' indices, their ``probs`` and ``target``, and the run's note on the skipped rows when this batch had
+    any (``None`` otherwise); ``attention`` keeps only the kept rows too."""
+    finite = torch.isfinite(probs).all(1)
+    if bool(finite.all()):
+        return list(range(probs.shape[0])), probs, target, None
+    rows = finite.nonzero()[:, 0]
+    kept = rows.tolist()
+    note = skip_rows(run, batch_idx, sorted(set(range(probs.shape[0])) - set(kept)))
+    if attention is not None:
+        attention.select(rows)
+    return kept, probs[rows], target[rows], note
+
+
+def skip_rows(run: ReportRun, batch_idx: int, rows: list[int]) -> str:
+    """Record that the rows ``rows`` of batch ``batch_idx`` had non-finite probabilities and were left out, and keep
+    one note in ``run.notes`` that counts and names every such row so far; returns that note."""
+    run.skipped_rows.append((batch_idx, rows))
+    count = sum(len(r) for _, r in run.skipped_rows)
+    named = "; ".join(f"batch {b} row{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+                      for b, r in run.skipped_rows[:20])
+    more = f"; and {len(run.skipped_rows) - 20} more batches" if len(run.skipped_rows) > 20 else ""
+    note = (f"{count} sample{'s' if count > 1 else ''} with non-finite model outputs (NaN or Inf probabilities) "
+            f"left out of every statistic and of samples.csv ({named}{more}; rows counted from 0 within the batch)")
+    run.notes[:] = [n for n in run.notes if not n.endswith(_SKIPPED_SUFFIX)] + [note]
+    return note
+
+
+_SKIPPED_SUFFIX = "; rows counted from 0 within the batch)"
 
 
 def class_name(names: Sequence[str] | None, index: int) -> str:

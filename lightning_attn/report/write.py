@@ -2,6 +2,11 @@
 (:func:`incomplete_dir`), filled with every output file of a finished run and renamed to its final name only on
 success (:func:`write_report`).
 
+The library writes only where it may: a report goes to its requested directory when nothing is there or when that
+directory holds a previous report of this library and nothing else (:func:`is_own_report`, by the :data:`MARKER`
+file listing what the report wrote); otherwise to the first free sibling ``<dir>-1``, ``<dir>-2``, ...
+(:func:`report_destination`), so that a user's folder or file at the path is never deleted or overwritten.
+
 Files: ``samples.csv``, ``per_head.csv``, ``classwise.csv``, ``batches.csv``, ``saliency.csv`` (each starting with
 the provenance line), ``figures/*.png`` (provenance in a PNG text chunk), ``summary.md``, ``report.html`` and
 ``report.json``, which lists every other file with its SHA-256.
@@ -12,14 +17,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -28,10 +36,17 @@ from lightning_attn.report.provenance import combine_input_hashes, hash_config, 
 from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
 
-__all__ = ["INCOMPLETE", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "write_report"]
+__all__ = [
+    "INCOMPLETE", "MARKER", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "is_own_report",
+    "report_destination", "write_report",
+]
 
 INCOMPLETE = "INCOMPLETE"
 PROVENANCE_PREFIX = "# lightning_attn report provenance: "
+#: The file that marks a directory as a finished report of this library: its first line says so, every other line
+#: names one file or folder the report wrote (relative, ``/``-separated). Only such a directory is ever replaced.
+MARKER = ".lightning_attn_report"
+_MARKER_HEADER = "# written by lightning_attn's explainability report; replaced by the next report written here"
 
 
 @dataclass(frozen=True)
@@ -46,14 +61,50 @@ class OutputSettings:
     figure_dpi: int
 
 
+def is_own_report(path: Path) -> bool:
+    """Whether ``path`` is a directory that holds a report of this library and nothing else: its :data:`MARKER` file
+    and only the files and folders that the marker lists (a file a user added makes it not ours)."""
+    marker = path / MARKER
+    if path.is_symlink() or not path.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        lines = marker.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not lines or lines[0] != _MARKER_HEADER:
+        return False
+    written = {MARKER, *lines[1:]}
+    return all(entry.relative_to(path).as_posix() in written for entry in path.rglob("*"))
+
+
+def report_destination(requested: Path) -> tuple[Path, str | None]:
+    """Where the report bound for ``requested`` goes: ``requested`` itself when nothing is there or it is a previous
+    report of this library (:func:`is_own_report`), else the first sibling ``<name>-1``, ``<name>-2``, ... that is
+    free or a previous report. Returns it and, when it is a sibling, a warning naming both."""
+    if not (requested.exists() or requested.is_symlink()) or is_own_report(requested):
+        return requested, None
+    for k in itertools.count(1):
+        candidate = requested.with_name(f"{requested.name}-{k}")
+        if not (candidate.exists() or candidate.is_symlink()) or is_own_report(candidate):
+            what = "a file" if not requested.is_dir() else "a folder with files this library did not write"
+            return candidate, (f"{requested} is {what}, which the report never deletes or overwrites: "
+                               f"the report goes to {candidate} instead")
+    raise AssertionError("unreachable")
+
+
 def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
-    """Make a fresh temporary directory for the report bound for ``final_dir`` (a sibling named after this process and
-    ``owner``, the report's ``id``) holding only an ``INCOMPLETE`` marker; returns it and the start time."""
+    """Make a fresh temporary directory for the report bound for ``final_dir`` (a new sibling named after it, this
+    process and ``owner``, the report's ``id``; never an existing path) holding only an ``INCOMPLETE`` marker;
+    returns it and the start time."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.parent / f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
+    name = f".{final_dir.name}.incomplete-{os.getpid()}-{owner % 100000}"
+    for k in itertools.count():  # a new name (a partial report of an earlier run here stays); mkdir keeps the umask
+        tmp_dir = final_dir.parent / (f"{name}-{k}" if k else name)
+        try:
+            tmp_dir.mkdir()
+            break
+        except FileExistsError:
+            continue
     started = utc_now()
     (tmp_dir / INCOMPLETE).write_text(
         f"This report is INCOMPLETE: it is being written (started {started}) or its run failed.\n"
@@ -65,7 +116,8 @@ def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
 def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, global_step: int,
                  settings: OutputSettings) -> dict[str, Any]:
     """Write every file of a finished ``run`` (samples closed, at least one sample) into its temporary directory and
-    rename that to ``run.final_dir`` (replacing an older report there). ``config`` is the report's configuration
+    rename that to ``run.final_dir`` (replacing only a previous report of this library there, else to a sibling:
+    :func:`report_destination`; ``run.final_dir`` becomes where it went). ``config`` is the report's configuration
     (hashed into the provenance), ``sections`` the other callbacks' (:func:`~lightning_attn.report.summary.other_sections`).
     Returns the content of ``report.json`` plus its ``directory``."""
     config_sha = hash_config(config)
@@ -135,16 +187,19 @@ def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any
     document = jsonable(summary)
     (tmp / "report.json").write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
 
-    # publish: the temporary directory becomes the final one
+    # publish: the temporary directory becomes the final one (replacing only a previous report of this library)
+    written = sorted(entry.relative_to(tmp).as_posix() for entry in tmp.rglob("*") if entry.name != INCOMPLETE)
+    (tmp / MARKER).write_text("\n".join([_MARKER_HEADER, *written]) + "\n", encoding="utf-8")
     (tmp / INCOMPLETE).unlink()
-    final = run.final_dir
+    final, moved = report_destination(run.final_dir)  # again: something may have appeared there during the run
+    if moved is not None:
+        rank_zero_warn(f"ExplainabilityReport: {moved}", category=UserWarning)
     trash = None
     if final.exists():
-        trash = final.parent / f".{final.name}.replaced-{os.getpid()}"
-        if trash.exists():
-            shutil.rmtree(trash)
-        final.rename(trash)
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.replaced-{os.getpid()}-", dir=final.parent))
+        final.rename(trash / final.name)
     tmp.rename(final)
+    run.final_dir = final
     run.finished = True
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
