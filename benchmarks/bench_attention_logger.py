@@ -52,7 +52,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_attn import AttentionLogger, AttentionRecorder
-from lightning_attn.functional import first_token_mass, max_weight, mean_attention_distance, normalized_entropy, sparsity
+from lightning_attn.functional import (
+    first_token_mass,
+    max_weight,
+    mean_attention_distance,
+    normalized_entropy,
+    sparsity,
+)
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -67,7 +73,15 @@ except OSError:  # not glibc: RSS peaks are then upper bounds
 
 # -- models -----------------------------------------------------------------------------------------------
 class EncoderModule(pl.LightningModule):
-    def __init__(self, dim: int = 512, heads: int = 8, layers: int = 4, ff: int = 2048, batch_first: bool = False, vocab: int = 1000) -> None:
+    def __init__(
+        self,
+        dim: int = 512,
+        heads: int = 8,
+        layers: int = 4,
+        ff: int = 2048,
+        batch_first: bool = False,
+        vocab: int = 1000,
+    ) -> None:
         super().__init__()
         self.batch_first = batch_first
         self.embed = nn.Embedding(vocab, dim)
@@ -111,11 +125,11 @@ class NaiveAttentionStats(Callback):
         self.recorder: AttentionRecorder | None = None
         self.results: dict[str, dict[str, torch.Tensor]] = {}
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.recorder = AttentionRecorder(pl_module, keep=True)
         self.recorder.__enter__()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.recorder.__exit__(None, None, None)
         self.maps.append(dict(self.recorder.maps))
         self.recorder = None
@@ -123,7 +137,7 @@ class NaiveAttentionStats(Callback):
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for maps in self.maps for t in maps.values())
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
         for site in self.maps[0]:
             probs = torch.cat([maps[site] for maps in self.maps])
             rows = {
@@ -151,11 +165,11 @@ class CaptureOnly(Callback):
         for _ in capture.chunks(self.chunk_size):
             pass
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.recorder = AttentionRecorder(pl_module, keep=False, on_capture=self._consume)
         self.recorder.__enter__()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.recorder.__exit__(None, None, None)
         self.recorder = None
 
@@ -174,7 +188,7 @@ class EpochMeter:
         meter = self
 
         class Start(Callback):
-            def on_validation_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            def on_validation_epoch_start(self, trainer, pl_module) -> None:
                 gc.collect()
                 if meter.sample_rss:
                     if _LIBC is not None:
@@ -186,7 +200,7 @@ class EpochMeter:
                 meter._wall, meter._cpu = time.perf_counter(), time.process_time()
 
         class End(Callback):
-            def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            def on_validation_epoch_end(self, trainer, pl_module) -> None:
                 meter.wall = time.perf_counter() - meter._wall
                 meter.cpu = time.process_time() - meter._cpu
                 if meter._thread is not None:
@@ -217,18 +231,33 @@ def held_bytes(callback: Callback | None) -> int:
         total = 0
         for acc in callback._accumulators.values():
             for metric in (acc.stats, acc.positions, acc.agreement):
-                total += sum(getattr(metric, name).numel() * getattr(metric, name).element_size() for name in metric._defaults)
+                total += sum(
+                    getattr(metric, name).numel() * getattr(metric, name).element_size() for name in metric._defaults
+                )
         return total
     return 0
 
 
-def run_epoch(module: pl.LightningModule, loader: torch.utils.data.DataLoader, batches: int, callback: Callback | None,
-              root: str, sample_rss: bool = False) -> EpochMeter:
+def run_epoch(
+    module: pl.LightningModule,
+    loader: torch.utils.data.DataLoader,
+    batches: int,
+    callback: Callback | None,
+    root: str,
+    sample_rss: bool = False,
+) -> EpochMeter:
     meter = EpochMeter(sample_rss)
     callbacks = [meter.start] + ([callback] if callback is not None else []) + [meter.end]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=batches, callbacks=callbacks, default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=batches,
+        callbacks=callbacks,
+        default_root_dir=root,
     )
     trainer.validate(module, loader, verbose=False)
     return meter
@@ -253,8 +282,15 @@ VARIANTS: dict[str, Make] = {
 }
 
 
-def time_model(name: str, module: pl.LightningModule, loader: torch.utils.data.DataLoader, batches: int,
-               variants: list[str], repeats: int, root: str) -> list[dict[str, Any]]:
+def time_model(
+    name: str,
+    module: pl.LightningModule,
+    loader: torch.utils.data.DataLoader,
+    batches: int,
+    variants: list[str],
+    repeats: int,
+    root: str,
+) -> list[dict[str, Any]]:
     module.eval()
     run_epoch(module, loader, 1, None, root)  # warm-up: lazy initialisation, allocator, fonts
     run_epoch(module, loader, 1, AttentionLogger(save_dir=root), root)
@@ -277,18 +313,38 @@ def time_model(name: str, module: pl.LightningModule, loader: torch.utils.data.D
     rows = []
     for key, meters in samples.items():
         cpu, wall = min(m.cpu for m in meters), min(m.wall for m in meters)
-        rows.append({"model": name, "variant": key, "batches": batches, "recorded": _recorded(key, batches),
-                     "cpu": cpu, "cpu_ratio": cpu / plain_cpu, "wall": wall, "wall_ratio": wall / plain_wall})
+        rows.append(
+            {
+                "model": name,
+                "variant": key,
+                "batches": batches,
+                "recorded": _recorded(key, batches),
+                "cpu": cpu,
+                "cpu_ratio": cpu / plain_cpu,
+                "wall": wall,
+                "wall_ratio": wall / plain_wall,
+            }
+        )
     return rows
 
 
-def memory_model(name: str, module: pl.LightningModule, loader: torch.utils.data.DataLoader, batches: int, root: str) -> list[dict[str, Any]]:
+def memory_model(
+    name: str, module: pl.LightningModule, loader: torch.utils.data.DataLoader, batches: int, root: str
+) -> list[dict[str, Any]]:
     rows = []
     for key in ("plain", "stats", "stats+figures", "naive (keep all maps)"):
         for count in (batches // 2, batches):
             callback = VARIANTS[key](root)
             meter = run_epoch(module, loader, count, callback, root, sample_rss=True)
-            rows.append({"model": name, "variant": key, "batches": count, "peak_mib": meter.peak_mib, "held_mib": held_bytes(callback) / 2**20})
+            rows.append(
+                {
+                    "model": name,
+                    "variant": key,
+                    "batches": count,
+                    "peak_mib": meter.peak_mib,
+                    "held_mib": held_bytes(callback) / 2**20,
+                }
+            )
             del callback
             gc.collect()
     return rows
@@ -317,7 +373,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time measures the work)")
-    parser.add_argument("--quick", action="store_true", help="tiny runs: a smoke test of this script, not a measurement")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny runs: a smoke test of this script, not a measurement"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -334,8 +392,15 @@ def main() -> None:
         timings += time_model(enc_name, encoder, enc_loader, 4, every, args.repeats, root)
         fast = EncoderModule(batch_first=True)
         fast.load_state_dict(encoder.state_dict())
-        timings += time_model(f"TransformerEncoder 4x512, batch_first (fused fast path), L={seq}, batch {batch}", fast, enc_loader, 4,
-                              ["plain", "capture only", "stats"], args.repeats, root)
+        timings += time_model(
+            f"TransformerEncoder 4x512, batch_first (fused fast path), L={seq}, batch {batch}",
+            fast,
+            enc_loader,
+            4,
+            ["plain", "capture only", "stats"],
+            args.repeats,
+            root,
+        )
         bert = BertModule()
         if args.quick:
             bert.bert.encoder.layer = bert.bert.encoder.layer[:2]
@@ -347,19 +412,25 @@ def main() -> None:
             _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmapped and returned on free
         memory += memory_model(enc_name, encoder, make_loader(seq, batch, 8, 1000), 8, root)
     print()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU; min over {args.repeats} interleaved repeats; "
-          f"total {time.perf_counter() - started:.0f} s.")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU; min over {args.repeats} interleaved repeats; "
+        f"total {time.perf_counter() - started:.0f} s."
+    )
     print()
     print("| model | variant | batches | recorded | CPU s | x plain (CPU) | wall s | x plain (wall) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in timings:
-        print(f"| {row['model']} | {row['variant']} | {row['batches']} | {row['recorded']} | {row['cpu']:.2f} | "
-              f"{row['cpu_ratio']:.2f} | {row['wall']:.2f} | {row['wall_ratio']:.2f} |")
+        print(
+            f"| {row['model']} | {row['variant']} | {row['batches']} | {row['recorded']} | {row['cpu']:.2f} | "
+            f"{row['cpu_ratio']:.2f} | {row['wall']:.2f} | {row['wall_ratio']:.2f} |"
+        )
     print()
     print("| model | variant | batches | RSS peak increase MiB | held by the callback MiB |")
     print("|---|---|---:|---:|---:|")
     for row in memory:
-        print(f"| {row['model']} | {row['variant']} | {row['batches']} | {row['peak_mib']:.1f} | {row['held_mib']:.3f} |")
+        print(
+            f"| {row['model']} | {row['variant']} | {row['batches']} | {row['peak_mib']:.1f} | {row['held_mib']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

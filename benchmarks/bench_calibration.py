@@ -57,7 +57,7 @@ def _reset_peak() -> None:
         handle.write("5")
 
 
-def _state_bytes(metric) -> int:  # noqa: ANN001
+def _state_bytes(metric) -> int:
     total = 0
     for name in metric._defaults:
         value = getattr(metric, name)
@@ -86,7 +86,9 @@ def worker(impl: str, mode: str, samples: int, classes: int, batch: int, threads
     pool = []
     for _ in range(4):
         logits = torch.randn(batch, classes, generator=g) * 3
-        target = torch.where(torch.rand(batch, generator=g) < 0.7, logits.argmax(1), torch.randint(0, classes, (batch,), generator=g))
+        target = torch.where(
+            torch.rand(batch, generator=g) < 0.7, logits.argmax(1), torch.randint(0, classes, (batch,), generator=g)
+        )
         pool.append((logits, target))
     if impl in ("ours", "ours_bootstrap"):
         replicates = 200 if impl == "ours_bootstrap" else 0
@@ -145,56 +147,87 @@ def main() -> None:
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    import torch  # noqa: F401  (version only)
+    import torch
     import torchmetrics
 
-    print(f"torch {torch.__version__}, torchmetrics {torchmetrics.__version__}, {os.cpu_count()} CPUs, "
-          f"{args.threads} torch thread(s), {args.classes} classes, logits in batches of {args.batch}")
+    print(
+        f"torch {torch.__version__}, torchmetrics {torchmetrics.__version__}, {os.cpu_count()} CPUs, "
+        f"{args.threads} torch thread(s), {args.classes} classes, logits in batches of {args.batch}"
+    )
     rows = []
     for size in args.sizes:
         results: dict[str, dict] = {"ours": {}, "ours_bootstrap": {}, "torchmetrics": {}}
         for mode in ("time", "memory"):
             for impl in results:
-                cmd = [sys.executable, __file__, "--worker", impl, mode, str(size), "--classes", str(args.classes),
-                       "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    impl,
+                    mode,
+                    str(size),
+                    "--classes",
+                    str(args.classes),
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                    "--repeats",
+                    str(args.repeats),
+                ]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 line = next((entry for entry in done.stdout.splitlines() if entry.startswith(RESULT_TAG)), None)
                 if done.returncode or line is None:
-                    raise RuntimeError(f"{impl}/{mode} at {size:.0e} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-                results[impl].update(json.loads(line[len(RESULT_TAG):]))
+                    raise RuntimeError(
+                        f"{impl}/{mode} at {size:.0e} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+                    )
+                results[impl].update(json.loads(line[len(RESULT_TAG) :]))
         for impl, r in results.items():
-            print(f"  {impl:14s} {r['samples']:>10,d} samples: update {r['update_s']:.2f} s "
-                  f"(CPU {r['update_cpu_s']:.2f} s), "
-                  f"compute {r['compute_s'] * 1e3:.0f} ms, state {_human(r['state_bytes'])}, "
-                  f"peak RSS +{_human(r['peak_rss_bytes'])}, ECE {r['ece']:.6f}", flush=True)
+            print(
+                f"  {impl:14s} {r['samples']:>10,d} samples: update {r['update_s']:.2f} s "
+                f"(CPU {r['update_cpu_s']:.2f} s), "
+                f"compute {r['compute_s'] * 1e3:.0f} ms, state {_human(r['state_bytes'])}, "
+                f"peak RSS +{_human(r['peak_rss_bytes'])}, ECE {r['ece']:.6f}",
+                flush=True,
+            )
         rows.append(results)
 
     print()
-    print("| samples | update ours (samples/s) | update torchmetrics (samples/s) | throughput ours / tm (wall) "
-          "| ours / tm (CPU time) | compute ours / tm (ms) | state ours / tm | peak RSS ours / tm | memory tm / ours |")
+    print(
+        "| samples | update ours (samples/s) | update torchmetrics (samples/s) | throughput ours / tm (wall) "
+        "| ours / tm (CPU time) | compute ours / tm (ms) | state ours / tm | peak RSS ours / tm | memory tm / ours |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for results in rows:
         o, t = results["ours"], results["torchmetrics"]
         n = o["samples"]
         thr_o, thr_t = n / o["update_s"], n / t["update_s"]
         mem_ratio = max(t["peak_rss_bytes"], t["state_bytes"]) / max(o["peak_rss_bytes"], o["state_bytes"], 1)
-        print(f"| {n:.0e} | {thr_o:,.0f} | {thr_t:,.0f} | {thr_o / thr_t:.2f}x | {t['update_cpu_s'] / o['update_cpu_s']:.2f}x "
-              f"| {o['compute_s'] * 1e3:.0f} / {t['compute_s'] * 1e3:.0f} | {_human(o['state_bytes'])} / {_human(t['state_bytes'])} "
-              f"| {_human(o['peak_rss_bytes'])} / {_human(t['peak_rss_bytes'])} | {mem_ratio:.1f}x |")
+        print(
+            f"| {n:.0e} | {thr_o:,.0f} | {thr_t:,.0f} | {thr_o / thr_t:.2f}x | {t['update_cpu_s'] / o['update_cpu_s']:.2f}x "
+            f"| {o['compute_s'] * 1e3:.0f} / {t['compute_s'] * 1e3:.0f} | {_human(o['state_bytes'])} / {_human(t['state_bytes'])} "
+            f"| {_human(o['peak_rss_bytes'])} / {_human(t['peak_rss_bytes'])} | {mem_ratio:.1f}x |"
+        )
     print()
-    print("| samples | ours, bootstrap off (samples/s) | ours, bootstrap=200 (samples/s) | torchmetrics (samples/s) "
-          "| bootstrap=200 / tm (wall) | bootstrap cost per 1e5 samples (s) | state off / on |")
+    print(
+        "| samples | ours, bootstrap off (samples/s) | ours, bootstrap=200 (samples/s) | torchmetrics (samples/s) "
+        "| bootstrap=200 / tm (wall) | bootstrap cost per 1e5 samples (s) | state off / on |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for results in rows:
         o, b, t = results["ours"], results["ours_bootstrap"], results["torchmetrics"]
         n = o["samples"]
         extra = (b["update_s"] - o["update_s"]) / n * 1e5
-        print(f"| {n:.0e} | {n / o['update_s']:,.0f} | {n / b['update_s']:,.0f} | {n / t['update_s']:,.0f} "
-              f"| {t['update_s'] / b['update_s']:.2f}x | {extra:.3f} "
-              f"| {_human(o['state_bytes'])} / {_human(b['state_bytes'])} |")
+        print(
+            f"| {n:.0e} | {n / o['update_s']:,.0f} | {n / b['update_s']:,.0f} | {n / t['update_s']:,.0f} "
+            f"| {t['update_s'] / b['update_s']:.2f}x | {extra:.3f} "
+            f"| {_human(o['state_bytes'])} / {_human(b['state_bytes'])} |"
+        )
     print()
     print("ours / tm > 1: ours is faster. memory tm / ours > 1: ours holds less (the larger of state and peak RSS).")
-    print("Ours computes ECE, MCE, RMSCE, adaptive ECE, classwise ECE (all K probabilities binned), Brier, NLL, accuracy and")
+    print(
+        "Ours computes ECE, MCE, RMSCE, adaptive ECE, classwise ECE (all K probabilities binned), Brier, NLL, accuracy and"
+    )
     print("confidences in one pass; torchmetrics the top-label ECE only.")
 
 

@@ -55,8 +55,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 class EvalModule(pl.LightningModule):
     """A backbone and a linear head; ``validation_step`` returns ``{"loss", "logits", "target"}``."""
 
-    def __init__(self, backbone: nn.Module, pool: Callable[[nn.Module, dict[str, Tensor]], Tensor], width: int,
-                 classes: int = 4) -> None:
+    def __init__(
+        self, backbone: nn.Module, pool: Callable[[nn.Module, dict[str, Tensor]], Tensor], width: int, classes: int = 4
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = pool
@@ -104,8 +105,11 @@ def minilm_case(batches: int, batch_size: int = 8, max_length: int = 128) -> tup
     rng = random.Random(0)
     texts = [" . ".join(rng.sample(sentences, rng.randint(1, 9))) for _ in range(count)]
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    columns = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-               "target": torch.tensor(labels[:count])}
+    columns = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "target": torch.tensor(labels[:count]),
+    }
     model = EvalModule(BertModel.from_pretrained(path, local_files_only=True), _masked_mean, 384)
     return model, _loader(columns, batch_size)
 
@@ -113,33 +117,54 @@ def minilm_case(batches: int, batch_size: int = 8, max_length: int = 128) -> tup
 def vit_case(batches: int, batch_size: int = 16) -> tuple[EvalModule, Any]:
     from transformers import ViTConfig, ViTModel
 
-    config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=192, num_hidden_layers=6,
-                       num_attention_heads=6, intermediate_size=768)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=768,
+    )
     generator = torch.Generator().manual_seed(0)
     count = batches * batch_size
-    columns = {"pixel_values": torch.randn(count, 3, 32, 32, generator=generator),
-               "target": torch.randint(0, 4, (count,), generator=generator)}
+    columns = {
+        "pixel_values": torch.randn(count, 3, 32, 32, generator=generator),
+        "target": torch.randint(0, 4, (count,), generator=generator),
+    }
     return EvalModule(ViTModel(config, add_pooling_layer=False), _cls, 192), _loader(columns, batch_size)
 
 
 def llama_case(batches: int, batch_size: int = 4, length: int = 512) -> tuple[EvalModule, Any]:
     from transformers import LlamaConfig, LlamaModel
 
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=1000, max_position_embeddings=length)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=length,
+    )
     generator = torch.Generator().manual_seed(0)
     count = batches * batch_size
     lengths = torch.randint(length // 4, length + 1, (count,), generator=generator)
     mask = (torch.arange(length) < lengths[:, None]).long()  # right padding
-    columns = {"input_ids": torch.randint(1, 1000, (count, length), generator=generator) * mask,
-               "attention_mask": mask, "target": torch.randint(0, 4, (count,), generator=generator)}
+    columns = {
+        "input_ids": torch.randint(1, 1000, (count, length), generator=generator) * mask,
+        "attention_mask": mask,
+        "target": torch.randint(0, 4, (count,), generator=generator),
+    }
     return EvalModule(LlamaModel(config), _last_valid, 256), _loader(columns, batch_size)
 
 
 def _three(root: str, figures: bool) -> list[Callback]:
-    return [AttentionLogger(log_figures=figures, save_dir=root),
-            CalibrationMonitor(plot=figures, save_dir=root),
-            HeadSpecializationTracker(log_figures=figures, save_dir=root)]
+    return [
+        AttentionLogger(log_figures=figures, save_dir=root),
+        CalibrationMonitor(plot=figures, save_dir=root),
+        HeadSpecializationTracker(log_figures=figures, save_dir=root),
+    ]
 
 
 VARIANTS: dict[str, Callable[[str], list[Callback]]] = {
@@ -160,8 +185,14 @@ def run_epoch(module: EvalModule, loader: Any, batches: int, callbacks: list[Cal
     """One validation epoch with ``callbacks`` between the meter's start and end (their epoch-end work inside)."""
     meter = EpochMeter(sample_rss=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=batches, callbacks=[meter.start, *callbacks, meter.end],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=batches,
+        callbacks=[meter.start, *callbacks, meter.end],
         default_root_dir=root,
     )
     trainer.validate(module, loader, verbose=False)
@@ -211,8 +242,10 @@ def main() -> None:
             module, loader = build(batches)
             rows += time_case(title, module, loader, batches, args.repeats, root)
     print()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU time; min over {args.repeats} "
-          f"interleaved repeats; total {time.perf_counter() - started:.0f} s.")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU time; min over {args.repeats} "
+        f"interleaved repeats; total {time.perf_counter() - started:.0f} s."
+    )
     print()
     print("| model | variant | batches | CPU s | x plain |")
     print("|---|---|---:|---:|---:|")

@@ -34,7 +34,7 @@ class WeightsAnyway(nn.Module):
         return x
 
 
-def timed(fn, repeats: int, device: str) -> float:  # noqa: ANN001
+def timed(fn, repeats: int, device: str) -> float:
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -93,7 +93,13 @@ def main() -> None:
     rows = ["| model | plain forward (ms) | interception only | keep=False + consumer |", "|---|---|---|---|"]
     layer = nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True)
     encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
-    rows += measure("nn.TransformerEncoder 4x256, B=16, L=128", encoder, {"src": torch.randn(16, 128, 256)}, args.repeats, args.device)
+    rows += measure(
+        "nn.TransformerEncoder 4x256, B=16, L=128",
+        encoder,
+        {"src": torch.randn(16, 128, 256)},
+        args.repeats,
+        args.device,
+    )
     rows += measure(
         "MultiheadAttention need_weights=True 4x256, B=16, L=128",
         WeightsAnyway(256, 8, 4),

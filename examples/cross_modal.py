@@ -165,12 +165,16 @@ class CrossModalTransformer(ClassifierModule):
         frame_times = torch.arange(num_frames) * HOP / SAMPLE_RATE  # STFT frame centres (center=True)
         self.register_buffer("signal_pos", time_encoding(signal_times, d_model)[None], persistent=False)
         self.register_buffer("spec_pos", time_encoding(frame_times, d_model)[None], persistent=False)
-        far = (signal_times[:, None] - frame_times[None, :]).abs() > (cross_window if cross_window is not None else math.inf)
+        far = (signal_times[:, None] - frame_times[None, :]).abs() > (
+            cross_window if cross_window is not None else math.inf
+        )
         self.register_buffer("signal_to_spec_mask", far, persistent=False)  # True = not attended
         self.register_buffer("spec_to_signal_mask", far.T.contiguous(), persistent=False)
 
         def encoder() -> nn.TransformerEncoderLayer:
-            return nn.TransformerEncoderLayer(d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True)
+            return nn.TransformerEncoderLayer(
+                d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True
+            )
 
         self.signal_encoder = encoder()
         self.spec_encoder = encoder()
@@ -190,7 +194,10 @@ class CrossModalTransformer(ClassifierModule):
         patches, frames = self.tokens(signal)
         sig = self.signal_encoder(self.signal_embed(patches) + self.signal_pos)
         spec = self.spec_encoder(self.spec_embed(frames) + self.spec_pos)
-        sig, spec = self.signal_to_spec(sig, spec, self.signal_to_spec_mask), self.spec_to_signal(spec, sig, self.spec_to_signal_mask)
+        sig, spec = (
+            self.signal_to_spec(sig, spec, self.signal_to_spec_mask),
+            self.spec_to_signal(spec, sig, self.spec_to_signal_mask),
+        )
         return self.head(self.norm(torch.cat([sig.mean(1), spec.mean(1)], dim=-1)))
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor:

@@ -31,7 +31,14 @@ class DigitsDataModule(TensorDictDataModule):
         num_workers: DataLoader worker processes.
     """
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
 
@@ -45,7 +52,9 @@ class DigitsDataModule(TensorDictDataModule):
         index = torch.arange(len(y)).numpy()
         hp = self.hparams
         rest, test = train_test_split(index, test_size=hp.test_fraction, stratify=y, random_state=hp.seed)
-        train, val = train_test_split(rest, test_size=hp.val_fraction / (1 - hp.test_fraction), stratify=y[rest], random_state=hp.seed)
+        train, val = train_test_split(
+            rest, test_size=hp.val_fraction / (1 - hp.test_fraction), stratify=y[rest], random_state=hp.seed
+        )
         splits = {"train": torch.as_tensor(train), "val": torch.as_tensor(val), "test": torch.as_tensor(test)}
         return {name: {"x": x[idx], "target": y[idx]} for name, idx in splits.items()}
 
@@ -85,7 +94,9 @@ class DigitsViT(ClassifierModule):
         self.patch_embed = nn.Conv2d(1, d_model, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
         self.head = nn.Linear(d_model, num_classes)
 

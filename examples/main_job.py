@@ -22,7 +22,7 @@ CONFIG = ROOT / "configs" / "digits_vit.yaml"
 WANDB_CONFIG = ROOT / "configs" / "loggers" / "tensorboard_wandb.yaml"
 
 
-def _callback(trainer, name: str):  # noqa: ANN001, ANN202
+def _callback(trainer, name: str):
     return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
 
 
@@ -52,18 +52,27 @@ def main(argv: list[str]) -> int:
     cli = run_lightning(args)
     elapsed = time.perf_counter() - start
     trainer = cli.trainer
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("test/acc", "test/loss", "calibration/test/ece")}
+    metrics = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k in ("test/acc", "test/loss", "calibration/test/ece")
+    }
 
     lines = ["", "=" * 100, f"main job done in {elapsed:.0f} s (training, test and report)"]
     if "test/acc" in metrics:
-        lines.append(f"  test accuracy: {metrics['test/acc']:.4f}" + (f"   test ECE: {metrics['calibration/test/ece']:.4f}" if "calibration/test/ece" in metrics else ""))
+        lines.append(
+            f"  test accuracy: {metrics['test/acc']:.4f}"
+            + (f"   test ECE: {metrics['calibration/test/ece']:.4f}" if "calibration/test/ece" in metrics else "")
+        )
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         lines.append(f"  best checkpoint: {_relative(checkpoint.best_model_path)}")
     for logger in trainer.loggers:
         kind = type(logger).__name__
         if kind == "TensorBoardLogger":
-            lines.append(f"  TensorBoard: {_relative(logger.log_dir)}   view: tensorboard --logdir {_relative(Path(logger.log_dir).parent)}")
+            lines.append(
+                f"  TensorBoard: {_relative(logger.log_dir)}   view: tensorboard --logdir {_relative(Path(logger.log_dir).parent)}"
+            )
         elif kind == "WandbLogger":
             run = logger.experiment
             url = None if getattr(logger, "resolved_offline", False) else getattr(run, "url", None)
@@ -80,7 +89,9 @@ def main(argv: list[str]) -> int:
             lines.append(f"  callback outputs (PNG, CSV, JSON): {_relative(cb.save_dir)}/{{attn,calibration,heads}}")
     report = _callback(trainer, "ExplainabilityReport")
     if report is not None and report.report_dir is not None:
-        lines.append(f"  explainability report: {_relative(Path(report.report_dir) / 'report.html')}   (and report.json, summary.md, CSV files)")
+        lines.append(
+            f"  explainability report: {_relative(Path(report.report_dir) / 'report.html')}   (and report.json, summary.md, CSV files)"
+        )
     lines.append("=" * 100)
     print("\n".join(lines), flush=True)
     return 0

@@ -158,7 +158,14 @@ class MiniLMClassifier(ClassifierModule):
         dropout: dropout before the head.
     """
 
-    def __init__(self, num_classes: int = 4, model_path: str | None = None, lr: float = 5e-5, head_lr: float = 1e-3, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        num_classes: int = 4,
+        model_path: str | None = None,
+        lr: float = 5e-5,
+        head_lr: float = 1e-3,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         from transformers import BertModel

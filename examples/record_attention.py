@@ -1,6 +1,6 @@
 """Record every attention head of the real all-MiniLM-L6-v2 (offline) on its default SDPA path.
 
-    python examples/record_attention.py "Attention is all you need." "Heads specialize."
+python examples/record_attention.py "Attention is all you need." "Heads specialize."
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning_attn import AttentionRecorder  # noqa: E402
-from lightning_attn.functional import max_weight, normalized_entropy  # noqa: E402
+from lightning_attn import AttentionRecorder
+from lightning_attn.functional import max_weight, normalized_entropy
 
 
 def main(sentences: list[str]) -> None:

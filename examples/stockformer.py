@@ -74,7 +74,15 @@ class MarketDataModule(TensorDictDataModule):
         num_workers: DataLoader worker processes.
     """
 
-    def __init__(self, num_train: int = 4000, num_val: int = 1000, num_test: int = 1000, batch_size: int = 128, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        num_train: int = 4000,
+        num_val: int = 1000,
+        num_test: int = 1000,
+        batch_size: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
 
@@ -94,7 +102,9 @@ class GatedCrossAttentionLayer(nn.Module):
         self.cross_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.gate = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.Sigmoid())
         self.norm3 = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, d_model))
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, dim_feedforward), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, d_model)
+        )
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.norm1(x)
@@ -152,8 +162,12 @@ class StockFormer(ClassifierModule):
         self.stock_embed = nn.Linear(stock_features, d_model)
         self.context_embed = nn.Linear(context_features, d_model)
         self.pos = nn.Parameter(torch.randn(1, WINDOW, d_model) * 0.02)
-        self.context_encoder = nn.TransformerEncoderLayer(d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True)
-        self.layers = nn.ModuleList(GatedCrossAttentionLayer(d_model, num_heads, dim_feedforward, dropout) for _ in range(num_layers))
+        self.context_encoder = nn.TransformerEncoderLayer(
+            d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.layers = nn.ModuleList(
+            GatedCrossAttentionLayer(d_model, num_heads, dim_feedforward, dropout) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         self.pool = AttentionPool(d_model)
         self.head = nn.Linear(d_model, num_classes)

@@ -54,7 +54,9 @@ def _lightning_cli_class() -> type:
             root = str(trainer.get("default_root_dir") or ".")
             logger = trainer.get("logger")
             for entry in logger if isinstance(logger, list) else [logger]:
-                if not isinstance(entry, Namespace) or not str(entry.get("class_path", "")).startswith("lightning_attn.loggers."):
+                if not isinstance(entry, Namespace) or not str(entry.get("class_path", "")).startswith(
+                    "lightning_attn.loggers."
+                ):
                     continue
                 init_args = entry.get("init_args")
                 if init_args is not None and init_args.get("save_dir") is None:
@@ -107,7 +109,9 @@ def run_lightning(argv: Sequence[str] | None = None) -> Any:
 
     cli_class = _lightning_cli_class()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
+        warnings.filterwarnings(
+            "ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*"
+        )
         return cli_class(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-
 from helpers import end_process_group
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn import CalibrationMonitor
 from lightning_attn.metrics import CalibrationMetric
@@ -33,7 +32,7 @@ class FixedLogits(pl.LightningModule):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         return {"logits": x * self.scale, "target": y}
 
@@ -49,9 +48,17 @@ def run(out: Path, devices: int) -> dict:
     """Validate on ``devices`` CPU processes; returns (and writes) this rank's results."""
     x, y = dataset()
     callback = CalibrationMonitor(fit_temperature=True, reservoir_size=N, save_dir=str(out / "outputs"))
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False, callbacks=[callback],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=str(out))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+    )
     trainer.validate(FixedLogits(), DataLoader(TensorDataset(x, y), batch_size=BATCH))
     result = callback.results["val"]
     metric = next(iter(callback._metrics.values()))
@@ -61,7 +68,10 @@ def run(out: Path, devices: int) -> dict:
     for start in range(0, N // trainer.world_size, BATCH):
         bare.update(x[shard][start : start + BATCH], y[shard][start : start + BATCH])
     bare.sync()
-    boot = {name: getattr(bare, name).tolist() for name in ("boot_count", "boot_hits", "boot_conf", "boot_correct", "boot_brier")}
+    boot = {
+        name: getattr(bare, name).tolist()
+        for name in ("boot_count", "boot_hits", "boot_conf", "boot_correct", "boot_brier")
+    }
     payload = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,

@@ -22,20 +22,36 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_attn.cli import end_process_group  # noqa: F401 - the DDP scripts end with it
+from lightning_attn.cli import end_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Variables of a torch/Lightning launcher: inherited by a subprocess, they make its DDP job join (or wait for)
 #: a process group that does not exist.
-LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "LOCAL_WORLD_SIZE")
+LAUNCHER_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "RANK",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 # -- in-process runs ---------------------------------------------------------------------------------------------
 def trainer_options(root: str | Path | None, **overrides: Any) -> dict[str, Any]:
     """Options of a quiet Trainer on one CPU: no logger, checkpoints, progress bar or model summary."""
-    options: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                   enable_checkpointing=False, default_root_dir=None if root is None else str(root))
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=None if root is None else str(root),
+    )
     options.update(overrides)
     return options
 
@@ -48,11 +64,21 @@ def cpu_trainer(root: str | Path, callbacks: list[Any], **overrides: Any) -> pl.
 class NoHostSync(torch.overrides.TorchFunctionMode):
     """Raise on every Tensor -> host transfer (item, tolist, bool, cpu, numpy) while active."""
 
-    FORBIDDEN = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy,
-                 torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
+    FORBIDDEN = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__bool__,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__index__,
+    }
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func in self.FORBIDDEN or (func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FORBIDDEN or (
+            func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))
+        ):
             raise AssertionError(f"host sync in a batch hook: {func}")
         return func(*args, **(kwargs or {}))
 
@@ -86,8 +112,16 @@ def reproducible(seed: int = 0) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
-def validate_to_json(module: pl.LightningModule, callback: Any, loader: Any, results_json: Callable[[Any], dict[str, Any]], devices: int,
-                     strategy: str = "auto", out: str | None = None, root: str | None = None) -> dict[str, Any]:
+def validate_to_json(
+    module: pl.LightningModule,
+    callback: Any,
+    loader: Any,
+    results_json: Callable[[Any], dict[str, Any]],
+    devices: int,
+    strategy: str = "auto",
+    out: str | None = None,
+    root: str | None = None,
+) -> dict[str, Any]:
     """``trainer.validate`` with ``callback`` on ``devices`` CPU processes; returns ``results_json(callback)`` plus
     ``world_size``, also written to ``out`` (JSON) by global rank zero."""
     trainer = pl.Trainer(callbacks=[callback], **trainer_options(root, devices=devices, strategy=strategy))
@@ -123,11 +157,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_script(script: str | Path, *args: str | Path, cwd: str | Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+def run_script(
+    script: str | Path, *args: str | Path, cwd: str | Path, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
     """Run ``python script *args`` in ``cwd`` with :func:`subprocess_env` (plus ``env``); assert that it succeeded,
     showing the end of its output otherwise."""
-    completed = subprocess.run([sys.executable, str(script), *map(str, args)], env=subprocess_env(**env), cwd=str(cwd),
-                               capture_output=True, text=True, timeout=timeout)
+    completed = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        env=subprocess_env(**env),
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     return completed
 
@@ -136,5 +178,7 @@ def run_ddp_script(script: str | Path, tmp_path: Path, devices: int = 2) -> dict
     """Run a DDP script (:func:`script_main`) with ``devices`` processes in ``tmp_path`` (its files under
     ``tmp_path/ddp``); the JSON results of rank zero."""
     out = tmp_path / "ddp.json"
-    run_script(script, "--devices", str(devices), "--strategy", "ddp", "--out", out, "--root", tmp_path / "ddp", cwd=tmp_path)
+    run_script(
+        script, "--devices", str(devices), "--strategy", "ddp", "--out", out, "--root", tmp_path / "ddp", cwd=tmp_path
+    )
     return json.loads(out.read_text())

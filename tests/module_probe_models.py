@@ -27,7 +27,11 @@ if ROOT not in sys.path:
 from lightning_attn import ModuleProbe  # noqa: E402
 
 LENGTH, CHANNELS, FEATURES, LAYERS = 6, 4, 3, 2
-PROBES = {"gate": ("layers.*.gate", "activation"), "pool": ("pool.softmax", "weights"), "heads": ("heads_pool.softmax", "weights")}
+PROBES = {
+    "gate": ("layers.*.gate", "activation"),
+    "pool": ("pool.softmax", "weights"),
+    "heads": ("heads_pool.softmax", "weights"),
+}
 TEMPERATURES = (1.0, 0.5)
 
 

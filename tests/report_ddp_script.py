@@ -30,8 +30,11 @@ from lightning_attn.report import distributed as report_distributed  # noqa: E40
 
 SAMPLES, BATCH, SEED = 16, 4, 7
 REPORT_KWARGS: dict[str, Any] = dict(
-    modality_pairs={"a<->b": ("cross_ab", "cross_ba")}, class_names=["low", "mid", "high"],
-    pair_sites=["encoder.layers.1.self_attn", "cross_ba"], probe_samples=2, figures=False,
+    modality_pairs={"a<->b": ("cross_ab", "cross_ba")},
+    class_names=["low", "mid", "high"],
+    pair_sites=["encoder.layers.1.self_attn", "cross_ba"],
+    probe_samples=2,
+    figures=False,
 )
 
 

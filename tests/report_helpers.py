@@ -43,7 +43,9 @@ class TinyData(pl.LightningDataModule):
         with_targets: batches carry ``label`` (False: inputs only, for the no-target error).
     """
 
-    def __init__(self, num_train: int = 64, num_test: int = 40, batch_size: int = 16, seed: int = 0, with_targets: bool = True) -> None:
+    def __init__(
+        self, num_train: int = 64, num_test: int = 40, batch_size: int = 16, seed: int = 0, with_targets: bool = True
+    ) -> None:
         super().__init__()
         self.num_train = num_train
         self.num_test = num_test
@@ -78,7 +80,14 @@ class TinyClassifier(pl.LightningModule):
         lr: learning rate.
     """
 
-    def __init__(self, d_model: int = 16, num_heads: int = 2, num_classes: int = NUM_CLASSES, step_returns_logits: bool = True, lr: float = 1e-2) -> None:
+    def __init__(
+        self,
+        d_model: int = 16,
+        num_heads: int = 2,
+        num_classes: int = NUM_CLASSES,
+        step_returns_logits: bool = True,
+        lr: float = 1e-2,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.embed_a = nn.Linear(A_FEATURES, d_model)
@@ -151,8 +160,16 @@ def fit_checkpoint(directory: str, epochs: int = 1) -> str:
     """Fit ``TinyClassifier`` on ``TinyData`` for ``epochs`` and return the checkpoint path."""
     pl.seed_everything(0, workers=True)
     model = TinyClassifier()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=directory, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=directory,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, datamodule=TinyData())
     path = f"{directory}/tiny.ckpt"
     trainer.save_checkpoint(path)
@@ -167,14 +184,20 @@ class FakeCalibrationMonitor(pl.Callback):
         self.results: dict[str, Any] = {}
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.results["test"] = {"metrics": {"ece": 0.125, "brier": 0.5}, "bins": {"count": torch.tensor([1.0, 2.0, float("nan")])}}
+        self.results["test"] = {
+            "metrics": {"ece": 0.125, "brier": 0.5},
+            "bins": {"count": torch.tensor([1.0, 2.0, float("nan")])},
+        }
 
 
 class FakeHeadSpecializationTracker(pl.Callback):
     """Stands for a head-specialization callback: ``registry(stage)``."""
 
     def registry(self, stage: str = "val") -> dict[str, Any]:
-        return {"stage": stage, "layers": [{"site": "encoder.layers.0.self_attn", "heads": [{"head": 0, "function": "previous-token"}]}]}
+        return {
+            "stage": stage,
+            "layers": [{"site": "encoder.layers.0.self_attn", "heads": [{"head": 0, "function": "previous-token"}]}],
+        }
 
 
 _SHARED: dict[str, Any] = {}
@@ -192,11 +215,17 @@ def shared_report(directory: str) -> dict[str, Any]:
         model = TinyClassifier()
         data = TinyData(num_test=40, batch_size=16)
         out = build_report(
-            model, data.test_dataloader(), Path(directory) / "shared", accelerator="cpu", progress=False,
+            model,
+            data.test_dataloader(),
+            Path(directory) / "shared",
+            accelerator="cpu",
+            progress=False,
             callbacks=[FakeCalibrationMonitor(), FakeHeadSpecializationTracker()],
             modality_pairs={"a<->b": ("cross_ab", "cross_ba")},
             feature_names={"a": [f"a{i}" for i in range(A_FEATURES)], "b": ["b0", "b1", "b2"]},
-            class_names=["low", "mid", "high"], pair_sites=["encoder.layers.1.self_attn", "cross_ba"], probe_samples=3,
+            class_names=["low", "mid", "high"],
+            pair_sites=["encoder.layers.1.self_attn", "cross_ba"],
+            probe_samples=3,
         )
         _SHARED.update(dir=out, num_samples=40, model=model)
     return _SHARED

@@ -75,7 +75,10 @@ def reference_statistics(probs: np.ndarray, threshold: float = 0.01) -> dict[str
         "distance": (probs * np.abs(rows - cols)).sum(-1),
         "first_token": probs[..., 0],
     }
-    return {name: (v.transpose(1, 0, 2).reshape(h, -1).mean(1), v.transpose(1, 0, 2).reshape(h, -1).std(1)) for name, v in values.items()}
+    return {
+        name: (v.transpose(1, 0, 2).reshape(h, -1).mean(1), v.transpose(1, 0, 2).reshape(h, -1).std(1))
+        for name, v in values.items()
+    }
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -88,8 +91,13 @@ def test_statistics_equal_direct_computation_from_recorder_maps(tmp_path: Path) 
     module = models.CrossModalModule()
     data = models.loader(12, 4)
     names = [f"e{i}" for i in range(models.EEG_LEN)]
-    callback = AttentionLogger(chunk_size=4, modality_pairs=models.PAIRS, log_figures=False, top_k=3,
-                               token_names={"eeg_to_spec:queries": names, "encoder.*": names})
+    callback = AttentionLogger(
+        chunk_size=4,
+        modality_pairs=models.PAIRS,
+        log_figures=False,
+        top_k=3,
+        token_names={"eeg_to_spec:queries": names, "encoder.*": names},
+    )
     trainer(tmp_path, [callback]).validate(module, data, verbose=False)
     results = callback.results["val"]
     assert results is callback.results["validate"]
@@ -102,8 +110,12 @@ def test_statistics_equal_direct_computation_from_recorder_maps(tmp_path: Path) 
         heads = results.num_heads[index]
         for name in STATS:
             mean, std = expected[name]
-            np.testing.assert_allclose(results.mean[name][index, :heads].numpy(), mean, atol=1e-6, err_msg=f"{site} {name}")
-            np.testing.assert_allclose(results.std[name][index, :heads].numpy(), std, atol=1e-5, err_msg=f"{site} {name} std")
+            np.testing.assert_allclose(
+                results.mean[name][index, :heads].numpy(), mean, atol=1e-6, err_msg=f"{site} {name}"
+            )
+            np.testing.assert_allclose(
+                results.std[name][index, :heads].numpy(), std, atol=1e-5, err_msg=f"{site} {name} std"
+            )
             assert torch.isnan(results.mean[name][index, heads:]).all()
         probs = maps[site]
         assert results.rows[index, 0] == probs.shape[0] * probs.shape[2]
@@ -117,7 +129,9 @@ def test_statistics_equal_direct_computation_from_recorder_maps(tmp_path: Path) 
             given = 1 - np.diagonal(probs, axis1=2, axis2=3).mean((0, 1))
         else:
             given = probs.max(-1).mean((0, 1))
-        np.testing.assert_allclose(sorted((v for _, v in results.top_attending[site]), reverse=True), np.sort(given)[::-1][:3], atol=1e-6)
+        np.testing.assert_allclose(
+            sorted((v for _, v in results.top_attending[site]), reverse=True), np.sort(given)[::-1][:3], atol=1e-6
+        )
     # token names label the axes they match, indices elsewhere
     assert all(label in names for label, _ in results.top_attended["encoder.layers.0.self_attn"])
     assert all(label in names for label, _ in results.top_attending["eeg_to_spec"])
@@ -137,7 +151,9 @@ def test_statistics_with_masks_and_causal_attention() -> None:
 
     class Causal(nn.Module):
         def forward(self) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, k, k, is_causal=True) + F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, k, is_causal=True) + F.scaled_dot_product_attention(
+                q, k, k, attn_mask=mask
+            )
 
     model = Causal()
     stats = AttentionStatistics(default_reducers(), chunk_size=3)
@@ -151,7 +167,9 @@ def test_statistics_with_masks_and_causal_attention() -> None:
         assert (probs == 0).any()
         expected = reference_statistics(probs.double().numpy())
         for name in STATS:
-            np.testing.assert_allclose(results[site].mean[name].numpy(), expected[name][0], atol=1e-6, err_msg=f"{site} {name}")
+            np.testing.assert_allclose(
+                results[site].mean[name].numpy(), expected[name][0], atol=1e-6, err_msg=f"{site} {name}"
+            )
 
 
 def test_fast_reducers_equal_functional() -> None:
@@ -232,7 +250,7 @@ class LongModule(pl.LightningModule):
         layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
-    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+    def validation_step(self, batch, batch_idx) -> None:
         self.encoder(batch[0])
 
 
@@ -243,7 +261,7 @@ def test_long_sequence_is_reduced_in_query_chunks(tmp_path: Path, monkeypatch: p
     rows_per_call: list[int] = []
     original = record_module.attention_probs
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         rows_per_call.append(out.shape[-2])
         return out
@@ -262,7 +280,9 @@ def test_long_sequence_is_reduced_in_query_chunks(tmp_path: Path, monkeypatch: p
         torch.testing.assert_close(a.std[name], b.std[name], atol=1e-5, rtol=1e-5)
     for site in a.sites:
         assert [x for x, _ in a.top_attended[site]] == [x for x, _ in b.top_attended[site]]
-        np.testing.assert_allclose([v for _, v in a.top_attended[site]], [v for _, v in b.top_attended[site]], atol=1e-7)
+        np.testing.assert_allclose(
+            [v for _, v in a.top_attended[site]], [v for _, v in b.top_attended[site]], atol=1e-7
+        )
     assert a.rows[0, 0] == 2048
 
 
@@ -285,7 +305,7 @@ def test_nothing_during_sanity_check_and_separate_dataloaders(tmp_path: Path) ->
     seen = {}
 
     class Inspect(Callback):
-        def on_sanity_check_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        def on_sanity_check_end(self, trainer, pl_module) -> None:
             seen["accumulators"] = dict(callback._accumulators)
             seen["results"] = dict(callback.results)
 
@@ -302,11 +322,15 @@ def test_nothing_during_sanity_check_and_separate_dataloaders(tmp_path: Path) ->
 
 
 def test_logged_keys_scheme_and_monitoring(tmp_path: Path) -> None:
-    callback = AttentionLogger(log_per_head=True, modality_pairs=models.PAIRS, log_figures=False, stages=("validate", "test"))
+    callback = AttentionLogger(
+        log_per_head=True, modality_pairs=models.PAIRS, log_figures=False, stages=("validate", "test")
+    )
     key = "attn/val/encoder.layers.1.self_attn/entropy"
     stop = EarlyStopping(monitor=key, mode="min", patience=0, check_finite=True)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="min")
-    fit = trainer(tmp_path, [callback, stop, checkpoint], max_epochs=2, limit_train_batches=2, enable_checkpointing=True)
+    fit = trainer(
+        tmp_path, [callback, stop, checkpoint], max_epochs=2, limit_train_batches=2, enable_checkpointing=True
+    )
     module = models.CrossModalModule()
     fit.fit(module, models.loader(8, 4), models.loader(8, 4))
     metrics = fit.callback_metrics
@@ -351,14 +375,29 @@ def test_state_dict_survives_checkpoint_resume(tmp_path: Path) -> None:
     fit = trainer(tmp_path, [callback, checkpoint], max_epochs=2, limit_train_batches=1, enable_checkpointing=True)
     fit.fit(models.CrossModalModule(), models.loader(8, 4), models.loader(8, 4))
     state = callback.state_dict()
-    assert state["epochs_run"] == {"validate": 2} and state["probe_samples"] == 2 and state["probe_fingerprints"]["validate"]
+    assert (
+        state["epochs_run"] == {"validate": 2}
+        and state["probe_samples"] == 2
+        and state["probe_fingerprints"]["validate"]
+    )
 
     resumed = AttentionLogger(log_figures=False, probe_samples=2)
     assert resumed.state_key == callback.state_key
-    fit2 = trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=3, limit_train_batches=1, enable_checkpointing=True)
+    fit2 = trainer(
+        tmp_path,
+        [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+        max_epochs=3,
+        limit_train_batches=1,
+        enable_checkpointing=True,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit2.fit(models.CrossModalModule(), models.loader(8, 4), models.loader(8, 4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        fit2.fit(
+            models.CrossModalModule(),
+            models.loader(8, 4),
+            models.loader(8, 4),
+            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+        )
     assert not [w for w in caught if "probe samples" in str(w.message)]  # same samples after the resume
     assert resumed.state_dict()["epochs_run"] == {"validate": 3}
     assert resumed.state_dict()["probe_fingerprints"] == state["probe_fingerprints"]
@@ -419,7 +458,7 @@ def test_no_hooks_or_figures_left_after_20_epochs(tmp_path: Path, monkeypatch: p
     figures: list[weakref.ref] = []
     original = sinks.publish_figures
 
-    def spy(trainer, figs, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def spy(trainer, figs, **kwargs):
         figures.extend(weakref.ref(f) for f in figs.values())
         return original(trainer, figs, **kwargs)
 
@@ -433,7 +472,11 @@ def test_no_hooks_or_figures_left_after_20_epochs(tmp_path: Path, monkeypatch: p
     assert len(figures) == 20 * 7  # per epoch: 4 summary figures, maps + heads of the site, rollout
     gc.collect()
     assert [ref for ref in figures if ref() is not None] == []
-    assert (len(module_globals._global_forward_hooks), len(module_globals._global_forward_pre_hooks)) == hooks_before == (0, 0)
+    assert (
+        (len(module_globals._global_forward_hooks), len(module_globals._global_forward_pre_hooks))
+        == hooks_before
+        == (0, 0)
+    )
     assert F.scaled_dot_product_attention is sdpa
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
@@ -444,7 +487,7 @@ def test_exception_in_step_releases_the_recorder(tmp_path: Path) -> None:
     from torch.nn.modules import module as module_globals
 
     class Failing(models.CrossModalModule):
-        def validation_step(self, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        def validation_step(self, batch, batch_idx, dataloader_idx=0) -> None:
             super().validation_step(batch, batch_idx)
             raise RuntimeError("boom")
 
@@ -486,13 +529,15 @@ class TinyBert(pl.LightningModule):
         super().__init__()
         from transformers import BertConfig, BertModel
 
-        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        config = BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
         self.bert = BertModel(config)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+    def validation_step(self, batch, batch_idx) -> None:
         self(*batch)
 
 
@@ -521,6 +566,8 @@ def test_hugging_face_sdpa_with_padding_masks_matches_direct_computation(tmp_pat
         assert (probs == 0).any()  # padded keys
         expected = reference_statistics(probs)
         for name in STATS:
-            np.testing.assert_allclose(results.mean[name][index].numpy(), expected[name][0], atol=1e-6, err_msg=f"{site} {name}")
+            np.testing.assert_allclose(
+                results.mean[name][index].numpy(), expected[name][0], atol=1e-6, err_msg=f"{site} {name}"
+            )
         received = probs.sum((0, 1, 2)) / (probs.shape[0] * probs.shape[1] * probs.shape[2])
         assert [label for label, _ in results.top_attended[site]] == list(np.argsort(-received, kind="stable")[:10])

@@ -23,7 +23,12 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     assert ddp["sites"] == single["sites"]
     for field in ("mean", "std"):
         for name, values in single[field].items():
-            np.testing.assert_allclose(np.array(ddp[field][name], dtype=float), np.array(values, dtype=float), atol=1e-6, err_msg=f"{field} {name}")
+            np.testing.assert_allclose(
+                np.array(ddp[field][name], dtype=float),
+                np.array(values, dtype=float),
+                atol=1e-6,
+                err_msg=f"{field} {name}",
+            )
     np.testing.assert_array_equal(ddp["rows"], single["rows"])
     assert ddp["agreement"].keys() == single["agreement"].keys()
     for pair, value in single["agreement"].items():

@@ -19,11 +19,19 @@ SITE = "encoder.layers.0.self_attn"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_validation(logger, tmp_path: Path, **callback_args) -> AttentionLogger:  # noqa: ANN001, ANN003
+def run_validation(logger, tmp_path: Path, **callback_args) -> AttentionLogger:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     callback = AttentionLogger(modality_pairs=models.PAIRS, probe_samples=1, max_figure_sites=2, **callback_args)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[callback])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[callback],
+    )
     trainer.validate(models.CrossModalModule(), models.loader(8, 4), verbose=False)
     return callback
 
@@ -79,11 +87,15 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path: Path) -> None:
 def test_csv_logger_and_no_logger_write_png_and_json(tmp_path: Path, kind: str) -> None:
     logger = CSVLogger(str(tmp_path), name="csv") if kind == "csv" else False
     callback = run_validation(logger, tmp_path)
-    directory = Path(logger.log_dir) / "lightning_attn" / "attn" if kind == "csv" else tmp_path / "lightning_attn_logs" / "attn"
+    directory = (
+        Path(logger.log_dir) / "lightning_attn" / "attn" if kind == "csv" else tmp_path / "lightning_attn_logs" / "attn"
+    )
     pngs = sorted(p.name for p in directory.glob("*.png"))
     assert "val_head_statistics_step0.png" in pngs and "val_pairs_eeg<->spec_step0.png" in pngs
     data = json.loads((directory / "val_epoch0.json").read_text())
-    assert data["sites"][SITE]["statistics"]["entropy"]["mean"] == pytest.approx(float(callback.results["val"].site_mean("entropy")[0]))
+    assert data["sites"][SITE]["statistics"]["entropy"]["mean"] == pytest.approx(
+        float(callback.results["val"].site_mean("entropy")[0])
+    )
     assert (directory / "val_head_statistics_step0.csv").read_text().startswith("site,head,entropy_mean")
     if kind == "csv":
         metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
@@ -92,6 +104,8 @@ def test_csv_logger_and_no_logger_write_png_and_json(tmp_path: Path, kind: str) 
 
 def test_explicit_save_dir_gets_files_even_with_dashboard(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    run_validation(TensorBoardLogger(str(tmp_path), name="tb"), tmp_path, save_dir=str(tmp_path / "out"), log_figures=True)
+    run_validation(
+        TensorBoardLogger(str(tmp_path), name="tb"), tmp_path, save_dir=str(tmp_path / "out"), log_figures=True
+    )
     assert (tmp_path / "out" / "attn" / "val_epoch0.json").exists()
     assert list((tmp_path / "out" / "attn").glob("val_rollout_step0.png"))

@@ -301,15 +301,32 @@ def test_figures_draw_the_intervals() -> None:
     edges = np.linspace(0, 1, 6)
     accuracy = np.array([np.nan, 0.3, 0.5, 0.6, 0.9])
     confidence = np.array([np.nan, 0.35, 0.5, 0.7, 0.95])
-    figure = plot_reliability_diagram(edges, accuracy, confidence, np.array([0, 10, 20, 30, 40]), ece=0.05,
-                                      accuracy_low=accuracy - 0.05, accuracy_high=accuracy + 0.04,
-                                      ece_interval=(0.03, 0.08))
+    figure = plot_reliability_diagram(
+        edges,
+        accuracy,
+        confidence,
+        np.array([0, 10, 20, 30, 40]),
+        ece=0.05,
+        accuracy_low=accuracy - 0.05,
+        accuracy_high=accuracy + 0.04,
+        ece_interval=(0.03, 0.08),
+    )
     top = figure.axes[0]
     bars = [c for c in top.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == 4  # one bar per non-empty bin
     assert "[0.0300, 0.0800]" in top.get_title()
-    history = [{"evaluation": i, "ece": 0.1 - 0.01 * i, "ece_ci_low": 0.08 - 0.01 * i, "ece_ci_high": 0.12 - 0.01 * i,
-                "brier": 0.3, "brier_ci_low": 0.28, "brier_ci_high": 0.33} for i in range(3)]
+    history = [
+        {
+            "evaluation": i,
+            "ece": 0.1 - 0.01 * i,
+            "ece_ci_low": 0.08 - 0.01 * i,
+            "ece_ci_high": 0.12 - 0.01 * i,
+            "brier": 0.3,
+            "brier_ci_low": 0.28,
+            "brier_ci_high": 0.33,
+        }
+        for i in range(3)
+    ]
     trend = plot_calibration_trend(history, x="evaluation")
     bands = [c for ax in trend.axes for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 2  # ece (left) and brier (right)

@@ -40,12 +40,12 @@ class FixedLogits(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         z = self(x)
         return F.binary_cross_entropy_with_logits(z, y.float()) if self.binary else F.cross_entropy(z, y)
 
-    def _eval(self, batch):  # noqa: ANN001, ANN202
+    def _eval(self, batch):
         x, y = batch
         z = self(x)
         if self.output == "probs":
@@ -54,13 +54,13 @@ class FixedLogits(pl.LightningModule):
             return None
         return {"logits": z, "target": y}
 
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         return self._eval(batch)
 
-    def test_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def test_step(self, batch, batch_idx):
         return self._eval(batch)
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
@@ -230,7 +230,9 @@ def test_probs_binary_extract_and_custom_keys(tmp_path: Path) -> None:
     assert cb.results["val"]["metrics"]["ece"] == pytest.approx(float(expected["ece"]), abs=1e-6)
 
     x, t = data(256)
-    cb2 = CalibrationMonitor(extract=lambda out, batch: (out["logits"][:, :4], batch[1] % 4), score_type="logits", plot=False)
+    cb2 = CalibrationMonitor(
+        extract=lambda out, batch: (out["logits"][:, :4], batch[1] % 4), score_type="logits", plot=False
+    )
     trainer(tmp_path, [cb2]).validate(FixedLogits(), loader(x, t))
     assert cb2.results["val"]["num_classes"] == 4
     assert cb2.results["val"]["metrics"]["ece"] == pytest.approx(float(reference(x[:, :4], t % 4)["ece"]), abs=1e-9)
@@ -247,7 +249,9 @@ def test_multiple_dataloaders_get_their_own_keys(tmp_path: Path) -> None:
     # the temperature is fitted on the first dataloader; the second is scored with it
     assert cb.results["val"]["temperature_scaling"]["in_sample"]
     assert not cb.results["val_dl1"]["temperature_scaling"]["in_sample"]
-    assert cb.results["val_dl1"]["metrics"]["temperature"] == cb.temperature == cb.results["val"]["metrics"]["temperature"]
+    assert (
+        cb.results["val_dl1"]["metrics"]["temperature"] == cb.temperature == cb.results["val"]["metrics"]["temperature"]
+    )
 
 
 def test_bad_input_errors_name_the_problem(tmp_path: Path) -> None:
@@ -273,7 +277,7 @@ def test_bad_input_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 class _Renamed(FixedLogits):
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         return {"scores": self(batch[0]), "target": batch[1]}
 
 
@@ -288,10 +292,14 @@ def test_lightning_cli_ready_signature() -> None:
         assert parameter.annotation is not inspect.Parameter.empty, name
         assert f"    {name}:" in doc, f"{name} missing from the docstring"
         default = parameter.default
-        assert default is inspect.Parameter.empty or isinstance(default, (int, float, str, bool, tuple, type(None))), name
+        assert default is inspect.Parameter.empty or isinstance(default, (int, float, str, bool, tuple, type(None))), (
+            name
+        )
     parser = ArgumentParser()
     parser.add_class_arguments(CalibrationMonitor, "calibration")
-    cfg = parser.parse_args(["--calibration.n_bins=20", "--calibration.fit_temperature=true", "--calibration.stages=[validate]"])
+    cfg = parser.parse_args(
+        ["--calibration.n_bins=20", "--calibration.fit_temperature=true", "--calibration.stages=[validate]"]
+    )
     init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     assert isinstance(init.calibration, CalibrationMonitor) and init.calibration.n_bins == 20
     assert init.calibration.fit_temperature and init.calibration.stages == ("validate",)

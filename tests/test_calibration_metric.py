@@ -27,7 +27,9 @@ NORMS = {"l1": "ece", "l2": "rmsce", "max": "mce"}
 # ---------------------------------------------------------------------------------------------
 # NumPy references (written from the formulas, independent of the implementation)
 # ---------------------------------------------------------------------------------------------
-def np_binned_ece(conf: np.ndarray, hit: np.ndarray, n_bins: int, norm: str = "l1", one_in_extra_bin: bool = False) -> float:
+def np_binned_ece(
+    conf: np.ndarray, hit: np.ndarray, n_bins: int, norm: str = "l1", one_in_extra_bin: bool = False
+) -> float:
     """Equal-width bins [m/n, (m+1)/n) on float32 edges; 1.0 in the last bin (or an extra one)."""
     edges = np.linspace(0, 1, n_bins + 1, dtype=np.float32)
     idx = np.searchsorted(edges, conf.astype(np.float32), side="right") - 1
@@ -88,7 +90,9 @@ def np_log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
-def random_multiclass(n: int = 4000, k: int = 10, seed: int = 0, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_multiclass(
+    n: int = 4000, k: int = 10, seed: int = 0, scale: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, k, generator=g) * scale
     # labels correlated with the logits, so the model is neither perfect nor useless
@@ -96,7 +100,9 @@ def random_multiclass(n: int = 4000, k: int = 10, seed: int = 0, scale: float = 
     return logits, target
 
 
-def feed(metric: CalibrationMetric, scores: torch.Tensor, target: torch.Tensor, batch: int = 700) -> dict[str, torch.Tensor]:
+def feed(
+    metric: CalibrationMetric, scores: torch.Tensor, target: torch.Tensor, batch: int = 700
+) -> dict[str, torch.Tensor]:
     for i in range(0, scores.shape[0], batch):
         metric.update(scores[i : i + batch], target[i : i + batch])
     return metric.compute()
@@ -178,7 +184,9 @@ def test_confidence_exactly_one_documented_difference() -> None:
     tm_b = BinaryCalibrationError(n_bins=15)
     tm_b.update(p, y)
     assert float(ours_b["ece"]) == pytest.approx(np_binned_ece(p.numpy(), y.numpy(), 15), abs=1e-6)
-    assert float(tm_b.compute()) == pytest.approx(np_binned_ece(p.numpy(), y.numpy(), 15, one_in_extra_bin=True), abs=1e-6)
+    assert float(tm_b.compute()) == pytest.approx(
+        np_binned_ece(p.numpy(), y.numpy(), 15, one_in_extra_bin=True), abs=1e-6
+    )
     assert abs(float(ours_b["ece"]) - float(tm_b.compute())) > 1e-3
 
 
@@ -191,8 +199,13 @@ def test_multiclass_measures_equal_numpy(score_type: str, sparse: bool) -> None:
     logits, target = random_multiclass(5000, 7, seed=7)
     probs = torch.softmax(logits, 1)
     scores = logits if score_type == "logits" else probs
-    out = feed(make_metric("multiclass", 7, score_type, n_bins=15, adaptive_bins=12, classwise_bins=20,
-                           fine_bins=2000, sparse=sparse), scores, target)
+    out = feed(
+        make_metric(
+            "multiclass", 7, score_type, n_bins=15, adaptive_bins=12, classwise_bins=20, fine_bins=2000, sparse=sparse
+        ),
+        scores,
+        target,
+    )
     P, y = probs.numpy(), target.numpy()
     conf = P.max(1)
     hit = (P.argmax(1) == y).astype(np.float64)
@@ -219,7 +232,9 @@ def test_multiclass_measures_equal_numpy(score_type: str, sparse: bool) -> None:
     assert float(out["hist_correct"].sum()) == hit.sum()
     # functional versions agree with the streamed sums
     assert float(brier_score(probs, target)) == pytest.approx(float(out["brier"]), abs=1e-9)
-    assert float(negative_log_likelihood(scores, target, score_type=score_type)) == pytest.approx(float(out["nll"]), rel=1e-6)
+    assert float(negative_log_likelihood(scores, target, score_type=score_type)) == pytest.approx(
+        float(out["nll"]), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("score_type", ["logits", "probs"])
@@ -228,7 +243,11 @@ def test_binary_measures_equal_numpy(score_type: str) -> None:
     logits = torch.randn(4000, generator=g) * 2
     target = (torch.rand(4000, generator=g) < torch.sigmoid(logits * 0.5)).long()
     p = torch.sigmoid(logits)
-    out = feed(make_metric("binary", score_type=score_type, n_bins=15, fine_bins=1000), logits if score_type == "logits" else p, target)
+    out = feed(
+        make_metric("binary", score_type=score_type, n_bins=15, fine_bins=1000),
+        logits if score_type == "logits" else p,
+        target,
+    )
     pn, y = p.numpy().astype(np.float64), target.numpy()
     probs2 = np.stack([1 - pn, pn], 1)
     pred = (pn > 0.5).astype(int)
@@ -269,7 +288,10 @@ def test_equal_mass_bins_functional() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_state_size_identical_after_1e3_and_1e6_samples() -> None:
     def sizes(metric: CalibrationMetric) -> dict[str, tuple[tuple[int, ...], int]]:
-        return {name: (tuple(getattr(metric, name).shape), getattr(metric, name).element_size()) for name in metric._defaults}
+        return {
+            name: (tuple(getattr(metric, name).shape), getattr(metric, name).element_size())
+            for name in metric._defaults
+        }
 
     small = CalibrationMetric("multiclass", 4, "logits")
     logits, target = random_multiclass(1000, 4)
@@ -386,7 +408,9 @@ def test_cpu_and_masked_paths_agree_on_every_state() -> None:
 def test_cpu_path_bins_confidences_on_and_beside_edges_like_bucketize() -> None:
     # maxima exactly on torchmetrics' float32 edges (linspace(0, 1, 16)) and one ulp either side
     edges = torch.linspace(0, 1, 16)[8:]
-    top = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.ones(()))]).clamp(0.5, 1.0)
+    top = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.ones(()))]).clamp(
+        0.5, 1.0
+    )
     probs = torch.stack([top, 1 - top], 1)
     target = torch.arange(top.shape[0]) % 2
     states = []
@@ -411,7 +435,9 @@ def test_half_precision_scores() -> None:
 # ---------------------------------------------------------------------------------------------
 # temperature scaling and the reservoir
 # ---------------------------------------------------------------------------------------------
-def overconfident(n: int = 20_000, k: int = 10, temperature: float = 2.5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def overconfident(
+    n: int = 20_000, k: int = 10, temperature: float = 2.5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels drawn from softmax(z); the model reports temperature * z: calibrated after dividing by T."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, k, generator=g) * 1.5
@@ -477,7 +503,9 @@ def test_reservoir_merge_of_gathered_reservoirs_is_bottom_k_of_union() -> None:
     logits, target = LogitReservoir.merge(keys, torch.cat([a.logits, b.logits]), torch.cat([a.target, b.target]), 50)
     assert target.numel() == 50
     assert torch.equal(logits, x[target])
-    assert set(target.tolist()) == set(torch.cat([a.target, b.target])[torch.topk(keys, 50, largest=False).indices].tolist())
+    assert set(target.tolist()) == set(
+        torch.cat([a.target, b.target])[torch.topk(keys, 50, largest=False).indices].tolist()
+    )
 
 
 def test_no_warning_on_clean_data() -> None:

@@ -20,12 +20,29 @@ from lightning_attn.sinks import render_png
 
 def figures(values: dict, history: list[dict]) -> list[Figure]:
     return [
-        plot_reliability_diagram(values["bin_edges"], values["bin_accuracy"], values["bin_confidence"], values["bin_count"],
-                                 ece=float(values["ece"]), title="t"),
-        plot_confidence_histogram(values["hist_edges"], values["hist_correct"], values["hist_incorrect"],
-                                  accuracy=float(values["accuracy"]), confidence=float(values["confidence"])),
-        plot_classwise_reliability(values["class_edges"], values["class_accuracy"], values["class_confidence"],
-                                   values["class_count"], class_names=["a", "b"], max_classes=4),
+        plot_reliability_diagram(
+            values["bin_edges"],
+            values["bin_accuracy"],
+            values["bin_confidence"],
+            values["bin_count"],
+            ece=float(values["ece"]),
+            title="t",
+        ),
+        plot_confidence_histogram(
+            values["hist_edges"],
+            values["hist_correct"],
+            values["hist_incorrect"],
+            accuracy=float(values["accuracy"]),
+            confidence=float(values["confidence"]),
+        ),
+        plot_classwise_reliability(
+            values["class_edges"],
+            values["class_accuracy"],
+            values["class_confidence"],
+            values["class_count"],
+            class_names=["a", "b"],
+            max_classes=4,
+        ),
         plot_calibration_trend(history),
     ]
 
@@ -44,8 +61,13 @@ def test_figures_render_for_normal_and_empty_epochs() -> None:
         png, rgb = render_png(fig)
         assert png[:4] == b"\x89PNG" and rgb.ndim == 3 and rgb.std() > 0
     # classwise grid: the first max_classes classes only
-    grid = plot_classwise_reliability(values["class_edges"], values["class_accuracy"], values["class_confidence"],
-                                      values["class_count"], max_classes=4)
+    grid = plot_classwise_reliability(
+        values["class_edges"],
+        values["class_accuracy"],
+        values["class_confidence"],
+        values["class_count"],
+        max_classes=4,
+    )
     assert sum(ax.get_visible() and ax.axison for ax in grid.axes) == 4
 
     empty = CalibrationMetric("multiclass", 3, "logits", ignore_index=-1)

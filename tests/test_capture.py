@@ -17,7 +17,9 @@ from lightning_attn import AttentionRecorder
 ATOL = 1e-5
 
 
-def eager_mha_probs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, additive_mask: torch.Tensor | None = None) -> torch.Tensor:
+def eager_mha_probs(
+    mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, additive_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-head probabilities of a batch-first packed MultiheadAttention, from its weights."""
     e, h = mha.embed_dim, mha.num_heads
     w, b = mha.in_proj_weight, mha.in_proj_bias
@@ -38,7 +40,9 @@ def padding_and_causal(batch: int, length: int, lengths: list[int]) -> tuple[tor
 def assert_no_trace(model: nn.Module) -> None:
     from torch.nn.modules import module as module_globals
 
-    assert F.scaled_dot_product_attention.__module__ == "torch.nn.functional" or "lightning_attn" not in repr(F.scaled_dot_product_attention)
+    assert F.scaled_dot_product_attention.__module__ == "torch.nn.functional" or "lightning_attn" not in repr(
+        F.scaled_dot_product_attention
+    )
     assert not module_globals._global_forward_hooks and not module_globals._global_forward_pre_hooks
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
@@ -106,7 +110,9 @@ def test_encoder_every_mode_same_maps(encoder: nn.TransformerEncoder, mode: str)
     x = torch.randn(2, 6, 32)
     padding, _ = padding_and_causal(2, 6, [6, 4])
     encoder.train(mode.startswith("train"))
-    context = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(mode.split("_", 1)[1], torch.enable_grad())
+    context = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(
+        mode.split("_", 1)[1], torch.enable_grad()
+    )
     with context:
         plain = encoder(x, src_key_padding_mask=padding)
         with AttentionRecorder(encoder) as recorder:
@@ -165,9 +171,11 @@ def test_mha_own_fast_path_self_attention() -> None:
         plain = mha(x, x, x, key_padding_mask=padding, need_weights=False)[0]
         with AttentionRecorder(mha) as recorder:
             recorded = mha(x, x, x, key_padding_mask=padding, need_weights=False)[0]
-        expected = eager_mha_probs(mha, x, x, torch.zeros(2, 1, 1, 5).masked_fill(padding[:, None, None], float("-inf")))
+        expected = eager_mha_probs(
+            mha, x, x, torch.zeros(2, 1, 1, 5).masked_fill(padding[:, None, None], float("-inf"))
+        )
     assert torch.equal(plain, recorded)
-    (site, info), = recorder.sites.items()
+    ((site, info),) = recorder.sites.items()
     assert info.source == "mha_fastpath"
     torch.testing.assert_close(recorder.maps[site], expected, atol=ATOL, rtol=0)
 
@@ -187,13 +195,15 @@ class GroupedQueryAttention(nn.Module):
         k, v = self.kv(memory).unflatten(-1, (2, self.kv_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
         q, k, v = self.split(x, memory)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, enable_gqa=True)
         return out.transpose(1, 2).flatten(2)
 
 
-def reference_gqa(module: GroupedQueryAttention, x, memory, mask=None, causal=False):  # noqa: ANN001, ANN201
+def reference_gqa(module: GroupedQueryAttention, x, memory, mask=None, causal=False):
     q, k, v = module.split(x, memory)
     group = module.heads // module.kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -232,7 +242,7 @@ def test_sdpa_boolean_mask_and_fully_masked_rows() -> None:
     allowed = torch.tensor([[True, True, False, False], [False, False, False, False], [True, True, True, True]])
 
     class Call(nn.Module):
-        def forward(self, q, k):  # noqa: ANN001, ANN202
+        def forward(self, q, k):
             return F.scaled_dot_product_attention(q, k, k, attn_mask=allowed)
 
     module = Call()
@@ -249,7 +259,9 @@ def test_sdpa_boolean_mask_and_fully_masked_rows() -> None:
 def test_bert_sdpa_equals_eager_attentions() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(5)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=200)
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=200
+    )
     sdpa_model = transformers.BertModel(config).eval()
     assert sdpa_model.config._attn_implementation == "sdpa"
     eager_config = transformers.BertConfig(**{**config.to_dict(), "attn_implementation": "eager"})
@@ -335,10 +347,9 @@ def test_timm_style_bitwise_and_no_trace_after_exit_and_exception() -> None:
     assert torch.equal(plain, recorded)
     assert list(recorder.maps) == ["block", "block#1"]
     assert_no_trace(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with AttentionRecorder(model):
-            model(x)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), AttentionRecorder(model):
+        model(x)
+        raise RuntimeError("boom")
     assert_no_trace(model)
     assert torch.equal(model(x), plain)
 
@@ -349,14 +360,13 @@ def test_exception_inside_forward_restores_everything() -> None:
             super().__init__()
             self.block = TimmStyleBlock()
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             self.block(x)
             raise ValueError("inside forward")
 
     model = Fails()
-    with pytest.raises(ValueError):
-        with AttentionRecorder(model):
-            model(torch.randn(1, 3, 16))
+    with pytest.raises(ValueError), AttentionRecorder(model):
+        model(torch.randn(1, 3, 16))
     assert_no_trace(model)
 
 
@@ -366,7 +376,7 @@ def test_wrapper_prefixes_are_stripped() -> None:
             super().__init__()
             self.module = module
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             return self.module(x)
 
     wrapped = DDPLike(nn.Sequential(TimmStyleBlock()))
@@ -378,7 +388,9 @@ def test_wrapper_prefixes_are_stripped() -> None:
 def test_include_exclude_and_streaming_without_keeping() -> None:
     model = nn.Sequential(TimmStyleBlock(), TimmStyleBlock(), TimmStyleBlock())
     seen: list[tuple[str, tuple[int, ...]]] = []
-    with AttentionRecorder(model, include=["*"], exclude=["1"], keep=False, on_attention=lambda s, p: seen.append((s, tuple(p.shape)))) as recorder:
+    with AttentionRecorder(
+        model, include=["*"], exclude=["1"], keep=False, on_attention=lambda s, p: seen.append((s, tuple(p.shape)))
+    ) as recorder:
         model(torch.randn(2, 4, 16))
     assert [s for s, _ in seen] == ["0", "2"] and recorder.maps == {}
     assert seen[0][1] == (2, 4, 4, 4)
@@ -401,7 +413,7 @@ def test_query_chunks_equal_the_full_map() -> None:
     model = nn.Sequential(TimmStyleBlock())
     captures = []
 
-    def keep_chunks(capture):  # noqa: ANN001, ANN202
+    def keep_chunks(capture):
         captures.append((torch.cat([c for _, c in capture.chunks(3)], dim=2), capture.probs()))
 
     with AttentionRecorder(model, keep=False, on_capture=keep_chunks):
@@ -412,10 +424,9 @@ def test_query_chunks_equal_the_full_map() -> None:
 
 def test_no_attention_warns_once() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    with pytest.warns(UserWarning, match="found no attention"):
-        with AttentionRecorder(model) as recorder:
-            model(torch.randn(2, 4))
-            model(torch.randn(2, 4))
+    with pytest.warns(UserWarning, match="found no attention"), AttentionRecorder(model) as recorder:
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
     assert recorder.sites == {}
 
 
@@ -471,7 +482,9 @@ def test_mha_fast_path_reads_kernel_weights_and_unbatched_inputs() -> None:
     assert torch.equal(plain[0], recorded[0]) and torch.equal(plain[1], recorded[1])
     assert recorder.sites["MultiheadAttention"].source == "mha_fastpath"
     torch.testing.assert_close(recorder.maps["MultiheadAttention"], eager_mha_probs(mha, x, x), atol=ATOL, rtol=0)
-    torch.testing.assert_close(unbatched.maps["MultiheadAttention"], eager_mha_probs(mha, x[:1], x[:1]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        unbatched.maps["MultiheadAttention"], eager_mha_probs(mha, x[:1], x[:1]), atol=ATOL, rtol=0
+    )
 
 
 def test_two_recorders_share_one_computation(monkeypatch: pytest.MonkeyPatch) -> None:

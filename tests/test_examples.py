@@ -22,13 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 EXAMPLES = ["digits_vit", "cross_modal", "minilm_text", "stockformer"]
 SHORT = [
-    "--trainer.max_epochs", "1",
-    "--trainer.limit_train_batches", "2",
-    "--trainer.limit_val_batches", "2",
-    "--trainer.limit_test_batches", "2",
-    "--trainer.num_sanity_val_steps", "0",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.limit_test_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
 ]
 
 
@@ -50,10 +57,18 @@ def _env(home: Path) -> dict[str, str]:
 def run_cli(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     home = cwd / "home"
     home.mkdir(exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "lightning_attn.cli", *args], cwd=cwd, env=_env(home), capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_attn.cli", *args],
+        cwd=cwd,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -67,7 +82,9 @@ def run_example(example: str, cwd: Path) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def example_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+def example_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
     """The selected examples' runs, two at a time in the background (most of a short run is single-threaded
     Python: imports, figures), so the whole file takes about half the time of running them one by one."""
     wanted: set[str] = set()
@@ -80,7 +97,9 @@ def example_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
             wanted.add("digits_vit")
     pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
     longest_first = ["minilm_text", "digits_vit", "cross_modal", "stockformer"]
-    futures = {name: pool.submit(run_example, name, tmp_path_factory.mktemp(name)) for name in longest_first if name in wanted}
+    futures = {
+        name: pool.submit(run_example, name, tmp_path_factory.mktemp(name)) for name in longest_first if name in wanted
+    }
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -105,7 +124,9 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
     stats = json.loads(_one(sorted(attn.glob("test_epoch*.json")), "AttentionLogger JSON").read_text())
     assert stats, "empty AttentionLogger JSON"
     calibration = out / "lightning_attn" / "calibration"
-    assert (calibration / "test.json").is_file() and sorted(calibration.glob("test/*.png")), "CalibrationMonitor outputs"
+    assert (calibration / "test.json").is_file() and sorted(calibration.glob("test/*.png")), (
+        "CalibrationMonitor outputs"
+    )
     heads = out / "lightning_attn" / "heads"
     registry = json.loads((heads / "test" / "head_functions.json").read_text())
     assert registry, "empty head-function registry"
@@ -115,7 +136,9 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
     assert json.loads((report / "report.json").read_text())["dataset"]["num_samples"] > 0
     assert "saliency failed" not in stderr, "the report could not call the model on the batch (forward_fn)"
     # saliency: gradient x input for float inputs; token ids get token saliency on the embedding layer instead
-    assert sorted(report.glob("figures/saliency*.png" if example != "minilm_text" else "figures/rollout.png")), "report saliency"
+    assert sorted(report.glob("figures/saliency*.png" if example != "minilm_text" else "figures/rollout.png")), (
+        "report saliency"
+    )
     probes = json.loads((report / "report.json").read_text())["saliency"]["probes"]
     if example == "minilm_text":
         assert probes and all(p["tokens"]["tokens"][0] == "[CLS]" for p in probes), "token saliency with token strings"
@@ -134,8 +157,22 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
 def test_report_subcommand_on_a_trained_checkpoint(example_runs: dict[str, Future], tmp_path: Path) -> None:
     cwd, _ = example_runs["digits_vit"].result()
     checkpoint = _one(sorted((cwd / "outputs" / "digits_vit").rglob("*.ckpt")), "checkpoint")
-    result = run_cli(["report", "--config", str(CONFIGS / "digits_vit.yaml"), "--checkpoint", str(checkpoint), "--out", "post_hoc",
-                      "--max-batches", "1", "--no-figures", "--no-progress"], tmp_path)
+    result = run_cli(
+        [
+            "report",
+            "--config",
+            str(CONFIGS / "digits_vit.yaml"),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            "post_hoc",
+            "--max-batches",
+            "1",
+            "--no-figures",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert (tmp_path / "post_hoc" / "report.html").is_file()
     assert "report.html" in result.stdout
 
@@ -163,7 +200,9 @@ def test_digits_config_under_two_process_ddp(tmp_path: Path) -> None:
 
 
 # -- fast: the CLI and logger plumbing ----------------------------------------------------------------------------
-def test_report_subcommand_missing_module_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_report_subcommand_missing_module_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from lightning_attn import cli
 
     monkeypatch.setitem(sys.modules, "lightning_attn.report.cli", None)  # import raises ImportError

@@ -38,9 +38,10 @@ def _assert_equal(distributed: dict[str, Any], single: dict[str, Any]) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.skipif(torch.cuda.device_count() < 2,
-                    reason="FSDP needs 2 CUDA GPUs (Lightning's FSDPStrategy runs on CUDA only); "
-                           "CPU DDP is checked in CI")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="FSDP needs 2 CUDA GPUs (Lightning's FSDPStrategy runs on CUDA only); CPU DDP is checked in CI",
+)
 def test_fsdp_on_two_gpus_equals_one_process(tmp_path: Path) -> None:
     fsdp = _run(tmp_path, "fsdp", "--devices", "2", "--strategy", "fsdp", "--accelerator", "gpu")
     single = _run(tmp_path, "single", "--devices", "1", "--strategy", "auto", "--accelerator", "gpu")

@@ -124,13 +124,13 @@ def test_max_first_token_and_sparsity_match_numpy(seed, q, k, threshold):
     expected = np.divide(below.sum(-1), n, out=np.zeros(n.shape), where=n > 0)
     got = sparsity(t(probs), threshold, key_mask=torch.tensor(valid))
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
-    np.testing.assert_allclose(sparsity(t(probs), threshold).numpy(), (probs < np.float32(threshold)).mean(-1), atol=1e-6)
+    np.testing.assert_allclose(
+        sparsity(t(probs), threshold).numpy(), (probs < np.float32(threshold)).mean(-1), atol=1e-6
+    )
 
 
 @FAST
-@given(
-    seed=seeds, q=dims, k=dims, offset=st.integers(-3, 3), window=st.integers(0, 4), query_offset=st.integers(0, 4)
-)
+@given(seed=seeds, q=dims, k=dims, offset=st.integers(-3, 3), window=st.integers(0, 4), query_offset=st.integers(0, 4))
 def test_positional_measures_match_loops(seed, q, k, offset, window, query_offset):
     probs = random_probs(seed, (2, 3, q, k))
     distance = np.zeros(probs.shape[:-1])
@@ -371,7 +371,11 @@ def assert_reductions_agree(got, reference, rows):
 
 @FAST
 @given(
-    seed=seeds, b=st.integers(1, 2), h=st.integers(1, 3), q=st.integers(1, 20), k=st.integers(1, 12),
+    seed=seeds,
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    q=st.integers(1, 20),
+    k=st.integers(1, 12),
     chunk=st.integers(1, 25),
 )
 def test_chunked_reduction_matches_unchunked(seed, b, h, q, k, chunk):

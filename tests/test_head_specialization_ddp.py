@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def assert_close(a, b, path="") -> None:  # noqa: ANN001
+def assert_close(a, b, path="") -> None:
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
@@ -71,8 +71,9 @@ def test_ddp_equals_one_process(tmp_path: Path) -> None:
     sys.path.insert(0, str(TESTS))
     from test_head_specialization import FEATURES, make_loader, make_module, summarize, trainer_kwargs
 
-    tracker = HeadSpecializationTracker(features=FEATURES, probe_samples=2, log_figures=False, export_registry=False,
-                                        logged_scores=("entropy", "hsi"))
+    tracker = HeadSpecializationTracker(
+        features=FEATURES, probe_samples=2, log_figures=False, export_registry=False, logged_scores=("entropy", "hsi")
+    )
     trainer = pl.Trainer(callbacks=[tracker], **trainer_kwargs(tmp_path / "single"))
     logged = trainer.validate(make_module(), make_loader(), verbose=False)[0]
     single = summarize(tracker)

@@ -9,8 +9,8 @@ import json
 import math
 import sys
 import weakref
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import module_probe_models as models
@@ -23,7 +23,13 @@ from helpers import cpu_trainer as trainer
 
 from lightning_attn import AttentionLogger, AttentionRecorder, ModuleProbe, sinks
 from lightning_attn.capture.probes import ModuleHooks, ProbeMatchError, first_tensor, parse_probes, resolve_probes
-from lightning_attn.metrics.probes import ActivationStatistics, ProbeStatistics, WeightHistogram, activation_view, weights_view
+from lightning_attn.metrics.probes import (
+    ActivationStatistics,
+    ProbeStatistics,
+    WeightHistogram,
+    activation_view,
+    weights_view,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning"), pytest.mark.usefixtures("one_thread")]
@@ -38,7 +44,9 @@ def test_streamed_statistics_equal_direct_values(tmp_path: Path) -> None:
     data = models.dataset(16)
     x, g, p, _ = (t.double() if t.is_floating_point() else t for t in data.tensors)
     threshold, bins = 0.05, 10
-    callback = ModuleProbe(models.PROBES, histogram_sites=["attn"], histogram_bins=bins, saturation_threshold=threshold, log_figures=False)
+    callback = ModuleProbe(
+        models.PROBES, histogram_sites=["attn"], histogram_bins=bins, saturation_threshold=threshold, log_figures=False
+    )
     fit = trainer(tmp_path, [callback])
     module = models.GatedPoolModule()
     fit.validate(module, models.loader(16, 4), verbose=False)
@@ -61,19 +69,29 @@ def test_streamed_statistics_equal_direct_values(tmp_path: Path) -> None:
         assert summary.std == pytest.approx(float(gate.std(unbiased=False)), abs=1e-6)
         assert summary.saturation_low == pytest.approx(float((gate <= threshold).double().mean()), abs=1e-12)
         assert summary.saturation_high == pytest.approx(float((gate >= 1 - threshold).double().mean()), abs=1e-12)
-        assert 0 < summary.saturation_low and 0 < summary.saturation_high  # the data reaches both ends
-        assert fit.callback_metrics[f"probe/val/layers.{layer}.gate/mean"].item() == pytest.approx(summary.mean, abs=1e-6)
+        assert summary.saturation_low > 0 and summary.saturation_high > 0  # the data reaches both ends
+        assert fit.callback_metrics[f"probe/val/layers.{layer}.gate/mean"].item() == pytest.approx(
+            summary.mean, abs=1e-6
+        )
 
     # pooling: softmax(p) [N, L] and the two-head softmax [N, 2, L], as attention rows
     length = models.LENGTH
-    for site, weights in (("pool.softmax", torch.softmax(p, -1)[:, None]), ("heads_pool.softmax", torch.softmax(models.known_head_logits(p), -1))):
+    for site, weights in (
+        ("pool.softmax", torch.softmax(p, -1)[:, None]),
+        ("heads_pool.softmax", torch.softmax(models.known_head_logits(p), -1)),
+    ):
         heads = weights.shape[1]
         entropy = -(weights * weights.log()).sum(-1) / math.log(length)  # [N, H]
         peak = weights.max(-1).values
         mean_position = (weights * torch.arange(length, dtype=torch.float64)).sum(-1)
         stats = results.weights[site]
         assert stats.rows.tolist() == [16.0] * heads
-        for name, direct in (("entropy", entropy), ("max_weight", peak), ("distance", mean_position), ("first_token", weights[..., 0])):
+        for name, direct in (
+            ("entropy", entropy),
+            ("max_weight", peak),
+            ("distance", mean_position),
+            ("first_token", weights[..., 0]),
+        ):
             torch.testing.assert_close(stats.mean[name], direct.mean(0), atol=1e-5, rtol=0, msg=f"{site} {name}")
             torch.testing.assert_close(stats.std[name], _pop_std(direct, (0,)), atol=1e-5, rtol=0, msg=f"{site} {name}")
         torch.testing.assert_close(stats.mean["sparsity"], (weights < 0.01).double().mean((0, 2)), atol=1e-6, rtol=0)
@@ -93,7 +111,9 @@ def test_streamed_statistics_equal_direct_values(tmp_path: Path) -> None:
         for head in range(heads):
             expected, _ = np.histogram(weights[:, head].numpy(), bins=bins, range=(0, 1))
             np.testing.assert_array_equal(counts[head].numpy(), expected)
-        assert fit.callback_metrics[f"probe/val/{site}/entropy"].item() == pytest.approx(float(entropy.mean(0).mean()), abs=1e-5)
+        assert fit.callback_metrics[f"probe/val/{site}/entropy"].item() == pytest.approx(
+            float(entropy.mean(0).mean()), abs=1e-5
+        )
 
     # attention histogram of the chosen site, against the recorder's maps of the same inputs
     module.eval()
@@ -109,7 +129,10 @@ def test_streamed_statistics_equal_direct_values(tmp_path: Path) -> None:
     # the JSON form carries the same numbers
     data = results.to_dict()
     assert data["sites"]["layers.1.gate"]["activation"]["mean"] == results.activations["layers.1.gate"].mean
-    assert data["sites"]["pool.softmax"]["statistics"]["entropy"]["per_head_mean"] == results.weights["pool.softmax"].mean["entropy"].tolist()
+    assert (
+        data["sites"]["pool.softmax"]["statistics"]["entropy"]["per_head_mean"]
+        == results.weights["pool.softmax"].mean["entropy"].tolist()
+    )
     assert set(data["histograms"]) == {"attn", "pool.softmax", "heads_pool.softmax"}
     json.dumps(data, allow_nan=False)
 
@@ -143,8 +166,14 @@ def test_metric_pieces_and_shapes() -> None:
     maps = torch.softmax(torch.randn(2, 3, 4, 4), -1)
     bundle.update_weights("map", maps, histogram=True)
     activations, weights, _, histograms = bundle.compute()
-    assert "map" not in activations and weights["map"].rows.tolist() == [8.0] * 3 and histograms["map"].sum().item() == 2 * 3 * 16
-    assert first_tensor((maps, None)) is maps and first_tensor({"a": 1, "b": maps}) is maps and first_tensor([1]) is None
+    assert (
+        "map" not in activations
+        and weights["map"].rows.tolist() == [8.0] * 3
+        and histograms["map"].sum().item() == 2 * 3 * 16
+    )
+    assert (
+        first_tensor((maps, None)) is maps and first_tensor({"a": 1, "b": maps}) is maps and first_tensor([1]) is None
+    )
     with pytest.raises(ValueError, match="kind"):
         parse_probes({"x": ("a", "gates")})
     with pytest.raises(ValueError, match="glob, kind"):
@@ -154,7 +183,9 @@ def test_metric_pieces_and_shapes() -> None:
 # -- matching ------------------------------------------------------------------------------------------------------
 def test_unmatched_probes_give_one_clear_error(tmp_path: Path) -> None:
     module = models.GatedPoolModule()
-    specs = parse_probes({"gate": ("layer.*.gate", "activation"), "pool": ("pool.softmx", "weights"), "ok": ("attn", "activation")})
+    specs = parse_probes(
+        {"gate": ("layer.*.gate", "activation"), "pool": ("pool.softmx", "weights"), "ok": ("attn", "activation")}
+    )
     with pytest.raises(ProbeMatchError) as error:
         resolve_probes(module, specs)
     message = str(error.value)
@@ -166,13 +197,20 @@ def test_unmatched_probes_give_one_clear_error(tmp_path: Path) -> None:
         resolve_probes(module, nothing_close)
     # through the Trainer: one error at setup, before any batch
     callback = ModuleProbe({"gate": ("layer.*.gate", "activation")}, log_figures=False)
-    with pytest.raises(ValueError, match=r"pattern 'layer\.\*\.gate' matches no module .*close module names: .*'layers\.0\.gate'"):
+    with pytest.raises(
+        ValueError, match=r"pattern 'layer\.\*\.gate' matches no module .*close module names: .*'layers\.0\.gate'"
+    ):
         trainer(tmp_path, [callback]).validate(module, models.loader(4, 4), verbose=False)
     assert all(not m._forward_hooks for m in module.modules())
     # wrapper prefixes are stripped before matching
     wrapper = torch.nn.Module()
     wrapper.module = module
-    assert [name for name, _ in resolve_probes(wrapper, parse_probes({"g": ("layers.*.gate", "activation")}))[parse_probes({"g": ("layers.*.gate", "activation")})[0]]] == ["layers.0.gate", "layers.1.gate"]
+    assert [
+        name
+        for name, _ in resolve_probes(wrapper, parse_probes({"g": ("layers.*.gate", "activation")}))[
+            parse_probes({"g": ("layers.*.gate", "activation")})[0]
+        ]
+    ] == ["layers.0.gate", "layers.1.gate"]
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------------
@@ -184,7 +222,7 @@ class _HookSpy(pl.Callback):
     def __init__(self) -> None:
         self.seen: list[dict[str, int]] = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.seen.append(_hooked(pl_module))
 
 
@@ -206,7 +244,7 @@ def test_hooks_live_for_the_evaluation_epoch_only(tmp_path: Path) -> None:
     assert callback.results["val"].weights["pool.softmax"].rows.tolist() == [8.0]
 
     class Failing(models.GatedPoolModule):
-        def validation_step(self, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        def validation_step(self, batch, batch_idx, dataloader_idx=0) -> None:
             super().validation_step(batch, batch_idx)
             if batch_idx == 1:
                 raise RuntimeError("boom")
@@ -225,7 +263,13 @@ def test_hooks_live_for_the_evaluation_epoch_only(tmp_path: Path) -> None:
 def test_repeated_calls_and_module_hooks() -> None:
     module = models.GatedPoolModule()
     outputs: list[tuple[str, str, tuple[int, ...]]] = []
-    specs = parse_probes({"gate": ("layers.0.gate", "activation"), "again": ("layers.0.gate", "activation"), "w": ("layers.0.gate", "weights")})
+    specs = parse_probes(
+        {
+            "gate": ("layers.0.gate", "activation"),
+            "again": ("layers.0.gate", "activation"),
+            "w": ("layers.0.gate", "weights"),
+        }
+    )
     with ModuleHooks(module, specs, lambda spec, site, t: outputs.append((spec.name, site, tuple(t.shape)))) as hooks:
         assert hooks.num_hooks == 2  # one per (module, kind)
         gate = module.layers[0].gate
@@ -233,8 +277,14 @@ def test_repeated_calls_and_module_hooks() -> None:
         gate(torch.zeros(2, 3))
         hooks.new_step()
         gate(torch.zeros(2, 3))
-    assert [o[:2] for o in outputs] == [("gate", "layers.0.gate"), ("w", "layers.0.gate"), ("gate", "layers.0.gate#1"), ("w", "layers.0.gate#1"),
-                                        ("gate", "layers.0.gate"), ("w", "layers.0.gate")]
+    assert [o[:2] for o in outputs] == [
+        ("gate", "layers.0.gate"),
+        ("w", "layers.0.gate"),
+        ("gate", "layers.0.gate#1"),
+        ("w", "layers.0.gate#1"),
+        ("gate", "layers.0.gate"),
+        ("w", "layers.0.gate"),
+    ]
     assert _hooked(module) == {}
 
 
@@ -242,7 +292,7 @@ def test_batch_hooks_never_sync_with_the_host(tmp_path: Path) -> None:
     class Guarded(GuardedHooks, ModuleProbe):
         outputs = 0
 
-        def _on_output(self, *args) -> None:  # noqa: ANN002
+        def _on_output(self, *args) -> None:
             Guarded.outputs += 1
             with NoHostSync():
                 super()._on_output(*args)
@@ -250,7 +300,12 @@ def test_batch_hooks_never_sync_with_the_host(tmp_path: Path) -> None:
     callback = Guarded(models.PROBES, histogram_sites=["attn"], probe_samples=2, chunk_size=2, log_figures=False)
     trainer(tmp_path, [callback]).validate(models.GatedPoolModule(), models.loader(8, 4), verbose=False)
     assert Guarded.outputs == 2 * 4 and Guarded.captures == 2
-    assert set(callback.results["val"].samples) == {"layers.0.gate", "layers.1.gate", "pool.softmax", "heads_pool.softmax"}
+    assert set(callback.results["val"].samples) == {
+        "layers.0.gate",
+        "layers.1.gate",
+        "pool.softmax",
+        "heads_pool.softmax",
+    }
 
 
 # -- figures, files, probe samples ---------------------------------------------------------------------------------
@@ -258,14 +313,16 @@ def test_figures_files_and_shared_probe_samples(tmp_path: Path, monkeypatch: pyt
     figures: dict[str, weakref.ref] = {}
     original = sinks.publish_figures
 
-    def spy(trainer, figs, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def spy(trainer, figs, **kwargs):
         figures.update({name: weakref.ref(f) for name, f in figs.items()})
         return original(trainer, figs, **kwargs)
 
     monkeypatch.setattr(sinks, "publish_figures", spy)
     labels = [f"t{i}" for i in range(models.LENGTH)]
     logger = AttentionLogger(probe_samples=3, log_figures=False)
-    callback = ModuleProbe(models.PROBES, histogram_sites=["attn"], position_names=labels, max_channels=3, save_dir=str(tmp_path / "out"))
+    callback = ModuleProbe(
+        models.PROBES, histogram_sites=["attn"], position_names=labels, max_channels=3, save_dir=str(tmp_path / "out")
+    )
     trainer(tmp_path, [logger, callback]).validate(models.GatedPoolModule(), models.loader(16, 4), verbose=False)
     results = callback.results["validate"]
     data = models.dataset(16).tensors
@@ -274,10 +331,19 @@ def test_figures_files_and_shared_probe_samples(tmp_path: Path, monkeypatch: pyt
     torch.testing.assert_close(results.samples["layers.1.gate"], torch.sigmoid(2 * data[1][:3]))
     torch.testing.assert_close(results.samples["pool.softmax"], torch.softmax(data[2][:3], -1)[:, None])
     assert results.top_positions["pool.softmax"][0][0] in labels
-    assert sorted(figures) == sorted([
-        "val/gate/over_time", "val/gate/heatmap", "val/pool/over_time", "val/pool/statistics", "val/pool/top_positions",
-        "val/heads/over_time", "val/heads/statistics", "val/heads/top_positions", "val/histograms",
-    ])
+    assert sorted(figures) == sorted(
+        [
+            "val/gate/over_time",
+            "val/gate/heatmap",
+            "val/pool/over_time",
+            "val/pool/statistics",
+            "val/pool/top_positions",
+            "val/heads/over_time",
+            "val/heads/statistics",
+            "val/heads/top_positions",
+            "val/histograms",
+        ]
+    )
     gc.collect()
     assert [name for name, ref in figures.items() if ref() is not None] == []
     if "matplotlib.pyplot" in sys.modules:
@@ -285,7 +351,11 @@ def test_figures_files_and_shared_probe_samples(tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "out" / "probe"
     assert len(list(out.glob("val_*_step0.png"))) == len(figures)
     saved = json.loads((out / "val_epoch0.json").read_text())
-    assert saved["probes"]["gate"] == {"pattern": "layers.*.gate", "kind": "activation", "sites": ["layers.0.gate", "layers.1.gate"]}
+    assert saved["probes"]["gate"] == {
+        "pattern": "layers.*.gate",
+        "kind": "activation",
+        "sites": ["layers.0.gate", "layers.1.gate"],
+    }
     assert (out / "val_summary_step0.csv").read_text().count("\n") == 1 + 4
 
 
@@ -297,11 +367,17 @@ def test_cli_ready_arguments() -> None:
     for name, parameter in list(signature.parameters.items())[1:]:
         assert parameter.annotation is not inspect.Parameter.empty, name
         assert f"    {name}:" in doc, f"{name} undocumented"
-        assert parameter.default is None or parameter.default is inspect.Parameter.empty or isinstance(parameter.default, (int, float, str, bool, tuple)), name
+        assert (
+            parameter.default is None
+            or parameter.default is inspect.Parameter.empty
+            or isinstance(parameter.default, (int, float, str, bool, tuple))
+        ), name
     parser = ArgumentParser()
     parser.add_class_arguments(ModuleProbe, "probe")
-    config = parser.parse_string("probe:\n  probes: {gate: [layers.*.gate, activation], pool: [pool.softmax, weights]}\n"
-                                 "  histogram_sites: ['layers.*.cross_attn']\n  saturation_threshold: 0.1\n")
+    config = parser.parse_string(
+        "probe:\n  probes: {gate: [layers.*.gate, activation], pool: [pool.softmax, weights]}\n"
+        "  histogram_sites: ['layers.*.cross_attn']\n  saturation_threshold: 0.1\n"
+    )
     callback = ModuleProbe(**dict(config["probe"]))
     assert callback.probes == {"gate": ("layers.*.gate", "activation"), "pool": ("pool.softmax", "weights")}
     assert callback.histogram_sites == ["layers.*.cross_attn"] and callback.saturation_threshold == 0.1
@@ -319,7 +395,11 @@ def test_stockformer_example_probes_its_gates_and_pooling(tmp_path: Path) -> Non
     from examples.stockformer import MarketDataModule, StockFormer
 
     config = yaml.safe_load((ROOT / "configs" / "stockformer.yaml").read_text())
-    entries = [c for c in config["trainer"]["callbacks"] if c["class_path"] in ("lightning_attn.ModuleProbe", "lightning_attn.callbacks.ModuleProbe")]
+    entries = [
+        c
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"] in ("lightning_attn.ModuleProbe", "lightning_attn.callbacks.ModuleProbe")
+    ]
     assert len(entries) == 1, "configs/stockformer.yaml declares no ModuleProbe"
     parser = ArgumentParser()
     parser.add_class_arguments(ModuleProbe, "probe")
@@ -331,12 +411,17 @@ def test_stockformer_example_probes_its_gates_and_pooling(tmp_path: Path) -> Non
     data = MarketDataModule(num_train=8, num_val=16, num_test=8, batch_size=8)
     trainer(tmp_path, [callback], limit_val_batches=1).validate(StockFormer(num_layers=2), data, verbose=False)
     results = callback.results["val"]
-    gates = [s for s in results.activations if s.endswith(".gate") and s in results.probe_sites(next(n for n, (_, k) in callback.probes.items() if k == "activation"))]
+    gates = [
+        s
+        for s in results.activations
+        if s.endswith(".gate")
+        and s in results.probe_sites(next(n for n, (_, k) in callback.probes.items() if k == "activation"))
+    ]
     assert gates == ["layers.0.gate", "layers.1.gate"]
     for site in gates:
         summary = results.activations[site]
         assert summary.position_mean.shape == (32,) and summary.channel_mean.shape == (64,)
-        assert 0 <= summary.position_mean.min() and summary.position_mean.max() <= 1
+        assert summary.position_mean.min() >= 0 and summary.position_mean.max() <= 1
     assert list(results.weights) == ["pool.softmax"]
     pool = results.activations["pool.softmax"]
     assert pool.position_mean.sum().item() == pytest.approx(1.0, abs=1e-6)
@@ -378,12 +463,19 @@ def test_mask_key_leaves_padded_positions_out_of_activation_statistics(tmp_path:
 
 def test_mask_key_errors_name_the_key_and_the_shapes(tmp_path: Path) -> None:
     x, g, p, y = models.dataset(4).tensors
-    for key, error, match in ((7, KeyError, "mask_key 7"), (0, ValueError, "must select a \\[batch, positions\\] tensor")):
+    for key, error, match in (
+        (7, KeyError, "mask_key 7"),
+        (0, ValueError, "must select a \\[batch, positions\\] tensor"),
+    ):
         callback = ModuleProbe({"gate": ("layers.0.gate", "activation")}, mask_key=key, log_figures=False)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, g, p, y, torch.ones(4, 5, dtype=torch.bool)), batch_size=4)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, g, p, y, torch.ones(4, 5, dtype=torch.bool)), batch_size=4
+        )
         with pytest.raises(error, match=match):
             trainer(tmp_path, [callback]).validate(MaskedGateModule(), loader, verbose=False)
     callback = ModuleProbe({"gate": ("layers.0.gate", "activation")}, mask_key=4, log_figures=False)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, g, p, y, torch.ones(4, 5, dtype=torch.bool)), batch_size=4)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, g, p, y, torch.ones(4, 5, dtype=torch.bool)), batch_size=4
+    )
     with pytest.raises(ValueError, match="position mask of shape \\(4, 5\\)"):
         trainer(tmp_path, [callback]).validate(MaskedGateModule(), loader, verbose=False)

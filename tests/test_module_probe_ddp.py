@@ -35,7 +35,11 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     ddp = run_ddp_script(models.__file__, tmp_path)
     single = models.run(devices=1, root=str(tmp_path / "single"))
     assert ddp["world_size"] == 2 and single["world_size"] == 1
-    assert list(ddp["sites"]) == list(single["sites"]) == ["layers.0.gate", "layers.1.gate", "pool.softmax", "heads_pool.softmax"]
+    assert (
+        list(ddp["sites"])
+        == list(single["sites"])
+        == ["layers.0.gate", "layers.1.gate", "pool.softmax", "heads_pool.softmax"]
+    )
     assert ddp["probes"] == single["probes"]
     _assert_close(ddp["sites"], single["sites"], "sites")
     _assert_close(ddp["histograms"], single["histograms"], "histograms")

@@ -88,12 +88,25 @@ def fit(root: Path, precision: Precision, double: bool = False) -> tuple[dict[st
     if double:
         model = model.double()
     logger = AttentionLogger()
-    callbacks: list[pl.Callback] = [logger, CalibrationMonitor(), HeadSpecializationTracker(),
-                 ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}),
-                 ExplainabilityReport(stages=("validate",))]
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=precision, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=str(root), callbacks=callbacks)
+    callbacks: list[pl.Callback] = [
+        logger,
+        CalibrationMonitor(),
+        HeadSpecializationTracker(),
+        ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}),
+        ExplainabilityReport(stages=("validate",)),
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root),
+        callbacks=callbacks,
+    )
     trainer.fit(model, loader(0), loader(1))
     logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key != "train_loss"}
     return logged, logger
@@ -126,12 +139,19 @@ def test_rollout_under_autocast_stays_float32_and_draws() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("precision", "double"),
-    [("bf16-mixed", False), ("16-mixed", False), ("bf16-true", False), ("16-true", False), ("64-true", False),
-     ("32-true", True)],
+    [
+        ("bf16-mixed", False),
+        ("16-mixed", False),
+        ("bf16-true", False),
+        ("16-true", False),
+        ("64-true", False),
+        ("32-true", True),
+    ],
     ids=["bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "model.double"],
 )
-def test_every_precision_gives_the_float32_numbers(tmp_path: Path, float32_run: dict[str, float], precision: Precision,
-                                                    double: bool) -> None:
+def test_every_precision_gives_the_float32_numbers(
+    tmp_path: Path, float32_run: dict[str, float], precision: Precision, double: bool
+) -> None:
     if precision == "16-true" and not fp16_runs_on_cpu():
         pytest.skip("this CPU build of torch has no float16 kernels for the model (layer norm / matmul)")
     logged, logger = fit(tmp_path, precision, double)

@@ -40,7 +40,7 @@ def read_csv(path: Path) -> tuple[dict, list[str], list[list[str]]]:
     with path.open(newline="", encoding="utf-8") as handle:
         first = handle.readline()
         assert first.startswith(PROVENANCE_PREFIX), first[:80]
-        provenance = json.loads(first[len(PROVENANCE_PREFIX):])
+        provenance = json.loads(first[len(PROVENANCE_PREFIX) :])
         reader = csv.reader(handle)
         header = next(reader)
         return provenance, header, list(reader)
@@ -49,7 +49,16 @@ def read_csv(path: Path) -> tuple[dict, list[str], list[list[str]]]:
 # -- outputs -------------------------------------------------------------------------------------------------
 def test_outputs_exist_and_json_validates_against_packaged_schema(shared: dict) -> None:
     out = shared["dir"]
-    for name in ("report.html", "report.json", "samples.csv", "per_head.csv", "classwise.csv", "batches.csv", "saliency.csv", "summary.md"):
+    for name in (
+        "report.html",
+        "report.json",
+        "samples.csv",
+        "per_head.csv",
+        "classwise.csv",
+        "batches.csv",
+        "saliency.csv",
+        "summary.md",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "INCOMPLETE").exists()
     assert sorted(p.name for p in (out / "figures").glob("*.png")), "no figures"
@@ -77,9 +86,20 @@ def test_csv_rows_equal_samples_and_match_json(shared: dict) -> None:
     assert [int(r[0]) for r in rows] == list(range(n))
     assert provenance["report_sha256"] == report["provenance"]["report_sha256"]
     col = {name: i for i, name in enumerate(header)}
-    for needed in ("predicted", "confidence", "target", "correct", "calibration_bin", "target_name", "predicted_name",
-                   "cross_ba/top_pairs", "encoder.layers.1.self_attn/top_pairs", "agreement/a<->b",
-                   "encoder.layers.0.self_attn/entropy_mean", "encoder.layers.0.self_attn/focused_head"):
+    for needed in (
+        "predicted",
+        "confidence",
+        "target",
+        "correct",
+        "calibration_bin",
+        "target_name",
+        "predicted_name",
+        "cross_ba/top_pairs",
+        "encoder.layers.1.self_attn/top_pairs",
+        "agreement/a<->b",
+        "encoder.layers.0.self_attn/entropy_mean",
+        "encoder.layers.0.self_attn/focused_head",
+    ):
         assert needed in col, needed
     accuracy = sum(int(r[col["correct"]]) for r in rows) / n
     assert math.isclose(accuracy, report["dataset"]["accuracy"])
@@ -109,8 +129,16 @@ def test_statistics_are_consistent(shared: dict) -> None:
     group = report["correct_vs_incorrect"]
     assert group["confidence"]["correct"]["n"] == d["num_correct"]
     assert group["confidence"]["incorrect"]["n"] == d["num_incorrect"]
-    assert set(group) >= {"confidence", "margin", "output_entropy", "nll", "brier", "agreement/a<->b",
-                          "cross_ab/entropy_mean", "cross_ab/focused_entropy"}
+    assert set(group) >= {
+        "confidence",
+        "margin",
+        "output_entropy",
+        "nll",
+        "brier",
+        "agreement/a<->b",
+        "cross_ab/entropy_mean",
+        "cross_ab/focused_entropy",
+    }
     bins = report["calibration"]["bins"]
     assert sum(b["count"] for b in bins) == d["num_samples"]
     ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / d["num_samples"]
@@ -151,7 +179,12 @@ def test_shared_report_saliency(shared: dict) -> None:
     # rollout over the two self-attention layers, relevance of every token; head relevance of every site
     assert probe["rollout"]["sites"] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
     assert len(probe["rollout"]["mean_row"]) == 6
-    assert set(probe["head_relevance"]) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "cross_ab", "cross_ba"}
+    assert set(probe["head_relevance"]) == {
+        "encoder.layers.0.self_attn",
+        "encoder.layers.1.self_attn",
+        "cross_ab",
+        "cross_ba",
+    }
     assert all(v >= 0 for values in probe["head_relevance"].values() for v in values)
 
 
@@ -163,8 +196,16 @@ def test_saliency_goes_to_the_only_feature_the_model_reads(tmp_path: Path) -> No
     x = torch.randn(12, 7, 5) + 2.0
     y = torch.randint(0, 2, (12,))
     names = ["f0", "f1", "f2", "f3", "f4"]
-    out = build_report(model, DataLoader(TensorDataset(x, y), batch_size=5), tmp_path / "one", accelerator="cpu",
-                       progress=False, feature_names=names, probe_samples=6, figures=False)
+    out = build_report(
+        model,
+        DataLoader(TensorDataset(x, y), batch_size=5),
+        tmp_path / "one",
+        accelerator="cpu",
+        progress=False,
+        feature_names=names,
+        probe_samples=6,
+        figures=False,
+    )
     sal = json.loads((out / "report.json").read_text())["saliency"]
     assert sal["num_probes"] == 6 and [p["sample"] for p in sal["probes"]] == list(range(6))  # across batches
     for probe in sal["probes"]:
@@ -187,7 +228,7 @@ def test_compute_saliency_under_inference_mode_pairs_grads_by_site() -> None:
     # an independent check: d score / d input by plain autograd, outside any inference mode
     a = batch["a"].clone().requires_grad_(True)
     logits = model(a, batch["b"])
-    grad, = torch.autograd.grad(logits.gather(1, torch.tensor([[0], [1], [2]])).sum(), a)
+    (grad,) = torch.autograd.grad(logits.gather(1, torch.tensor([[0], [1], [2]])).sum(), a)
     expected = (a * grad).detach().abs().sum(1)
     torch.testing.assert_close(result["inputs"]["a"]["abs"], expected, rtol=1e-4, atol=1e-6)
     for p in model.parameters():
@@ -206,7 +247,9 @@ def test_hash_state_dict_changes_with_one_weight_and_is_order_independent() -> N
     changed["head.weight"][0, 0] += 1e-6
     assert hash_state_dict(changed) != first
     assert hash_state_dict({"w": torch.ones(2, dtype=torch.bfloat16)}) != hash_state_dict({"w": torch.ones(2)})
-    assert hash_config({"a": 1, "b": [1, 2]}) == hash_config({"b": [1, 2], "a": 1}) != hash_config({"a": 2, "b": [1, 2]})
+    assert (
+        hash_config({"a": 1, "b": [1, 2]}) == hash_config({"b": [1, 2], "a": 1}) != hash_config({"a": 2, "b": [1, 2]})
+    )
     h1, h2 = StreamHasher(), StreamHasher()
     for h in (h1, h2):
         h.update({"x": torch.arange(4), "y": torch.zeros(2)})
@@ -216,8 +259,16 @@ def test_hash_state_dict_changes_with_one_weight_and_is_order_independent() -> N
 
 
 def _quick(model: nn.Module, out: Path, **kwargs: object) -> dict:
-    path = build_report(model, TinyData(num_test=24, batch_size=8).test_dataloader(), out, accelerator="cpu", progress=False,
-                        figures=False, probe_samples=1, **kwargs)
+    path = build_report(
+        model,
+        TinyData(num_test=24, batch_size=8).test_dataloader(),
+        out,
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=1,
+        **kwargs,
+    )
     return json.loads((path / "report.json").read_text())
 
 
@@ -229,7 +280,9 @@ def test_provenance_identical_for_identical_runs_and_changes_with_one_weight(tmp
     keys = ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256")
     assert {k: first["provenance"][k] for k in keys} == {k: second["provenance"][k] for k in keys}
     assert first["provenance"]["model_sha256"] == hash_state_dict(model.state_dict())
-    assert (tmp_path / "r1" / "samples.csv").read_text().splitlines()[1:] == (tmp_path / "r2" / "samples.csv").read_text().splitlines()[1:]
+    assert (tmp_path / "r1" / "samples.csv").read_text().splitlines()[1:] == (
+        tmp_path / "r2" / "samples.csv"
+    ).read_text().splitlines()[1:]
     with torch.no_grad():
         model.head.bias[0] += 1e-3
     third = _quick(model, tmp_path / "r3")
@@ -246,14 +299,24 @@ class CountingRecorderCallback(pl.Callback):
         self.captures = 0
         self.recorder: AttentionRecorder | None = None
 
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self.recorder = AttentionRecorder(pl_module, keep=False, on_capture=self._count)
         self.recorder.__enter__()
 
     def _count(self, capture: object) -> None:
         self.captures += 1
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.recorder.__exit__(None, None, None)
 
 
@@ -295,20 +358,42 @@ def test_dataloader_without_targets_fails_clearly_and_leaves_nothing_final(tmp_p
 def test_failure_keeps_a_previous_complete_report(tmp_path: Path) -> None:
     x = torch.randn(8, 4, 5)
     y = torch.randint(0, 2, (8,))
-    out = build_report(OneFeatureModel(), DataLoader(TensorDataset(x, y), batch_size=4), tmp_path / "r", accelerator="cpu",
-                       progress=False, figures=False, probe_samples=0)
+    out = build_report(
+        OneFeatureModel(),
+        DataLoader(TensorDataset(x, y), batch_size=4),
+        tmp_path / "r",
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=0,
+    )
     before = (out / "report.json").read_text()
     with pytest.raises(ReportError, match="targets"):
-        build_report(OneFeatureModel(), DataLoader(TensorDataset(x, x), batch_size=4), tmp_path / "r", accelerator="cpu",
-                     progress=False, figures=False)
+        build_report(
+            OneFeatureModel(),
+            DataLoader(TensorDataset(x, x), batch_size=4),
+            tmp_path / "r",
+            accelerator="cpu",
+            progress=False,
+            figures=False,
+        )
     assert (out / "report.json").read_text() == before and not (out / "INCOMPLETE").exists()
 
 
 def test_validation_stage_during_fit(tmp_path: Path) -> None:
     pl.seed_everything(0)
     report = ExplainabilityReport(stages=["validate"], save_dir=str(tmp_path), figures=False, probe_samples=1)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_train_batches=2, callbacks=[report], default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=2,
+        callbacks=[report],
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(TinyClassifier(), datamodule=TinyData(num_train=16, num_test=20, batch_size=8))
     out = tmp_path / "report" / "val_epoch0"
     data = json.loads((out / "report.json").read_text())
@@ -322,11 +407,21 @@ def test_real_calibration_and_head_specialization_callbacks_get_sections(tmp_pat
 
     calibration = CalibrationMonitor(stages=["test"], target_key="label", plot=False, save_dir=str(tmp_path / "cal"))
     heads = HeadSpecializationTracker(stages=["test"], log_figures=False, save_dir=str(tmp_path / "heads"))
-    path = build_report(TinyClassifier(), TinyData(num_test=24, batch_size=8).test_dataloader(), tmp_path / "r", accelerator="cpu",
-                        progress=False, figures=False, probe_samples=0, callbacks=[calibration, heads])
+    path = build_report(
+        TinyClassifier(),
+        TinyData(num_test=24, batch_size=8).test_dataloader(),
+        tmp_path / "r",
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=0,
+        callbacks=[calibration, heads],
+    )
     report = json.loads((path / "report.json").read_text())
     assert "error" not in report["sections"]["calibration"], report["sections"]["calibration"].get("error")
-    assert report["sections"]["calibration"]["results"]["metrics"]["ece"] == pytest.approx(report["dataset"]["ece"], abs=1e-5)
+    assert report["sections"]["calibration"]["results"]["metrics"]["ece"] == pytest.approx(
+        report["dataset"]["ece"], abs=1e-5
+    )
     assert "registry" in report["sections"]["head_specialization"], report["sections"]["head_specialization"]
 
 
@@ -359,7 +454,11 @@ def test_per_sample_attention_reductions_match_full_maps(chunk_size: int | None)
     sink = BatchAttention(chunk_size, ["encoder.layers.*", "cross_ba"], ["cross_ab"], top_k=4)
     with torch.no_grad(), AttentionRecorder(model, keep=False, on_capture=sink):
         model(**batch)
-    assert list(sink.sites) == list(full.maps) and sink.pair_site_names() == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "cross_ba"]
+    assert list(sink.sites) == list(full.maps) and sink.pair_site_names() == [
+        "encoder.layers.0.self_attn",
+        "encoder.layers.1.self_attn",
+        "cross_ba",
+    ]
     for site, maps in full.maps.items():
         torch.testing.assert_close(sink.sites[site].entropy, normalized_entropy(maps).mean(-1), rtol=1e-5, atol=1e-6)
         if site in sink.pair_site_names():

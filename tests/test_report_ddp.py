@@ -51,8 +51,9 @@ def same_cell(got: str, want: str, column: str) -> bool:
         return True
     if column.endswith("/top_pairs"):  # "q>k:w;..." with 4 significant digits
         pairs = [p.split(":") for p in got.split(";")], [p.split(":") for p in want.split(";")]
-        return len(pairs[0]) == len(pairs[1]) and all(a[0] == b[0] and math.isclose(float(a[1]), float(b[1]), rel_tol=1e-3)
-                                                      for a, b in zip(*pairs))
+        return len(pairs[0]) == len(pairs[1]) and all(
+            a[0] == b[0] and math.isclose(float(a[1]), float(b[1]), rel_tol=1e-3) for a, b in zip(*pairs)
+        )
     try:
         return abs(float(got) - float(want)) <= TOL
     except ValueError:
@@ -73,8 +74,20 @@ def test_ddp_two_ranks_write_the_single_process_report(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"  # TMPDIR of both ranks: their scratch directories must be gone afterwards
     scratch.mkdir()
     out = tmp_path / "ddp.json"
-    run_script(script.__file__, "--devices", "2", "--strategy", "ddp", "--out", out, "--root", tmp_path / "ddp", cwd=tmp_path,
-               TMPDIR=str(scratch), OMP_NUM_THREADS="1")
+    run_script(
+        script.__file__,
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--out",
+        out,
+        "--root",
+        tmp_path / "ddp",
+        cwd=tmp_path,
+        TMPDIR=str(scratch),
+        OMP_NUM_THREADS="1",
+    )
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     single_info = script.run(devices=1, root=str(tmp_path / "single"))
     ddp_dir, single_dir = Path(ranks[0]["directory"]), Path(single_info["directory"])
@@ -139,7 +152,9 @@ def test_ddp_two_ranks_write_the_single_process_report(tmp_path: Path) -> None:
     got, want = ddp["provenance"], single["provenance"]
     assert (got["model_sha256"], got["config_sha256"]) == (want["model_sha256"], want["config_sha256"])
     assert (got["world_size"], want["world_size"]) == (2, 1)
-    assert got["num_samples"] == want["num_samples"] == script.SAMPLES and got["num_batches"] == want["num_batches"] == 4
+    assert (
+        got["num_samples"] == want["num_samples"] == script.SAMPLES and got["num_batches"] == want["num_batches"] == 4
+    )
     assert want["inputs_sha256"] == shard_hash(0, 1)[1]
     assert got["inputs_sha256"] == combine_input_hashes([shard_hash(0, 2), shard_hash(1, 2)]) != want["inputs_sha256"]
 

@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 from report_helpers import shared_report
 
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+CHROMIUM = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+)
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine (Debian: apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no headless Chromium on this machine (Debian: apt-get install -y chromium)"
+)
 
 
 class _Checks(HTMLParser):
@@ -40,8 +44,18 @@ class _Checks(HTMLParser):
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-               "--no-default-browser-check", "--disable-extensions", f"--user-data-dir={profile}", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -69,8 +83,14 @@ def test_report_renders_in_headless_chromium(shared: dict, tmp_path: Path) -> No
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_html.png"
     shot.unlink(missing_ok=True)
-    result = chromium(tmp_path, "--hide-scrollbars", "--window-size=1280,2400", "--virtual-time-budget=3000", f"--screenshot={shot}",
-                      page.as_uri())
+    result = chromium(
+        tmp_path,
+        "--hide-scrollbars",
+        "--window-size=1280,2400",
+        "--virtual-time-budget=3000",
+        f"--screenshot={shot}",
+        page.as_uri(),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.is_file() and shot.stat().st_size > 20_000
     from PIL import Image

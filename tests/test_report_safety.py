@@ -33,8 +33,16 @@ def _loader(samples: int = 16, seed: int = 0) -> DataLoader:
 
 def _report(out: Path, model: nn.Module | None = None, loader: DataLoader | None = None, **kwargs: Any) -> Path:
     torch.manual_seed(0)
-    return build_report(model or OneFeatureModel(), loader or _loader(), out, accelerator="cpu", progress=False,
-                        figures=False, probe_samples=0, **kwargs)
+    return build_report(
+        model or OneFeatureModel(),
+        loader or _loader(),
+        out,
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=0,
+        **kwargs,
+    )
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -84,10 +92,18 @@ def test_a_second_report_replaces_its_own_folder_but_not_a_file_added_to_it(tmp_
 # -- escaping ------------------------------------------------------------------------------------------------------
 def test_script_payloads_are_inert_in_html_and_summary(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    out = build_report(TinyClassifier(), TinyData(num_test=16, batch_size=8).test_dataloader(), tmp_path / "r",
-                       accelerator="cpu", progress=False, figures=False, probe_samples=1, title=f"T {PAYLOAD}",
-                       class_names=[PAYLOAD, "<img src=x onerror=alert(2)>", "a|b`c"],
-                       feature_names={"a": [f"<b>f{i}</b>" for i in range(5)], "b": ["b0", "b1", "b2"]})
+    out = build_report(
+        TinyClassifier(),
+        TinyData(num_test=16, batch_size=8).test_dataloader(),
+        tmp_path / "r",
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=1,
+        title=f"T {PAYLOAD}",
+        class_names=[PAYLOAD, "<img src=x onerror=alert(2)>", "a|b`c"],
+        feature_names={"a": [f"<b>f{i}</b>" for i in range(5)], "b": ["b0", "b1", "b2"]},
+    )
     page = (out / "report.html").read_text(encoding="utf-8")
     summary = (out / "summary.md").read_text(encoding="utf-8")
     for text in (page, summary):
@@ -128,10 +144,24 @@ def test_nan_and_inf_rows_are_left_out_named_and_warned_once(tmp_path: Path) -> 
     model = Poisoned(base)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = build_report(model, DataLoader(TensorDataset(x, y), batch_size=8), tmp_path / "poisoned",
-                           accelerator="cpu", progress=False, figures=False, probe_samples=2)
-    reference_out = build_report(model, DataLoader(TensorDataset(x[clean], y[clean]), batch_size=8), tmp_path / "clean",
-                                 accelerator="cpu", progress=False, figures=False, probe_samples=2)
+        out = build_report(
+            model,
+            DataLoader(TensorDataset(x, y), batch_size=8),
+            tmp_path / "poisoned",
+            accelerator="cpu",
+            progress=False,
+            figures=False,
+            probe_samples=2,
+        )
+    reference_out = build_report(
+        model,
+        DataLoader(TensorDataset(x[clean], y[clean]), batch_size=8),
+        tmp_path / "clean",
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=2,
+    )
     nonfinite = [w for w in caught if "non-finite" in str(w.message)]
     assert len(nonfinite) == 1
     report = json.loads((out / "report.json").read_text())
@@ -147,22 +177,27 @@ def test_nan_and_inf_rows_are_left_out_named_and_warned_once(tmp_path: Path) -> 
     note = next(n for n in report["notes"] if "non-finite" in n)
     assert note.startswith("4 samples") and "batch 0 rows 1, 3" in note
     assert "batch 1 row 1" in note and "batch 2 row 1" in note
+
     # samples.csv holds the clean rows only, with the clean run's values; the probes are the first clean samples
     def rows(path: Path) -> list[list[str]]:
         with (path / "samples.csv").open(newline="") as handle:
             handle.readline()
             return list(csv.reader(handle))[1:]
+
     assert [r[2:10] for r in rows(out)] == [r[2:10] for r in rows(reference_out)]
     assert report["saliency"]["num_probes"] == 2
     assert [p["confidence"] for p in report["saliency"]["probes"]] == pytest.approx(
-        [p["confidence"] for p in reference["saliency"]["probes"]], abs=1e-7)
+        [p["confidence"] for p in reference["saliency"]["probes"]], abs=1e-7
+    )
 
 
 def test_no_torchmetrics_compute_before_update_warning_reaches_the_user(tmp_path: Path) -> None:
     """A plain module's report runs the only forward pass itself, recorded for the report alone: the other callbacks'
     states see no update, which torchmetrics would warn about at every compute."""
-    callbacks = [AttentionLogger(stages=["test"], save_dir=str(tmp_path / "attn")),
-                 HeadSpecializationTracker(stages=["test"], save_dir=str(tmp_path / "heads"))]
+    callbacks = [
+        AttentionLogger(stages=["test"], save_dir=str(tmp_path / "attn")),
+        HeadSpecializationTracker(stages=["test"], save_dir=str(tmp_path / "heads")),
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _report(tmp_path / "r", callbacks=callbacks)

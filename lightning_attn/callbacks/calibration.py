@@ -215,7 +215,9 @@ class CalibrationMonitor(EvaluationCallback):
         self.task = task
         self.num_classes = num_classes
         self.n_bins = n_bins
-        self.score_type = score_type if score_type is not None else (score_key if score_key in ("logits", "probs") else None)
+        self.score_type = (
+            score_type if score_type is not None else (score_key if score_key in ("logits", "probs") else None)
+        )
         self.score_key = score_key if score_key is not None else score_type
         self.target_key = target_key
         self.extract = extract
@@ -246,7 +248,9 @@ class CalibrationMonitor(EvaluationCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(task=self.task, n_bins=self.n_bins, score_key=self.score_key, stages=self.stages)
+        return self._generate_state_key(
+            task=self.task, n_bins=self.n_bins, score_key=self.score_key, stages=self.stages
+        )
 
     # -- temperature helpers ----------------------------------------------------------------------
     def apply_temperature(self, logits: Tensor) -> Tensor:
@@ -314,11 +318,15 @@ class CalibrationMonitor(EvaluationCallback):
         self._resolved = (task, num_classes)
         return self._resolved
 
-    def _metric(self, stage: str, dataloader_idx: int, scores: Tensor, target: Tensor, score_type: str) -> CalibrationMetric:
+    def _metric(
+        self, stage: str, dataloader_idx: int, scores: Tensor, target: Tensor, score_type: str
+    ) -> CalibrationMetric:
         key = (stage, dataloader_idx)
         metric = self._metrics.get(key)
         if metric is not None and metric.score_type != score_type:
-            raise ValueError(f"CalibrationMonitor: scores switched from {metric.score_type!r} to {score_type!r} between batches")
+            raise ValueError(
+                f"CalibrationMonitor: scores switched from {metric.score_type!r} to {score_type!r} between batches"
+            )
         if metric is None:
             task, num_classes = self._resolve(scores, target)
             metric = CalibrationMetric(
@@ -360,16 +368,32 @@ class CalibrationMonitor(EvaluationCallback):
             metric.reset()
         self._reservoirs.clear()
 
-    def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-                       dataloader_idx: int, stage: str) -> None:
+    def eval_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         scores, target, score_type = self._read(outputs, batch)
         metric = self._metric(stage, dataloader_idx, scores, target, score_type)
         metric.update(scores, target)
         if self.fit_temperature and (stage == "validate" or self.temperature is not None):
             self._offer(trainer, stage, dataloader_idx, metric, scores, target, score_type)
 
-    def _offer(self, trainer: pl.Trainer, stage: str, dataloader_idx: int, metric: CalibrationMetric, scores: Tensor,
-               target: Tensor, score_type: str) -> None:
+    def _offer(
+        self,
+        trainer: pl.Trainer,
+        stage: str,
+        dataloader_idx: int,
+        metric: CalibrationMetric,
+        scores: Tensor,
+        target: Tensor,
+        score_type: str,
+    ) -> None:
         """Offer a batch to the reservoir (no synchronisation)."""
         x, t = metric._flatten(scores, target)
         if score_type == "probs":  # log-probabilities (log-odds for binary) stand in for logits
@@ -408,18 +432,29 @@ class CalibrationMonitor(EvaluationCallback):
             logged = {f"{NAMESPACE}/{key}/{name}": values[name].float() for name in names}
             if scaling is not None:
                 for name in ("temperature", "ece_scaled", "nll_scaled"):
-                    logged[f"{NAMESPACE}/{key}/{name}"] = torch.tensor(scaling[name], dtype=torch.float32, device=values["ece"].device)
+                    logged[f"{NAMESPACE}/{key}/{name}"] = torch.tensor(
+                        scaling[name], dtype=torch.float32, device=values["ece"].device
+                    )
                 scalars.update({name: scaling[name] for name in ("temperature", "ece_scaled", "nll_scaled")})
             log_scalars(pl_module, logged)
             evaluation = sum(h["stage"] == key for h in self.history)
-            self.history.append({"stage": key, "evaluation": evaluation, "epoch": trainer.current_epoch,
-                                 "step": trainer.global_step, **scalars})
+            self.history.append(
+                {
+                    "stage": key,
+                    "evaluation": evaluation,
+                    "epoch": trainer.current_epoch,
+                    "step": trainer.global_step,
+                    **scalars,
+                }
+            )
             self.results[key] = self._result(trainer, stage, metric, values, scalars, scaling)
             if trainer.is_global_zero:
                 self._publish(trainer, key, metric)
 
     # -- temperature ----------------------------------------------------------------------------
-    def _temperature_epoch(self, trainer: pl.Trainer, stage: str, dataloader_idx: int, metric: CalibrationMetric) -> dict[str, float] | None:
+    def _temperature_epoch(
+        self, trainer: pl.Trainer, stage: str, dataloader_idx: int, metric: CalibrationMetric
+    ) -> dict[str, float] | None:
         reservoir = self._reservoirs.pop((stage, dataloader_idx), None)
         if reservoir is None:
             reservoir = LogitReservoir(self.reservoir_size, seed=self._reservoir_seed(trainer))
@@ -438,7 +473,7 @@ class CalibrationMonitor(EvaluationCallback):
             try:
                 sample = LogitReservoir.merge(keys, logits, target, self.reservoir_size)
                 payload = self._fit_and_measure(stage == "validate" and dataloader_idx == 0, metric, *sample)
-            except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+            except Exception as error:
                 payload = {"error": f"{type(error).__name__}: {error}"}
         payload = trainer.strategy.broadcast(payload, src=0)
         if payload is None:
@@ -449,7 +484,9 @@ class CalibrationMonitor(EvaluationCallback):
             self.temperature = payload["temperature"]
         return payload
 
-    def _fit_and_measure(self, fit: bool, metric: CalibrationMetric, logits: Tensor, target: Tensor) -> dict[str, Any] | None:
+    def _fit_and_measure(
+        self, fit: bool, metric: CalibrationMetric, logits: Tensor, target: Tensor
+    ) -> dict[str, Any] | None:
         """Fit ``T`` on the sample (``fit``) or take the fitted one; measure before and after scaling."""
         if logits.shape[0] == 0 or (not fit and self.temperature is None):
             return None
@@ -461,8 +498,14 @@ class CalibrationMonitor(EvaluationCallback):
             temperature = self.temperature
         measured = {}
         for name, t in (("before", 1.0), ("after", temperature)):
-            probe = CalibrationMetric(task, metric.num_classes, score_type="logits", n_bins=self.n_bins,  # type: ignore[arg-type]
-                                      fine_bins=self.fine_bins, sync_on_compute=False).to(logits.device)
+            probe = CalibrationMetric(
+                task,
+                metric.num_classes,
+                score_type="logits",
+                n_bins=self.n_bins,  # type: ignore[arg-type]
+                fine_bins=self.fine_bins,
+                sync_on_compute=False,
+            ).to(logits.device)
             probe.update(logits / t, target)
             values = probe.compute()
             measured[name] = {k: float(values[k]) for k in ("ece", "nll", "brier", "accuracy", "confidence")}
@@ -477,8 +520,15 @@ class CalibrationMonitor(EvaluationCallback):
         }
 
     # -- results and publishing -----------------------------------------------------------------
-    def _result(self, trainer: pl.Trainer, stage: str, metric: CalibrationMetric, values: dict[str, Tensor],
-                scalars: dict[str, float], scaling: dict[str, Any] | None) -> dict[str, Any]:
+    def _result(
+        self,
+        trainer: pl.Trainer,
+        stage: str,
+        metric: CalibrationMetric,
+        values: dict[str, Tensor],
+        scalars: dict[str, float],
+        scaling: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         def arr(name: str) -> np.ndarray:
             return values[name].detach().cpu().numpy()
 
@@ -490,14 +540,29 @@ class CalibrationMonitor(EvaluationCallback):
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "metrics": scalars,
-            "bins": {"edges": arr("bin_edges"), "count": arr("bin_count"), "accuracy": arr("bin_accuracy"),
-                     "confidence": arr("bin_confidence")},
-            "adaptive_bins": {"edges": arr("adaptive_edges"), "count": arr("adaptive_count"),
-                              "accuracy": arr("adaptive_accuracy"), "confidence": arr("adaptive_confidence")},
-            "classwise_bins": {"edges": arr("class_edges"), "count": arr("class_count"),
-                               "accuracy": arr("class_accuracy"), "confidence": arr("class_confidence")},
-            "confidence_histogram": {"edges": arr("hist_edges"), "correct": arr("hist_correct"),
-                                     "incorrect": arr("hist_incorrect")},
+            "bins": {
+                "edges": arr("bin_edges"),
+                "count": arr("bin_count"),
+                "accuracy": arr("bin_accuracy"),
+                "confidence": arr("bin_confidence"),
+            },
+            "adaptive_bins": {
+                "edges": arr("adaptive_edges"),
+                "count": arr("adaptive_count"),
+                "accuracy": arr("adaptive_accuracy"),
+                "confidence": arr("adaptive_confidence"),
+            },
+            "classwise_bins": {
+                "edges": arr("class_edges"),
+                "count": arr("class_count"),
+                "accuracy": arr("class_accuracy"),
+                "confidence": arr("class_confidence"),
+            },
+            "confidence_histogram": {
+                "edges": arr("hist_edges"),
+                "correct": arr("hist_correct"),
+                "incorrect": arr("hist_incorrect"),
+            },
             "n_at_one": float(values["n_at_one"]),
             "n_ignored": float(values["n_ignored"]),
         }
@@ -521,18 +586,34 @@ class CalibrationMonitor(EvaluationCallback):
             hist = result["confidence_histogram"]
             figures = {
                 "reliability": plot_reliability_diagram(
-                    bins["edges"], bins["accuracy"], bins["confidence"], bins["count"], ece=scalars["ece"], title=label,
-                    binary=metric.task == "binary", accuracy_low=bins.get("accuracy_ci_low"),
+                    bins["edges"],
+                    bins["accuracy"],
+                    bins["confidence"],
+                    bins["count"],
+                    ece=scalars["ece"],
+                    title=label,
+                    binary=metric.task == "binary",
+                    accuracy_low=bins.get("accuracy_ci_low"),
                     accuracy_high=bins.get("accuracy_ci_high"),
                     ece_interval=(scalars["ece_ci_low"], scalars["ece_ci_high"]) if self.bootstrap else None,
                 ),
-                "confidence_histogram": plot_confidence_histogram(hist["edges"], hist["correct"], hist["incorrect"],
-                                                                  accuracy=scalars["accuracy"], confidence=scalars["confidence"],
-                                                                  title=label),
-                "classwise_reliability": plot_classwise_reliability(classwise["edges"], classwise["accuracy"],
-                                                                    classwise["confidence"], classwise["count"],
-                                                                    class_names=self.class_names,
-                                                                    max_classes=self.plot_classes, title=label),
+                "confidence_histogram": plot_confidence_histogram(
+                    hist["edges"],
+                    hist["correct"],
+                    hist["incorrect"],
+                    accuracy=scalars["accuracy"],
+                    confidence=scalars["confidence"],
+                    title=label,
+                ),
+                "classwise_reliability": plot_classwise_reliability(
+                    classwise["edges"],
+                    classwise["accuracy"],
+                    classwise["confidence"],
+                    classwise["count"],
+                    class_names=self.class_names,
+                    max_classes=self.plot_classes,
+                    title=label,
+                ),
             }
             history = [h for h in self.history if h["stage"] == key]
             if len(history) >= 2:
@@ -543,10 +624,19 @@ class CalibrationMonitor(EvaluationCallback):
         bins = result["bins"]
         rows = [
             [float(lo), float(hi), int(n), _finite(acc), _finite(conf), _finite(conf - acc)]
-            for lo, hi, n, acc, conf in zip(bins["edges"][:-1], bins["edges"][1:], bins["count"], bins["accuracy"], bins["confidence"])
+            for lo, hi, n, acc, conf in zip(
+                bins["edges"][:-1], bins["edges"][1:], bins["count"], bins["accuracy"], bins["confidence"]
+            )
         ]
-        publish_table(trainer, "bins", ["lower", "upper", "count", "accuracy", "confidence", "gap"], rows,
-                      namespace=namespace, step=step, save_dir=self.save_dir)
+        publish_table(
+            trainer,
+            "bins",
+            ["lower", "upper", "count", "accuracy", "confidence", "gap"],
+            rows,
+            namespace=namespace,
+            step=step,
+            save_dir=self.save_dir,
+        )
         summary = {**result, "history": [h for h in self.history if h["stage"] == key]}
         publish_json(trainer, key, summary, namespace=NAMESPACE, save_dir=self.save_dir)
 

@@ -31,7 +31,15 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_attn.capture.recorder import clean_module_name, matches
 
-__all__ = ["PROBE_KINDS", "ModuleHooks", "ProbeMatchError", "ProbeSpec", "first_tensor", "parse_probes", "resolve_probes"]
+__all__ = [
+    "PROBE_KINDS",
+    "ModuleHooks",
+    "ProbeMatchError",
+    "ProbeSpec",
+    "first_tensor",
+    "parse_probes",
+    "resolve_probes",
+]
 
 #: What a probe's output is: an activation to summarise, or a distribution over positions.
 PROBE_KINDS = ("activation", "weights")
@@ -96,11 +104,16 @@ def resolve_probes(model: nn.Module, specs: Iterable[ProbeSpec]) -> dict[ProbeSp
         if close:
             hint = "close module names: " + ", ".join(repr(n) for n in close)
         else:
-            hint = f"no module name is close; the model's {len(names)} modules include " + ", ".join(repr(n) for n in names[:8])
-        problems.append(f"probe {spec.name!r}: pattern {spec.pattern!r} matches no module of {type(model).__name__} ({hint})")
+            hint = f"no module name is close; the model's {len(names)} modules include " + ", ".join(
+                repr(n) for n in names[:8]
+            )
+        problems.append(
+            f"probe {spec.name!r}: pattern {spec.pattern!r} matches no module of {type(model).__name__} ({hint})"
+        )
     if problems:
         raise ProbeMatchError(
-            "ModuleProbe: " + "; ".join(problems)
+            "ModuleProbe: "
+            + "; ".join(problems)
             + ". Patterns are fnmatch globs over full qualified module names (as in model.named_modules(), wrapper "
             "prefixes such as 'module.' removed); '*' matches across dots."
         )
@@ -203,8 +216,12 @@ class ModuleHooks:
             if tensor is None:
                 if name not in self._warned:
                     self._warned.add(name)
-                    warnings.warn(f"ModuleProbe: module {name!r} (probe {spec.name!r}) returned {type(output).__name__}, "
-                                  "not a tensor; it is skipped", UserWarning, stacklevel=2)
+                    warnings.warn(
+                        f"ModuleProbe: module {name!r} (probe {spec.name!r}) returned {type(output).__name__}, "
+                        "not a tensor; it is skipped",
+                        UserWarning,
+                        stacklevel=2,
+                    )
                 return
             self.on_output(spec, name if calls == 0 else f"{name}#{calls}", tensor.detach())
 
@@ -213,5 +230,7 @@ class ModuleHooks:
     def __enter__(self) -> ModuleHooks:
         return self.attach()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.remove()

@@ -179,9 +179,7 @@ def top_k_pairs(probs2d: Tensor, k: int) -> list[tuple[int, int, float]]:
     return [(i // num_keys, i % num_keys, v) for i, v in zip(flat.tolist(), values.tolist())]
 
 
-def top_positions(
-    scores_1d: Tensor, k: int, names: Sequence[str] | None = None
-) -> list[tuple[str | int, float]]:
+def top_positions(scores_1d: Tensor, k: int, names: Sequence[str] | None = None) -> list[tuple[str | int, float]]:
     """The ``k`` highest scores as ``(name or index, score)``, descending. Synchronizes (meant for reports)."""
     if scores_1d.dim() != 1:
         raise ValueError(f"top_positions expects a 1-D tensor, got shape {tuple(scores_1d.shape)}")
@@ -255,9 +253,7 @@ def attention_rollout(
     return _rollout([fuse(_float(attn), dim=1) for attn in maps], discard_ratio, residual_weight)
 
 
-def gradient_weighted_rollout(
-    maps: Sequence[Tensor], grads: Sequence[Tensor], discard_ratio: float = 0.0
-) -> Tensor:
+def gradient_weighted_rollout(maps: Sequence[Tensor], grads: Sequence[Tensor], discard_ratio: float = 0.0) -> Tensor:
     """Gradient-weighted rollout: per layer ``F_l = mean_h(max(A_l * dA_l, 0))``, then :func:`attention_rollout`'s
     residual (0.5), discard and renormalization steps.
 

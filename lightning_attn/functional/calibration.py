@@ -68,7 +68,9 @@ Task = Literal["binary", "multiclass"]
 # ---------------------------------------------------------------------------------------------
 # binning
 # ---------------------------------------------------------------------------------------------
-def equal_width_edges(n_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+def equal_width_edges(
+    n_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> Tensor:
     """``n_bins + 1`` equally spaced edges on ``[0, 1]`` (``torch.linspace(0, 1, n_bins + 1)``)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -406,7 +408,9 @@ def smooth_calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, e
 # ---------------------------------------------------------------------------------------------
 # proper scoring rules on samples
 # ---------------------------------------------------------------------------------------------
-def brier_score(probs: Tensor, target: Tensor, task: Task = "multiclass", reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+def brier_score(
+    probs: Tensor, target: Tensor, task: Task = "multiclass", reduction: Literal["mean", "sum", "none"] = "mean"
+) -> Tensor:
     r"""Brier score (Brier 1950).
 
     Multiclass (``probs [N, K]``): :math:`\frac{1}{N} \sum_i \sum_k (p_{ik} - 1[y_i = k])^2`.
@@ -502,8 +506,14 @@ def fit_temperature(
         y = target.detach().clone()
         y = y.double() if task == "binary" else y.long()
         log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
-        optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
-                                      tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            [log_t],
+            lr=1.0,
+            max_iter=max_iter,
+            tolerance_grad=1e-10,
+            tolerance_change=1e-12,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure() -> Tensor:
             optimizer.zero_grad()

@@ -8,6 +8,7 @@ from lightning_attn.metrics.attention import (
     ProbeMaps,
     default_reducers,
 )
+from lightning_attn.metrics.calibration import CalibrationMetric
 from lightning_attn.metrics.heads import (
     FeatureCorrelation,
     HeadSpecializationMetrics,
@@ -15,31 +16,30 @@ from lightning_attn.metrics.heads import (
     ProbeHeadMaps,
     head_statistics_reducers,
 )
-from lightning_attn.metrics.calibration import CalibrationMetric
-from lightning_attn.metrics.reservoir import LogitReservoir
 from lightning_attn.metrics.probes import (
     ActivationStatistics,
     ProbeResults,
     ProbeStatistics,
     WeightHistogram,
 )
+from lightning_attn.metrics.reservoir import LogitReservoir
 
 __all__ = [
+    "ActivationStatistics",
     "AttentionPositions",
     "AttentionResults",
     "AttentionStatistics",
-    "ModalityAgreement",
-    "ProbeMaps",
-    "default_reducers",
+    "CalibrationMetric",
     "FeatureCorrelation",
     "HeadSpecializationMetrics",
     "HeadTypeScores",
-    "ProbeHeadMaps",
-    "head_statistics_reducers",
-    "CalibrationMetric",
     "LogitReservoir",
-    "ActivationStatistics",
+    "ModalityAgreement",
+    "ProbeHeadMaps",
+    "ProbeMaps",
     "ProbeResults",
     "ProbeStatistics",
     "WeightHistogram",
+    "default_reducers",
+    "head_statistics_reducers",
 ]

@@ -125,7 +125,12 @@ class CalibrationMetric(Metric):
             raise ValueError(f"multiclass calibration needs num_classes >= 2, got {num_classes}")
         if score_type not in ("logits", "probs"):
             raise ValueError(f"score_type must be 'logits' or 'probs', got {score_type!r}")
-        for name, value in (("n_bins", n_bins), ("adaptive_bins", adaptive_bins), ("classwise_bins", classwise_bins), ("fine_bins", fine_bins)):
+        for name, value in (
+            ("n_bins", n_bins),
+            ("adaptive_bins", adaptive_bins),
+            ("classwise_bins", classwise_bins),
+            ("fine_bins", fine_bins),
+        ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
@@ -250,7 +255,9 @@ class CalibrationMetric(Metric):
         self.n_bad_target = self.n_bad_target + bad_target.sum()
         self.n_nan = self.n_nan + nan.sum()
         if bad_prob is not None:
-            self.n_bad_prob = self.n_bad_prob + (bad_prob & ~bad_target & ~nan & (keep if ignored is not None else True)).sum()
+            self.n_bad_prob = (
+                self.n_bad_prob + (bad_prob & ~bad_target & ~nan & (keep if ignored is not None else True)).sum()
+            )
         return t, ~invalid
 
     def _bincount(self, index: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
@@ -268,7 +275,9 @@ class CalibrationMetric(Metric):
             return self.prob_tolerance
         return 1e-2 if half else 1e-3
 
-    def _histogram(self, prefix: str, index: Tensor, value64: Tensor, hits: Tensor, valid: Tensor | None, size: int) -> None:
+    def _histogram(
+        self, prefix: str, index: Tensor, value64: Tensor, hits: Tensor, valid: Tensor | None, size: int
+    ) -> None:
         """Add count / value sum / hit count of samples at ``index`` (``size`` entries). Invalid
         samples (``valid`` False; their ``value64`` must be finite) go to a discarded extra entry.
         Counts and hits come from one ``bincount`` of ``2 * index + hit``."""
@@ -290,8 +299,17 @@ class CalibrationMetric(Metric):
         self._histogram("fine", fine, value64, hits, valid, fb + 1)
         return index
 
-    def _update_bootstrap(self, x: Tensor, t: Tensor, index: Tensor, valid: Tensor | None, value64: Tensor,
-                          hits: Tensor, correct: Tensor, brier: Tensor) -> None:
+    def _update_bootstrap(
+        self,
+        x: Tensor,
+        t: Tensor,
+        index: Tensor,
+        valid: Tensor | None,
+        value64: Tensor,
+        hits: Tensor,
+        correct: Tensor,
+        brier: Tensor,
+    ) -> None:
         """Add the batch to every replicate: reliability-bin ``index`` (1.0 -> ``n_bins``, folded here)
         of ``value64``, ``hits``, ``correct`` and per-sample ``brier`` (0 for invalid samples)."""
         if not self.bootstrap:
@@ -402,7 +420,9 @@ class CalibrationMetric(Metric):
         if self.score_type == "logits":
             # log p_y = z_y - logsumexp(z) and logsumexp(z) = z_pred - log p_pred: no second pass over [N, K]
             z = x.numpy().reshape(-1)
-            nll = float((z.take(row_start + pred).astype(np.float64) - z.take(row_start + target) - np.log(conf64)).sum())
+            nll = float(
+                (z.take(row_start + pred).astype(np.float64) - z.take(row_start + target) - np.log(conf64)).sum()
+            )
         else:
             nll = float(-np.log(np.maximum(p_y64, 1e-12)).sum())
 
@@ -421,8 +441,16 @@ class CalibrationMetric(Metric):
         self.brier_sum = self.brier_sum + (sum_sq - 2 * float(p_y64.sum()) + n)
         self.nll_sum = self.nll_sum + nll
         correct_t = torch.from_numpy(correct)
-        self._update_bootstrap(x, t, torch.from_numpy(bin_index), None, torch.from_numpy(conf64), correct_t, correct_t,
-                               sum_sq_rows - 2 * torch.from_numpy(p_y64) + 1)
+        self._update_bootstrap(
+            x,
+            t,
+            torch.from_numpy(bin_index),
+            None,
+            torch.from_numpy(conf64),
+            correct_t,
+            correct_t,
+            sum_sq_rows - 2 * torch.from_numpy(p_y64) + 1,
+        )
 
     def _update_multiclass_masked(self, x: Tensor, probs: Tensor, t: Tensor, valid: Tensor | None) -> None:
         """Static shapes, no synchronisation (accelerators): invalid rows are zeroed and sent to a
@@ -511,14 +539,20 @@ class CalibrationMetric(Metric):
             raise ValueError(f"{bad_target} target(s) outside {allowed}{extra}: check the labels or num_classes")
         bad_prob = int(self.n_bad_prob)
         if bad_prob:
-            what = "rows not summing to 1 or values outside [0, 1]" if self.task == "multiclass" else "values outside [0, 1]"
+            what = (
+                "rows not summing to 1 or values outside [0, 1]"
+                if self.task == "multiclass"
+                else "values outside [0, 1]"
+            )
             raise ValueError(
                 f"{bad_prob} sample(s) declared as probabilities (score_type='probs') are not probabilities ({what}); "
                 "pass score_type='logits' if the model returns logits"
             )
         nan = int(self.n_nan)
         if nan:
-            rank_zero_warn(f"CalibrationMetric: {nan} sample(s) with NaN scores (or +inf logits) were skipped", UserWarning)
+            rank_zero_warn(
+                f"CalibrationMetric: {nan} sample(s) with NaN scores (or +inf logits) were skipped", UserWarning
+            )
 
     def compute(self) -> dict[str, Tensor]:
         """All measures as a flat dict: 0-d float64 tensors for scalars, 1-d/2-d for per-bin arrays.
@@ -538,7 +572,9 @@ class CalibrationMetric(Metric):
         n = self.n_samples.double()
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=n.device)
         if int(self.n_samples) == 0:
-            rank_zero_warn("CalibrationMetric: no valid samples since the last reset; every measure is NaN", UserWarning)
+            rank_zero_warn(
+                "CalibrationMetric: no valid samples since the last reset; every measure is NaN", UserWarning
+            )
 
         count, conf, hits = (fold_last_bin(s) for s in (self.bin_count, self.bin_conf, self.bin_hits))
         out["ece"] = calibration_error(count, conf, hits, "l1")
@@ -549,8 +585,9 @@ class CalibrationMetric(Metric):
         out["smece"] = smooth_calibration_error(fcount, fconf, fhits)
         out["ece_debiased"] = debiased_calibration_error(count, conf, hits)
         if self.bootstrap:
-            out.update(bootstrap_intervals(self.boot_count, self.boot_conf, self.boot_hits, self.boot_correct,
-                                           self.boot_brier))
+            out.update(
+                bootstrap_intervals(self.boot_count, self.boot_conf, self.boot_hits, self.boot_correct, self.boot_brier)
+            )
         ccount, cconf, chits = (fold_last_bin(s) for s in (self.class_count, self.class_conf, self.class_hits))
         out["classwise_ece"] = classwise_calibration_error(ccount, cconf, chits, self.n_samples)
         out["brier"] = self.brier_sum / n
@@ -563,7 +600,9 @@ class CalibrationMetric(Metric):
         n_correct = self.n_correct.double()
         n_wrong = n - n_correct
         out["confidence_correct"] = torch.where(n_correct > 0, self.conf_correct_sum / n_correct.clamp_min(1), nan)
-        out["confidence_incorrect"] = torch.where(n_wrong > 0, (self.conf_sum - self.conf_correct_sum) / n_wrong.clamp_min(1), nan)
+        out["confidence_incorrect"] = torch.where(
+            n_wrong > 0, (self.conf_sum - self.conf_correct_sum) / n_wrong.clamp_min(1), nan
+        )
         out["n_samples"] = n
         out["n_skipped"] = self.n_nan.double()
         out["n_ignored"] = self.n_ignored.double()

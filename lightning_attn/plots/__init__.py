@@ -11,18 +11,18 @@ from lightning_attn.plots.attention import (
     plot_rollout,
     plot_top_positions,
 )
+from lightning_attn.plots.calibration import (
+    plot_calibration_trend,
+    plot_classwise_reliability,
+    plot_confidence_histogram,
+    plot_reliability_diagram,
+)
 from lightning_attn.plots.heads import (
     plot_feature_correlations,
     plot_head_evolution,
     plot_head_redundancy,
     plot_head_type_scores,
     plot_hsi,
-)
-from lightning_attn.plots.calibration import (
-    plot_calibration_trend,
-    plot_classwise_reliability,
-    plot_confidence_histogram,
-    plot_reliability_diagram,
 )
 from lightning_attn.plots.probes import (
     plot_channel_heatmaps,
@@ -33,4 +33,6 @@ from lightning_attn.plots.probes import (
 )
 
 #: Every ``plot_*`` function of the figure modules (their helpers, e.g. ``short_site_names``, stay there).
-__all__ = [name for module in (attention, heads, calibration, probes) for name in module.__all__ if name.startswith("plot_")]
+__all__ = [
+    name for module in (attention, heads, calibration, probes) for name in module.__all__ if name.startswith("plot_")
+]

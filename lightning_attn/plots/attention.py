@@ -61,9 +61,21 @@ def _ticks(axis: Any, labels: Sequence[str] | None, length: int, which: str) -> 
         axis.set_yticklabels(texts, fontsize=size)
 
 
-def _heatmap(fig: Figure, ax: Any, data: np.ndarray, *, title: str = "", cmap: str = SEQUENTIAL, vmin: float | None = None,
-             vmax: float | None = None, xlabels: Sequence[str] | None = None, ylabels: Sequence[str] | None = None,
-             xlabel: str = "key", ylabel: str = "query", colorbar: bool = True) -> None:
+def _heatmap(
+    fig: Figure,
+    ax: Any,
+    data: np.ndarray,
+    *,
+    title: str = "",
+    cmap: str = SEQUENTIAL,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    xlabels: Sequence[str] | None = None,
+    ylabels: Sequence[str] | None = None,
+    xlabel: str = "key",
+    ylabel: str = "query",
+    colorbar: bool = True,
+) -> None:
     image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -89,15 +101,30 @@ def plot_head_statistics(values: Mapping[str, Any], sites: Sequence[str], title:
     fig.subplots_adjust(left=left, right=1 - 0.45 / width, bottom=0.9 / height, top=1 - 0.55 / height, wspace=0.4)
     for ax, name in zip(axes, names):
         data = np.ma.masked_invalid(as_array(values[name]))
-        _heatmap(fig, ax, data, title=name, xlabels=[f"h{h}" for h in range(heads)], ylabels=labels, xlabel="head", ylabel="site" if ax is axes[0] else "")
+        _heatmap(
+            fig,
+            ax,
+            data,
+            title=name,
+            xlabels=[f"h{h}" for h in range(heads)],
+            ylabels=labels,
+            xlabel="head",
+            ylabel="site" if ax is axes[0] else "",
+        )
         if ax is not axes[0]:
             ax.set_yticklabels([])
     fig.suptitle(title or "Per-head attention statistics", fontsize=10)
     return fig
 
 
-def plot_attention_maps(maps: Any, *, titles: Sequence[str] | None = None, query_labels: Sequence[str] | None = None,
-                        key_labels: Sequence[str] | None = None, title: str = "") -> Figure:
+def plot_attention_maps(
+    maps: Any,
+    *,
+    titles: Sequence[str] | None = None,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
+    title: str = "",
+) -> Figure:
     """Head-averaged maps ``[n, Q, K]`` side by side (one per probe sample)."""
     data = as_array(maps)
     if data.ndim == 2:
@@ -113,8 +140,14 @@ def plot_attention_maps(maps: Any, *, titles: Sequence[str] | None = None, query
     return fig
 
 
-def plot_attention_heads(maps: Any, *, query_labels: Sequence[str] | None = None, key_labels: Sequence[str] | None = None,
-                         title: str = "", max_columns: int = 4) -> Figure:
+def plot_attention_heads(
+    maps: Any,
+    *,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
+    title: str = "",
+    max_columns: int = 4,
+) -> Figure:
     """Per-head maps ``[H, Q, K]`` of one sample in a grid, on a shared colour scale."""
     data = as_array(maps)
     heads = data.shape[0]
@@ -145,7 +178,9 @@ def plot_attention_heads(maps: Any, *, query_labels: Sequence[str] | None = None
     return fig
 
 
-def plot_rollout(rollout: Any, *, labels: Sequence[str] | None = None, titles: Sequence[str] | None = None, title: str = "") -> Figure:
+def plot_rollout(
+    rollout: Any, *, labels: Sequence[str] | None = None, titles: Sequence[str] | None = None, title: str = ""
+) -> Figure:
     """Attention rollout ``[n, L, L]`` per probe sample (row ``i``: contribution of each input token to output ``i``)
     with, below, the contribution of each input token to the first output token ([CLS])."""
     data = as_array(rollout)
@@ -154,10 +189,22 @@ def plot_rollout(rollout: Any, *, labels: Sequence[str] | None = None, titles: S
     count = data.shape[0]
     fig = Figure(figsize=(4.2 * count, 5.6))
     axes = fig.subplots(2, count, squeeze=False, height_ratios=[3, 1])
-    fig.subplots_adjust(left=0.5 / (4.2 * count), right=1 - 0.5 / (4.2 * count), bottom=0.1, top=0.9, wspace=0.35, hspace=0.45)
+    fig.subplots_adjust(
+        left=0.5 / (4.2 * count), right=1 - 0.5 / (4.2 * count), bottom=0.1, top=0.9, wspace=0.35, hspace=0.45
+    )
     for index in range(count):
         name = titles[index] if titles is not None and index < len(titles) else f"sample {index}"
-        _heatmap(fig, axes[0, index], data[index], title=name, vmin=0.0, xlabels=labels, ylabels=labels, xlabel="input token", ylabel="output token")
+        _heatmap(
+            fig,
+            axes[0, index],
+            data[index],
+            title=name,
+            vmin=0.0,
+            xlabels=labels,
+            ylabels=labels,
+            xlabel="input token",
+            ylabel="output token",
+        )
         axes[1, index].fill_between(np.arange(data.shape[2]), data[index, 0], step="mid", color="tab:blue")
         axes[1, index].set_title("contribution to output token 0", fontsize=8)
         axes[1, index].set_xlim(-0.5, data.shape[2] - 0.5)
@@ -166,7 +213,9 @@ def plot_rollout(rollout: Any, *, labels: Sequence[str] | None = None, titles: S
     return fig
 
 
-def plot_layer_evolution(sites: Sequence[str], means: Mapping[str, Any], spreads: Mapping[str, Any] | None = None, title: str = "") -> Figure:
+def plot_layer_evolution(
+    sites: Sequence[str], means: Mapping[str, Any], spreads: Mapping[str, Any] | None = None, title: str = ""
+) -> Figure:
     """One line per statistic by depth (sites in forward order), each ``[sites]``, with an optional band
     ``mean +- spread`` (e.g. the standard deviation across heads)."""
     fig = Figure(figsize=(max(5.0, 0.45 * len(sites) + 2.5), 4.0))
@@ -189,7 +238,9 @@ def plot_layer_evolution(sites: Sequence[str], means: Mapping[str, Any], spreads
     return fig
 
 
-def plot_head_contributions(sites: Sequence[str], values: Any, errors: Any | None = None, *, statistic: str = "max_weight", title: str = "") -> Figure:
+def plot_head_contributions(
+    sites: Sequence[str], values: Any, errors: Any | None = None, *, statistic: str = "max_weight", title: str = ""
+) -> Figure:
     """Bars per head for each site (``values``, ``errors``: ``[sites, heads]``, NaN beyond a site's heads)."""
     data = as_array(values)
     err = None if errors is None else as_array(errors)
@@ -198,7 +249,14 @@ def plot_head_contributions(sites: Sequence[str], values: Any, errors: Any | Non
     rows = max(1, math.ceil(count / columns))
     fig = Figure(figsize=(5.0 * columns, 2.6 * rows + 0.6))
     axes = fig.subplots(rows, columns, squeeze=False)
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.45 / (2.6 * rows + 0.6), top=1 - 0.6 / (2.6 * rows + 0.6), wspace=0.25, hspace=0.55)
+    fig.subplots_adjust(
+        left=0.1,
+        right=0.98,
+        bottom=0.45 / (2.6 * rows + 0.6),
+        top=1 - 0.6 / (2.6 * rows + 0.6),
+        wspace=0.25,
+        hspace=0.55,
+    )
     names = short_site_names(sites)
     for index, ax in enumerate(axes.flat):
         if index >= count:
@@ -206,7 +264,13 @@ def plot_head_contributions(sites: Sequence[str], values: Any, errors: Any | Non
             continue
         row = data[index]
         heads = int(np.sum(~np.isnan(row)))
-        ax.bar(np.arange(heads), row[:heads], yerr=None if err is None else err[index, :heads], color="tab:orange", capsize=2)
+        ax.bar(
+            np.arange(heads),
+            row[:heads],
+            yerr=None if err is None else err[index, :heads],
+            color="tab:orange",
+            capsize=2,
+        )
         ax.set_xticks(np.arange(heads))
         ax.set_xticklabels([f"h{h}" for h in range(heads)], fontsize=7)
         ax.set_title(names[index], fontsize=8)
@@ -216,9 +280,17 @@ def plot_head_contributions(sites: Sequence[str], values: Any, errors: Any | Non
     return fig
 
 
-def plot_modality_pair(a_to_b: Any, b_to_a: Any, *, names: tuple[str, str] = ("A", "B"), agreement: float | None = None,
-                       sample_agreement: float | None = None, a_labels: Sequence[str] | None = None,
-                       b_labels: Sequence[str] | None = None, title: str = "") -> Figure:
+def plot_modality_pair(
+    a_to_b: Any,
+    b_to_a: Any,
+    *,
+    names: tuple[str, str] = ("A", "B"),
+    agreement: float | None = None,
+    sample_agreement: float | None = None,
+    a_labels: Sequence[str] | None = None,
+    b_labels: Sequence[str] | None = None,
+    title: str = "",
+) -> Figure:
     """A->B map ``[La, Lb]``, B->A transposed (``[Lb, La]`` shown as ``[La, Lb]``) and their difference."""
     forward = as_array(a_to_b)
     backward = as_array(b_to_a).T
@@ -228,10 +300,44 @@ def plot_modality_pair(a_to_b: Any, b_to_a: Any, *, names: tuple[str, str] = ("A
     axes = fig.subplots(1, 3)
     fig.subplots_adjust(left=0.07, right=0.95, bottom=0.2, top=0.86, wspace=0.4)
     vmax = float(np.nanmax([forward.max(initial=0), backward.max(initial=0)]))
-    _heatmap(fig, axes[0], forward, title=f"{a} -> {b}", vmin=0, vmax=vmax, xlabels=b_labels, ylabels=a_labels, xlabel=f"{b} (key)", ylabel=f"{a} (query)")
-    _heatmap(fig, axes[1], backward, title=f"({b} -> {a})ᵀ", vmin=0, vmax=vmax, xlabels=b_labels, ylabels=a_labels, xlabel=f"{b} (query)", ylabel=f"{a} (key)")
+    _heatmap(
+        fig,
+        axes[0],
+        forward,
+        title=f"{a} -> {b}",
+        vmin=0,
+        vmax=vmax,
+        xlabels=b_labels,
+        ylabels=a_labels,
+        xlabel=f"{b} (key)",
+        ylabel=f"{a} (query)",
+    )
+    _heatmap(
+        fig,
+        axes[1],
+        backward,
+        title=f"({b} -> {a})ᵀ",
+        vmin=0,
+        vmax=vmax,
+        xlabels=b_labels,
+        ylabels=a_labels,
+        xlabel=f"{b} (query)",
+        ylabel=f"{a} (key)",
+    )
     bound = float(np.nanmax(np.abs(difference))) if difference.size else 1.0
-    _heatmap(fig, axes[2], difference, title="difference", cmap=DIVERGING, vmin=-bound, vmax=bound, xlabels=b_labels, ylabels=a_labels, xlabel=b, ylabel=a)
+    _heatmap(
+        fig,
+        axes[2],
+        difference,
+        title="difference",
+        cmap=DIVERGING,
+        vmin=-bound,
+        vmax=bound,
+        xlabels=b_labels,
+        ylabels=a_labels,
+        xlabel=b,
+        ylabel=a,
+    )
     parts = []
     if agreement is not None and math.isfinite(agreement):
         parts.append(f"agreement {agreement:.3f} (epoch mean)")
@@ -241,7 +347,9 @@ def plot_modality_pair(a_to_b: Any, b_to_a: Any, *, names: tuple[str, str] = ("A
     return fig
 
 
-def plot_top_positions(entries: Mapping[str, Sequence[tuple[Any, float]]], *, title: str = "", xlabel: str = "share of attention received") -> Figure:
+def plot_top_positions(
+    entries: Mapping[str, Sequence[tuple[Any, float]]], *, title: str = "", xlabel: str = "share of attention received"
+) -> Figure:
     """Horizontal bars of the top positions of each site: ``entries[site] = [(label, value), ...]``."""
     sites = list(entries)
     count = max(1, len(sites))
@@ -252,8 +360,14 @@ def plot_top_positions(entries: Mapping[str, Sequence[tuple[Any, float]]], *, ti
     fig = Figure(figsize=(5.0 * columns, height))
     axes = fig.subplots(rows, columns, squeeze=False)
     label_width = max((len(str(label)) for pairs in entries.values() for label, _ in pairs), default=3)
-    fig.subplots_adjust(left=min(0.35, (0.07 * label_width + 0.3) / (5.0 * columns)), right=0.97, bottom=0.55 / height,
-                        top=1 - 0.5 / height, wspace=0.2 + min(0.5, 0.07 * label_width / 5.0), hspace=0.6)
+    fig.subplots_adjust(
+        left=min(0.35, (0.07 * label_width + 0.3) / (5.0 * columns)),
+        right=0.97,
+        bottom=0.55 / height,
+        top=1 - 0.5 / height,
+        wspace=0.2 + min(0.5, 0.07 * label_width / 5.0),
+        hspace=0.6,
+    )
     names = short_site_names(sites) if sites else []
     for index, ax in enumerate(axes.flat):
         if index >= len(sites):

@@ -36,17 +36,45 @@ _CORRECT = "#2ca02c"
 _WRONG = "#d62728"
 
 
-def _reliability_axes(ax: Any, edges: np.ndarray, accuracy: np.ndarray, confidence: np.ndarray, *, small: bool = False) -> None:
+def _reliability_axes(
+    ax: Any, edges: np.ndarray, accuracy: np.ndarray, confidence: np.ndarray, *, small: bool = False
+) -> None:
     lower, upper = edges[:-1], edges[1:]
     width = upper - lower
     filled = np.isfinite(accuracy)
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label="perfect calibration")
-    ax.bar(lower[filled], accuracy[filled], width=width[filled], align="edge", color=_ACC, edgecolor="black",
-           linewidth=0.5 if small else 0.8, label="accuracy")
+    ax.bar(
+        lower[filled],
+        accuracy[filled],
+        width=width[filled],
+        align="edge",
+        color=_ACC,
+        edgecolor="black",
+        linewidth=0.5 if small else 0.8,
+        label="accuracy",
+    )
     gap = confidence - accuracy
-    ax.bar(lower[filled], gap[filled], bottom=accuracy[filled], width=width[filled], align="edge", color=_GAP,
-           alpha=0.35, edgecolor=_GAP, hatch=None if small else "//", linewidth=0.5, label="gap (confidence - accuracy)")
-    ax.plot(confidence[filled], accuracy[filled], "o", color="black", markersize=2 if small else 3, label="(confidence, accuracy)")
+    ax.bar(
+        lower[filled],
+        gap[filled],
+        bottom=accuracy[filled],
+        width=width[filled],
+        align="edge",
+        color=_GAP,
+        alpha=0.35,
+        edgecolor=_GAP,
+        hatch=None if small else "//",
+        linewidth=0.5,
+        label="gap (confidence - accuracy)",
+    )
+    ax.plot(
+        confidence[filled],
+        accuracy[filled],
+        "o",
+        color="black",
+        markersize=2 if small else 3,
+        label="(confidence, accuracy)",
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
 
@@ -88,8 +116,16 @@ def plot_reliability_diagram(
         shown = np.isfinite(accuracy) & np.isfinite(low) & np.isfinite(high)
         below = np.clip(accuracy - low, 0, None)[shown]  # a percentile may sit on the wrong side of a skewed bin
         above = np.clip(high - accuracy, 0, None)[shown]
-        top.errorbar(confidence[shown], accuracy[shown], yerr=np.vstack([below, above]), fmt="none", ecolor="black",
-                     elinewidth=0.8, capsize=2, label="95% bootstrap interval")
+        top.errorbar(
+            confidence[shown],
+            accuracy[shown],
+            yerr=np.vstack([below, above]),
+            fmt="none",
+            ecolor="black",
+            elinewidth=0.8,
+            capsize=2,
+            label="95% bootstrap interval",
+        )
     top.set_ylabel("fraction of positives" if binary else "accuracy")
     top.legend(loc="upper left", fontsize=7)
     parts = [title] if title else []
@@ -127,7 +163,16 @@ def plot_confidence_histogram(
     fig = Figure(figsize=(5.2, 3.6), layout="constrained")
     ax = fig.subplots()
     ax.bar(lower, correct * scale, width=upper - lower, align="edge", color=_CORRECT, alpha=0.8, label="correct")
-    ax.bar(lower, incorrect * scale, bottom=correct * scale, width=upper - lower, align="edge", color=_WRONG, alpha=0.8, label="incorrect")
+    ax.bar(
+        lower,
+        incorrect * scale,
+        bottom=correct * scale,
+        width=upper - lower,
+        align="edge",
+        color=_WRONG,
+        alpha=0.8,
+        label="incorrect",
+    )
     if confidence is not None and math.isfinite(confidence):
         ax.axvline(confidence, color="black", linestyle="--", linewidth=1, label=f"mean confidence {confidence:.3f}")
     if accuracy is not None and math.isfinite(accuracy):

@@ -52,8 +52,13 @@ def _ticks(axis: Any, labels: Sequence[str], which: str) -> None:
         axis.set_yticklabels([labels[p] for p in positions], fontsize=size)
 
 
-def plot_hsi(hsi: Sequence[float | None], heads: Sequence[str], labels: Sequence[str] | None = None, threshold: float = 0.3,
-             title: str = "") -> Figure:
+def plot_hsi(
+    hsi: Sequence[float | None],
+    heads: Sequence[str],
+    labels: Sequence[str] | None = None,
+    threshold: float = 0.3,
+    title: str = "",
+) -> Figure:
     """Bars of the Head Specialization Index of every head, the threshold as a dashed line; bars at or above
     it coloured, with the head's label written on them."""
     values = np.nan_to_num(as_array(hsi, none_as_nan=True), nan=0.0)
@@ -76,10 +81,15 @@ def plot_hsi(hsi: Sequence[float | None], heads: Sequence[str], labels: Sequence
     return fig
 
 
-def plot_feature_correlations(correlations: Any, heads: Sequence[str], features: Sequence[str], title: str = "") -> Figure:
+def plot_feature_correlations(
+    correlations: Any, heads: Sequence[str], features: Sequence[str], title: str = ""
+) -> Figure:
     """Head x feature Pearson correlations ``[N, F]`` on a diverging scale ``[-1, 1]`` (blank: undefined)."""
     data = np.ma.masked_invalid(as_array(correlations, none_as_nan=True).reshape(len(heads), len(features)))
-    fig = Figure(figsize=(max(3.5, 0.9 * len(features) + 2.5), max(3.0, min(0.22 * len(heads) + 1.5, 30.0))), layout="constrained")
+    fig = Figure(
+        figsize=(max(3.5, 0.9 * len(features) + 2.5), max(3.0, min(0.22 * len(heads) + 1.5, 30.0))),
+        layout="constrained",
+    )
     ax = fig.subplots()
     image = ax.imshow(data, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
     _ticks(ax, list(features), "x")
@@ -87,7 +97,15 @@ def plot_feature_correlations(correlations: Any, heads: Sequence[str], features:
     if len(heads) * len(features) <= 400:
         for (row, column), value in np.ndenumerate(data.filled(np.nan)):
             if math.isfinite(value):
-                ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if abs(value) > 0.6 else "black")
+                ax.text(
+                    column,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if abs(value) > 0.6 else "black",
+                )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Pearson r")
     ax.set_title(title or "Head x feature correlation", fontsize=10)
     return fig
@@ -116,8 +134,13 @@ def plot_head_type_scores(scores: Mapping[str, Any], sites: Sequence[str], title
     return fig
 
 
-def plot_head_redundancy(distance: Any, heads: Sequence[str], clusters: Sequence[Sequence[str]] = (), threshold: float | None = None,
-                         title: str = "") -> Figure:
+def plot_head_redundancy(
+    distance: Any,
+    heads: Sequence[str],
+    clusters: Sequence[Sequence[str]] = (),
+    threshold: float | None = None,
+    title: str = "",
+) -> Figure:
     """Pairwise Jensen-Shannon distance between heads ``[N, N]`` (nats; blank: not comparable), with the
     clusters of near-duplicate heads listed below."""
     data = np.ma.masked_invalid(as_array(distance, none_as_nan=True))
@@ -139,20 +162,27 @@ def plot_head_redundancy(distance: Any, heads: Sequence[str], clusters: Sequence
     return fig
 
 
-def plot_head_evolution(epochs: Sequence[int], series: Mapping[str, Any], heads: Sequence[str], title: str = "") -> Figure:
+def plot_head_evolution(
+    epochs: Sequence[int], series: Mapping[str, Any], heads: Sequence[str], title: str = ""
+) -> Figure:
     """Per-head values over epochs: one ``heads x epochs`` heatmap per series (``series[name]`` ``[E, N]``),
     plus line plots when there are at most 12 heads."""
     names = list(series)
     lines = len(heads) <= 12
     rows = 2 if lines else 1
-    fig = Figure(figsize=(max(4.0 * len(names), 5.0), (3.0 if lines else 0.0) + max(2.5, min(0.2 * len(heads) + 1.5, 30.0))), layout="constrained")
+    fig = Figure(
+        figsize=(max(4.0 * len(names), 5.0), (3.0 if lines else 0.0) + max(2.5, min(0.2 * len(heads) + 1.5, 30.0))),
+        layout="constrained",
+    )
     axes = fig.subplots(rows, max(len(names), 1), squeeze=False)
     labels = short_head_names(heads)
     epoch_labels = [str(e) for e in epochs]
     for column, name in enumerate(names):
         data = as_array(series[name], none_as_nan=True).reshape(len(epochs), len(heads))
         ax = axes[0, column]
-        image = ax.imshow(np.ma.masked_invalid(data.T), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        image = ax.imshow(
+            np.ma.masked_invalid(data.T), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest"
+        )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         _ticks(ax, epoch_labels, "x")

@@ -25,7 +25,13 @@ from matplotlib.figure import Figure
 from lightning_attn.plots._common import as_array
 from lightning_attn.plots.attention import SEQUENTIAL, _heatmap, _ticks, short_site_names
 
-__all__ = ["plot_channel_heatmaps", "plot_over_time", "plot_weight_histograms", "plot_weight_statistics", "plot_weights_over_time"]
+__all__ = [
+    "plot_channel_heatmaps",
+    "plot_over_time",
+    "plot_weight_histograms",
+    "plot_weight_statistics",
+    "plot_weights_over_time",
+]
 
 
 def plot_channel_heatmaps(
@@ -57,7 +63,14 @@ def plot_channel_heatmaps(
     width, height = 4.4 * columns + 1.4, panel_height * rows + 0.9
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(rows, columns, squeeze=False)
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.6 / width, bottom=0.7 / height, top=1 - 0.6 / height, wspace=0.35, hspace=1.1 / panel_height)
+    fig.subplots_adjust(
+        left=0.8 / width,
+        right=1 - 0.6 / width,
+        bottom=0.7 / height,
+        top=1 - 0.6 / height,
+        wspace=0.35,
+        hspace=1.1 / panel_height,
+    )
     finite = [v[np.isfinite(v)] for v in data.values()]
     low = vmin if vmin is not None else min((float(v.min()) for v in finite if v.size), default=0.0)
     high = vmax if vmax is not None else max((float(v.max()) for v in finite if v.size), default=1.0)
@@ -69,10 +82,25 @@ def plot_channel_heatmaps(
             if column >= values.shape[0]:
                 ax.set_visible(False)
                 continue
-            sample = sample_titles[column] if sample_titles is not None and column < len(sample_titles) else f"sample {column}"
+            sample = (
+                sample_titles[column]
+                if sample_titles is not None and column < len(sample_titles)
+                else f"sample {column}"
+            )
             labels = list(channel_labels[site]) if channel_labels and site in channel_labels else None
-            _heatmap(fig, ax, values[column], title=f"{names[row]}, {sample}", vmin=low, vmax=high, xlabels=position_labels,
-                     ylabels=labels, xlabel="position", ylabel="channel" if column == 0 else "", colorbar=column == columns - 1)
+            _heatmap(
+                fig,
+                ax,
+                values[column],
+                title=f"{names[row]}, {sample}",
+                vmin=low,
+                vmax=high,
+                xlabels=position_labels,
+                ylabels=labels,
+                xlabel="position",
+                ylabel="channel" if column == 0 else "",
+                colorbar=column == columns - 1,
+            )
     fig.suptitle(title or "Activations over time (most variable channels)", fontsize=10)
     return fig
 
@@ -134,8 +162,14 @@ def plot_weights_over_time(
     height = 3.2 * rows + 0.6
     fig = Figure(figsize=(width * columns, height))
     axes = fig.subplots(rows, columns, squeeze=False)
-    fig.subplots_adjust(left=0.7 / (width * columns), right=1 - 0.2 / (width * columns), bottom=0.8 / height, top=1 - 0.6 / height,
-                        wspace=0.7 / width + 0.05, hspace=1.0 / 3.2)
+    fig.subplots_adjust(
+        left=0.7 / (width * columns),
+        right=1 - 0.2 / (width * columns),
+        bottom=0.8 / height,
+        top=1 - 0.6 / height,
+        wspace=0.7 / width + 0.05,
+        hspace=1.0 / 3.2,
+    )
     names = short_site_names(sites) if sites else []
     for index, ax in enumerate(axes.flat):
         if index >= len(sites):
@@ -158,7 +192,12 @@ def plot_weights_over_time(
             ax.axhline(1.0 / y.shape[0], color="gray", linestyle="--", linewidth=0.8, label="uniform 1/L")
         ax.set_xlim(-0.5, y.shape[0] - 0.5)
         ax.set_ylim(bottom=0)
-        _ticks(ax, position_labels if position_labels is not None and len(position_labels) == y.shape[0] else None, y.shape[0], "x")
+        _ticks(
+            ax,
+            position_labels if position_labels is not None and len(position_labels) == y.shape[0] else None,
+            y.shape[0],
+            "x",
+        )
         ax.set_title(names[index], fontsize=8)
         ax.set_xlabel("position", fontsize=8)
         ax.set_ylabel("weight", fontsize=8)
@@ -186,7 +225,14 @@ def plot_weight_histograms(
     width, height = 5.2 * columns, 3.0 * rows + 0.6
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(rows, columns, squeeze=False)
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - 0.6 / height, wspace=0.3, hspace=0.9 / 3.0)
+    fig.subplots_adjust(
+        left=0.75 / width,
+        right=1 - 0.2 / width,
+        bottom=0.6 / height,
+        top=1 - 0.6 / height,
+        wspace=0.3,
+        hspace=0.9 / 3.0,
+    )
     names = short_site_names(sites) if sites else []
     colors = None
     for index, ax in enumerate(axes.flat):
@@ -243,9 +289,15 @@ def plot_weight_statistics(
             values = as_array(means[site][statistic]).reshape(-1)
             errors = None if stds is None else as_array(stds[site][statistic]).reshape(-1)
             for head, value in enumerate(values):
-                ax.bar(index + (head - (values.size - 1) / 2) * width, value, width=width,
-                       yerr=None if errors is None else errors[head], capsize=2, color=colors(head % 10),
-                       label=f"h{head}" if index == 0 and len(values) > 1 else None)
+                ax.bar(
+                    index + (head - (values.size - 1) / 2) * width,
+                    value,
+                    width=width,
+                    yerr=None if errors is None else errors[head],
+                    capsize=2,
+                    color=colors(head % 10),
+                    label=f"h{head}" if index == 0 and len(values) > 1 else None,
+                )
         ax.set_xticks(np.arange(len(sites)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
         ax.set_title((labels or {}).get(statistic, statistic), fontsize=9)

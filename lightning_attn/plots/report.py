@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from lightning_attn.plots._common import as_array
 
 __all__ = [
+    "names_or_indices",
     "plot_batch_accuracy",
     "plot_classwise",
     "plot_confidence_histogram",
@@ -23,7 +24,6 @@ __all__ = [
     "plot_position_saliency",
     "plot_reliability",
     "plot_rollout_relevance",
-    "names_or_indices",
 ]
 
 MAX_LABELS = 40
@@ -33,9 +33,16 @@ def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
-def plot_reliability(lower: Sequence[float], upper: Sequence[float], accuracy: Sequence[float | None],
-                     confidence: Sequence[float | None], counts: Sequence[int], *, ece: float | None = None,
-                     title: str = "Reliability") -> Figure:
+def plot_reliability(
+    lower: Sequence[float],
+    upper: Sequence[float],
+    accuracy: Sequence[float | None],
+    confidence: Sequence[float | None],
+    counts: Sequence[int],
+    *,
+    ece: float | None = None,
+    title: str = "Reliability",
+) -> Figure:
     """Reliability diagram (accuracy per confidence bin, the diagonal is perfect calibration) over a
     histogram of the bins' sample counts."""
     fig = Figure(figsize=(5.5, 5.5), layout="constrained")
@@ -46,7 +53,15 @@ def plot_reliability(lower: Sequence[float], upper: Sequence[float], accuracy: S
     centers, widths = (lo + hi) / 2, hi - lo
     top.bar(centers, np.nan_to_num(acc), width=widths * 0.95, color="#4c72b0", edgecolor="#1f3d6b", label="accuracy")
     gap = np.where(np.isnan(acc) | np.isnan(conf), 0.0, conf - acc)
-    top.bar(centers, gap, bottom=np.nan_to_num(acc), width=widths * 0.95, color="#dd8452", alpha=0.45, label="gap to confidence")
+    top.bar(
+        centers,
+        gap,
+        bottom=np.nan_to_num(acc),
+        width=widths * 0.95,
+        color="#dd8452",
+        alpha=0.45,
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
@@ -59,8 +74,13 @@ def plot_reliability(lower: Sequence[float], upper: Sequence[float], accuracy: S
     return fig
 
 
-def plot_confidence_histogram(lower: Sequence[float], upper: Sequence[float], correct: Sequence[int], incorrect: Sequence[int],
-                              title: str = "Confidence of correct and incorrect predictions") -> Figure:
+def plot_confidence_histogram(
+    lower: Sequence[float],
+    upper: Sequence[float],
+    correct: Sequence[int],
+    incorrect: Sequence[int],
+    title: str = "Confidence of correct and incorrect predictions",
+) -> Figure:
     """Stacked histogram of the confidence of correct and incorrect predictions."""
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
@@ -77,7 +97,9 @@ def plot_confidence_histogram(lower: Sequence[float], upper: Sequence[float], co
     return fig
 
 
-def plot_effect_sizes(names: Sequence[str], effect: Sequence[float | None], title: str = "Correct vs. incorrect") -> Figure:
+def plot_effect_sizes(
+    names: Sequence[str], effect: Sequence[float | None], title: str = "Correct vs. incorrect"
+) -> Figure:
     """Horizontal bars of each measure's standardized difference (correct minus incorrect, Cohen's d)."""
     names = list(names)
     values = as_array(effect, none_as_nan=True)
@@ -94,8 +116,13 @@ def plot_effect_sizes(names: Sequence[str], effect: Sequence[float | None], titl
     return fig
 
 
-def plot_classwise(names: Sequence[str], support: Sequence[int], recall: Sequence[float | None],
-                   precision: Sequence[float | None], title: str = "Class-wise accuracy") -> Figure:
+def plot_classwise(
+    names: Sequence[str],
+    support: Sequence[int],
+    recall: Sequence[float | None],
+    precision: Sequence[float | None],
+    title: str = "Class-wise accuracy",
+) -> Figure:
     """Per class: recall (accuracy on the class), precision, and support as text."""
     fig = Figure(figsize=(max(4.5, 0.55 * len(names) + 2), 3.6), layout="constrained")
     ax = fig.subplots()
@@ -113,8 +140,16 @@ def plot_classwise(names: Sequence[str], support: Sequence[int], recall: Sequenc
     return fig
 
 
-def plot_head_matrix(sites: Sequence[str], matrix: Any, *, title: str, label: str, cmap: str = "viridis",
-                     vmin: float | None = None, vmax: float | None = None) -> Figure:
+def plot_head_matrix(
+    sites: Sequence[str],
+    matrix: Any,
+    *,
+    title: str,
+    label: str,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
     """Site x head heatmap (NaN where a site has fewer heads), values annotated when small enough."""
     data = as_array(matrix)
     if data.ndim == 1:
@@ -122,7 +157,9 @@ def plot_head_matrix(sites: Sequence[str], matrix: Any, *, title: str, label: st
     rows, cols = data.shape
     fig = Figure(figsize=(min(2.5 + 0.6 * cols, 14), min(1.5 + 0.42 * rows, 12)), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest"
+    )
     ax.set_xticks(np.arange(cols), [f"h{h}" for h in range(cols)], fontsize=7)
     ax.set_yticks(np.arange(rows), [_short(s, 36) for s in sites], fontsize=7)
     if rows * cols <= 160:
@@ -131,13 +168,23 @@ def plot_head_matrix(sites: Sequence[str], matrix: Any, *, title: str, label: st
             for c in range(cols):
                 if np.isfinite(data[r, c]):
                     level = (data[r, c] - low) / (high - low) if high > low else 0.0
-                    ax.text(c, r, f"{data[r, c]:.2f}", ha="center", va="center", fontsize=6, color="black" if level > 0.6 else "white")
+                    ax.text(
+                        c,
+                        r,
+                        f"{data[r, c]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="black" if level > 0.6 else "white",
+                    )
     fig.colorbar(image, ax=ax, label=label, shrink=0.9)
     ax.set_title(title, fontsize=10)
     return fig
 
 
-def plot_feature_saliency(feature_names: Sequence[str], shares: Any, *, sample_labels: Sequence[str], title: str) -> Figure:
+def plot_feature_saliency(
+    feature_names: Sequence[str], shares: Any, *, sample_labels: Sequence[str], title: str
+) -> Figure:
     """Probe x feature heatmap of gradient x input shares (each row sums to 1), with the mean share as bars."""
     data = as_array(shares)
     names = list(feature_names)
@@ -147,15 +194,18 @@ def plot_feature_saliency(feature_names: Sequence[str], shares: Any, *, sample_l
     top.bar(x, data.mean(0), color="#4c72b0")
     top.set_ylabel("mean share", fontsize=8)
     top.set_title(title, fontsize=10)
-    bottom.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=max(float(data.max(initial=0)), 1e-12), interpolation="nearest")
+    bottom.imshow(
+        data, aspect="auto", cmap="magma", vmin=0, vmax=max(float(data.max(initial=0)), 1e-12), interpolation="nearest"
+    )
     bottom.set_yticks(np.arange(data.shape[0]), list(sample_labels), fontsize=7)
     step = max(1, len(names) // MAX_LABELS)
     bottom.set_xticks(x[::step], [_short(str(n), 16) for n in names[::step]], rotation=60, ha="right", fontsize=7)
     return fig
 
 
-def plot_position_saliency(maps: Any, *, feature_names: Sequence[str] | None, sample_labels: Sequence[str], title: str,
-                           pooled: bool = False) -> Figure:
+def plot_position_saliency(
+    maps: Any, *, feature_names: Sequence[str] | None, sample_labels: Sequence[str], title: str, pooled: bool = False
+) -> Figure:
     """Per probe, the ``|gradient x input|`` map over positions (rows) and features (columns)."""
     data = as_array(maps)
     count = data.shape[0]
@@ -166,15 +216,22 @@ def plot_position_saliency(maps: Any, *, feature_names: Sequence[str] | None, sa
         ax.set_title(sample_labels[index], fontsize=8)
         ax.set_ylabel("position" + (" (pooled)" if pooled else ""), fontsize=7)
         if feature_names is not None and len(feature_names) == data.shape[-1] and len(feature_names) <= MAX_LABELS:
-            ax.set_xticks(np.arange(len(feature_names)), [_short(str(n), 12) for n in feature_names], rotation=60, ha="right", fontsize=6)
+            ax.set_xticks(
+                np.arange(len(feature_names)),
+                [_short(str(n), 12) for n in feature_names],
+                rotation=60,
+                ha="right",
+                fontsize=6,
+            )
         else:
             ax.set_xlabel("feature", fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 
 
-def plot_rollout_relevance(relevance: Any, *, sample_labels: Sequence[str], token_labels: Sequence[str] | None = None,
-                           title: str) -> Figure:
+def plot_rollout_relevance(
+    relevance: Any, *, sample_labels: Sequence[str], token_labels: Sequence[str] | None = None, title: str
+) -> Figure:
     """Probe x token heatmap of gradient-weighted rollout relevance."""
     data = as_array(relevance)
     fig = Figure(figsize=(min(3 + 0.22 * data.shape[1], 16), 1.6 + 0.4 * data.shape[0]), layout="constrained")
@@ -182,7 +239,9 @@ def plot_rollout_relevance(relevance: Any, *, sample_labels: Sequence[str], toke
     image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(np.arange(data.shape[0]), list(sample_labels), fontsize=7)
     if token_labels is not None and len(token_labels) == data.shape[1] and len(token_labels) <= MAX_LABELS:
-        ax.set_xticks(np.arange(data.shape[1]), [_short(str(t), 10) for t in token_labels], rotation=60, ha="right", fontsize=6)
+        ax.set_xticks(
+            np.arange(data.shape[1]), [_short(str(t), 10) for t in token_labels], rotation=60, ha="right", fontsize=6
+        )
     else:
         ax.set_xlabel("token", fontsize=8)
     fig.colorbar(image, ax=ax, shrink=0.9)
@@ -190,7 +249,9 @@ def plot_rollout_relevance(relevance: Any, *, sample_labels: Sequence[str], toke
     return fig
 
 
-def plot_batch_accuracy(accuracy: Sequence[float], confidence: Sequence[float], title: str = "Per-batch accuracy and confidence") -> Figure:
+def plot_batch_accuracy(
+    accuracy: Sequence[float], confidence: Sequence[float], title: str = "Per-batch accuracy and confidence"
+) -> Figure:
     """Accuracy and mean confidence of each evaluated batch."""
     fig = Figure(figsize=(6, 3), layout="constrained")
     ax = fig.subplots()

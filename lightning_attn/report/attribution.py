@@ -364,8 +364,10 @@ def compute_attributions(
             except ReportError as error:
                 if settings.embedding is not None:  # the layer the user named does not fit: say so at once
                     raise
-                out["attribution_notes"].append(f"no token saliency on the layer found, {name}: {error} (name the "
-                                                "input embedding layer with embedding=)")
+                out["attribution_notes"].append(
+                    f"no token saliency on the layer found, {name}: {error} (name the "
+                    "input embedding layer with embedding=)"
+                )
             else:
                 out["tokens"] = {**tokens, "layer": name, "method": settings.saliency, "pad_id": settings.pad_id(layer)}
     if settings.gradcam_layer is not None:
@@ -437,7 +439,9 @@ def record_attributions(
             run.probe_images[int(probe["sample"])] = image
         cam = probe.get("gradcam")
         if cam is not None and not np.any(np.asarray(cam["map"]) > 0):
-            note = (f"Grad-CAM on {cam['layer']} is zero for some probes (sample {probe['sample']}): no channel of "
-                    "that layer speaks for the explained class there; an earlier layer may show more")
+            note = (
+                f"Grad-CAM on {cam['layer']} is zero for some probes (sample {probe['sample']}): no channel of "
+                "that layer speaks for the explained class there; an earlier layer may show more"
+            )
             if not any(n.startswith(f"Grad-CAM on {cam['layer']} is zero") for n in run.notes):
                 run.notes.append(note)

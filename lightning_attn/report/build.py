@@ -100,8 +100,12 @@ def build_report(
     module = model if isinstance(model, pl.LightningModule) and is_overridden(step, model) else ReportModule(model)
     report = ExplainabilityReport(stages=(stage,), report_dir=str(out_dir), **report_kwargs)
     kwargs: dict[str, Any] = {
-        "accelerator": accelerator, "devices": devices, "logger": False, "enable_checkpointing": False,
-        "enable_model_summary": False, "enable_progress_bar": progress,
+        "accelerator": accelerator,
+        "devices": devices,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": progress,
         "default_root_dir": str(Path(out_dir).parent),
     }
     max_batches = report_kwargs.get("max_batches")

@@ -256,8 +256,13 @@ class ExplainabilityReport(EvaluationCallback):
         grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
-        for name, value, low in (("top_k", top_k, 1), ("calibration_bins", calibration_bins, 1), ("probe_samples", probe_samples, 0),
-                                 ("max_positions", max_positions, 1), ("figure_dpi", figure_dpi, 20)):
+        for name, value, low in (
+            ("top_k", top_k, 1),
+            ("calibration_bins", calibration_bins, 1),
+            ("probe_samples", probe_samples, 0),
+            ("max_positions", max_positions, 1),
+            ("figure_dpi", figure_dpi, 20),
+        ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         for name, value in (("chunk_size", chunk_size), ("max_batches", max_batches), ("html_max_rows", html_max_rows)):
@@ -294,8 +299,15 @@ class ExplainabilityReport(EvaluationCallback):
         self.title = title
         self.figures = figures
         self.figure_dpi = figure_dpi
-        self.attribution = AttributionSettings(embedding=embedding, saliency=saliency, n_steps=n_steps, tokenizer=tokenizer,
-                                               id_to_token=id_to_token, gradcam_layer=gradcam_layer, grid=grid)
+        self.attribution = AttributionSettings(
+            embedding=embedding,
+            saliency=saliency,
+            n_steps=n_steps,
+            tokenizer=tokenizer,
+            id_to_token=id_to_token,
+            gradcam_layer=gradcam_layer,
+            grid=grid,
+        )
         #: ``results[<stage key>]``: the last report's summary (what report.json holds) and its directory.
         self.results: dict[str, dict[str, Any]] = {}
         self._runs: dict[int, ReportRun] = {}
@@ -363,22 +375,34 @@ class ExplainabilityReport(EvaluationCallback):
         name = "test" if stage == "test" else f"val_epoch{int(trainer.current_epoch)}"
         return base / (name + suffix)
 
-    def _run_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> ReportRun:
+    def _run_for(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int
+    ) -> ReportRun:
         run = self._runs.get(dataloader_idx)
         if run is None:
             run = self._runs[dataloader_idx] = self._new_run(trainer, pl_module, stage, dataloader_idx)
         return run
 
-    def _new_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> ReportRun:
+    def _new_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int
+    ) -> ReportRun:
         model = _target_module(pl_module)
         if not trainer.is_global_zero:
             # a shard of a distributed report: rank-local scratch space, sent to rank zero at the end of the epoch
             rank = int(trainer.global_rank)
             tmp_dir = Path(tempfile.mkdtemp(prefix=f"lightning_attn_report_rank{rank}_"))
             run = ReportRun(
-                stage=stage, key=stage_key(stage, dataloader_idx), dataloader_idx=dataloader_idx, epoch=int(trainer.current_epoch),
-                final_dir=tmp_dir, tmp_dir=tmp_dir, started=utc_now(), model_sha256="",
-                model_class=f"{type(model).__module__}.{type(model).__qualname__}", rank=rank, shard=True,
+                stage=stage,
+                key=stage_key(stage, dataloader_idx),
+                dataloader_idx=dataloader_idx,
+                epoch=int(trainer.current_epoch),
+                final_dir=tmp_dir,
+                tmp_dir=tmp_dir,
+                started=utc_now(),
+                model_sha256="",
+                model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                rank=rank,
+                shard=True,
                 world_size=int(trainer.world_size),
             )
         else:
@@ -389,9 +413,16 @@ class ExplainabilityReport(EvaluationCallback):
             if self._model_sha256 is None:
                 self._model_sha256 = hash_state_dict(model.state_dict())
             run = ReportRun(
-                stage=stage, key=stage_key(stage, dataloader_idx), dataloader_idx=dataloader_idx, epoch=int(trainer.current_epoch),
-                final_dir=final_dir, tmp_dir=tmp_dir, started=started, model_sha256=self._model_sha256,
-                model_class=f"{type(model).__module__}.{type(model).__qualname__}", world_size=int(trainer.world_size),
+                stage=stage,
+                key=stage_key(stage, dataloader_idx),
+                dataloader_idx=dataloader_idx,
+                epoch=int(trainer.current_epoch),
+                final_dir=final_dir,
+                tmp_dir=tmp_dir,
+                started=started,
+                model_sha256=self._model_sha256,
+                model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                world_size=int(trainer.world_size),
             )
         run.bins = {name: np.zeros(self.calibration_bins, dtype=np.float64) for name in ("count", "conf", "hits")}
         return run
@@ -405,20 +436,34 @@ class ExplainabilityReport(EvaluationCallback):
         self._runs = {}
         self._model_sha256 = None
         self._record_in_step = not isinstance(pl_module, ReportModule)
-        self._distributed = (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-                             and dist.get_world_size() == trainer.world_size)
+        self._distributed = (
+            trainer.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() == trainer.world_size
+        )
         if trainer.world_size > 1 and not self._distributed and not self._warned_ddp:
             self._warned_ddp = True
             warnings.warn(
                 "ExplainabilityReport: this distributed strategy has no initialized torch.distributed process group to "
-                "gather the ranks' samples through, so the report covers rank zero's shard of the data.", UserWarning, stacklevel=2,
+                "gather the ranks' samples through, so the report covers rank zero's shard of the data.",
+                UserWarning,
+                stacklevel=2,
             )
 
     def _covers(self, trainer: pl.Trainer) -> bool:
         """Whether this rank evaluates its batches for the report (every rank under DDP, else rank zero)."""
         return trainer.is_global_zero or self._distributed
 
-    def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         self._close_recorder()
         if not self._covers(trainer) or not self._sampled(batch_idx):
             return
@@ -427,7 +472,16 @@ class ExplainabilityReport(EvaluationCallback):
         if self._record_in_step:
             self._open_recorder(pl_module, hook=True)
 
-    def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         attention, step_output = self._attention, self._step_output
         self._close_recorder()
         self._step_output = None
@@ -445,14 +499,20 @@ class ExplainabilityReport(EvaluationCallback):
                 run.samples_handle.flush()
         if self._distributed:
             logged = gather_shards(  # a collective: every rank
-                trainer, stage, runs, new_run=functools.partial(self._new_run, trainer, pl_module, stage), pending=self._pending,
+                trainer,
+                stage,
+                runs,
+                new_run=functools.partial(self._new_run, trainer, pl_module, stage),
+                pending=self._pending,
                 warn_padding=self._warn_padding,
             )
         else:
             if trainer.world_size > 1:
                 for run in runs:
-                    run.notes.append(f"rank zero's shard only: no torch.distributed process group to gather the "
-                                     f"{trainer.world_size} ranks through")
+                    run.notes.append(
+                        f"rank zero's shard only: no torch.distributed process group to gather the "
+                        f"{trainer.world_size} ranks through"
+                    )
             self._pending.extend(runs)
             logged = scalars(runs) if trainer.world_size == 1 else {}
         if logged:
@@ -525,8 +585,16 @@ class ExplainabilityReport(EvaluationCallback):
                     return outputs[key]
         return extract_targets(batch, self.target_key)
 
-    def _process(self, run: ReportRun, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-                 attention: BatchAttention | None, step_output: Any = None) -> None:
+    def _process(
+        self,
+        run: ReportRun,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        attention: BatchAttention | None,
+        step_output: Any = None,
+    ) -> None:
         module = _target_module(pl_module)
         raw_targets = self._targets(outputs, batch)
         if raw_targets is None:
@@ -540,7 +608,11 @@ class ExplainabilityReport(EvaluationCallback):
             # logits of the step itself: returned by it, else the output of the module's forward inside it
             hooked = as_logits(step_output, self.logits_key) if self.forward_fn is None else None
             for candidate in (self._logits_from_outputs(outputs), hooked):
-                if candidate is not None and candidate.dim() >= 1 and (expected is None or candidate.shape[0] == expected):
+                if (
+                    candidate is not None
+                    and candidate.dim() >= 1
+                    and (expected is None or candidate.shape[0] == expected)
+                ):
                     logits = candidate
                     break
         if logits is None:
@@ -554,7 +626,9 @@ class ExplainabilityReport(EvaluationCallback):
             finally:
                 self._close_recorder()
             if logits is None:
-                raise ReportError("forward_fn returned no logits tensor (a tensor, a mapping with 'logits', .logits or a tuple)")
+                raise ReportError(
+                    "forward_fn returned no logits tensor (a tensor, a mapping with 'logits', .logits or a tuple)"
+                )
         probs = probabilities(logits, self.outputs_are_probabilities)
         batch_size, num_classes = probs.shape
         target = class_targets(raw_targets, batch_size, num_classes).to(probs.device)
@@ -567,9 +641,18 @@ class ExplainabilityReport(EvaluationCallback):
             return
         first_index = run.count
         hashes = sample_hashes(model_inputs(batch, self.target_key), batch_size)
-        host = add_batch(run, probs, target, batch, batch_idx, attention, calibration_bins=self.calibration_bins,
-                         class_names=self.class_names, modality_pairs=self.modality_pairs,
-                         input_hashes=[hashes[row] for row in kept])
+        host = add_batch(
+            run,
+            probs,
+            target,
+            batch,
+            batch_idx,
+            attention,
+            calibration_bins=self.calibration_bins,
+            class_names=self.class_names,
+            modality_pairs=self.modality_pairs,
+            input_hashes=[hashes[row] for row in kept],
+        )
 
         # probes (rank zero only: the first samples of its shard are the first rows of a distributed report)
         wanted = self._probe_positions(first_index, len(kept)) if not run.shard else []
@@ -581,8 +664,17 @@ class ExplainabilityReport(EvaluationCallback):
             return [i - first_index for i in self.probe_indices if first_index <= i < first_index + batch_size]
         return list(range(0, max(0, min(batch_size, self.probe_samples - first_index))))
 
-    def _saliency(self, run: ReportRun, module: nn.Module, batch: Any, positions: list[int], first_index: int, batch_idx: int,
-                  host: Mapping[str, Tensor], batch_rows: list[int]) -> None:
+    def _saliency(
+        self,
+        run: ReportRun,
+        module: nn.Module,
+        batch: Any,
+        positions: list[int],
+        first_index: int,
+        batch_idx: int,
+        host: Mapping[str, Tensor],
+        batch_rows: list[int],
+    ) -> None:
         """Saliency of the kept samples at ``positions`` (of ``host``), rows ``batch_rows`` of ``batch``."""
         index = torch.tensor(positions, dtype=torch.long)
         device = batch_device(batch)
@@ -591,15 +683,34 @@ class ExplainabilityReport(EvaluationCallback):
         source = host["predicted"] if self.saliency_target == "predicted" else host["target"]
         explain = source[index]
         try:
-            result = compute_saliency(module, sub, self._forward(), explain=explain, target_key=self.target_key,
-                                      logits_key=self.logits_key, include=self.include, exclude=self.exclude,
-                                      max_positions=self.max_positions)
-            result.update(compute_attributions(module, sub, self._forward(), explain=explain, settings=self.attribution,
-                                               target_key=self.target_key, logits_key=self.logits_key))
+            result = compute_saliency(
+                module,
+                sub,
+                self._forward(),
+                explain=explain,
+                target_key=self.target_key,
+                logits_key=self.logits_key,
+                include=self.include,
+                exclude=self.exclude,
+                max_positions=self.max_positions,
+            )
+            result.update(
+                compute_attributions(
+                    module,
+                    sub,
+                    self._forward(),
+                    explain=explain,
+                    settings=self.attribution,
+                    target_key=self.target_key,
+                    logits_key=self.logits_key,
+                )
+            )
         except ReportError:
             raise
         except Exception as error:  # the report stays useful without saliency; the failure is in it
-            message = f"saliency failed for samples {[first_index + p for p in positions]}: {type(error).__name__}: {error}"
+            message = (
+                f"saliency failed for samples {[first_index + p for p in positions]}: {type(error).__name__}: {error}"
+            )
             run.notes.append(message)
             warnings.warn(f"ExplainabilityReport: {message}", UserWarning, stacklevel=2)
             return
@@ -627,10 +738,20 @@ class ExplainabilityReport(EvaluationCallback):
     def _finalize(self, trainer: pl.Trainer, run: ReportRun) -> None:
         run.close_samples()
         if run.count == 0:
-            raise ReportError(f"no samples were evaluated for the {run.key} report "
-                              f"({'every model output was NaN or Inf' if run.skipped_rows else 'empty dataloader?'})")
+            raise ReportError(
+                f"no samples were evaluated for the {run.key} report "
+                f"({'every model output was NaN or Inf' if run.skipped_rows else 'empty dataloader?'})"
+            )
         config = self.config()
         sections = other_sections(getattr(trainer, "callbacks", None) or [], run, skip=ExplainabilityReport)
-        settings = OutputSettings(title=self.title, calibration_bins=self.calibration_bins, saliency_target=self.saliency_target,
-                                  html_max_rows=self.html_max_rows, figures=self.figures, figure_dpi=self.figure_dpi)
-        self.results[run.key] = write_report(run, config, sections, global_step=int(trainer.global_step), settings=settings)
+        settings = OutputSettings(
+            title=self.title,
+            calibration_bins=self.calibration_bins,
+            saliency_target=self.saliency_target,
+            html_max_rows=self.html_max_rows,
+            figures=self.figures,
+            figure_dpi=self.figure_dpi,
+        )
+        self.results[run.key] = write_report(
+            run, config, sections, global_step=int(trainer.global_step), settings=settings
+        )

@@ -71,67 +71,134 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_argument_group("model and data (one of)")
     choice = source.add_mutually_exclusive_group(required=True)
     choice.add_argument("--config", metavar="YAML", help="LightningCLI config file with model: and data: sections")
-    choice.add_argument("--entry", metavar="MODULE:CALLABLE", help="callable returning (model, dataloader | datamodule)")
-    source.add_argument("--checkpoint", "--ckpt", metavar="CKPT", help="Lightning checkpoint (or a plain state_dict file)")
-    source.add_argument("--model-class", metavar="CLASS", help="model class when the config's model: section has no class_path")
-    source.add_argument("--data-class", metavar="CLASS", help="datamodule class when the config's data: section has no class_path")
-    source.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a checkpoint that holds arbitrary Python objects (torch.load weights_only=False); "
-                             "only for checkpoints you trust")
+    choice.add_argument(
+        "--entry", metavar="MODULE:CALLABLE", help="callable returning (model, dataloader | datamodule)"
+    )
+    source.add_argument(
+        "--checkpoint", "--ckpt", metavar="CKPT", help="Lightning checkpoint (or a plain state_dict file)"
+    )
+    source.add_argument(
+        "--model-class", metavar="CLASS", help="model class when the config's model: section has no class_path"
+    )
+    source.add_argument(
+        "--data-class", metavar="CLASS", help="datamodule class when the config's data: section has no class_path"
+    )
+    source.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that holds arbitrary Python objects (torch.load weights_only=False); "
+        "only for checkpoints you trust",
+    )
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", "-o", required=True, metavar="DIR",
-                     help="report directory (a previous report there is replaced on success; anything else is kept "
-                          "and the report goes to DIR-1, ...)")
+    out.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="report directory (a previous report there is replaced on success; anything else is kept "
+        "and the report goes to DIR-1, ...)",
+    )
     out.add_argument("--title", help="report title (default: Explainability report)")
     out.add_argument("--no-figures", action="store_true", help="write tables only, no PNG figures (faster)")
-    out.add_argument("--html-max-rows", type=int, metavar="N", help="at most N rows in the HTML per-sample table (CSV has all)")
+    out.add_argument(
+        "--html-max-rows", type=int, metavar="N", help="at most N rows in the HTML per-sample table (CSV has all)"
+    )
 
     what = parser.add_argument_group("what to explain")
-    what.add_argument("--stage", choices=("test", "validate"), default="test", help="evaluation loop to report on (default: test)")
+    what.add_argument(
+        "--stage", choices=("test", "validate"), default="test", help="evaluation loop to report on (default: test)"
+    )
     what.add_argument("--max-batches", type=int, metavar="N", help="report on the first N batches only")
     what.add_argument("--class-names", type=_csv, metavar="A,B,...", help="class names, comma-separated")
-    what.add_argument("--feature-names", action="append", default=[], metavar="[INPUT=]F1,F2,...",
-                      help="names of the last-axis features of a floating input (batch key, input0 ... for tuple batches); "
-                           "without INPUT= they apply to every input with that many features; repeatable")
-    what.add_argument("--forward-fn", metavar="MODULE:CALLABLE",
-                      help="forward_fn(model, batch) -> logits, when the default call does not fit the model")
-    what.add_argument("--target-key", metavar="KEY", help="key of the targets in mapping batches (default: target/label/y ...)")
+    what.add_argument(
+        "--feature-names",
+        action="append",
+        default=[],
+        metavar="[INPUT=]F1,F2,...",
+        help="names of the last-axis features of a floating input (batch key, input0 ... for tuple batches); "
+        "without INPUT= they apply to every input with that many features; repeatable",
+    )
+    what.add_argument(
+        "--forward-fn",
+        metavar="MODULE:CALLABLE",
+        help="forward_fn(model, batch) -> logits, when the default call does not fit the model",
+    )
+    what.add_argument(
+        "--target-key", metavar="KEY", help="key of the targets in mapping batches (default: target/label/y ...)"
+    )
     what.add_argument("--include", action="append", metavar="GLOB", help="attention sites to analyse (repeatable)")
     what.add_argument("--exclude", action="append", metavar="GLOB", help="attention sites to skip (repeatable)")
-    what.add_argument("--pair-sites", action="append", metavar="GLOB", help="sites whose top attention pairs are reported (default: last)")
+    what.add_argument(
+        "--pair-sites",
+        action="append",
+        metavar="GLOB",
+        help="sites whose top attention pairs are reported (default: last)",
+    )
     what.add_argument("--top-k", type=int, metavar="K", help="attention pairs per sample and site (default 3)")
-    what.add_argument("--modality-pair", action="append", default=[], metavar="NAME=SITE_AB,SITE_BA",
-                      help="declared cross-attention pair for modality agreement (repeatable)")
+    what.add_argument(
+        "--modality-pair",
+        action="append",
+        default=[],
+        metavar="NAME=SITE_AB,SITE_BA",
+        help="declared cross-attention pair for modality agreement (repeatable)",
+    )
     what.add_argument("--calibration-bins", type=int, metavar="N", help="equal-width confidence bins (default 15)")
-    what.add_argument("--probe-samples", type=int, metavar="N", help="first N samples get saliency (default 4, 0: none)")
-    what.add_argument("--probe-index", type=int, action="append", metavar="I", help="explicit sample index for saliency (repeatable)")
-    what.add_argument("--saliency-target", choices=("predicted", "target"), help="class to explain (default: predicted)")
-    what.add_argument("--outputs-are-probabilities", action="store_true", help="the model outputs probabilities, not logits")
-    what.add_argument("--saliency", choices=("gradient_x_input", "integrated_gradients"),
-                      help="token saliency on the input embedding layer (token-id inputs; default gradient_x_input)")
+    what.add_argument(
+        "--probe-samples", type=int, metavar="N", help="first N samples get saliency (default 4, 0: none)"
+    )
+    what.add_argument(
+        "--probe-index", type=int, action="append", metavar="I", help="explicit sample index for saliency (repeatable)"
+    )
+    what.add_argument(
+        "--saliency-target", choices=("predicted", "target"), help="class to explain (default: predicted)"
+    )
+    what.add_argument(
+        "--outputs-are-probabilities", action="store_true", help="the model outputs probabilities, not logits"
+    )
+    what.add_argument(
+        "--saliency",
+        choices=("gradient_x_input", "integrated_gradients"),
+        help="token saliency on the input embedding layer (token-id inputs; default gradient_x_input)",
+    )
     what.add_argument("--n-steps", type=int, metavar="N", help="integrated-gradients points (default 32)")
-    what.add_argument("--embedding", metavar="MODULE",
-                      help="input embedding layer (default: get_input_embeddings() or the first nn.Embedding)")
-    what.add_argument("--gradcam-layer", metavar="GLOB",
-                      help="Grad-CAM on this module's [batch, tokens, channels] output (e.g. a ViT block's norm1)")
-    what.add_argument("--grid", type=_csv, metavar="ROWS,COLS",
-                      help="patch grid of the Grad-CAM map (default: inferred when square)")
+    what.add_argument(
+        "--embedding",
+        metavar="MODULE",
+        help="input embedding layer (default: get_input_embeddings() or the first nn.Embedding)",
+    )
+    what.add_argument(
+        "--gradcam-layer",
+        metavar="GLOB",
+        help="Grad-CAM on this module's [batch, tokens, channels] output (e.g. a ViT block's norm1)",
+    )
+    what.add_argument(
+        "--grid", type=_csv, metavar="ROWS,COLS", help="patch grid of the Grad-CAM map (default: inferred when square)"
+    )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu: hashes comparable across machines)")
+    run.add_argument(
+        "--accelerator", default="cpu", help="Lightning accelerator (default cpu: hashes comparable across machines)"
+    )
     run.add_argument("--seed", type=int, help="seed everything first (default: the config's seed_everything)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--no-config-callbacks", action="store_true",
-                     help="do not run the config's lightning_attn callbacks (no calibration/head-specialization sections)")
-    run.add_argument("--callbacks-dir", metavar="DIR",
-                     help="keep the files of the config's lightning_attn callbacks here (default: a temporary directory, "
-                          "deleted; their numbers are in the report either way)")
+    run.add_argument(
+        "--no-config-callbacks",
+        action="store_true",
+        help="do not run the config's lightning_attn callbacks (no calibration/head-specialization sections)",
+    )
+    run.add_argument(
+        "--callbacks-dir",
+        metavar="DIR",
+        help="keep the files of the config's lightning_attn callbacks here (default: a temporary directory, "
+        "deleted; their numbers are in the report either way)",
+    )
     run.add_argument("--traceback", action="store_true", help="print the full traceback of a failure")
     return parser
 
@@ -151,7 +218,7 @@ def import_object(path: str, what: str, kind: str = "class") -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise CliError(f"unknown {kind} {path!r} for {what}: no module named {error.name!r}") from None
-    except Exception as error:  # noqa: BLE001 - the user's module failed to import
+    except Exception as error:
         raise CliError(f"importing {module_name!r} for {what} failed: {type(error).__name__}: {error}") from None
     target: Any = module
     for part in attribute.split("."):
@@ -175,7 +242,9 @@ def instantiate(spec: Any, what: str, default_class: str | None = None) -> Any:
     elif isinstance(spec, Mapping):
         raise CliError(f"the config's {what} section has no class_path: pass --{what.split()[0]}-class")
     else:
-        raise CliError(f"the config's {what} section must be a mapping with class_path and init_args, got {type(spec).__name__}")
+        raise CliError(
+            f"the config's {what} section must be a mapping with class_path and init_args, got {type(spec).__name__}"
+        )
     cls = import_object(class_path, what)
     if not callable(cls):
         raise CliError(f"{class_path!r} for {what} is not a class")
@@ -228,9 +297,11 @@ def load_weights(model: Any, checkpoint: str, trust: bool) -> None:
         payload = torch.load(checkpoint, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CliError(f"checkpoint {checkpoint} holds Python objects that safe loading refuses ({first[:160]}); "
-                       "if you trust it, pass --trust-checkpoint") from None
-    except Exception as error:  # noqa: BLE001 - corrupt or foreign file
+        raise CliError(
+            f"checkpoint {checkpoint} holds Python objects that safe loading refuses ({first[:160]}); "
+            "if you trust it, pass --trust-checkpoint"
+        ) from None
+    except Exception as error:
         raise CliError(f"cannot read checkpoint {checkpoint}: {type(error).__name__}: {error}") from None
     if isinstance(payload, Mapping) and "state_dict" in payload:
         state = payload["state_dict"]
@@ -260,7 +331,9 @@ def _call_entry(entry: str, checkpoint: str | None) -> tuple[Any, Any, bool]:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         parameters = {}
-    takes_checkpoint = "checkpoint" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    takes_checkpoint = "checkpoint" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
     result = fn(checkpoint=checkpoint) if takes_checkpoint else fn()
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise CliError(f"--entry {entry!r} must return (model, dataloader), got {type(result).__name__}")
@@ -330,8 +403,9 @@ def _refuse_out_over_inputs(out: str, inputs: Mapping[str, str | None]) -> None:
             continue
         source = Path(path).resolve()
         if source == target or target in source.parents:
-            raise CliError(f"--out {out} contains the {what} {path} that the report reads: "
-                           "choose another output directory")
+            raise CliError(
+                f"--out {out} contains the {what} {path} that the report reads: choose another output directory"
+            )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -350,9 +424,15 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
     from lightning_attn.report.build import build_report
 
     if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # config class paths of the project in the working directory (after installed packages)
-    for name, value in (("--max-batches", args.max_batches), ("--html-max-rows", args.html_max_rows), ("--top-k", args.top_k),
-                        ("--calibration-bins", args.calibration_bins)):
+        sys.path.append(
+            os.getcwd()
+        )  # config class paths of the project in the working directory (after installed packages)
+    for name, value in (
+        ("--max-batches", args.max_batches),
+        ("--html-max-rows", args.html_max_rows),
+        ("--top-k", args.top_k),
+        ("--calibration-bins", args.calibration_bins),
+    ):
         if value is not None and value < 1:
             raise CliError(f"{name} must be >= 1, got {value}")
     if args.probe_samples is not None and args.probe_samples < 0:
@@ -399,7 +479,9 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
         if checkpoint is not None and not passed:
             load_weights(model, checkpoint, args.trust_checkpoint)
 
-    kwargs: dict[str, Any] = {key: value for key, value in report_defaults.items() if key not in ("stages", "report_dir", "save_dir")}
+    kwargs: dict[str, Any] = {
+        key: value for key, value in report_defaults.items() if key not in ("stages", "report_dir", "save_dir")
+    }
     for key in ("forward_fn", "target_fn", "id_to_token"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = import_object(kwargs[key], f"the report's {key}", "callable")
@@ -429,8 +511,16 @@ def _run_with(args: argparse.Namespace, callbacks_dir: str) -> int:
         "grid": _grid(args.grid),
     }
     kwargs.update({key: value for key, value in explicit.items() if value is not None})
-    out = build_report(model, data, args.out, stage=args.stage, callbacks=callbacks, accelerator=args.accelerator,
-                       progress=not args.no_progress, **kwargs)
+    out = build_report(
+        model,
+        data,
+        args.out,
+        stage=args.stage,
+        callbacks=callbacks,
+        accelerator=args.accelerator,
+        progress=not args.no_progress,
+        **kwargs,
+    )
     summary_line = _summary_line(out)
     print(f"{out / 'report.html'}")
     print(summary_line, file=sys.stderr)
@@ -443,9 +533,11 @@ def _summary_line(out: Path) -> str:
     try:
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
         d, p = report["dataset"], report["provenance"]
-        return (f"{PROG}: wrote {out} ({d['num_samples']} samples, accuracy {d['accuracy']:.4f}, ECE {d['ece']:.4f}, "
-                f"report sha256 {p['report_sha256'][:16]})")
-    except Exception:  # noqa: BLE001 - the summary line is a courtesy
+        return (
+            f"{PROG}: wrote {out} ({d['num_samples']} samples, accuracy {d['accuracy']:.4f}, ECE {d['ece']:.4f}, "
+            f"report sha256 {p['report_sha256'][:16]})"
+        )
+    except Exception:
         return f"{PROG}: wrote {out}"
 
 
@@ -480,11 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - one line unless --traceback
+    except Exception as error:
         if args.traceback:
             traceback.print_exc()
         where = _where(error)
-        print(f"{PROG}: error: {type(error).__name__}: {_one_line(error)}{where} (--traceback for details)", file=sys.stderr)
+        print(
+            f"{PROG}: error: {type(error).__name__}: {_one_line(error)}{where} (--traceback for details)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         for logger, level in zip(loggers, levels):

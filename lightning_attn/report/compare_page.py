@@ -85,8 +85,17 @@ def page_html(
     blocks.append(
         '<section id="reports"><h2>Reports</h2>'
         + page.table_html(
-            ["label", "title", "stage", "samples", "model class", "model sha256", "inputs sha256", "report sha256",
-             "path"],
+            [
+                "label",
+                "title",
+                "stage",
+                "samples",
+                "model class",
+                "model sha256",
+                "inputs sha256",
+                "report sha256",
+                "path",
+            ],
             [
                 [
                     r["label"],

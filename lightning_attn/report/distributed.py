@@ -30,8 +30,15 @@ __all__ = ["GATHER_CHUNK_BYTES", "gather_shards"]
 GATHER_CHUNK_BYTES = 8 << 20
 
 
-def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new_run: Callable[[int], ReportRun], pending: list[ReportRun],
-                  warn_padding: Callable[[ReportRun, str], None]) -> dict[str, float]:
+def gather_shards(
+    trainer: pl.Trainer,
+    stage: str,
+    runs: list[ReportRun],
+    *,
+    new_run: Callable[[int], ReportRun],
+    pending: list[ReportRun],
+    warn_padding: Callable[[ReportRun, str], None],
+) -> dict[str, float]:
     """Send every rank's sums and sample rows to rank zero, which merges them into its runs (then finalized as
     in one process); returns the merged scalars to log, the same on every rank. A collective: every rank calls
     it, in the same order as the other callbacks' epoch-end collectives.
@@ -58,13 +65,13 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new
                 size = part.stat().st_size if part.exists() else 0
                 chunks[run.dataloader_idx] = -(-size // GATHER_CHUNK_BYTES)
                 payloads[run.dataloader_idx] = _shard_payload(run)  # type: ignore[index]
-        except Exception as exc:  # noqa: BLE001 - sent to rank zero, raised on every rank below
+        except Exception as exc:
             payloads, chunks = f"rank {rank}: {type(exc).__name__}: {exc}", {}
     scratch: Path | None = None
     if rank == 0:
         try:
             scratch = Path(tempfile.mkdtemp(prefix="lightning_attn_report_gather_"))
-        except Exception as exc:  # noqa: BLE001 - keep to the collectives, raise after them
+        except Exception as exc:
             error = exc
     try:
         counts: list[Any] = [None] * world
@@ -85,12 +92,16 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new
                             source = (mine[idx].tmp_dir / "samples.csv.part").open("rb")
                         if source is not None:
                             piece = source.read(GATHER_CHUNK_BYTES)
-                    except Exception as exc:  # noqa: BLE001 - keep to the rounds; rank zero sees the short row count
+                    except Exception as exc:
                         piece = b""
                         if source is not None:
                             source.close()
                         source = None
-                        warnings.warn(f"ExplainabilityReport: rank {rank} could not read its samples: {exc}", UserWarning, stacklevel=2)
+                        warnings.warn(
+                            f"ExplainabilityReport: rank {rank} could not read its samples: {exc}",
+                            UserWarning,
+                            stacklevel=2,
+                        )
                     received: list[Any] | None = [None] * world if rank == 0 else None
                     dist.gather_object(piece, received, dst=0)
                     if received is not None and scratch is not None and error is None:
@@ -99,7 +110,7 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new
                                 if received[k]:
                                     with (scratch / f"rank{k}_dl{idx}.csv").open("ab") as handle:
                                         handle.write(received[k])
-                        except Exception as exc:  # noqa: BLE001 - keep to the rounds, raise after them
+                        except Exception as exc:
                             error = exc
             finally:
                 if source is not None:
@@ -125,7 +136,7 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new
                     if note is not None:
                         warn_padding(run, note)
                 merged_scalars = scalars(targets)
-            except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            except Exception as exc:
                 error = exc
             # finalized at the end of the loop, or left INCOMPLETE by on_exception
             pending.extend(targets or list(mine.values()))
@@ -147,10 +158,21 @@ def gather_shards(trainer: pl.Trainer, stage: str, runs: list[ReportRun], *, new
 def _shard_payload(run: ReportRun) -> dict[str, Any]:
     """What a non-zero rank sends rank zero for one run: everything mergeable, no sample rows (those follow in chunks)."""
     return {
-        "count": run.count, "num_classes": run.num_classes, "class_names": run.class_names, "columns": run.columns,
-        "sites": run.sites, "site_info": run.site_info, "pair_sites": run.pair_sites, "modality": run.modality,
-        "stats": run.stats, "class_arrays": run.class_arrays, "bins": run.bins, "heads": run.heads,
-        "batch_rows": run.batch_rows, "notes": run.notes, "digest": (run.rank, run.hasher.hexdigest(), run.hasher.count),
+        "count": run.count,
+        "num_classes": run.num_classes,
+        "class_names": run.class_names,
+        "columns": run.columns,
+        "sites": run.sites,
+        "site_info": run.site_info,
+        "pair_sites": run.pair_sites,
+        "modality": run.modality,
+        "stats": run.stats,
+        "class_arrays": run.class_arrays,
+        "bins": run.bins,
+        "heads": run.heads,
+        "batch_rows": run.batch_rows,
+        "notes": run.notes,
+        "digest": (run.rank, run.hasher.hexdigest(), run.hasher.count),
     }
 
 
@@ -170,7 +192,9 @@ def _merge_shards(run: ReportRun, gathered: list[Any], scratch: Path) -> None:
         if run.num_classes == 0:
             _adopt(run, payload)
         elif payload["num_classes"] != run.num_classes:
-            raise ReportError(f"rank {k} saw {payload['num_classes']} classes in the {run.key} report, rank 0 {run.num_classes}")
+            raise ReportError(
+                f"rank {k} saw {payload['num_classes']} classes in the {run.key} report, rank 0 {run.num_classes}"
+            )
         run.stats.merge(payload["stats"])
         for name, values in payload["class_arrays"].items():
             run.class_arrays[name] = run.class_arrays[name] + values
@@ -180,15 +204,19 @@ def _merge_shards(run: ReportRun, gathered: list[Any], scratch: Path) -> None:
             if site not in run.heads:
                 run.heads[site] = sums
             elif not run.heads[site].merge(sums):
-                run.notes.append(f"site {site}: rank {k} saw {sums.heads} heads, rank 0 {run.heads[site].heads}; "
-                                 "its samples are not in the per-head table")
+                run.notes.append(
+                    f"site {site}: rank {k} saw {sums.heads} heads, rank 0 {run.heads[site].heads}; "
+                    "its samples are not in the per-head table"
+                )
         run.batch_rows.extend(payload["batch_rows"])
         for note in payload["notes"]:
             if note not in run.notes and f"rank {k}: {note}" not in run.notes:
                 run.notes.append(f"rank {k}: {note}")
         rows = _append_rows(run, scratch / f"rank{k}_dl{run.dataloader_idx}.csv")
         if rows != payload["count"]:
-            raise ReportError(f"rank {k} sent {rows} sample rows for its {payload['count']} samples of the {run.key} report")
+            raise ReportError(
+                f"rank {k} sent {rows} sample rows for its {payload['count']} samples of the {run.key} report"
+            )
         run.count += rows
 
 
@@ -197,7 +225,11 @@ def _adopt(run: ReportRun, payload: Mapping[str, Any]) -> None:
     run.num_classes = payload["num_classes"]
     run.class_names = payload["class_names"]
     run.class_arrays = {name: np.zeros_like(values) for name, values in payload["class_arrays"].items()}
-    run.sites, run.site_info, run.pair_sites = list(payload["sites"]), dict(payload["site_info"]), list(payload["pair_sites"])
+    run.sites, run.site_info, run.pair_sites = (
+        list(payload["sites"]),
+        dict(payload["site_info"]),
+        list(payload["pair_sites"]),
+    )
     run.modality = dict(payload["modality"])
     run.columns = list(payload["columns"])
     run.open_samples()
@@ -240,11 +272,13 @@ def _padding_note(trainer: pl.Trainer, stage: str, run: ReportRun) -> str | None
         if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             return None
         total, size = int(sampler.total_size), len(sampler.dataset)  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - a best-effort note
+    except Exception:
         return None
     if total > size and run.count == total:
-        note = (f"the DistributedSampler padded the {size} samples to {total} ({total - size} repeated) so that the "
-                f"{run.world_size} ranks get as many: samples.csv and every statistic count the repeats (as Lightning's metrics do)")
+        note = (
+            f"the DistributedSampler padded the {size} samples to {total} ({total - size} repeated) so that the "
+            f"{run.world_size} ranks get as many: samples.csv and every statistic count the repeats (as Lightning's metrics do)"
+        )
         run.notes.append(note)
         return note
     return None

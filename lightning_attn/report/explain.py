@@ -264,7 +264,9 @@ class BatchAttention:
         top_k: pairs per sample.
     """
 
-    def __init__(self, chunk_size: int | None, pair_sites: Sequence[str] | None, modality_sites: Sequence[str], top_k: int = 3) -> None:
+    def __init__(
+        self, chunk_size: int | None, pair_sites: Sequence[str] | None, modality_sites: Sequence[str], top_k: int = 3
+    ) -> None:
         self.chunk_size = chunk_size
         self.pair_sites = list(pair_sites) if pair_sites is not None else None
         self.modality_sites = list(modality_sites)
@@ -321,8 +323,14 @@ class BatchAttention:
         if self.pair_sites is None and self.last_site in self.sites:
             previous = self.sites[self.last_site]
             previous.top_values = previous.top_index = None  # only the last site's pairs are reported
-        self.sites[site] = SiteSample(num_heads=int(mean_entropy.shape[1]), num_keys=info.num_keys, entropy=mean_entropy,
-                                      top_values=top_values, top_index=top_index, head_mean=head_mean)
+        self.sites[site] = SiteSample(
+            num_heads=int(mean_entropy.shape[1]),
+            num_keys=info.num_keys,
+            entropy=mean_entropy,
+            top_values=top_values,
+            top_index=top_index,
+            head_mean=head_mean,
+        )
         self.infos[site] = info
         self.last_site = site
 
@@ -330,7 +338,8 @@ class BatchAttention:
         """Keep only the samples ``rows`` (``[n]`` indices into the batch) of every site."""
         for site, sample in self.sites.items():
             self.sites[site] = replace(
-                sample, entropy=sample.entropy[rows],
+                sample,
+                entropy=sample.entropy[rows],
                 top_values=None if sample.top_values is None else sample.top_values[rows],
                 top_index=None if sample.top_index is None else sample.top_index[rows],
                 head_mean=None if sample.head_mean is None else sample.head_mean[rows],
@@ -343,7 +352,9 @@ class BatchAttention:
         return [s for s in self.sites if self._is_pair_site(s)]
 
 
-def resolve_modality_pairs(pairs: Mapping[str, tuple[str, str]], sites: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
+def resolve_modality_pairs(
+    pairs: Mapping[str, tuple[str, str]], sites: Sequence[str]
+) -> dict[str, tuple[str | None, str | None]]:
     """Bind each declared pair's two globs to the first matching site name (``None`` when no site matches)."""
     bound: dict[str, tuple[str | None, str | None]] = {}
     for name, (a, b) in pairs.items():
@@ -488,7 +499,9 @@ def _block_pool(values: Tensor, max_rows: int) -> Tensor:
     if rows <= max_rows:
         return values
     bins = torch.linspace(0, rows, max_rows + 1).long()
-    return torch.stack([values[:, int(bins[i]) : max(int(bins[i + 1]), int(bins[i]) + 1)].mean(1) for i in range(max_rows)], dim=1)
+    return torch.stack(
+        [values[:, int(bins[i]) : max(int(bins[i + 1]), int(bins[i]) + 1)].mean(1) for i in range(max_rows)], dim=1
+    )
 
 
 def compute_saliency(
@@ -532,11 +545,16 @@ def compute_saliency(
         cloned = _clone_structure(batch)
         leaves = {name: tensor.requires_grad_(True) for name, tensor in floating_inputs(cloned, target_key).items()}
         cloned = _replace_inputs(cloned, leaves)
-        with AttentionRecorder(module, include=include, exclude=exclude, differentiable=True) as recorder, exclusive_recording(recorder):
+        with (
+            AttentionRecorder(module, include=include, exclude=exclude, differentiable=True) as recorder,
+            exclusive_recording(recorder),
+        ):
             logits = as_logits(forward_fn(module, cloned), logits_key)
         if logits is None:
             raise ReportError("forward_fn returned no logits tensor for the saliency pass")
-        explain = explain.detach().clone().to(device=logits.device, dtype=torch.long)  # a normal tensor, not an inference one
+        explain = (
+            explain.detach().clone().to(device=logits.device, dtype=torch.long)
+        )  # a normal tensor, not an inference one
         score = explained_score(logits, explain)
         maps = {site: attn for site, attn in recorder.maps.items() if attn.requires_grad}
         targets: list[Tensor] = list(leaves.values())
@@ -547,9 +565,17 @@ def compute_saliency(
             targets.append(attn)
             if base is not None:
                 targets.append(base)
-        grads = torch.autograd.grad(score, targets, allow_unused=True) if targets and score.requires_grad else [None] * len(targets)
+        grads = (
+            torch.autograd.grad(score, targets, allow_unused=True)
+            if targets and score.requires_grad
+            else [None] * len(targets)
+        )
 
-    result: dict[str, Any] = {"explained": explain.detach().cpu(), "logits": logits.detach().float().cpu(), "inputs": {}}
+    result: dict[str, Any] = {
+        "explained": explain.detach().cpu(),
+        "logits": logits.detach().float().cpu(),
+        "inputs": {},
+    }
     for index, (name, leaf) in enumerate(leaves.items()):
         grad = grads[index]
         if grad is None:
@@ -557,7 +583,9 @@ def compute_saliency(
         attribution = (leaf.detach() * grad.detach()).float().cpu()
         absolute, signed, positions = _feature_reduce(attribution)
         total = absolute.sum(-1, keepdim=True)
-        share = torch.where(total > 0, absolute / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(absolute))
+        share = torch.where(
+            total > 0, absolute / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(absolute)
+        )
         entry = {"shape": list(leaf.shape[1:]), "abs": absolute, "signed": signed, "share": share}
         if positions is not None:
             entry["positions"] = _block_pool(positions, max_positions)

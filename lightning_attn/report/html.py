@@ -156,11 +156,21 @@ def _is_number(text: str) -> bool:
     return text.strip() != ""
 
 
-def table_html(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None, sortable: bool = True,
-               row_class: Any = None) -> str:
+def table_html(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    table_id: str | None = None,
+    sortable: bool = True,
+    row_class: Any = None,
+) -> str:
     """An HTML table (numbers right-aligned and sorted numerically; exact value kept in ``data-v``)."""
-    parts = [f'<table{f" id={json.dumps(table_id)}" if table_id else ""} class="{"sortable" if sortable else "plain"}">',
-             "<thead><tr>", *(f"<th>{esc(c)}</th>" for c in columns), "</tr></thead><tbody>"]
+    parts = [
+        f'<table{f" id={json.dumps(table_id)}" if table_id else ""} class="{"sortable" if sortable else "plain"}">',
+        "<thead><tr>",
+        *(f"<th>{esc(c)}</th>" for c in columns),
+        "</tr></thead><tbody>",
+    ]
     for row in rows:
         parts.append(row_html(row, row_class(row) if row_class else None))
     parts.append("</tbody></table>")
@@ -171,7 +181,11 @@ def row_html(row: Sequence[Any], css_class: str | None = None) -> str:
     cells = []
     for value in row:
         text = value if isinstance(value, str) else fmt(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) or (isinstance(value, str) and _is_number(value)):
+        if (
+            (isinstance(value, (int, float))
+            and not isinstance(value, bool))
+            or (isinstance(value, str) and _is_number(value))
+        ):
             exact = value if isinstance(value, str) else repr(value)
             if isinstance(value, str):
                 text = value if value.strip().lstrip("+-").isdigit() else fmt(float(value))
@@ -185,8 +199,10 @@ def row_html(row: Sequence[Any], css_class: str | None = None) -> str:
 def figure_html(title: str, png: bytes, caption: str = "") -> str:
     """An ``<img>`` with the PNG inline as base64 (no file or network access needed)."""
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption><b>{esc(title)}</b>{(' — ' + esc(caption)) if caption else ''}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption><b>{esc(title)}</b>{(' — ' + esc(caption)) if caption else ''}</figcaption></figure>"
+    )
 
 
 def nested_html(data: Any, *, max_rows: int = 400, max_inline: int = 24) -> str:
@@ -208,7 +224,9 @@ def nested_html(data: Any, *, max_rows: int = 400, max_inline: int = 24) -> str:
                 rows.append((path, "[" + ", ".join("–" if v is None else fmt(v) for v in value) + "]"))
             elif flat:
                 numbers = [v for v in value if isinstance(v, (int, float))]
-                summary = f"{len(value)} values" + (f", min {fmt(min(numbers))}, max {fmt(max(numbers))}" if numbers else "")
+                summary = f"{len(value)} values" + (
+                    f", min {fmt(min(numbers))}, max {fmt(max(numbers))}" if numbers else ""
+                )
                 rows.append((path, summary + " (all in report.json)"))
             else:
                 for index, item in enumerate(value[:max_inline]):
@@ -223,17 +241,28 @@ def nested_html(data: Any, *, max_rows: int = 400, max_inline: int = 24) -> str:
     return table_html(["key", "value"], rows, sortable=False) + note
 
 
-def write_page(handle: IO[str], *, title: str, subtitle: str, meta: Mapping[str, str], nav: Sequence[tuple[str, str]],
-               blocks: Iterable[str], samples_columns: Sequence[str], samples_rows: Iterable[Sequence[str]],
-               expected_rows: int, total_rows: int, wrong_column: str | None = "correct") -> None:
+def write_page(
+    handle: IO[str],
+    *,
+    title: str,
+    subtitle: str,
+    meta: Mapping[str, str],
+    nav: Sequence[tuple[str, str]],
+    blocks: Iterable[str],
+    samples_columns: Sequence[str],
+    samples_rows: Iterable[Sequence[str]],
+    expected_rows: int,
+    total_rows: int,
+    wrong_column: str | None = "correct",
+) -> None:
     """Write the page to ``handle``: head, navigation, the given HTML ``blocks`` (sections), then the per-sample
     table streamed from ``samples_rows`` (``expected_rows`` of the ``total_rows`` samples shown)."""
-    handle.write("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n")
+    handle.write('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n')
     handle.write('<meta name="viewport" content="width=device-width, initial-scale=1">\n')
     for name, content in meta.items():
         handle.write(f'<meta name="{esc(name)}" content="{esc(content)}">\n')
     handle.write(f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head><body>\n")
-    handle.write(f"<header><h1>{esc(title)}</h1><div class=\"sub\">{esc(subtitle)}</div></header>\n<main>\n<nav>")
+    handle.write(f'<header><h1>{esc(title)}</h1><div class="sub">{esc(subtitle)}</div></header>\n<main>\n<nav>')
     handle.write("".join(f'<a href="#{esc(anchor)}">{esc(label)}</a>' for anchor, label in nav))
     handle.write("</nav>\n")
     for block in blocks:
@@ -241,10 +270,14 @@ def write_page(handle: IO[str], *, title: str, subtitle: str, meta: Mapping[str,
         handle.write("\n")
     handle.write('<section id="per-sample"><h2>Per-sample explanations</h2>')
     if expected_rows < total_rows:
-        handle.write(f'<p class="warn">The table shows the first {expected_rows} of {total_rows} samples '
-                     "(html_max_rows); samples.csv has all of them.</p>")
-    handle.write('<p class="note">Click a column header to sort. Rows of wrong predictions are tinted. '
-                 "Top pairs: <code>query&gt;key:weight</code> of the head-averaged map.</p>")
+        handle.write(
+            f'<p class="warn">The table shows the first {expected_rows} of {total_rows} samples '
+            "(html_max_rows); samples.csv has all of them.</p>"
+        )
+    handle.write(
+        '<p class="note">Click a column header to sort. Rows of wrong predictions are tinted. '
+        "Top pairs: <code>query&gt;key:weight</code> of the head-averaged map.</p>"
+    )
     handle.write('<div class="scroll"><table id="samples" class="sortable"><thead><tr>')
     handle.write("".join(f"<th>{esc(c)}</th>" for c in samples_columns))
     handle.write("</tr></thead><tbody>\n")
@@ -254,6 +287,8 @@ def write_page(handle: IO[str], *, title: str, subtitle: str, meta: Mapping[str,
         handle.write(row_html(row, "wrong" if wrong else None))
         handle.write("\n")
     handle.write("</tbody></table></div></section>\n")
-    handle.write(f'<div id="checks" data-status="pending" data-expected-rows="{int(expected_rows)}">self-check pending '
-                 "(needs JavaScript)</div>\n")
+    handle.write(
+        f'<div id="checks" data-status="pending" data-expected-rows="{int(expected_rows)}">self-check pending '
+        "(needs JavaScript)</div>\n"
+    )
     handle.write(f"</main>\n<script>{SCRIPT}</script>\n</body></html>\n")

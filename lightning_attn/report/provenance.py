@@ -175,7 +175,9 @@ def hash_config(config: Mapping[str, Any]) -> str:
 def report_hash(model_sha256: str, inputs_sha256: str, config_sha256: str) -> str:
     """One hash for the three: identical runs give identical values; any change of weights, inputs or
     settings changes it."""
-    return hashlib.sha256(f"model={model_sha256}\ninputs={inputs_sha256}\nconfig={config_sha256}\n".encode()).hexdigest()
+    return hashlib.sha256(
+        f"model={model_sha256}\ninputs={inputs_sha256}\nconfig={config_sha256}\n".encode()
+    ).hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -31,35 +31,84 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
     cal = summary["calibration"]
     bins = cal["bins"]
     lower, upper = [b["lower"] for b in bins], [b["upper"] for b in bins]
-    out.append(("reliability", "Reliability diagram",
-                f"accuracy per equal-width confidence bin ({cal['n_bins']} bins); ECE {_f(cal['ece'])}, MCE {_f(cal['mce'])}",
-                plots.plot_reliability(lower, upper, [b["accuracy"] for b in bins], [b["confidence"] for b in bins],
-                                       [b["count"] for b in bins], ece=cal["ece"])))
-    out.append(("confidence", "Confidence histogram", "confidence of correct and incorrect predictions",
-                plots.plot_confidence_histogram(lower, upper, [b["correct"] for b in bins], [b["incorrect"] for b in bins])))
+    out.append(
+        (
+            "reliability",
+            "Reliability diagram",
+            f"accuracy per equal-width confidence bin ({cal['n_bins']} bins); ECE {_f(cal['ece'])}, MCE {_f(cal['mce'])}",
+            plots.plot_reliability(
+                lower,
+                upper,
+                [b["accuracy"] for b in bins],
+                [b["confidence"] for b in bins],
+                [b["count"] for b in bins],
+                ece=cal["ece"],
+            ),
+        )
+    )
+    out.append(
+        (
+            "confidence",
+            "Confidence histogram",
+            "confidence of correct and incorrect predictions",
+            plots.plot_confidence_histogram(lower, upper, [b["correct"] for b in bins], [b["incorrect"] for b in bins]),
+        )
+    )
     group = summary["correct_vs_incorrect"]
     names = [n for n in group if group[n]["effect_size"] is not None]
     if names:
-        out.append(("correct_vs_incorrect", "Correct vs. incorrect",
-                    "standardized difference of every per-sample measure (positive: larger for correct predictions)",
-                    plots.plot_effect_sizes(names, [group[n]["effect_size"] for n in names])))
+        out.append(
+            (
+                "correct_vs_incorrect",
+                "Correct vs. incorrect",
+                "standardized difference of every per-sample measure (positive: larger for correct predictions)",
+                plots.plot_effect_sizes(names, [group[n]["effect_size"] for n in names]),
+            )
+        )
     classes = summary["classwise"]
-    out.append(("classwise", "Class-wise precision and recall", "per true class",
-                plots.plot_classwise([c["name"] for c in classes], [c["support"] for c in classes],
-                                     [c["recall"] for c in classes], [c["precision"] for c in classes])))
+    out.append(
+        (
+            "classwise",
+            "Class-wise precision and recall",
+            "per true class",
+            plots.plot_classwise(
+                [c["name"] for c in classes],
+                [c["support"] for c in classes],
+                [c["recall"] for c in classes],
+                [c["precision"] for c in classes],
+            ),
+        )
+    )
     if len(run.batch_rows) > 1:
-        out.append(("batches", "Per-batch statistics", "accuracy and mean confidence of each batch",
-                    plots.plot_batch_accuracy([r[2] for r in run.batch_rows], [r[3] for r in run.batch_rows])))
+        out.append(
+            (
+                "batches",
+                "Per-batch statistics",
+                "accuracy and mean confidence of each batch",
+                plots.plot_batch_accuracy([r[2] for r in run.batch_rows], [r[3] for r in run.batch_rows]),
+            )
+        )
     sites = [s for s in summary["attention"]["sites"] if "entropy_mean" in s]
     if sites:
         width = max(len(s["entropy_mean"]) for s in sites)
         matrix = np.full((len(sites), width), np.nan)
         for i, s in enumerate(sites):
             matrix[i, : len(s["entropy_mean"])] = s["entropy_mean"]
-        out.append(("head_entropy", "Mean attention entropy per head",
-                    "normalized entropy in [0, 1] averaged over samples (0: one key, 1: uniform)",
-                    plots.plot_head_matrix([s["name"] for s in sites], matrix, title="Mean normalized entropy per head",
-                                           label="entropy", vmin=0, vmax=1)))
+        out.append(
+            (
+                "head_entropy",
+                "Mean attention entropy per head",
+                "normalized entropy in [0, 1] averaged over samples (0: one key, 1: uniform)",
+                plots.plot_head_matrix(
+                    [s["name"] for s in sites],
+                    matrix,
+                    title="Mean normalized entropy per head",
+                    label="entropy",
+                    vmin=0,
+                    vmax=1,
+                ),
+            )
+        )
     relevance = summary["saliency"]["head_relevance"]
     if relevance:
         names = list(relevance)
@@ -67,35 +116,67 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
         matrix = np.full((len(names), width), np.nan)
         for i, name in enumerate(names):
             matrix[i, : len(relevance[name]["share"])] = relevance[name]["share"]
-        out.append(("head_relevance", "Head relevance (gradient-weighted)",
-                    "share of sum(max(A * dA, 0)) of each head within its site, mean over probe samples",
-                    plots.plot_head_matrix(names, matrix, title="Head relevance share", label="share", cmap="magma", vmin=0)))
+        out.append(
+            (
+                "head_relevance",
+                "Head relevance (gradient-weighted)",
+                "share of sum(max(A * dA, 0)) of each head within its site, mean over probe samples",
+                plots.plot_head_matrix(
+                    names, matrix, title="Head relevance share", label="share", cmap="magma", vmin=0
+                ),
+            )
+        )
     probes = summary["saliency"]["probes"]
     labels = [f"sample {p['sample']} (class {p['explained_class']})" for p in probes]
     for name, agg in summary["saliency"]["aggregate"].items():
         shares = [p["inputs"][name]["share"] for p in probes if name in p["inputs"]]
         if shares:
-            out.append((f"saliency_{_safe(name)}", f"Gradient x input: {name}",
-                        "share of |gradient x input| per feature (rows: probe samples; bars: mean)",
-                        plots.plot_feature_saliency(agg["feature_names"], shares, sample_labels=labels[: len(shares)],
-                                                    title=f"Feature saliency of input '{name}'")))
+            out.append(
+                (
+                    f"saliency_{_safe(name)}",
+                    f"Gradient x input: {name}",
+                    "share of |gradient x input| per feature (rows: probe samples; bars: mean)",
+                    plots.plot_feature_saliency(
+                        agg["feature_names"],
+                        shares,
+                        sample_labels=labels[: len(shares)],
+                        title=f"Feature saliency of input '{name}'",
+                    ),
+                )
+            )
     for name, entries in run.probe_positions.items():
         entries = entries[:4]
         maps = np.stack([m for _, m, _ in entries]) if len({m.shape for _, m, _ in entries}) == 1 else None
         if maps is not None:
-            out.append((f"saliency_map_{_safe(name)}", f"Gradient x input over positions: {name}",
-                        "|gradient x input| per position and feature, first probe samples",
-                        plots.plot_position_saliency(maps, feature_names=summary["saliency"]["aggregate"].get(name, {}).get("feature_names"),
-                                                     sample_labels=[f"sample {s}" for s, _, _ in entries],
-                                                     title=f"Saliency map of input '{name}'", pooled=entries[0][2])))
+            out.append(
+                (
+                    f"saliency_map_{_safe(name)}",
+                    f"Gradient x input over positions: {name}",
+                    "|gradient x input| per position and feature, first probe samples",
+                    plots.plot_position_saliency(
+                        maps,
+                        feature_names=summary["saliency"]["aggregate"].get(name, {}).get("feature_names"),
+                        sample_labels=[f"sample {s}" for s, _, _ in entries],
+                        title=f"Saliency map of input '{name}'",
+                        pooled=entries[0][2],
+                    ),
+                )
+            )
     rolled = [p for p in probes if p["rollout"] is not None]
     if rolled and len({len(p["rollout"]["mean_row"]) for p in rolled}) == 1:
         sites_used = rolled[0]["rollout"]["sites"]
-        out.append(("rollout", "Gradient-weighted attention rollout",
-                    f"token relevance (mean over output rows) through {len(sites_used)} sites: {', '.join(sites_used)}",
-                    plots.plot_rollout_relevance([p["rollout"]["mean_row"] for p in rolled],
-                                                 sample_labels=[f"sample {p['sample']}" for p in rolled],
-                                                 title="Gradient-weighted rollout relevance")))
+        out.append(
+            (
+                "rollout",
+                "Gradient-weighted attention rollout",
+                f"token relevance (mean over output rows) through {len(sites_used)} sites: {', '.join(sites_used)}",
+                plots.plot_rollout_relevance(
+                    [p["rollout"]["mean_row"] for p in rolled],
+                    sample_labels=[f"sample {p['sample']}" for p in rolled],
+                    title="Gradient-weighted rollout relevance",
+                ),
+            )
+        )
     out += attribution_view.figures(run, summary)
     return out
 
@@ -106,36 +187,86 @@ def markdown(summary: dict[str, Any], provenance: dict[str, Any], files: list[st
     notes) is escaped (:func:`_md`, :func:`_code`): a Markdown viewer renders raw HTML, so a ``<script>`` in a class
     name would run there."""
     d = summary["dataset"]
-    lines = [f"# {_md(title)}", "",
-             f"Stage `{summary['stage_key']}`, {d['num_samples']} samples in {d['num_batches']} batches, "
-             f"{d['num_classes']} classes. Written {provenance['finished_utc']}.", "",
-             "## Provenance", "", "| item | value |", "|---|---|"]
-    for key in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "model_class", "started_utc", "finished_utc"):
+    lines = [
+        f"# {_md(title)}",
+        "",
+        f"Stage `{summary['stage_key']}`, {d['num_samples']} samples in {d['num_batches']} batches, "
+        f"{d['num_classes']} classes. Written {provenance['finished_utc']}.",
+        "",
+        "## Provenance",
+        "",
+        "| item | value |",
+        "|---|---|",
+    ]
+    for key in (
+        "report_sha256",
+        "model_sha256",
+        "inputs_sha256",
+        "config_sha256",
+        "model_class",
+        "started_utc",
+        "finished_utc",
+    ):
         lines.append(f"| {key} | {_code(provenance[key])} |")
     if provenance.get("world_size", 1) > 1:
         lines.append(f"| world_size | {provenance['world_size']} (inputs_sha256 combines the ranks' hashes) |")
     lines.append("| versions | " + ", ".join(f"{_md(k)} {_md(v)}" for k, v in provenance["versions"].items()) + " |")
     lines += ["", "## Dataset", "", "| measure | value |", "|---|---|"]
-    for key in ("accuracy", "mean_confidence", "ece", "mce", "nll", "brier", "mean_margin", "mean_output_entropy", "num_correct", "num_incorrect"):
+    for key in (
+        "accuracy",
+        "mean_confidence",
+        "ece",
+        "mce",
+        "nll",
+        "brier",
+        "mean_margin",
+        "mean_output_entropy",
+        "num_correct",
+        "num_incorrect",
+    ):
         lines.append(f"| {key} | {_f(d[key])} |")
-    lines += ["", "## Correct vs. incorrect predictions", "",
-              "| measure | mean (correct) | mean (incorrect) | difference | effect size |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Correct vs. incorrect predictions",
+        "",
+        "| measure | mean (correct) | mean (incorrect) | difference | effect size |",
+        "|---|---|---|---|---|",
+    ]
     for name, g in summary["correct_vs_incorrect"].items():
-        lines.append(f"| {_md(name)} | {_f(g['correct']['mean'])} | {_f(g['incorrect']['mean'])} "
-                     f"| {_f(g['difference'])} | {_f(g['effect_size'])} |")
-    lines += ["", "## Class-wise", "", "| class | support | predicted | precision | recall | f1 | mean confidence |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {_md(name)} | {_f(g['correct']['mean'])} | {_f(g['incorrect']['mean'])} "
+            f"| {_f(g['difference'])} | {_f(g['effect_size'])} |"
+        )
+    lines += [
+        "",
+        "## Class-wise",
+        "",
+        "| class | support | predicted | precision | recall | f1 | mean confidence |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in summary["classwise"]:
-        lines.append(f"| {_md(c['name'])} | {c['support']} | {c['predicted']} | {_f(c['precision'])} "
-                     f"| {_f(c['recall'])} | {_f(c['f1'])} | {_f(c['mean_confidence_true'])} |")
+        lines.append(
+            f"| {_md(c['name'])} | {c['support']} | {c['predicted']} | {_f(c['precision'])} "
+            f"| {_f(c['recall'])} | {_f(c['f1'])} | {_f(c['mean_confidence_true'])} |"
+        )
     sites = [s for s in summary["attention"]["sites"] if "entropy_mean" in s]
     if sites:
-        lines += ["", "## Attention sites", "", "| site | heads | mean entropy | most focused head |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Attention sites",
+            "",
+            "| site | heads | mean entropy | most focused head |",
+            "|---|---|---|---|",
+        ]
         for s in sites:
-            lines.append(f"| {_code(s['name'])} | {s['num_heads']} | {_f(float(np.mean(s['entropy_mean'])))} "
-                         f"| h{s['most_focused_head']} |")
+            lines.append(
+                f"| {_code(s['name'])} | {s['num_heads']} | {_f(float(np.mean(s['entropy_mean'])))} "
+                f"| h{s['most_focused_head']} |"
+            )
     for pair, entry in summary["attention"]["modality_pairs"].items():
-        lines.append(f"\nModality agreement {_code(pair)}: mean {_f(entry['all']['mean'])} "
-                     f"over {entry['all']['n']} samples.")
+        lines.append(
+            f"\nModality agreement {_code(pair)}: mean {_f(entry['all']['mean'])} over {entry['all']['n']} samples."
+        )
     sal = summary["saliency"]
     if sal["num_probes"]:
         lines += ["", f"## Saliency ({sal['num_probes']} probe samples, {sal['target']} class)", ""]
@@ -146,8 +277,10 @@ def markdown(summary: dict[str, Any], provenance: dict[str, Any], files: list[st
             share = _f(rel["share"][top] if rel["share"] else None)
             lines.append(f"- head relevance {_code(site)}: most relevant h{top} ({share})")
     if summary["sections"]:
-        lines += ["", "## Other callbacks", ""] + [f"- {_md(k)}: {_code(v['callback'])} (see report.json / report.html)"
-                                                   for k, v in summary["sections"].items()]
+        lines += ["", "## Other callbacks", ""] + [
+            f"- {_md(k)}: {_code(v['callback'])} (see report.json / report.html)"
+            for k, v in summary["sections"].items()
+        ]
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in summary["notes"]]
     lines += ["", "## Files", ""] + [f"- {_code(f)}" for f in files] + [""]
@@ -169,100 +302,232 @@ def _code(value: Any) -> str:
     return "`" + " ".join(str(value).split()).replace("`", "'").replace("|", "\\|") + "`"
 
 
-def write_html(path: Path, run: ReportRun, summary: dict[str, Any], provenance: dict[str, Any],
-               pngs: list[tuple[str, str, bytes]], *, title: str, html_max_rows: int | None) -> None:
+def write_html(
+    path: Path,
+    run: ReportRun,
+    summary: dict[str, Any],
+    provenance: dict[str, Any],
+    pngs: list[tuple[str, str, bytes]],
+    *,
+    title: str,
+    html_max_rows: int | None,
+) -> None:
     """Write ``report.html`` to ``path``: the summary's sections, the rendered figures ``pngs`` (title, caption, PNG)
     and the first ``html_max_rows`` rows (``None``: all) of the run's ``samples.csv``, streamed."""
     d = summary["dataset"]
     blocks: list[str] = []
-    cards = [("samples", d["num_samples"]), ("accuracy", d["accuracy"]), ("mean confidence", d["mean_confidence"]),
-             ("ECE", d["ece"]), ("NLL", d["nll"]), ("Brier", d["brier"]), ("attention sites", len(summary["attention"]["sites"])),
-             ("probe samples", summary["saliency"]["num_probes"])]
+    cards = [
+        ("samples", d["num_samples"]),
+        ("accuracy", d["accuracy"]),
+        ("mean confidence", d["mean_confidence"]),
+        ("ECE", d["ece"]),
+        ("NLL", d["nll"]),
+        ("Brier", d["brier"]),
+        ("attention sites", len(summary["attention"]["sites"])),
+        ("probe samples", summary["saliency"]["num_probes"]),
+    ]
     notes = "".join(f'<p class="warn">{page.esc(n)}</p>' for n in summary["notes"])
-    blocks.append('<section id="overview"><h2>Overview</h2><div class="cards">'
-                  + "".join(f'<div class="card"><div class="v">{page.esc(_f(v))}</div><div class="k">{page.esc(k)}</div></div>' for k, v in cards)
-                  + f"</div>{notes}</section>")
-    blocks.append('<section id="figures"><h2>Figures</h2>' + "".join(page.figure_html(t, png, c) for t, c, png in pngs) + "</section>")
+    blocks.append(
+        '<section id="overview"><h2>Overview</h2><div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="v">{page.esc(_f(v))}</div><div class="k">{page.esc(k)}</div></div>'
+            for k, v in cards
+        )
+        + f"</div>{notes}</section>"
+    )
+    blocks.append(
+        '<section id="figures"><h2>Figures</h2>'
+        + "".join(page.figure_html(t, png, c) for t, c, png in pngs)
+        + "</section>"
+    )
     group = summary["correct_vs_incorrect"]
-    rows = [[name, g["correct"]["n"], g["correct"]["mean"], g["correct"]["std"], g["incorrect"]["n"], g["incorrect"]["mean"],
-             g["incorrect"]["std"], g["difference"], g["effect_size"]] for name, g in group.items()]
-    blocks.append('<section id="correct-vs-incorrect"><h2>Correct vs. incorrect predictions</h2>'
-                  + page.table_html(["measure", "n correct", "mean correct", "std correct", "n incorrect", "mean incorrect",
-                                     "std incorrect", "difference", "effect size"], rows) + "</section>")
-    class_columns = ["class", "name", "support", "predicted", "correct", "precision", "recall", "f1", "mean_confidence_true",
-                     "mean_confidence_predicted", "mean_attention_entropy"]
-    blocks.append('<section id="classwise"><h2>Class-wise</h2>'
-                  + page.table_html(class_columns, [[c[k] for k in class_columns] for c in summary["classwise"]]) + "</section>")
+    rows = [
+        [
+            name,
+            g["correct"]["n"],
+            g["correct"]["mean"],
+            g["correct"]["std"],
+            g["incorrect"]["n"],
+            g["incorrect"]["mean"],
+            g["incorrect"]["std"],
+            g["difference"],
+            g["effect_size"],
+        ]
+        for name, g in group.items()
+    ]
+    blocks.append(
+        '<section id="correct-vs-incorrect"><h2>Correct vs. incorrect predictions</h2>'
+        + page.table_html(
+            [
+                "measure",
+                "n correct",
+                "mean correct",
+                "std correct",
+                "n incorrect",
+                "mean incorrect",
+                "std incorrect",
+                "difference",
+                "effect size",
+            ],
+            rows,
+        )
+        + "</section>"
+    )
+    class_columns = [
+        "class",
+        "name",
+        "support",
+        "predicted",
+        "correct",
+        "precision",
+        "recall",
+        "f1",
+        "mean_confidence_true",
+        "mean_confidence_predicted",
+        "mean_attention_entropy",
+    ]
+    blocks.append(
+        '<section id="classwise"><h2>Class-wise</h2>'
+        + page.table_html(class_columns, [[c[k] for k in class_columns] for c in summary["classwise"]])
+        + "</section>"
+    )
     head_columns, head_rows = tables(summary)["per_head.csv"]
     attention_block = '<section id="heads"><h2>Attention heads</h2>'
     if head_rows:
-        attention_block += ('<p class="note">Per site and head: mean normalized entropy over samples, for correct and incorrect '
-                            "predictions, how often the head is a sample's most focused one, and its gradient-weighted relevance "
-                            "(probe samples).</p>" + page.table_html(head_columns, head_rows))
+        attention_block += (
+            '<p class="note">Per site and head: mean normalized entropy over samples, for correct and incorrect '
+            "predictions, how often the head is a sample's most focused one, and its gradient-weighted relevance "
+            "(probe samples).</p>" + page.table_html(head_columns, head_rows)
+        )
     else:
         attention_block += '<p class="note">No attention was captured.</p>'
     for pair, entry in summary["attention"]["modality_pairs"].items():
-        attention_block += (f"<p>Modality agreement <code>{page.esc(pair)}</code> ({page.esc(entry['sites'][0])} vs. "
-                            f"{page.esc(entry['sites'][1])}): mean {_f(entry['all']['mean'])}, correct {_f(entry['correct']['mean'])}, "
-                            f"incorrect {_f(entry['incorrect']['mean'])}.</p>")
+        attention_block += (
+            f"<p>Modality agreement <code>{page.esc(pair)}</code> ({page.esc(entry['sites'][0])} vs. "
+            f"{page.esc(entry['sites'][1])}): mean {_f(entry['all']['mean'])}, correct {_f(entry['correct']['mean'])}, "
+            f"incorrect {_f(entry['incorrect']['mean'])}.</p>"
+        )
     blocks.append(attention_block + "</section>")
     sal = summary["saliency"]
     sal_block = '<section id="saliency"><h2>Saliency</h2>'
     if sal["num_probes"]:
-        sal_block += (f'<p class="note">{sal["num_probes"]} probe samples, explaining the {page.esc(sal["target"])} class. '
-                      f'{page.esc(sal["method"]["inputs"])}. Rollout: {page.esc(sal["method"]["rollout"])}.</p>')
+        sal_block += (
+            f'<p class="note">{sal["num_probes"]} probe samples, explaining the {page.esc(sal["target"])} class. '
+            f"{page.esc(sal['method']['inputs'])}. Rollout: {page.esc(sal['method']['rollout'])}.</p>"
+        )
         rows = []
         for p in sal["probes"]:
             for name, entry in p["inputs"].items():
-                rows.append([p["sample"], p["target"], p["predicted"], p["explained_class"], name,
-                             ", ".join(f"{f} ({v:.3f})" for f, v in entry["top"][:5])])
+                rows.append(
+                    [
+                        p["sample"],
+                        p["target"],
+                        p["predicted"],
+                        p["explained_class"],
+                        name,
+                        ", ".join(f"{f} ({v:.3f})" for f, v in entry["top"][:5]),
+                    ]
+                )
             if p["rollout"] is not None:
                 relevance = np.asarray(p["rollout"]["mean_row"])
                 order = np.argsort(-relevance)[:5]
-                rows.append([p["sample"], p["target"], p["predicted"], p["explained_class"], "rollout tokens",
-                             ", ".join(f"{i} ({relevance[i]:.3f})" for i in order)])
-        sal_block += page.table_html(["sample", "target", "predicted", "explained class", "input", "top features (share)"], rows)
+                rows.append(
+                    [
+                        p["sample"],
+                        p["target"],
+                        p["predicted"],
+                        p["explained_class"],
+                        "rollout tokens",
+                        ", ".join(f"{i} ({relevance[i]:.3f})" for i in order),
+                    ]
+                )
+        sal_block += page.table_html(
+            ["sample", "target", "predicted", "explained class", "input", "top features (share)"], rows
+        )
         sal_block += attribution_view.token_view_html(summary)
     else:
         sal_block += '<p class="note">No probe samples (probe_samples=0).</p>'
     blocks.append(sal_block + "</section>")
     batch_rows = summary["batches"]["rows"]
-    blocks.append('<section id="batches"><h2>Batches</h2>'
-                  + page.table_html(summary["batches"]["columns"], batch_rows[:500])
-                  + (f'<p class="note">first 500 of {len(batch_rows)} batches; all in batches.csv</p>' if len(batch_rows) > 500 else "")
-                  + "</section>")
+    blocks.append(
+        '<section id="batches"><h2>Batches</h2>'
+        + page.table_html(summary["batches"]["columns"], batch_rows[:500])
+        + (
+            f'<p class="note">first 500 of {len(batch_rows)} batches; all in batches.csv</p>'
+            if len(batch_rows) > 500
+            else ""
+        )
+        + "</section>"
+    )
     sections = summary["sections"]
     for key in ("calibration", "head_specialization"):
         heading = key.replace("_", " ").capitalize()
         if key in sections:
-            blocks.append(f'<section id="{key}"><h2>{heading}</h2><p class="note">from <code>{page.esc(sections[key]["callback"])}</code> '
-                          "of the same Trainer</p>" + _section_html(sections[key]) + "</section>")
+            blocks.append(
+                f'<section id="{key}"><h2>{heading}</h2><p class="note">from <code>{page.esc(sections[key]["callback"])}</code> '
+                "of the same Trainer</p>" + _section_html(sections[key]) + "</section>"
+            )
         else:
-            blocks.append(f'<section id="{key}"><h2>{heading}</h2><p class="note">No {heading.lower()} callback ran in this Trainer.</p></section>')
+            blocks.append(
+                f'<section id="{key}"><h2>{heading}</h2><p class="note">No {heading.lower()} callback ran in this Trainer.</p></section>'
+            )
     for key, entry in sections.items():
         if key in ("calibration", "head_specialization"):
             continue
-        blocks.append(f'<section id="{page.esc(key)}"><h2>{page.esc(key)}</h2><p class="note">from <code>{page.esc(entry["callback"])}</code>'
-                      "</p>" + _section_html(entry) + "</section>")
-    prov_rows = [[k, v] for k, v in provenance.items() if k != "versions"] + [[f"version: {k}", v] for k, v in provenance["versions"].items()]
-    blocks.append('<section id="provenance"><h2>Provenance</h2>' + page.table_html(["item", "value"], prov_rows, sortable=False)
-                  + "<h3>Configuration</h3>" + page.nested_html(summary["config"]) + "</section>")
+        blocks.append(
+            f'<section id="{page.esc(key)}"><h2>{page.esc(key)}</h2><p class="note">from <code>{page.esc(entry["callback"])}</code>'
+            "</p>" + _section_html(entry) + "</section>"
+        )
+    prov_rows = [[k, v] for k, v in provenance.items() if k != "versions"] + [
+        [f"version: {k}", v] for k, v in provenance["versions"].items()
+    ]
+    blocks.append(
+        '<section id="provenance"><h2>Provenance</h2>'
+        + page.table_html(["item", "value"], prov_rows, sortable=False)
+        + "<h3>Configuration</h3>"
+        + page.nested_html(summary["config"])
+        + "</section>"
+    )
     shown = run.count if html_max_rows is None else min(run.count, html_max_rows)
-    nav = [("overview", "Overview"), ("figures", "Figures"), ("correct-vs-incorrect", "Correct vs. incorrect"), ("classwise", "Class-wise"),
-           ("heads", "Heads"), ("saliency", "Saliency"), ("calibration", "Calibration"), ("head_specialization", "Head specialization"),
-           ("provenance", "Provenance"), ("per-sample", "Per-sample")]
-    meta = {"generator": "lightning_attn ExplainabilityReport", "lightning-attn-schema-version": SCHEMA_VERSION,
-            **{f"lightning-attn-{k.replace('_', '-')}": str(provenance[k]) for k in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "finished_utc")}}
-    with path.open("w", encoding="utf-8") as handle, (run.tmp_dir / "samples.csv").open(encoding="utf-8", newline="") as samples:
+    nav = [
+        ("overview", "Overview"),
+        ("figures", "Figures"),
+        ("correct-vs-incorrect", "Correct vs. incorrect"),
+        ("classwise", "Class-wise"),
+        ("heads", "Heads"),
+        ("saliency", "Saliency"),
+        ("calibration", "Calibration"),
+        ("head_specialization", "Head specialization"),
+        ("provenance", "Provenance"),
+        ("per-sample", "Per-sample"),
+    ]
+    meta = {
+        "generator": "lightning_attn ExplainabilityReport",
+        "lightning-attn-schema-version": SCHEMA_VERSION,
+        **{
+            f"lightning-attn-{k.replace('_', '-')}": str(provenance[k])
+            for k in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "finished_utc")
+        },
+    }
+    with (
+        path.open("w", encoding="utf-8") as handle,
+        (run.tmp_dir / "samples.csv").open(encoding="utf-8", newline="") as samples,
+    ):
         samples.readline()  # provenance line
         reader = csv.reader(samples)
         columns = next(reader)
         page.write_page(
-            handle, title=title,
+            handle,
+            title=title,
             subtitle=f"{summary['stage_key']} · {d['num_samples']} samples · model {provenance['model_class']} · "
-                     f"report sha256 {provenance['report_sha256'][:16]}… · {provenance['finished_utc']}",
-            meta=meta, nav=nav, blocks=blocks, samples_columns=columns, samples_rows=_limited(reader, shown),
-            expected_rows=shown, total_rows=run.count,
+            f"report sha256 {provenance['report_sha256'][:16]}… · {provenance['finished_utc']}",
+            meta=meta,
+            nav=nav,
+            blocks=blocks,
+            samples_columns=columns,
+            samples_rows=_limited(reader, shown),
+            expected_rows=shown,
+            total_rows=run.count,
         )
 
 

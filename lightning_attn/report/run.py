@@ -138,8 +138,9 @@ class ReportRun:
             self.samples_handle = None
 
 
-def keep_finite_rows(run: ReportRun, batch_idx: int, probs: Tensor, target: Tensor, attention: BatchAttention | None
-                     ) -> tuple[list[int], Tensor, Tensor, str | None]:
+def keep_finite_rows(
+    run: ReportRun, batch_idx: int, probs: Tensor, target: Tensor, attention: BatchAttention | None
+) -> tuple[list[int], Tensor, Tensor, str | None]:
     """Leave out the rows of a batch whose probabilities are not all finite (NaN or Inf model outputs): returns the
     kept rows' indices, their ``probs`` and ``target``, and the run's note on the skipped rows when this batch had
     any (``None`` otherwise); ``attention`` keeps only the kept rows too."""
@@ -159,11 +160,14 @@ def skip_rows(run: ReportRun, batch_idx: int, rows: list[int]) -> str:
     one note in ``run.notes`` that counts and names every such row so far; returns that note."""
     run.skipped_rows.append((batch_idx, rows))
     count = sum(len(r) for _, r in run.skipped_rows)
-    named = "; ".join(f"batch {b} row{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
-                      for b, r in run.skipped_rows[:20])
+    named = "; ".join(
+        f"batch {b} row{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for b, r in run.skipped_rows[:20]
+    )
     more = f"; and {len(run.skipped_rows) - 20} more batches" if len(run.skipped_rows) > 20 else ""
-    note = (f"{count} sample{'s' if count > 1 else ''} with non-finite model outputs (NaN or Inf probabilities) "
-            f"left out of every statistic and of samples.csv ({named}{more}; rows counted from 0 within the batch)")
+    note = (
+        f"{count} sample{'s' if count > 1 else ''} with non-finite model outputs (NaN or Inf probabilities) "
+        f"left out of every statistic and of samples.csv ({named}{more}; rows counted from 0 within the batch)"
+    )
     run.notes[:] = [n for n in run.notes if not n.endswith(_SKIPPED_SUFFIX)] + [note]
     return note
 
@@ -207,9 +211,19 @@ def scalars(runs: Iterable[ReportRun]) -> dict[str, float]:
 # -----------------------------------------------------------------------------------------------------------------
 # per batch
 # -----------------------------------------------------------------------------------------------------------------
-def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_idx: int, attention: BatchAttention | None, *,
-              calibration_bins: int, class_names: list[str] | None, modality_pairs: Mapping[str, tuple[str, str]],
-              input_hashes: Sequence[str] | None = None) -> dict[str, Tensor]:
+def add_batch(
+    run: ReportRun,
+    probs: Tensor,
+    target: Tensor,
+    batch: Any,
+    batch_idx: int,
+    attention: BatchAttention | None,
+    *,
+    calibration_bins: int,
+    class_names: list[str] | None,
+    modality_pairs: Mapping[str, tuple[str, str]],
+    input_hashes: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
     """Add one batch (``probs`` [B, C], class indices ``target`` [B], the recorded ``attention``) to ``run``: its rows
     to ``samples.csv.part``, its values to the sums, ``batch`` to the inputs hash. The first batch sets the run up
     (classes, sites, columns; ``class_names`` and ``modality_pairs`` as the report's arguments). ``input_hashes``: the
@@ -221,8 +235,10 @@ def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_i
     elif num_classes != run.num_classes:
         raise ReportError(f"the model gave {num_classes} classes in batch {batch_idx}, {run.num_classes} before")
     elif attention is not None and not set(attention.sites) <= set(run.sites):
-        note = (f"batch {batch_idx} has attention sites the first batch had not ({sorted(set(attention.sites) - set(run.sites))[:5]}); "
-                "per-sample columns follow the first batch's sites")
+        note = (
+            f"batch {batch_idx} has attention sites the first batch had not ({sorted(set(attention.sites) - set(run.sites))[:5]}); "
+            "per-sample columns follow the first batch's sites"
+        )
         if not any(n.startswith("batch ") and "attention sites the first batch" in n for n in run.notes):
             run.notes.append(note)
 
@@ -238,11 +254,22 @@ def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_i
 
     host = {
         name: value.detach().cpu()
-        for name, value in dict(confidence=confidence, predicted=predicted, target=target, correct=correct, margin=margin,
-                                output_entropy=output_entropy, nll=nll, brier=brier, bins=bins).items()
+        for name, value in dict(
+            confidence=confidence,
+            predicted=predicted,
+            target=target,
+            correct=correct,
+            margin=margin,
+            output_entropy=output_entropy,
+            nll=nll,
+            brier=brier,
+            bins=bins,
+        ).items()
     }
     correct_list = host["correct"].tolist()
-    measures: dict[str, list[float]] = {k: host[k].double().tolist() for k in ("confidence", "margin", "output_entropy", "nll", "brier")}
+    measures: dict[str, list[float]] = {
+        k: host[k].double().tolist() for k in ("confidence", "margin", "output_entropy", "nll", "brier")
+    }
     site_columns: dict[str, list[Any]] = {}
     site_mean_entropy: list[list[float]] = []
     for site in run.sites:
@@ -266,7 +293,9 @@ def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_i
         if sample is None or sample.top_values is None:
             site_columns[f"{site}/top_pairs"] = [None] * batch_size
         else:
-            site_columns[f"{site}/top_pairs"] = [";".join(f"{q}>{k}:{w:.4g}" for q, k, w in pairs) for pairs in sample.top_pairs()]
+            site_columns[f"{site}/top_pairs"] = [
+                ";".join(f"{q}>{k}:{w:.4g}" for q, k, w in pairs) for pairs in sample.top_pairs()
+            ]
     for pair, (site_a, site_b) in run.modality.items():
         values = pair_agreement(attention, site_a, site_b) if attention is not None else None
         agreement = values.detach().double().cpu().tolist() if values is not None else [None] * batch_size
@@ -274,7 +303,9 @@ def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_i
         measures[f"agreement/{pair}"] = [math.nan if v is None else v for v in agreement]
 
     site_columns["input_sha256"] = list(input_hashes) if input_hashes is not None else [None] * batch_size
-    attention_entropy = [sum(v) / len(v) for v in zip(*site_mean_entropy)] if site_mean_entropy else [math.nan] * batch_size
+    attention_entropy = (
+        [sum(v) / len(v) for v in zip(*site_mean_entropy)] if site_mean_entropy else [math.nan] * batch_size
+    )
     for name, values in measures.items():
         run.stats.add(name, values, correct_list)
 
@@ -304,28 +335,41 @@ def add_batch(run: ReportRun, probs: Tensor, target: Tensor, batch: Any, batch_i
         row.append(int(host["bins"][i]))
         if names is not None:
             row += [class_name(names, t_list[i]), class_name(names, p_list[i])]
-        row += [site_columns[c][i] for c in run.columns[len(row):-1]]
+        row += [site_columns[c][i] for c in run.columns[len(row) : -1]]
         row.append(run.rank)
         run.samples_writer.writerow([csv_cell(v) for v in row])
     run.count += batch_size
     finite_entropy = [v for v in attention_entropy if math.isfinite(v)]
-    run.batch_rows.append([
-        batch_idx, batch_size, sum(correct_list) / batch_size, sum(measures["confidence"]) / batch_size,
-        sum(finite_entropy) / len(finite_entropy) if finite_entropy else None, run.rank,
-    ])
+    run.batch_rows.append(
+        [
+            batch_idx,
+            batch_size,
+            sum(correct_list) / batch_size,
+            sum(measures["confidence"]) / batch_size,
+            sum(finite_entropy) / len(finite_entropy) if finite_entropy else None,
+            run.rank,
+        ]
+    )
     run.hasher.update(batch)
     return host
 
 
-def _first_batch(run: ReportRun, num_classes: int, attention: BatchAttention | None, class_names: list[str] | None,
-                 modality_pairs: Mapping[str, tuple[str, str]]) -> None:
+def _first_batch(
+    run: ReportRun,
+    num_classes: int,
+    attention: BatchAttention | None,
+    class_names: list[str] | None,
+    modality_pairs: Mapping[str, tuple[str, str]],
+) -> None:
     run.num_classes = num_classes
     run.class_names = class_names
     if class_names is not None and len(class_names) != num_classes:
         run.notes.append(f"class_names has {len(class_names)} names for {num_classes} classes; names not used")
         run.class_names = None
-    run.class_arrays = {name: np.zeros(num_classes, dtype=np.float64)
-                        for name in ("support", "predicted", "tp", "conf_true", "conf_pred", "entropy_true", "entropy_count")}
+    run.class_arrays = {
+        name: np.zeros(num_classes, dtype=np.float64)
+        for name in ("support", "predicted", "tp", "conf_true", "conf_pred", "entropy_true", "entropy_count")
+    }
     if attention is not None:
         run.sites = list(attention.sites)
         run.site_info = {s: dataclasses.asdict(attention.infos[s]) for s in run.sites}
@@ -336,8 +380,19 @@ def _first_batch(run: ReportRun, num_classes: int, attention: BatchAttention | N
     for pair, (a, b) in run.modality.items():
         if a is None or b is None:
             run.notes.append(f"modality pair {pair!r}: no site matches {modality_pairs[pair][0 if a is None else 1]!r}")
-    columns = ["sample", "batch", "target", "predicted", "correct", "confidence", "margin", "output_entropy", "nll", "brier",
-               "calibration_bin"]
+    columns = [
+        "sample",
+        "batch",
+        "target",
+        "predicted",
+        "correct",
+        "confidence",
+        "margin",
+        "output_entropy",
+        "nll",
+        "brier",
+        "calibration_bin",
+    ]
     if run.class_names is not None:
         columns += ["target_name", "predicted_name"]
     for site in run.sites:
@@ -373,8 +428,15 @@ def _update_heads(run: ReportRun, site: str, entropy: Tensor, correct: Tensor) -
 # -----------------------------------------------------------------------------------------------------------------
 # saliency probes
 # -----------------------------------------------------------------------------------------------------------------
-def record_probes(run: ReportRun, result: Mapping[str, Any], positions: list[int], first_index: int, batch_idx: int,
-                  host: Mapping[str, Tensor], feature_names: Sequence[str] | Mapping[str, Sequence[str]] | None) -> None:
+def record_probes(
+    run: ReportRun,
+    result: Mapping[str, Any],
+    positions: list[int],
+    first_index: int,
+    batch_idx: int,
+    host: Mapping[str, Tensor],
+    feature_names: Sequence[str] | Mapping[str, Sequence[str]] | None,
+) -> None:
     """Add the probes at ``positions`` of a batch (its first sample is ``first_index``) to ``run``: the
     :func:`~lightning_attn.report.explain.compute_saliency` ``result`` for them, with the batch's host values
     (:func:`add_batch`) and the report's ``feature_names``."""
@@ -412,12 +474,17 @@ def record_probes(run: ReportRun, result: Mapping[str, Any], positions: list[int
                 )
         if result["rollout"] is not None:
             rollout = result["rollout"]
-            probe["rollout"] = {"sites": list(rollout["sites"]), "mean_row": rollout["mean_row"][row].double().tolist(),
-                                "row0": rollout["row0"][row].double().tolist()}
+            probe["rollout"] = {
+                "sites": list(rollout["sites"]),
+                "mean_row": rollout["mean_row"][row].double().tolist(),
+                "row0": rollout["row0"][row].double().tolist(),
+            }
         run.probes.append(probe)
 
 
-def _feature_names_for(feature_names: Sequence[str] | Mapping[str, Sequence[str]] | None, name: str, count: int) -> list[str]:
+def _feature_names_for(
+    feature_names: Sequence[str] | Mapping[str, Sequence[str]] | None, name: str, count: int
+) -> list[str]:
     names = feature_names
     if isinstance(names, Mapping):
         names = names.get(name)

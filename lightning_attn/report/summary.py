@@ -25,8 +25,15 @@ __all__ = ["SCHEMA_VERSION", "callable_name", "jsonable", "other_sections", "sum
 SCHEMA_VERSION = "1.0"
 
 
-def summarize(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, title: str, calibration_bins: int,
-              saliency_target: str) -> dict[str, Any]:
+def summarize(
+    run: ReportRun,
+    config: dict[str, Any],
+    sections: dict[str, Any],
+    *,
+    title: str,
+    calibration_bins: int,
+    saliency_target: str,
+) -> dict[str, Any]:
     """The summary of a finished ``run`` (report.json without ``files`` and ``provenance``), with the report's
     ``config``, the ``sections`` of the other callbacks (:func:`other_sections`) and the report's ``title``,
     ``calibration_bins`` and ``saliency_target``."""
@@ -54,20 +61,28 @@ def summarize(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], 
         support, predicted, tp = int(arrays["support"][k]), int(arrays["predicted"][k]), int(arrays["tp"][k])
         precision = tp / predicted if predicted else None
         recall = tp / support if support else None
-        f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if precision is not None and recall is not None else None)
-        classes.append({
-            "class": k,
-            "name": class_name(run.class_names, k),
-            "support": support,
-            "predicted": predicted,
-            "correct": tp,
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "mean_confidence_true": arrays["conf_true"][k] / support if support else None,
-            "mean_confidence_predicted": arrays["conf_pred"][k] / predicted if predicted else None,
-            "mean_attention_entropy": arrays["entropy_true"][k] / arrays["entropy_count"][k] if arrays["entropy_count"][k] else None,
-        })
+        f1 = (
+            2 * precision * recall / (precision + recall)
+            if precision and recall
+            else (0.0 if precision is not None and recall is not None else None)
+        )
+        classes.append(
+            {
+                "class": k,
+                "name": class_name(run.class_names, k),
+                "support": support,
+                "predicted": predicted,
+                "correct": tp,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "mean_confidence_true": arrays["conf_true"][k] / support if support else None,
+                "mean_confidence_predicted": arrays["conf_pred"][k] / predicted if predicted else None,
+                "mean_attention_entropy": arrays["entropy_true"][k] / arrays["entropy_count"][k]
+                if arrays["entropy_count"][k]
+                else None,
+            }
+        )
     sites = []
     for site in run.sites:
         sums = run.heads.get(site)
@@ -84,15 +99,19 @@ def summarize(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], 
         if sums is not None and sums.n:
             mean = sums.total / sums.n
             n_inc = sums.n - sums.n_correct
-            entry.update({
-                "num_samples": sums.n,
-                "entropy_mean": mean.tolist(),
-                "entropy_std": np.sqrt(np.maximum(sums.total_sq / sums.n - mean * mean, 0)).tolist(),
-                "entropy_mean_correct": (sums.total_correct / sums.n_correct).tolist() if sums.n_correct else [None] * sums.heads,
-                "entropy_mean_incorrect": (sums.total_incorrect / n_inc).tolist() if n_inc else [None] * sums.heads,
-                "focused_share": (sums.focused / sums.n).tolist(),
-                "most_focused_head": int(mean.argmin()),
-            })
+            entry.update(
+                {
+                    "num_samples": sums.n,
+                    "entropy_mean": mean.tolist(),
+                    "entropy_std": np.sqrt(np.maximum(sums.total_sq / sums.n - mean * mean, 0)).tolist(),
+                    "entropy_mean_correct": (sums.total_correct / sums.n_correct).tolist()
+                    if sums.n_correct
+                    else [None] * sums.heads,
+                    "entropy_mean_incorrect": (sums.total_incorrect / n_inc).tolist() if n_inc else [None] * sums.heads,
+                    "focused_share": (sums.focused / sums.n).tolist(),
+                    "most_focused_head": int(mean.argmin()),
+                }
+            )
         sites.append(entry)
     modality = {
         pair: {"sites": [a, b], **group.get(f"agreement/{pair}", {"all": {"n": 0, "mean": None, "std": None}})}
@@ -102,10 +121,13 @@ def summarize(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], 
     edges = np.linspace(0.0, 1.0, calibration_bins + 1)
     bin_rows = [
         {
-            "lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(bins["count"][b]),
+            "lower": float(edges[b]),
+            "upper": float(edges[b + 1]),
+            "count": int(bins["count"][b]),
             "accuracy": float(bins["hits"][b] / bins["count"][b]) if bins["count"][b] else None,
             "confidence": float(bins["conf"][b] / bins["count"][b]) if bins["count"][b] else None,
-            "correct": int(bins["hits"][b]), "incorrect": int(bins["count"][b] - bins["hits"][b]),
+            "correct": int(bins["hits"][b]),
+            "incorrect": int(bins["count"][b] - bins["hits"][b]),
         }
         for b in range(calibration_bins)
     ]
@@ -126,7 +148,12 @@ def summarize(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], 
         "dataloader_idx": run.dataloader_idx,
         "config": config,
         "dataset": dataset,
-        "calibration": {"n_bins": calibration_bins, "ece": calibration["ece"], "mce": calibration["mce"], "bins": bin_rows},
+        "calibration": {
+            "n_bins": calibration_bins,
+            "ece": calibration["ece"],
+            "mce": calibration["mce"],
+            "bins": bin_rows,
+        },
         "batches": batches,
         "correct_vs_incorrect": group,
         "classwise": classes,
@@ -150,8 +177,11 @@ def _saliency_summary(run: ReportRun, target: str) -> dict[str, Any]:
     for name, agg in inputs.items():
         mean = np.mean(np.array(agg["shares"]), axis=0) if agg["shares"] else np.zeros(len(agg["feature_names"]))
         order = np.argsort(-mean)[:10]
-        aggregate[name] = {"feature_names": agg["feature_names"], "mean_share": mean.tolist(),
-                           "top": [[agg["feature_names"][i], float(mean[i])] for i in order]}
+        aggregate[name] = {
+            "feature_names": agg["feature_names"],
+            "mean_share": mean.tolist(),
+            "top": [[agg["feature_names"][i], float(mean[i])] for i in order],
+        }
     relevance: dict[str, Any] = {}
     for probe in probes:
         for site, values in probe["head_relevance"].items():
@@ -162,7 +192,10 @@ def _saliency_summary(run: ReportRun, target: str) -> dict[str, Any]:
             continue
         mean = np.mean(np.array(rows, dtype=np.float64), axis=0)
         total = mean.sum()
-        head_relevance[site] = {"mean": mean.tolist(), "share": (mean / total).tolist() if total > 0 else [0.0] * len(mean)}
+        head_relevance[site] = {
+            "mean": mean.tolist(),
+            "share": (mean / total).tolist() if total > 0 else [0.0] * len(mean),
+        }
     rollout_sites = next((p["rollout"]["sites"] for p in probes if p["rollout"] is not None), [])
     return {
         "target": target,
@@ -219,25 +252,71 @@ def tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]
             continue
         rel = relevance.get(site["name"], {})
         for h in range(len(site["entropy_mean"])):
-            head_rows.append([
-                site["name"], h, site["num_samples"], site["entropy_mean"][h], site["entropy_std"][h],
-                site["entropy_mean_correct"][h], site["entropy_mean_incorrect"][h], site["focused_share"][h],
-                rel.get("mean", [None] * (h + 1))[h] if rel else None, rel.get("share", [None] * (h + 1))[h] if rel else None,
-            ])
-    class_columns = ["class", "name", "support", "predicted", "correct", "precision", "recall", "f1", "mean_confidence_true",
-                     "mean_confidence_predicted", "mean_attention_entropy"]
+            head_rows.append(
+                [
+                    site["name"],
+                    h,
+                    site["num_samples"],
+                    site["entropy_mean"][h],
+                    site["entropy_std"][h],
+                    site["entropy_mean_correct"][h],
+                    site["entropy_mean_incorrect"][h],
+                    site["focused_share"][h],
+                    rel.get("mean", [None] * (h + 1))[h] if rel else None,
+                    rel.get("share", [None] * (h + 1))[h] if rel else None,
+                ]
+            )
+    class_columns = [
+        "class",
+        "name",
+        "support",
+        "predicted",
+        "correct",
+        "precision",
+        "recall",
+        "f1",
+        "mean_confidence_true",
+        "mean_confidence_predicted",
+        "mean_attention_entropy",
+    ]
     saliency_rows = []
     for probe in summary["saliency"]["probes"]:
         for name, entry in probe["inputs"].items():
             for i, feature in enumerate(entry["feature_names"]):
-                saliency_rows.append([probe["sample"], probe["explained_class"], name, i, feature, entry["share"][i],
-                                      entry["abs"][i], entry["signed"][i]])
+                saliency_rows.append(
+                    [
+                        probe["sample"],
+                        probe["explained_class"],
+                        name,
+                        i,
+                        feature,
+                        entry["share"][i],
+                        entry["abs"][i],
+                        entry["signed"][i],
+                    ]
+                )
     return {
-        "per_head.csv": (["site", "head", "num_samples", "entropy_mean", "entropy_std", "entropy_mean_correct",
-                          "entropy_mean_incorrect", "focused_share", "relevance", "relevance_share"], head_rows),
+        "per_head.csv": (
+            [
+                "site",
+                "head",
+                "num_samples",
+                "entropy_mean",
+                "entropy_std",
+                "entropy_mean_correct",
+                "entropy_mean_incorrect",
+                "focused_share",
+                "relevance",
+                "relevance_share",
+            ],
+            head_rows,
+        ),
         "classwise.csv": (class_columns, [[c[k] for k in class_columns] for c in summary["classwise"]]),
         "batches.csv": (summary["batches"]["columns"], summary["batches"]["rows"]),
-        "saliency.csv": (["sample", "explained_class", "input", "feature_index", "feature", "share", "abs", "signed"], saliency_rows),
+        "saliency.csv": (
+            ["sample", "explained_class", "input", "feature_index", "feature", "share", "abs", "signed"],
+            saliency_rows,
+        ),
     }
 
 
@@ -259,7 +338,12 @@ def _moments(values: Sequence[float]) -> dict[str, float | None]:
     if not clean:
         return {"mean": None, "std": None, "min": None, "max": None}
     array = np.asarray(clean, dtype=np.float64)
-    return {"mean": float(array.mean()), "std": float(array.std()), "min": float(array.min()), "max": float(array.max())}
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std()),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
 
 
 def _section_name(callback: Any) -> str:
@@ -311,7 +395,7 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     if callable(to_dict):
         try:
             return jsonable(to_dict(), depth + 1)
-        except Exception:  # noqa: BLE001 - fall back to repr
+        except Exception:
             pass
     if callable(value):
         return callable_name(value)

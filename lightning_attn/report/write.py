@@ -37,8 +37,14 @@ from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
 
 __all__ = [
-    "INCOMPLETE", "MARKER", "PROVENANCE_PREFIX", "OutputSettings", "incomplete_dir", "is_own_report",
-    "report_destination", "write_report",
+    "INCOMPLETE",
+    "MARKER",
+    "PROVENANCE_PREFIX",
+    "OutputSettings",
+    "incomplete_dir",
+    "is_own_report",
+    "report_destination",
+    "write_report",
 ]
 
 INCOMPLETE = "INCOMPLETE"
@@ -87,8 +93,10 @@ def report_destination(requested: Path) -> tuple[Path, str | None]:
         candidate = requested.with_name(f"{requested.name}-{k}")
         if not (candidate.exists() or candidate.is_symlink()) or is_own_report(candidate):
             what = "a file" if not requested.is_dir() else "a folder with files this library did not write"
-            return candidate, (f"{requested} is {what}, which the report never deletes or overwrites: "
-                               f"the report goes to {candidate} instead")
+            return candidate, (
+                f"{requested} is {what}, which the report never deletes or overwrites: "
+                f"the report goes to {candidate} instead"
+            )
     raise AssertionError("unreachable")
 
 
@@ -113,8 +121,9 @@ def incomplete_dir(final_dir: Path, owner: int) -> tuple[Path, str]:
     return tmp_dir, started
 
 
-def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, global_step: int,
-                 settings: OutputSettings) -> dict[str, Any]:
+def write_report(
+    run: ReportRun, config: dict[str, Any], sections: dict[str, Any], *, global_step: int, settings: OutputSettings
+) -> dict[str, Any]:
     """Write every file of a finished ``run`` (samples closed, at least one sample) into its temporary directory and
     rename that to ``run.final_dir`` (replacing only a previous report of this library there, else to a sibling:
     :func:`report_destination`; ``run.final_dir`` becomes where it went). ``config`` is the report's configuration
@@ -143,14 +152,23 @@ def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any
         "finished_utc": utc_now(),
         "versions": library_versions(),
     }
-    summary = summarize(run, config, sections, title=settings.title, calibration_bins=settings.calibration_bins,
-                        saliency_target=settings.saliency_target)
+    summary = summarize(
+        run,
+        config,
+        sections,
+        title=settings.title,
+        calibration_bins=settings.calibration_bins,
+        saliency_target=settings.saliency_target,
+    )
     tmp = run.tmp_dir
     files: dict[str, dict[str, Any]] = {}
     line = PROVENANCE_PREFIX + json.dumps(jsonable(provenance), sort_keys=True, separators=(",", ":")) + "\n"
 
     # CSVs: the provenance line, then the table (the per-sample body is copied, never loaded)
-    with (tmp / "samples.csv").open("w", newline="", encoding="utf-8") as out, (tmp / "samples.csv.part").open(encoding="utf-8") as body:
+    with (
+        (tmp / "samples.csv").open("w", newline="", encoding="utf-8") as out,
+        (tmp / "samples.csv.part").open(encoding="utf-8") as body,
+    ):
         out.write(line)
         shutil.copyfileobj(body, out)
     (tmp / "samples.csv.part").unlink()
@@ -163,8 +181,10 @@ def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any
     (tmp / "figures").mkdir()
     figures = render.figures(run, summary) if settings.figures else []
     rendered: list[tuple[str, str, bytes]] = []
-    png_meta = {"Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
-                "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True)}
+    png_meta = {
+        "Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
+        "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True),
+    }
     for name, title, caption, figure in figures:
         png = _render_png(figure, settings.figure_dpi, png_meta)
         path = f"figures/{name}.png"
@@ -174,10 +194,20 @@ def write_report(run: ReportRun, config: dict[str, Any], sections: dict[str, Any
     figures.clear()
 
     # Markdown and HTML
-    (tmp / "summary.md").write_text(render.markdown(summary, provenance, sorted(files) + ["report.html", "report.json"], title=settings.title),
-                                    encoding="utf-8")
+    (tmp / "summary.md").write_text(
+        render.markdown(summary, provenance, sorted(files) + ["report.html", "report.json"], title=settings.title),
+        encoding="utf-8",
+    )
     files["summary.md"] = {"kind": "summary"}
-    render.write_html(tmp / "report.html", run, summary, provenance, rendered, title=settings.title, html_max_rows=settings.html_max_rows)
+    render.write_html(
+        tmp / "report.html",
+        run,
+        summary,
+        provenance,
+        rendered,
+        title=settings.title,
+        html_max_rows=settings.html_max_rows,
+    )
     files["report.html"] = {"kind": "html"}
     for name, entry in files.items():
         entry["sha256"] = _file_sha256(tmp / name)

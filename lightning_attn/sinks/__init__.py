@@ -150,7 +150,9 @@ def publish_table(
     return path
 
 
-def publish_json(trainer: Any, name: str, data: Mapping[str, Any], *, namespace: str, save_dir: str | Path | None = None) -> Path | None:
+def publish_json(
+    trainer: Any, name: str, data: Mapping[str, Any], *, namespace: str, save_dir: str | Path | None = None
+) -> Path | None:
     """Write ``data`` as ``<output_dir>/<name>.json`` (rank zero). Written to a temporary file first,
     then renamed, so a crash never leaves a truncated file that looks complete."""
     if not getattr(trainer, "is_global_zero", True):
