@@ -413,7 +413,8 @@ def main() -> None:
         memory += memory_model(enc_name, encoder, make_loader(seq, batch, 8, 1000), 8, root)
     print()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU; min over {args.repeats} interleaved repeats; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU; min over {args.repeats} "
+        "interleaved repeats; "
         f"total {time.perf_counter() - started:.0f} s."
     )
     print()

@@ -26,12 +26,14 @@ Each (implementation, size) runs in a fresh subprocess so allocator state does n
 Times are the fastest of ``--repeats`` passes (wall clock, and process CPU time, which a loaded
 machine disturbs less), with the default allocator.
 
-    python benchmarks/bench_calibration.py [--sizes 1e5 1e6 1e7] [--classes 100] [--batch 10000] [--threads 1] [--repeats 2]
+    python benchmarks/bench_calibration.py [--sizes 1e5 1e6 1e7] [--classes 100] [--batch 10000] [--threads 1]
+    [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -68,10 +70,8 @@ def _state_bytes(metric) -> int:
 
 def worker(impl: str, mode: str, samples: int, classes: int, batch: int, threads: int, repeats: int) -> dict:
     if mode == "memory":  # glibc: blocks >= 128 KiB by mmap, returned on free: RSS follows live memory
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed
-        except OSError:
-            pass
     import warnings
 
     import torch
@@ -204,8 +204,10 @@ def main() -> None:
         thr_o, thr_t = n / o["update_s"], n / t["update_s"]
         mem_ratio = max(t["peak_rss_bytes"], t["state_bytes"]) / max(o["peak_rss_bytes"], o["state_bytes"], 1)
         print(
-            f"| {n:.0e} | {thr_o:,.0f} | {thr_t:,.0f} | {thr_o / thr_t:.2f}x | {t['update_cpu_s'] / o['update_cpu_s']:.2f}x "
-            f"| {o['compute_s'] * 1e3:.0f} / {t['compute_s'] * 1e3:.0f} | {_human(o['state_bytes'])} / {_human(t['state_bytes'])} "
+            f"| {n:.0e} | {thr_o:,.0f} | {thr_t:,.0f} | {thr_o / thr_t:.2f}x "
+            f"| {t['update_cpu_s'] / o['update_cpu_s']:.2f}x "
+            f"| {o['compute_s'] * 1e3:.0f} / {t['compute_s'] * 1e3:.0f} | {_human(o['state_bytes'])} / "
+            f"{_human(t['state_bytes'])} "
             f"| {_human(o['peak_rss_bytes'])} / {_human(t['peak_rss_bytes'])} | {mem_ratio:.1f}x |"
         )
     print()
@@ -226,7 +228,8 @@ def main() -> None:
     print()
     print("ours / tm > 1: ours is faster. memory tm / ours > 1: ours holds less (the larger of state and peak RSS).")
     print(
-        "Ours computes ECE, MCE, RMSCE, adaptive ECE, classwise ECE (all K probabilities binned), Brier, NLL, accuracy and"
+        "Ours computes ECE, MCE, RMSCE, adaptive ECE, classwise ECE (all K probabilities binned), Brier, NLL, "
+        "accuracy and"
     )
     print("confidences in one pass; torchmetrics the top-label ECE only.")
 

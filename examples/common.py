@@ -93,7 +93,9 @@ class TensorDictDataModule(pl.LightningDataModule):
         drawn with the seeds ``seed``, ``seed + 1`` and ``seed + 2`` (hyperparameters of the subclass)."""
         hp = self.hparams
         sizes = (hp.num_train, hp.num_val, hp.num_test)
-        return [(name, count, hp.seed + offset) for offset, (name, count) in enumerate(zip(SPLITS, sizes))]
+        return [
+            (name, count, hp.seed + offset) for offset, (name, count) in enumerate(zip(SPLITS, sizes, strict=False))
+        ]
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:

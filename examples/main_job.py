@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
         kind = type(logger).__name__
         if kind == "TensorBoardLogger":
             lines.append(
-                f"  TensorBoard: {_relative(logger.log_dir)}   view: tensorboard --logdir {_relative(Path(logger.log_dir).parent)}"
+                f"  TensorBoard: {_relative(logger.log_dir)}   view: tensorboard --logdir "
+                f"{_relative(Path(logger.log_dir).parent)}"
             )
         elif kind == "WandbLogger":
             run = logger.experiment
@@ -90,7 +91,8 @@ def main(argv: list[str]) -> int:
     report = _callback(trainer, "ExplainabilityReport")
     if report is not None and report.report_dir is not None:
         lines.append(
-            f"  explainability report: {_relative(Path(report.report_dir) / 'report.html')}   (and report.json, summary.md, CSV files)"
+            f"  explainability report: {_relative(Path(report.report_dir) / 'report.html')}   (and report.json, "
+            "summary.md, CSV files)"
         )
     lines.append("=" * 100)
     print("\n".join(lines), flush=True)

@@ -105,7 +105,7 @@ def _tokenizer(model_path: str | None = None) -> Any:
 
 
 def id_to_token(token_id: int) -> str:
-    """The MiniLM tokenizer's string for ``token_id`` (the report's ``id_to_token``: token strings in its token view)."""
+    """The MiniLM tokenizer's string for ``token_id`` (the report's ``id_to_token``: the token view's strings)."""
     return str(_tokenizer().convert_ids_to_tokens(int(token_id)))
 
 

@@ -31,7 +31,7 @@ RECENT = 8
 
 
 def make_windows(count: int, seed: int) -> dict[str, Tensor]:
-    """``count`` samples: ``x``, ``context`` ``[count, WINDOW, 3]``, ``volatility`` ``[count]``, ``target`` ``[count]``."""
+    """``count`` samples: ``x``, ``context`` ``[count, WINDOW, 3]``, ``volatility`` and ``target`` ``[count]``."""
     g = torch.Generator().manual_seed(seed)
     vol = torch.exp(torch.empty(count, 1).uniform_(-0.7, 0.9, generator=g))  # regime volatility 0.5 .. 2.5
     weight = torch.sigmoid((vol - 1.2) * 6.0)  # 0: calm (own momentum matters), 1: volatile (market matters)

@@ -32,7 +32,18 @@ _EXPORTS = {
     "build_report": "lightning_attn.report",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "AttentionCapture",
+    "AttentionLogger",
+    "AttentionRecorder",
+    "CalibrationMonitor",
+    "ExplainabilityReport",
+    "HeadSpecializationTracker",
+    "ModuleProbe",
+    "SiteInfo",
+    "__version__",
+    "build_report",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["AttnLightningCLI", "main"]
+__all__ = ["AttnLightningCLI", "main"]  # noqa: F822 (AttnLightningCLI is built lazily by __getattr__)
 
 
 @functools.cache

@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -64,7 +64,7 @@ def cpu_trainer(root: str | Path, callbacks: list[Any], **overrides: Any) -> pl.
 class NoHostSync(torch.overrides.TorchFunctionMode):
     """Raise on every Tensor -> host transfer (item, tolist, bool, cpu, numpy) while active."""
 
-    FORBIDDEN = {
+    FORBIDDEN: ClassVar[set] = {
         torch.Tensor.item,
         torch.Tensor.tolist,
         torch.Tensor.__bool__,

@@ -60,7 +60,7 @@ def reference_maps(module: nn.Module, data: torch.utils.data.DataLoader) -> dict
 
 def reference_statistics(probs: np.ndarray, threshold: float = 0.01) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-head (mean, population std) over all (sample, query) rows, written from the definitions."""
-    b, h, q, k = probs.shape
+    _b, h, q, k = probs.shape
     valid = probs > 0
     n = valid.sum(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -294,7 +294,7 @@ def test_every_n_batches_and_max_batches_sample_batches(tmp_path: Path) -> None:
         callback = AttentionLogger(every_n_batches=every, max_batches=most, log_figures=False)
         captured = []
         original = callback._on_capture
-        callback._on_capture = lambda capture, _o=original: (captured.append(capture.site), _o(capture))  # type: ignore[method-assign]
+        callback._on_capture = lambda capture, _o=original, _c=captured: (_c.append(capture.site), _o(capture))  # type: ignore[method-assign]
         trainer(tmp_path, [callback]).validate(module, models.loader(32, 4), verbose=False)
         counts[(every, most)] = callback.results["val"].rows[0, 0].item() / (4 * models.EEG_LEN)
         assert len(captured) == counts[(every, most)] * len(SITES)

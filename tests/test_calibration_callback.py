@@ -258,7 +258,7 @@ def test_bad_input_errors_name_the_problem(tmp_path: Path) -> None:
     x, y = data(256)
     with pytest.raises(KeyError, match="no 'logits' or 'probs'"):
         trainer(tmp_path, [CalibrationMonitor()]).validate(_Renamed(), loader(x, y))
-    with pytest.raises(TypeError, match="return {'logits'"):
+    with pytest.raises(TypeError, match=r"return \{'logits'"):
         trainer(tmp_path, [CalibrationMonitor()]).validate(FixedLogits(output="none"), loader(x, y))
     bad = y.clone()
     bad[5] = 6  # num_classes is 6: labels 0..5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -271,7 +272,7 @@ def test_equal_mass_bins_functional() -> None:
     count[torch.arange(0, 100, 10)] = 1
     conf = count.double() * torch.arange(100) / 100
     hits = count.clone()
-    c, s, h, edges = equal_mass_bins(count, conf, hits, 5)
+    c, _s, _h, edges = equal_mass_bins(count, conf, hits, 5)
     assert c.tolist() == [2, 2, 2, 2, 2] and edges[0] == 0 and edges[-1] == 1
     # all mass in one cell: one bin
     count = torch.zeros(100, dtype=torch.long)
@@ -470,19 +471,19 @@ def test_reservoir_is_exact_bottom_k_and_uniform() -> None:
     target = torch.arange(n)
     batches = [0, 7, 300, 1000, 1500, 2400, 3999, 4000, n]  # includes batches larger than the reservoir
     reservoir = LogitReservoir(size, seed=123)
-    for lo, hi in zip(batches[:-1], batches[1:]):
+    for lo, hi in itertools.pairwise(batches):
         reservoir.update(values[lo:hi], target[lo:hi])
     _, kept, _ = reservoir.sample()
     # the same keys, drawn in the same order: the reservoir holds exactly the size smallest
     g = torch.Generator().manual_seed(123)
-    keys = torch.cat([torch.rand(hi - lo, generator=g) for lo, hi in zip(batches[:-1], batches[1:]) if hi > lo])
+    keys = torch.cat([torch.rand(hi - lo, generator=g) for lo, hi in itertools.pairwise(batches) if hi > lo])
     expected = torch.topk(keys, size, largest=False).indices
     assert sorted(kept.tolist()) == sorted(expected.tolist())
     # uniform: inclusion frequency does not depend on the position in the epoch
     counts = torch.zeros(n)
     for seed in range(200):
         r = LogitReservoir(size, seed=seed)
-        for lo, hi in zip(batches[:-1], batches[1:]):
+        for lo, hi in itertools.pairwise(batches):
             r.update(values[lo:hi], target[lo:hi])
         counts[r.sample()[1]] += 1
     per_tenth = counts.view(10, -1).sum(1) / (200 * size)

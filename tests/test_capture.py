@@ -82,7 +82,9 @@ def test_encoder_fast_path_with_key_padding_mask(encoder: nn.TransformerEncoder)
     assert {s.source for s in recorder.sites.values()} == {"encoder_fastpath"}
     assert list(recorder.maps) == ["layers.0.self_attn", "layers.1.self_attn"]
     key_mask = torch.zeros(3, 1, 1, 9).masked_fill(padding[:, None, None, :], float("-inf"))
-    for layer, layer_input in zip(encoder.layers, encoder_layer_inputs(encoder, x, src_key_padding_mask=padding)):
+    for layer, layer_input in zip(
+        encoder.layers, encoder_layer_inputs(encoder, x, src_key_padding_mask=padding), strict=False
+    ):
         expected = eager_mha_probs(layer.self_attn, layer_input, layer_input, key_mask)
         got = recorder.maps[f"layers.{list(encoder.layers).index(layer)}.self_attn"]
         assert got.shape == (3, 4, 9, 9) and got.dtype == torch.float32
@@ -277,14 +279,14 @@ def test_bert_sdpa_equals_eager_attentions() -> None:
         eager = eager_model(ids, attention_mask=attention_mask, output_attentions=True).attentions
     assert torch.equal(plain, recorded)
     assert list(recorder.maps) == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
-    for probs, reference in zip(recorder.maps.values(), eager):
+    for probs, reference in zip(recorder.maps.values(), eager, strict=False):
         torch.testing.assert_close(probs, reference, atol=ATOL, rtol=0)
 
     with torch.no_grad(), AttentionRecorder(eager_model) as eager_recorder:  # weights-returning modules
         eager_model(ids, attention_mask=attention_mask)
     assert list(eager_recorder.maps) == list(recorder.maps)
     assert {s.source for s in eager_recorder.sites.values()} == {"weights"}
-    for a, b in zip(eager_recorder.maps.values(), eager):
+    for a, b in zip(eager_recorder.maps.values(), eager, strict=False):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
 
 
@@ -304,7 +306,7 @@ def test_real_pretrained_minilm_all_heads(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(recorder.maps) == 6
     assert all(m.shape[1] == 12 for m in recorder.maps.values())
     valid = batch["attention_mask"].bool()
-    for probs, ref in zip(recorder.maps.values(), reference):
+    for probs, ref in zip(recorder.maps.values(), reference, strict=False):
         for b in range(2):  # rows of padding queries are arbitrary in both
             n = int(valid[b].sum())
             torch.testing.assert_close(probs[b, :, :n], ref[b, :, :n], atol=ATOL, rtol=0)

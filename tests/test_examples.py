@@ -2,7 +2,8 @@
 
 Each slow test runs ``python -m lightning_attn.cli fit --config configs/<example>.yaml`` in a subprocess (as a
 user would, from a scratch working directory, so the configs' relative ``outputs/`` paths land there; two
-runs at a time) with two batches per loop, and checks what the run must leave behind: a checkpoint, the saved config, TensorBoard
+runs at a time) with two batches per loop, and checks what the run must leave behind: a checkpoint, the saved config,
+TensorBoard
 event files, the callbacks' PNG/CSV/JSON files and the explainability report.
 """
 
@@ -67,7 +68,8 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.Comp
     )
     if result.returncode != 0:
         raise AssertionError(
-            f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+            f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr "
+            f"---\n{result.stderr[-6000:]}"
         )
     return result
 

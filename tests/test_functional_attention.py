@@ -234,7 +234,7 @@ def test_gradient_weighted_rollout(seed, layers, length, discard):
     got = gradient_weighted_rollout([t(m) for m in maps], [t(g) for g in grads], discard_ratio=discard)
     torch.testing.assert_close(got.sum(-1), torch.ones(2, length))
     if discard == 0.0:
-        fused = [np.clip(m * g, 0, None).mean(1) for m, g in zip(maps, grads)]  # clamp, then head mean
+        fused = [np.clip(m * g, 0, None).mean(1) for m, g in zip(maps, grads, strict=False)]  # clamp, then head mean
         np.testing.assert_allclose(got.numpy(), np_rollout(fused), atol=1e-5)
 
 
@@ -280,7 +280,7 @@ def test_js_divergence_matches_scipy_and_is_symmetric(seed, k, smoothing):
     p, q = random_probs(seed, (4, k), 3.0), random_probs(seed + 1, (4, k), 3.0)
     got = js_divergence(t(p), t(q), smoothing)
     ps, qs = smoothing / k + (1 - smoothing) * p, smoothing / k + (1 - smoothing) * q
-    expected = np.array([jensenshannon(a, b) ** 2 for a, b in zip(ps, qs)])  # SciPy gives the distance
+    expected = np.array([jensenshannon(a, b) ** 2 for a, b in zip(ps, qs, strict=False)])  # SciPy gives the distance
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
     torch.testing.assert_close(got, js_divergence(t(q), t(p), smoothing))
     assert bool((js_divergence(t(p), t(p), smoothing) == 0).all())
@@ -306,7 +306,10 @@ def test_head_js_distance(seed, b, q, k):
     expected = np.zeros((4, 4))
     for g in range(4):
         for h in range(4):
-            rows = [jensenshannon(x, y) ** 2 for x, y in zip(smooth[:, g].reshape(-1, k), smooth[:, h].reshape(-1, k))]
+            rows = [
+                jensenshannon(x, y) ** 2
+                for x, y in zip(smooth[:, g].reshape(-1, k), smooth[:, h].reshape(-1, k), strict=False)
+            ]
             expected[g, h] = np.mean(rows)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
     torch.testing.assert_close(head_js_distance(t(maps[0])), head_js_distance(t(maps[:1])))

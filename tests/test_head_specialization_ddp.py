@@ -50,7 +50,7 @@ def assert_close(a, b, path="") -> None:
             assert_close(a[key], b[key], f"{path}/{key}")
     elif isinstance(a, list):
         assert len(a) == len(b), path
-        for index, (x, y) in enumerate(zip(a, b)):
+        for index, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_close(x, y, f"{path}[{index}]")
     elif isinstance(a, float) and isinstance(b, float):
         assert a == pytest.approx(b, abs=1e-6), path

@@ -114,7 +114,7 @@ def test_csv_rows_equal_samples_and_match_json(shared: dict) -> None:
         weights = [float(p.split(":")[1]) for p in pairs]
         assert weights == sorted(weights, reverse=True)
     # per-head CSV: one row per (site, head); class-wise: one per class
-    _, head_header, head_rows = read_csv(out / "per_head.csv")
+    _, _head_header, head_rows = read_csv(out / "per_head.csv")
     assert len(head_rows) == sum(s["num_heads"] for s in report["attention"]["sites"]) == 4 * 2
     _, _, class_rows = read_csv(out / "classwise.csv")
     assert [int(r[2]) for r in class_rows] == [c["support"] for c in report["classwise"]]
@@ -436,7 +436,7 @@ def test_bad_arguments() -> None:
 
 def test_dict_dataset_helper_is_deterministic() -> None:
     a, b = make_samples(3, 0), make_samples(3, 0)
-    assert all(torch.equal(x["a"], y["a"]) for x, y in zip(a, b))
+    assert all(torch.equal(x["a"], y["a"]) for x, y in zip(a, b, strict=False))
     assert len(DictDataset(a)) == 3
 
 

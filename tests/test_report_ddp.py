@@ -38,7 +38,7 @@ def close(got: Any, want: Any, where: str = "") -> None:
             close(got[key], want[key], f"{where}/{key}")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
             close(g, w, f"{where}[{i}]")
     elif isinstance(want, float) and not isinstance(got, bool):
         assert isinstance(got, (int, float)) and got == pytest.approx(want, abs=TOL), where
@@ -52,7 +52,7 @@ def same_cell(got: str, want: str, column: str) -> bool:
     if column.endswith("/top_pairs"):  # "q>k:w;..." with 4 significant digits
         pairs = [p.split(":") for p in got.split(";")], [p.split(":") for p in want.split(";")]
         return len(pairs[0]) == len(pairs[1]) and all(
-            a[0] == b[0] and math.isclose(float(a[1]), float(b[1]), rel_tol=1e-3) for a, b in zip(*pairs)
+            a[0] == b[0] and math.isclose(float(a[1]), float(b[1]), rel_tol=1e-3) for a, b in zip(*pairs, strict=False)
         )
     try:
         return abs(float(got) - float(want)) <= TOL
@@ -131,7 +131,7 @@ def test_ddp_two_ranks_write_the_single_process_report(tmp_path: Path) -> None:
         assert got_header == want_header and len(got) == len(want), name
         # relevance: from the saliency probes, which are rank zero's first samples (not the same samples)
         keep = [i for i, c in enumerate(want_header) if not c.startswith("relevance")]
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=False):
             assert all(same_cell(g[i], w[i], want_header[i]) for i in keep), (name, g, w)
 
     # per-batch rows follow each rank's batches
@@ -142,7 +142,7 @@ def test_ddp_two_ranks_write_the_single_process_report(tmp_path: Path) -> None:
     # saliency on rank zero only: its first samples, the first rows of samples.csv (dataset samples 0 and 2)
     probes = ddp["saliency"]["probes"]
     assert [p["sample"] for p in probes] == [0, 1]
-    for probe, row, single_row in zip(probes, rows[:2], (single_rows[0], single_rows[2])):
+    for probe, row, single_row in zip(probes, rows[:2], (single_rows[0], single_rows[2]), strict=False):
         for r in (row, single_row):
             assert (probe["target"], probe["predicted"]) == (int(r[col["target"]]), int(r[col["predicted"]]))
             assert probe["confidence"] == pytest.approx(float(r[col["confidence"]]), abs=TOL)

@@ -126,7 +126,8 @@ class CalibrationMonitor(EvaluationCallback):
     most ``reservoir_size`` validation samples' logits is kept during the epoch (bottom-k reservoir
     sampling: ``reservoir_size x num_classes`` float32 values, 40 MB for 10 000 x 1000 classes); at
     the end of each validation epoch one scalar ``T`` is fitted (on the first validation dataloader;
-    further ones are scored with it) by minimizing the NLL of ``softmax(logits / T)`` with L-BFGS. Under DDP the ranks' reservoirs are gathered, the fit runs
+    further ones are scored with it) by minimizing the NLL of ``softmax(logits / T)`` with L-BFGS. Under DDP the
+    ranks' reservoirs are gathered, the fit runs
     on rank zero and ``T`` is broadcast, so every rank holds the same ``T``. ``callback.temperature``
     holds it and :meth:`apply_temperature` applies it. ``ece_scaled``/``nll_scaled`` are measured on
     the sample the fit used (in-sample) at validation and with the validation ``T`` on the test
@@ -625,7 +626,7 @@ class CalibrationMonitor(EvaluationCallback):
         rows = [
             [float(lo), float(hi), int(n), _finite(acc), _finite(conf), _finite(conf - acc)]
             for lo, hi, n, acc, conf in zip(
-                bins["edges"][:-1], bins["edges"][1:], bins["count"], bins["accuracy"], bins["confidence"]
+                bins["edges"][:-1], bins["edges"][1:], bins["count"], bins["accuracy"], bins["confidence"], strict=False
             )
         ]
         publish_table(

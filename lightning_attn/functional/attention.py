@@ -176,7 +176,7 @@ def top_k_pairs(probs2d: Tensor, k: int) -> list[tuple[int, int, float]]:
         raise ValueError(f"top_k_pairs expects a single [Q, K] map, got shape {tuple(probs2d.shape)}")
     num_keys = probs2d.shape[1]
     values, flat = probs2d.detach().flatten().topk(min(k, probs2d.numel()))
-    return [(i // num_keys, i % num_keys, v) for i, v in zip(flat.tolist(), values.tolist())]
+    return [(i // num_keys, i % num_keys, v) for i, v in zip(flat.tolist(), values.tolist(), strict=False)]
 
 
 def top_positions(scores_1d: Tensor, k: int, names: Sequence[str] | None = None) -> list[tuple[str | int, float]]:
@@ -186,7 +186,7 @@ def top_positions(scores_1d: Tensor, k: int, names: Sequence[str] | None = None)
     if names is not None and len(names) != scores_1d.numel():
         raise ValueError(f"{len(names)} names for {scores_1d.numel()} scores")
     values, index = scores_1d.detach().topk(min(k, scores_1d.numel()))
-    return [(i if names is None else names[i], v) for i, v in zip(index.tolist(), values.tolist())]
+    return [(i if names is None else names[i], v) for i, v in zip(index.tolist(), values.tolist(), strict=False)]
 
 
 def _check_maps(maps: Sequence[Tensor], what: str = "maps") -> None:
@@ -269,10 +269,10 @@ def gradient_weighted_rollout(maps: Sequence[Tensor], grads: Sequence[Tensor], d
     _check_maps(grads, "grads")
     if len(maps) != len(grads):
         raise ValueError(f"{len(maps)} maps but {len(grads)} grads: pair them by site")
-    for layer, (attn, grad) in enumerate(zip(maps, grads)):
+    for layer, (attn, grad) in enumerate(zip(maps, grads, strict=False)):
         if attn.shape != grad.shape:
             raise ValueError(f"maps[{layer}] shape {tuple(attn.shape)} != grads[{layer}] shape {tuple(grad.shape)}")
-    fused = [(_float(attn) * _float(grad)).clamp_min(0).mean(dim=1) for attn, grad in zip(maps, grads)]
+    fused = [(_float(attn) * _float(grad)).clamp_min(0).mean(dim=1) for attn, grad in zip(maps, grads, strict=False)]
     return _rollout(fused, discard_ratio, 0.5)
 
 
@@ -293,7 +293,7 @@ def modality_agreement(a_to_b: Tensor, b_to_a: Tensor) -> Tensor:
     if a_to_b.shape != y.shape:
         raise ValueError(
             f"a_to_b shape {tuple(a_to_b.shape)} needs b_to_a of shape "
-            f"{tuple(a_to_b.shape[:-2]) + (a_to_b.shape[-1], a_to_b.shape[-2])}, got {tuple(b_to_a.shape)}"
+            f"{(*tuple(a_to_b.shape[:-2]), a_to_b.shape[-1], a_to_b.shape[-2])}, got {tuple(b_to_a.shape)}"
         )
     x, y = _float(a_to_b).flatten(-2), _float(y).flatten(-2)
     constant = (x.amax(-1) == x.amin(-1)) | (y.amax(-1) == y.amin(-1))

@@ -123,7 +123,8 @@ def calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, norm: No
 
         \mathrm{MCE} = \max_{m: n_m > 0} |\mathrm{acc}(B_m) - \mathrm{conf}(B_m)| \quad (\text{max})
 
-        \mathrm{RMSCE} = \sqrt{\sum_m \frac{n_m}{N} (\mathrm{acc}(B_m) - \mathrm{conf}(B_m))^2} \quad (\text{l2, Kumar et al. 2019})
+        \mathrm{RMSCE} = \sqrt{\sum_m \frac{n_m}{N} (\mathrm{acc}(B_m) - \mathrm{conf}(B_m))^2} \quad (\text{l2,
+        Kumar et al. 2019})
 
     Equal to torchmetrics ``BinaryCalibrationError`` / ``MulticlassCalibrationError`` with the same
     ``n_bins`` and ``norm`` when no confidence equals ``1.0`` exactly; torchmetrics puts such

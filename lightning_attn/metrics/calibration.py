@@ -234,10 +234,8 @@ class CalibrationMetric(Metric):
         """``(t_long, valid)``: ``valid`` is ``None`` when every sample is valid (known without a
         synchronisation only on the CPU: ``eager``). Invalid samples are counted in the states."""
         ignored = t == self.ignore_index if self.ignore_index is not None else None
-        if t.is_floating_point():  # binary targets given as 0./1.
-            bad_target = (t != 0) & (t != 1)
-        else:
-            bad_target = (t < 0) | (t >= self.num_classes)
+        # binary targets may come as 0./1. floats
+        bad_target = (t != 0) & (t != 1) if t.is_floating_point() else (t < 0) | (t >= self.num_classes)
         invalid = bad_target | nan
         if bad_prob is not None:
             invalid |= bad_prob

@@ -1,6 +1,5 @@
 """Figures: data in, ``matplotlib.figure.Figure`` out (never pyplot)."""
 
-from lightning_attn.plots import attention, calibration, heads, probes
 from lightning_attn.plots.attention import (
     plot_attention_heads,
     plot_attention_maps,
@@ -34,5 +33,26 @@ from lightning_attn.plots.probes import (
 
 #: Every ``plot_*`` function of the figure modules (their helpers, e.g. ``short_site_names``, stay there).
 __all__ = [
-    name for module in (attention, heads, calibration, probes) for name in module.__all__ if name.startswith("plot_")
+    "plot_attention_heads",
+    "plot_attention_maps",
+    "plot_calibration_trend",
+    "plot_channel_heatmaps",
+    "plot_classwise_reliability",
+    "plot_confidence_histogram",
+    "plot_feature_correlations",
+    "plot_head_contributions",
+    "plot_head_evolution",
+    "plot_head_redundancy",
+    "plot_head_statistics",
+    "plot_head_type_scores",
+    "plot_hsi",
+    "plot_layer_evolution",
+    "plot_modality_pair",
+    "plot_over_time",
+    "plot_reliability_diagram",
+    "plot_rollout",
+    "plot_top_positions",
+    "plot_weight_histograms",
+    "plot_weight_statistics",
+    "plot_weights_over_time",
 ]

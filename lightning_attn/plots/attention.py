@@ -39,7 +39,7 @@ def short_site_names(sites: Sequence[str]) -> list[str]:
     """Site names without their common dotted prefix (``model.encoder.layers.0.self_attn`` -> ``0.self_attn``)."""
     if len(sites) < 2:
         return [s.rsplit(".", 2)[-2] + "." + s.rsplit(".", 1)[-1] if s.count(".") >= 2 else s for s in sites]
-    prefix = os.path.commonprefix([s.split(".") for s in sites])
+    prefix = os.path.commonprefix([s.split(".") for s in sites])  # noqa: RUF071 (lists of path components)
     cut = len(prefix)
     names = [".".join(s.split(".")[cut:]) or s for s in sites]
     return names
@@ -99,7 +99,7 @@ def plot_head_statistics(values: Mapping[str, Any], sites: Sequence[str], title:
     axes = fig.subplots(1, columns, squeeze=False)[0]
     left = min(0.4, (0.07 * max((len(label) for label in labels), default=4) + 0.35) / width)
     fig.subplots_adjust(left=left, right=1 - 0.45 / width, bottom=0.9 / height, top=1 - 0.55 / height, wspace=0.4)
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):
         data = np.ma.masked_invalid(as_array(values[name]))
         _heatmap(
             fig,

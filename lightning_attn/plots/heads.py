@@ -35,8 +35,11 @@ def short_head_names(heads: Sequence[str]) -> list[str]:
     unique = list(dict.fromkeys(sites))
     if len(unique) < 2:
         return [h.rsplit("/", 1)[-1] if len(unique) == 1 else h for h in heads]
-    prefix = len(os.path.commonprefix([s.split(".") for s in unique]))
-    return [".".join(site.split(".")[prefix:]) + "/" + head.rsplit("/", 1)[1] for site, head in zip(sites, heads)]
+    prefix = len(os.path.commonprefix([s.split(".") for s in unique]))  # noqa: RUF071 (lists of path components)
+    return [
+        ".".join(site.split(".")[prefix:]) + "/" + head.rsplit("/", 1)[1]
+        for site, head in zip(sites, heads, strict=False)
+    ]
 
 
 def _ticks(axis: Any, labels: Sequence[str], which: str) -> None:
@@ -69,7 +72,7 @@ def plot_hsi(
     ax.bar(np.arange(count), values, color=colours)
     ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
     if labels is not None and count <= MAX_TICK_LABELS:
-        for index, (value, label) in enumerate(zip(values, labels)):
+        for index, (value, label) in enumerate(zip(values, labels, strict=False)):
             if value >= threshold:
                 ax.text(index, value, f" {label}", rotation=90, va="bottom", ha="center", fontsize=6)
     _ticks(ax, short_head_names(heads), "x")
@@ -117,11 +120,13 @@ def plot_head_type_scores(scores: Mapping[str, Any], sites: Sequence[str], title
     names = list(scores)
     heads = max((as_array(v, none_as_nan=True).shape[1] for v in scores.values()), default=1)
     layer_names = short_head_names([f"{s}/h0" for s in sites])
-    layer_names = [n.rsplit("/", 1)[0] or s for n, s in zip(layer_names, sites)] if len(sites) > 1 else list(sites)
+    layer_names = (
+        [n.rsplit("/", 1)[0] or s for n, s in zip(layer_names, sites, strict=False)] if len(sites) > 1 else list(sites)
+    )
     fig = Figure(figsize=(max(3.0 * len(names), 4.0), max(2.6, 0.3 * len(sites) + 1.6)), layout="constrained")
     axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
     image = None
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):
         data = np.ma.masked_invalid(as_array(scores[name], none_as_nan=True))
         image = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -152,7 +157,7 @@ def plot_head_redundancy(
     _ticks(ax, names, "x")
     _ticks(ax, names, "y")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="JS divergence (nats)")
-    short = dict(zip(heads, names))
+    short = dict(zip(heads, names, strict=False))
     lines = [", ".join(short.get(h, h) for h in cluster) for cluster in clusters[:8]]
     if len(clusters) > 8:
         lines.append(f"... {len(clusters) - 8} more")

@@ -271,7 +271,8 @@ def plot_weight_statistics(
     title: str = "",
 ) -> Figure:
     """The attention measures of distributions over positions: one panel per statistic, one group of bars per
-    site with one bar per head (``means[site][statistic]``: ``[H]``), error bars the std over samples; ``labels`` renames panels."""
+    site with one bar per head (``means[site][statistic]``: ``[H]``), error bars the std over samples; ``labels``
+    renames panels."""
     sites = list(means)
     statistics = list(next(iter(means.values()))) if means else []
     columns = max(1, len(statistics))
@@ -284,7 +285,7 @@ def plot_weight_statistics(
     from matplotlib import colormaps
 
     colors = colormaps["tab10"]
-    for ax, statistic in zip(axes, statistics):
+    for ax, statistic in zip(axes, statistics, strict=False):
         for index, site in enumerate(sites):
             values = as_array(means[site][statistic]).reshape(-1)
             errors = None if stds is None else as_array(stds[site][statistic]).reshape(-1)

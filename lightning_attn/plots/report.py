@@ -131,7 +131,7 @@ def plot_classwise(
     prec = as_array(precision, none_as_nan=True)
     ax.bar(x - 0.2, np.nan_to_num(rec), width=0.4, color="#4c72b0", label="recall")
     ax.bar(x + 0.2, np.nan_to_num(prec), width=0.4, color="#dd8452", label="precision")
-    for xi, n in zip(x, support):
+    for xi, n in zip(x, support, strict=False):
         ax.text(xi, 1.02, f"n={n}", ha="center", fontsize=7)
     ax.set_ylim(0, 1.12)
     ax.set_xticks(x, [_short(str(n), 14) for n in names], rotation=30 if len(names) > 6 else 0, fontsize=8)

@@ -5,7 +5,8 @@ The callback wires the loop to the report: per batch it records attention, takes
 them to :mod:`~lightning_attn.report.run` (sums and sample rows) and, for probe samples, to the saliency of
 :mod:`~lightning_attn.report.explain`; at the end of the epoch it gathers the ranks' shards
 (:mod:`~lightning_attn.report.distributed`); at the end of the loop it writes the report
-(:mod:`~lightning_attn.report.write`, with :mod:`~lightning_attn.report.summary` and :mod:`~lightning_attn.report.render`).
+(:mod:`~lightning_attn.report.write`, with :mod:`~lightning_attn.report.summary` and
+:mod:`~lightning_attn.report.render`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class ExplainabilityReport(EvaluationCallback):
     shared file system needed). At the end of the epoch each rank sends rank zero (``torch.distributed.gather_object``:
     gloo, and NCCL through the current CUDA device, which Lightning sets) its counts, correct-vs-incorrect moments,
     class-wise, calibration and per-head sums, per-batch rows, input hash and sample rows (raw CSV, in messages of at
-    most :data:`~lightning_attn.report.distributed.GATHER_CHUNK_BYTES`). Rank zero appends the other ranks' rows to ``samples.csv`` in rank order
+    most :data:`~lightning_attn.report.distributed.GATHER_CHUNK_BYTES`). Rank zero appends the other ranks' rows to
+    ``samples.csv`` in rank order
     (``sample`` renumbered consecutively, rank zero's rows first; ``batch`` is the rank's own batch index), merges
     the sums and alone writes the report: its dataset-level numbers, class-wise and per-head tables equal those of
     one process over the same samples (up to float summation order). Per-batch rows follow each rank's batches (a
@@ -562,7 +564,8 @@ class ExplainabilityReport(EvaluationCallback):
                 continue
             if run.tmp_dir.exists() and not run.finished:
                 (run.tmp_dir / INCOMPLETE).write_text(
-                    f"This report is INCOMPLETE: its run failed ({reason}).\nStarted {run.started}; nothing here is final.\n"
+                    f"This report is INCOMPLETE: its run failed ({reason}).\nStarted {run.started}; nothing here is "
+                    "final.\n"
                 )
         self._runs = {}
         self._pending = []
@@ -599,7 +602,8 @@ class ExplainabilityReport(EvaluationCallback):
         raw_targets = self._targets(outputs, batch)
         if raw_targets is None:
             raise ReportError(
-                "the dataloader's batches carry no targets: expected a (inputs, target) tuple, or a mapping with one of "
+                "the dataloader's batches carry no targets: expected a (inputs, target) tuple, or a mapping with "
+                "one of "
                 f"the keys {', '.join(TARGET_KEYS)} (or pass target_key= / target_fn=)"
             )
         expected = int(raw_targets.shape[0]) if isinstance(raw_targets, Tensor) and raw_targets.dim() else None
@@ -719,7 +723,7 @@ class ExplainabilityReport(EvaluationCallback):
 
     # -- distributed -------------------------------------------------------------------------------------------------
     def _warn_padding(self, run: ReportRun, note: str) -> None:
-        """Warn (once per report) that the DistributedSampler padded a dataloader (``note``, already in the run's notes)."""
+        """Warn (once per report) that the DistributedSampler padded a dataloader (``note``, already in the notes)."""
         if not self._warned_padding:
             self._warned_padding = True
             warnings.warn(f"ExplainabilityReport ({run.key}): {note}", UserWarning, stacklevel=2)

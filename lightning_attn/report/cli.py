@@ -26,7 +26,8 @@ Build a self-contained explainability report of a trained classifier on its test
 data with --stage validate): per-sample explanations (prediction, confidence, correctness, calibration
 bin, per-site attention entropy and most focused head, top attention pairs, modality agreement),
 correct-vs-incorrect and class-wise statistics, saliency of a few probe samples (gradient x input,
-token saliency for token-id inputs, gradient-weighted attention rollout, optional Grad-CAM), written as report.html (open it offline), report.json (every
+token saliency for token-id inputs, gradient-weighted attention rollout, optional Grad-CAM), written as report.html
+(open it offline), report.json (every
 number; JSON Schema in lightning_attn/report/report.schema.json), CSV files, summary.md and PNG figures,
 each carrying the SHA-256 of the weights, of the evaluated inputs and of the report settings.
 
@@ -582,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=False):
             logger.setLevel(level)
 
 

@@ -1,4 +1,5 @@
-"""Distributed reports: every rank's shard (its sums and sample rows, :class:`~lightning_attn.report.run.ReportRun`) sent
+"""Distributed reports: every rank's shard (its sums and sample rows, :class:`~lightning_attn.report.run.ReportRun`)
+sent
 to global rank zero and merged there into one report equal to that of one process over the same samples.
 
 :func:`gather_shards` is the collective that every rank calls at the end of an evaluation epoch; rank zero then
@@ -156,7 +157,7 @@ def gather_shards(
 
 
 def _shard_payload(run: ReportRun) -> dict[str, Any]:
-    """What a non-zero rank sends rank zero for one run: everything mergeable, no sample rows (those follow in chunks)."""
+    """What a non-zero rank sends rank zero for one run: everything mergeable, no sample rows (sent in chunks)."""
     return {
         "count": run.count,
         "num_classes": run.num_classes,
@@ -277,7 +278,8 @@ def _padding_note(trainer: pl.Trainer, stage: str, run: ReportRun) -> str | None
     if total > size and run.count == total:
         note = (
             f"the DistributedSampler padded the {size} samples to {total} ({total - size} repeated) so that the "
-            f"{run.world_size} ranks get as many: samples.csv and every statistic count the repeats (as Lightning's metrics do)"
+            f"{run.world_size} ranks get as many: samples.csv and every statistic count the repeats (as Lightning's "
+            "metrics do)"
         )
         run.notes.append(note)
         return note

@@ -143,9 +143,8 @@ def class_targets(target: Any, batch_size: int, num_classes: int) -> Tensor:
             f"the batch's targets have shape {tuple(target.shape)}, not [{batch_size}] class indices: does the "
             "dataloader yield targets? (pass target_key= or target_fn= to say where they are)"
         )
-    if t.is_floating_point():
-        if not bool(torch.all(t == t.round())):
-            raise ReportError("the batch's targets are fractional numbers, not class indices")
+    if t.is_floating_point() and not bool(torch.all(t == t.round())):
+        raise ReportError("the batch's targets are fractional numbers, not class indices")
     t = t.long()
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
         raise ReportError(f"target class {int(t.max())} out of range for a model with {num_classes} classes")
@@ -247,7 +246,10 @@ class SiteSample:
         if self.top_values is None or self.top_index is None:
             return []
         values, index = self.top_values.detach().cpu().tolist(), self.top_index.detach().cpu().tolist()
-        return [[(i // self.num_keys, i % self.num_keys, v) for v, i in zip(vs, ix)] for vs, ix in zip(values, index)]
+        return [
+            [(i // self.num_keys, i % self.num_keys, v) for v, i in zip(vs, ix, strict=False)]
+            for vs, ix in zip(values, index, strict=False)
+        ]
 
 
 class BatchAttention:
@@ -417,8 +419,8 @@ class GroupStatistics:
     def add(self, name: str, values: Sequence[float], correct: Sequence[bool]) -> None:
         groups = self.measures.setdefault(name, {"all": _Moments(), "correct": _Moments(), "incorrect": _Moments()})
         groups["all"].add(values)
-        groups["correct"].add([v for v, c in zip(values, correct) if c])
-        groups["incorrect"].add([v for v, c in zip(values, correct) if not c])
+        groups["correct"].add([v for v, c in zip(values, correct, strict=False) if c])
+        groups["incorrect"].add([v for v, c in zip(values, correct, strict=False) if not c])
 
     def merge(self, other: GroupStatistics) -> None:
         """Add ``other``'s sufficient statistics (count, sum, sum of squares per measure and group) to these: the

@@ -36,7 +36,8 @@ section { margin: 26px 0; }
 h2 { font-size: 18px; border-bottom: 2px solid var(--line); padding-bottom: 4px; }
 h3 { font-size: 15px; margin: 18px 0 6px 0; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; min-width: 140px; }
+.card { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; min-width:
+140px; }
 .card .v { font-size: 20px; font-weight: 600; }
 .card .k { color: var(--muted); font-size: 12px; }
 table { border-collapse: collapse; font-size: 12.5px; margin: 6px 0 12px 0; }
@@ -117,7 +118,8 @@ SCRIPT = """
         sortTable(table, col, true);
         var body = table.tBodies[0].rows;
         for (var r = 1; r < body.length; r++) {
-          if (Number(body[r - 1].cells[col].textContent) > Number(body[r].cells[col].textContent)) { sorted = false; break; }
+          if (Number(body[r - 1].cells[col].textContent) > Number(body[r].cells[col].textContent)) { sorted = false;
+          break; }
         }
       }
       checks.setAttribute('data-sort', sorted ? 'ok' : 'fail');
@@ -181,10 +183,8 @@ def row_html(row: Sequence[Any], css_class: str | None = None) -> str:
     cells = []
     for value in row:
         text = value if isinstance(value, str) else fmt(value)
-        if (
-            (isinstance(value, (int, float))
-            and not isinstance(value, bool))
-            or (isinstance(value, str) and _is_number(value))
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _is_number(value)
         ):
             exact = value if isinstance(value, str) else repr(value)
             if isinstance(value, str):
@@ -221,7 +221,7 @@ def nested_html(data: Any, *, max_rows: int = 400, max_inline: int = 24) -> str:
         elif isinstance(value, (list, tuple)):
             flat = all(isinstance(v, (int, float)) or v is None for v in value)
             if flat and len(value) <= max_inline:
-                rows.append((path, "[" + ", ".join("–" if v is None else fmt(v) for v in value) + "]"))
+                rows.append((path, "[" + ", ".join("\u2013" if v is None else fmt(v) for v in value) + "]"))
             elif flat:
                 numbers = [v for v in value if isinstance(v, (int, float))]
                 summary = f"{len(value)} values" + (

@@ -25,7 +25,8 @@ __all__ = ["figures", "markdown", "write_html"]
 
 
 def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str, Figure]]:
-    """The figures of a report, ``(file name, title, caption, figure)``, from its ``summary`` and ``run`` (per-batch rows,
+    """The figures of a report, ``(file name, title, caption, figure)``, from its ``summary`` and ``run`` (per-batch
+    rows,
     position saliency maps)."""
     out: list[tuple[str, str, str, Figure]] = []
     cal = summary["calibration"]
@@ -35,7 +36,8 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
         (
             "reliability",
             "Reliability diagram",
-            f"accuracy per equal-width confidence bin ({cal['n_bins']} bins); ECE {_f(cal['ece'])}, MCE {_f(cal['mce'])}",
+            f"accuracy per equal-width confidence bin ({cal['n_bins']} bins); ECE {_f(cal['ece'])}, MCE "
+            f"{_f(cal['mce'])}",
             plots.plot_reliability(
                 lower,
                 upper,
@@ -464,18 +466,21 @@ def write_html(
         heading = key.replace("_", " ").capitalize()
         if key in sections:
             blocks.append(
-                f'<section id="{key}"><h2>{heading}</h2><p class="note">from <code>{page.esc(sections[key]["callback"])}</code> '
+                f'<section id="{key}"><h2>{heading}</h2><p class="note">from '
+                f"<code>{page.esc(sections[key]['callback'])}</code> "
                 "of the same Trainer</p>" + _section_html(sections[key]) + "</section>"
             )
         else:
             blocks.append(
-                f'<section id="{key}"><h2>{heading}</h2><p class="note">No {heading.lower()} callback ran in this Trainer.</p></section>'
+                f'<section id="{key}"><h2>{heading}</h2><p class="note">No {heading.lower()} callback ran in this '
+                "Trainer.</p></section>"
             )
     for key, entry in sections.items():
         if key in ("calibration", "head_specialization"):
             continue
         blocks.append(
-            f'<section id="{page.esc(key)}"><h2>{page.esc(key)}</h2><p class="note">from <code>{page.esc(entry["callback"])}</code>'
+            f'<section id="{page.esc(key)}"><h2>{page.esc(key)}</h2><p class="note">from '
+            f"<code>{page.esc(entry['callback'])}</code>"
             "</p>" + _section_html(entry) + "</section>"
         )
     prov_rows = [[k, v] for k, v in provenance.items() if k != "versions"] + [
@@ -536,9 +541,9 @@ def write_html(
 # -----------------------------------------------------------------------------------------------------------------
 def _f(value: Any) -> str:
     if value is None:
-        return "–"
+        return "\u2013"
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else "–"
+        return f"{value:.4g}" if math.isfinite(value) else "\u2013"
     return str(value)
 
 

@@ -236,7 +236,8 @@ def add_batch(
         raise ReportError(f"the model gave {num_classes} classes in batch {batch_idx}, {run.num_classes} before")
     elif attention is not None and not set(attention.sites) <= set(run.sites):
         note = (
-            f"batch {batch_idx} has attention sites the first batch had not ({sorted(set(attention.sites) - set(run.sites))[:5]}); "
+            f"batch {batch_idx} has attention sites the first batch had not "
+            f"({sorted(set(attention.sites) - set(run.sites))[:5]}); "
             "per-sample columns follow the first batch's sites"
         )
         if not any(n.startswith("batch ") and "attention sites the first batch" in n for n in run.notes):
@@ -304,7 +305,9 @@ def add_batch(
 
     site_columns["input_sha256"] = list(input_hashes) if input_hashes is not None else [None] * batch_size
     attention_entropy = (
-        [sum(v) / len(v) for v in zip(*site_mean_entropy)] if site_mean_entropy else [math.nan] * batch_size
+        [sum(v) / len(v) for v in zip(*site_mean_entropy, strict=False)]
+        if site_mean_entropy
+        else [math.nan] * batch_size
     )
     for name, values in measures.items():
         run.stats.add(name, values, correct_list)
@@ -410,7 +413,10 @@ def _update_heads(run: ReportRun, site: str, entropy: Tensor, correct: Tensor) -
     if sums is None:
         sums = run.heads[site] = HeadSums(heads)
     if sums.heads != heads:
-        note = f"site {site}: {heads} heads in a batch after {sums.heads} in the first; those batches are not in the per-head table"
+        note = (
+            f"site {site}: {heads} heads in a batch after {sums.heads} in the first; "
+            "those batches are not in the per-head table"
+        )
         if note not in run.notes:
             run.notes.append(note)
         return

@@ -200,8 +200,10 @@ def _saliency_summary(run: ReportRun, target: str) -> dict[str, Any]:
     return {
         "target": target,
         "method": {
-            "inputs": "gradient x input (x * d score / d x), |.| summed over all but the last (feature) axis; share of the input's total",
-            "rollout": "gradient-weighted attention rollout: mean_h(max(A * dA, 0)) per layer, 0.5 identity, rows renormalized",
+            "inputs": "gradient x input (x * d score / d x), |.| summed over all but the last (feature) axis; "
+            "share of the input's total",
+            "rollout": "gradient-weighted attention rollout: mean_h(max(A * dA, 0)) per layer, 0.5 identity, rows "
+            "renormalized",
             "head_relevance": "sum over (query, key) of max(A * dA, 0), mean over probes; share within the site",
         },
         "num_probes": len(probes),

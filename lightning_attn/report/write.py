@@ -57,7 +57,7 @@ _MARKER_HEADER = "# written by lightning_attn's explainability report; replaced 
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """The report's arguments that shape its files (see :class:`~lightning_attn.report.callback.ExplainabilityReport`)."""
+    """The report's arguments that shape its files (:class:`~lightning_attn.report.callback.ExplainabilityReport`)."""
 
     title: str
     calibration_bins: int
@@ -127,7 +127,8 @@ def write_report(
     """Write every file of a finished ``run`` (samples closed, at least one sample) into its temporary directory and
     rename that to ``run.final_dir`` (replacing only a previous report of this library there, else to a sibling:
     :func:`report_destination`; ``run.final_dir`` becomes where it went). ``config`` is the report's configuration
-    (hashed into the provenance), ``sections`` the other callbacks' (:func:`~lightning_attn.report.summary.other_sections`).
+    (hashed into the provenance), ``sections`` the other callbacks'
+    (:func:`~lightning_attn.report.summary.other_sections`).
     Returns the content of ``report.json`` plus its ``directory``."""
     config_sha = hash_config(config)
     if run.world_size > 1 and run.input_digests:
@@ -195,7 +196,7 @@ def write_report(
 
     # Markdown and HTML
     (tmp / "summary.md").write_text(
-        render.markdown(summary, provenance, sorted(files) + ["report.html", "report.json"], title=settings.title),
+        render.markdown(summary, provenance, [*sorted(files), "report.html", "report.json"], title=settings.title),
         encoding="utf-8",
     )
     files["summary.md"] = {"kind": "summary"}
