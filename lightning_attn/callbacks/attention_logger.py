@@ -290,7 +290,7 @@ class AttentionLogger(StreamingCallback):
     def _compute(self, acc: _Accumulators, key: str, trainer: pl.Trainer) -> AttentionResults:
         stats = acc.stats.compute()
         positions = acc.positions.compute()
-        agreement = acc.agreement.compute() if acc.agreement.pairs else {}
+        agreement = acc.agreement.compute_sites()
         sites = list(stats)
         names = list(acc.stats.names)
         heads = [acc.stats.sites[s] for s in sites]
