@@ -195,6 +195,10 @@ class AttentionLogger(StreamingCallback):
             "probe_fingerprints": dict(self._probe_fingerprints),
         }
 
+    def forget_model(self) -> None:
+        super().forget_model()
+        self._probe_fingerprints = {}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)

@@ -10,6 +10,7 @@ batch sampling, per-(stage, dataloader) metric states and the epoch-end compute 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,24 @@ class EvaluationCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
+        self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
+
+    # -- models ---------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A new ``fit``/``validate``/``test``: with another model than the last one (a sweep, a second Trainer),
+        :meth:`forget_model` first, so that nothing of that model (its sites, head counts, history) leaks into this
+        one. A resumed run continues its history: Lightning restores the callback's state after ``setup``."""
+        if self._model is not None and self._model() is not pl_module:
+            self.forget_model()
+        self._model = weakref.ref(pl_module)
+
+    def forget_model(self) -> None:
+        """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_model"] = None  # a weak reference does not pickle (ddp_spawn pickles the callbacks)
+        return state
 
     # -- gating ---------------------------------------------------------------------------------
     def _should_run(self, trainer: pl.Trainer, stage: str) -> bool:
@@ -231,6 +250,13 @@ class StreamingCallback(EvaluationCallback):
         self._epochs_run: dict[str, int] = {}
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def forget_model(self) -> None:
+        super().forget_model()
+        self.results = StageResults()
+        self._states = {}
+        self._used = set()
+        self._epochs_run = {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"epochs_run": dict(self._epochs_run)}
 

@@ -245,6 +245,12 @@ class HeadSpecializationTracker(EvaluationCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = [dict(record) for record in state_dict.get("history", [])]
 
+    def forget_model(self) -> None:
+        super().forget_model()
+        self._history = []
+        self._metrics = {}
+        self.last_redundancy = {}
+
     @property
     def history(self) -> list[dict[str, Any]]:
         """Every evaluated epoch's analysed record, oldest first: ``stage``, ``epoch``, ``global_step``, ``sites``, ``rows``,

@@ -189,7 +189,15 @@ class ModuleProbe(StreamingCallback):
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail early: every probe pattern must match a module (the error lists close module names)."""
+        super().setup(trainer, pl_module, stage)
         resolve_probes(pl_module, self.specs)
+
+    def forget_model(self) -> None:
+        super().forget_model()
+        self._site_probe = {}
+        self._attention_sites = set()
+        self._probe_sites = {}
+        self._warned_histograms = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
