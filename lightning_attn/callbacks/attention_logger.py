@@ -13,7 +13,15 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
+from lightning_attn.callbacks.base import (
+    Stage,
+    StreamingCallback,
+    callback_name,
+    check_min,
+    close_recorder,
+    open_recorder,
+    probe_batch,
+)
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
@@ -128,7 +136,10 @@ class AttentionLogger(StreamingCallback):
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/attn`` (``<default_root_dir>/lightning_attn_logs/attn`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>`` (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
+            ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
+            instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).
     """
 
     namespace = NAMESPACE
@@ -153,8 +164,11 @@ class AttentionLogger(StreamingCallback):
         top_k: int = 10,
         max_positions: int = 4096,
         save_dir: str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir)
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir,
+                         name=callback_name(NAMESPACE, name, include))
+        self._named = name is not None
         check_min(0, probe_samples=probe_samples)
         check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
         check_min(1, optional=True, chunk_size=chunk_size)
@@ -185,7 +199,8 @@ class AttentionLogger(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude)
+        named = {"name": self.name} if self._named else {}  # unchanged keys for unnamed instances' checkpoints
+        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude, **named)
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch counters and the probe samples' identity (count, fingerprint of their inputs per stage)."""
@@ -350,7 +365,7 @@ class AttentionLogger(StreamingCallback):
 
     def _scalars(self, results: AttentionResults) -> dict[str, float]:
         values: dict[str, float] = {}
-        prefix = f"{NAMESPACE}/{results.stage}"
+        prefix = f"{self.name}/{results.stage}"
         for index, site in enumerate(results.sites):
             for name in results.statistics:
                 values[f"{prefix}/{site}/{name}"] = float(results.mean[name][index, : results.num_heads[index]].mean())

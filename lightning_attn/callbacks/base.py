@@ -9,6 +9,7 @@ batch sampling, per-(stage, dataloader) metric states and the epoch-end compute 
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -61,6 +62,11 @@ class EvaluationCallback(Callback):
         if self._model is not None and self._model() is not pl_module:
             self.forget_model()
         self._model = weakref.ref(pl_module)
+        name = getattr(self, "name", None)
+        twins = [cb for cb in trainer.callbacks if cb is not self and type(cb) is type(self) and getattr(cb, "name", None) == name]
+        if name is not None and twins:
+            raise ValueError(f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write the same "
+                             "files and logged keys; give each its own name=")
 
     def forget_model(self) -> None:
         """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
@@ -140,6 +146,22 @@ class EvaluationCallback(Callback):
         self.eval_abort()
 
 
+def callback_name(namespace: str, name: str | None, include: Sequence[str] | None = None) -> str:
+    """The name of a callback instance, first component of its logged keys and output folder: ``name`` when given,
+    else ``namespace``, with ``-<patterns>`` when ``include`` patterns narrow it (glob characters dropped), so that
+    two instances on different sites differ.
+
+    >>> callback_name("attn", None), callback_name("attn", None, ["encoder.*", "*.cross_attn"]), callback_name("attn", "enc")
+    ('attn', 'attn-encoder-cross_attn', 'enc')
+    """
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        return name
+    slugs = [re.sub(r"[^A-Za-z0-9_.-]+", "_", re.sub(r"[*?\[\]]", "", p)).strip("._-") for p in include or ()]
+    return "-".join([namespace, *(slug for slug in slugs if slug)])
+
+
 def stage_key(stage: str, dataloader_idx: int = 0) -> str:
     """``val``/``test``, with ``_dl<k>`` for the k-th (k >= 1) dataloader of a multi-loader evaluation."""
     return STAGE_KEYS[stage] + (f"_dl{dataloader_idx}" if dataloader_idx else "")
@@ -217,7 +239,7 @@ class StageResults(dict):
 class StreamingCallback(EvaluationCallback):
     """Base of the callbacks that stream metric states over sampled evaluation batches and, at each epoch end,
     compute them (a collective: every rank), log their scalars and publish a table, a JSON file and figures
-    (global rank zero) under :attr:`namespace`.
+    (global rank zero) under :attr:`name` (by default the class's :attr:`namespace`, see :func:`callback_name`).
 
     States are kept per (stage, dataloader) across epochs (reset after each compute): a subclass creates one in
     :meth:`_new_state` (it has ``to(device)`` and ``reset()``), gets the batch's with :meth:`_state_for`, and turns
@@ -230,15 +252,17 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<namespace>`` (``<default_root_dir>/lightning_attn_logs/<namespace>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>`` (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
     """
 
-    #: First component of every logged key and published name.
+    #: The default :attr:`name`.
     namespace: str = ""
 
     def __init__(self, stages: Sequence[Stage], every_n_epochs: int, max_batches: int | None, every_n_batches: int,
-                 max_figure_sites: int, save_dir: str | None) -> None:
+                 max_figure_sites: int, save_dir: str | None, name: str | None = None) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        self.name = callback_name(self.namespace, name)
         check_min(1, every_n_batches=every_n_batches, max_figure_sites=max_figure_sites)
         check_min(1, optional=True, max_batches=max_batches)
         self.max_batches = max_batches
@@ -309,7 +333,7 @@ class StreamingCallback(EvaluationCallback):
         self._used = set()
 
     def _scalars(self, results: Any) -> dict[str, float]:
-        """The scalars to log for one computed epoch: ``<namespace>/<stage key>/...``."""
+        """The scalars to log for one computed epoch: ``<name>/<stage key>/...``."""
         raise NotImplementedError
 
     # -- publishing (rank zero) -------------------------------------------------------------------
@@ -321,7 +345,7 @@ class StreamingCallback(EvaluationCallback):
         """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
         figures drawn by ``figures`` (``None``: none), then the figures are let go."""
         step = int(trainer.global_step)
-        namespace = self.namespace
+        namespace = self.name
         sinks.publish_table(trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir)
         sinks.publish_json(trainer, f"{results.stage}_epoch{results.epoch}", results.to_dict(), namespace=namespace, save_dir=self.save_dir)
         if figures is None:

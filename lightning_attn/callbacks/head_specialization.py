@@ -13,7 +13,18 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, probe_batch, stage_key
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_attn.callbacks.base import (
+    EvaluationCallback,
+    Stage,
+    callback_name,
+    close_recorder,
+    log_scalars,
+    open_recorder,
+    probe_batch,
+    stage_key,
+)
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.heads import (
@@ -42,8 +53,8 @@ __all__ = ["HeadSpecializationTracker"]
 #: Names accepted in ``logged_scores``.
 LOGGABLE_SCORES: tuple[str, ...] = (*HEAD_STATISTICS, *TYPE_SCORES, "sink", "broad", "hsi")
 
-#: Bump when the layout of a history record changes.
-_STATE_VERSION = 1
+#: Bump when the layout of a history record changes. 2: the features are saved with the history.
+_STATE_VERSION = 2
 
 
 class HeadSpecializationTracker(EvaluationCallback):
@@ -104,7 +115,8 @@ class HeadSpecializationTracker(EvaluationCallback):
       ``<save_dir or log_dir/lightning_attn>/heads/<stage>/``.
 
     The per-epoch history (:attr:`history`) is kept in the callback's ``state_dict``, so a run resumed from a
-    checkpoint continues it; re-evaluating an epoch replaces that epoch's record.
+    checkpoint continues it (a resume with other ``features`` drops it, with a warning); re-evaluating an epoch
+    replaces that epoch's record. A ``fit``/``validate``/``test`` with another model starts a new history.
 
     Args:
         stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
@@ -146,7 +158,13 @@ class HeadSpecializationTracker(EvaluationCallback):
         log_figures: publish the figures.
         export_registry: write ``head_functions.json`` and the registry table each evaluated epoch.
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn``.
+        name: replaces ``heads`` in the logged keys, published names and output folders; default ``heads``, or
+            ``heads-<include patterns>`` with ``include``, so that two instances on one Trainer keep their outputs,
+            keys and checkpoint states apart (equal names raise at setup).
     """
+
+    #: The default :attr:`name`.
+    namespace = "heads"
 
     def __init__(
         self,
@@ -179,8 +197,11 @@ class HeadSpecializationTracker(EvaluationCallback):
         log_figures: bool = True,
         export_registry: bool = True,
         save_dir: str | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        self.name = callback_name(self.namespace, name, include)
+        self._named = name is not None
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
         if summary not in ("auto", "mass", "max_weight", "entropy"):
@@ -236,13 +257,24 @@ class HeadSpecializationTracker(EvaluationCallback):
     # -- checkpointing ----------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude, features=sorted(self.features))
+        # no features: a resume with other features finds its state and says why it drops the history
+        named = {"name": self.name} if self._named else {}
+        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude, **named)
 
     def state_dict(self) -> dict[str, Any]:
-        """The per-epoch history (plain Python values), so that a resumed run continues it."""
-        return {"version": _STATE_VERSION, "history": [dict(record) for record in self._history]}
+        """The per-epoch history (plain Python values) and the features it was computed with, so that a resumed
+        run continues it."""
+        return {"version": _STATE_VERSION, "features": sorted(self.features), "history": [dict(record) for record in self._history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("features", sorted(self.features))
+        if saved != sorted(self.features):
+            rank_zero_warn(f"HeadSpecializationTracker: the checkpoint's history was computed with features {saved}, this "
+                           f"run has {sorted(self.features)}: its correlations, HSI and labels do not compare, so the "
+                           f"history of {len(state_dict.get('history', []))} record(s) was dropped and starts again here",
+                           category=UserWarning)
+            self._history = []
+            return
         self._history = [dict(record) for record in state_dict.get("history", [])]
 
     def forget_model(self) -> None:
@@ -406,10 +438,10 @@ class HeadSpecializationTracker(EvaluationCallback):
                 for score in self.logged_scores:
                     value = self._score(entry, site, h, score)
                     if value is not None and math.isfinite(value):
-                        scalars[f"heads/{stage}/{site}/h{h}/{score}"] = float(value)
+                        scalars[f"{self.name}/{stage}/{site}/h{h}/{score}"] = float(value)
         if self.features:
-            scalars[f"heads/{stage}/specialized"] = float(specialized)
-        scalars[f"heads/{stage}/general"] = float(general)
+            scalars[f"{self.name}/{stage}/specialized"] = float(specialized)
+        scalars[f"{self.name}/{stage}/general"] = float(general)
         return scalars
 
     @staticmethod
@@ -423,7 +455,7 @@ class HeadSpecializationTracker(EvaluationCallback):
     # -- outputs (rank zero) ----------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, entry: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
         key, step = entry["stage"], int(trainer.global_step)
-        namespace = f"heads/{key}"
+        namespace = f"{self.name}/{key}"
         if self.export_registry:
             registry = self.registry(key)
             publish_json(trainer, "head_functions", registry, namespace=namespace, save_dir=self.save_dir)

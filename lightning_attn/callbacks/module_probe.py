@@ -11,7 +11,15 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
+from lightning_attn.callbacks.base import (
+    Stage,
+    StreamingCallback,
+    callback_name,
+    check_min,
+    close_recorder,
+    open_recorder,
+    probe_batch,
+)
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -120,7 +128,9 @@ class ModuleProbe(StreamingCallback):
             outputs without a position axis are unaffected, other lengths raise an error. (``"weights"`` outputs
             need no mask: a masked softmax gives padded positions weight 0, and zero weights are left out.)
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/probe`` (``<default_root_dir>/lightning_attn_logs/probe`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>`` (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        name: replaces ``probe`` in the logged keys, published names and the output folder (default ``probe``): give
+            two instances on one Trainer different names (equal names raise at setup).
     """
 
     namespace = NAMESPACE
@@ -146,8 +156,11 @@ class ModuleProbe(StreamingCallback):
         mask_key: str | int | None = None,
         log_figures: bool = True,
         save_dir: str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir)
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir,
+                         name=callback_name(NAMESPACE, name))
+        self._named = name is not None
         self.specs: list[ProbeSpec] = parse_probes(probes)
         self.probes = {spec.name: (spec.pattern, spec.kind) for spec in self.specs}
         check_min(1, histogram_bins=histogram_bins, max_channels=max_channels, top_k=top_k, max_positions=max_positions)
@@ -184,7 +197,8 @@ class ModuleProbe(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()))
+        named = {"name": self.name} if self._named else {}  # unchanged keys for unnamed instances' checkpoints
+        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()), **named)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -332,7 +346,7 @@ class ModuleProbe(StreamingCallback):
         return names if names is not None and len(names) == length else None
 
     def _scalars(self, results: ProbeResults) -> dict[str, float]:
-        prefix = f"{NAMESPACE}/{results.stage}"
+        prefix = f"{self.name}/{results.stage}"
         values: dict[str, float] = {}
         for site, summary in results.activations.items():
             if site in results.weights:
