@@ -82,8 +82,12 @@ class FlaggedData(torch.utils.data.Dataset):
 def callbacks() -> list[Any]:
     return [
         AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
-        HeadSpecializationTracker(features={"feature": "feature"}, probe_samples=0, log_figures=False, export_registry=False),
-        ModuleProbe(probes={"gate": ("*.gate", "activation")}, histogram_sites=["*"], probe_samples=0, log_figures=False),
+        HeadSpecializationTracker(
+            features={"feature": "feature"}, probe_samples=0, log_figures=False, export_registry=False
+        ),
+        ModuleProbe(
+            probes={"gate": ("*.gate", "activation")}, histogram_sites=["*"], probe_samples=0, log_figures=False
+        ),
     ]
 
 
@@ -93,21 +97,40 @@ def results_json(attention: AttentionLogger, heads: HeadSpecializationTracker, p
     record = heads.history_for("val")[-1]
     probes = probe.results["val"]
     return {
-        "attn": {site: {"rows": attn.rows[i].tolist(), **{name: attn.mean[name][i].tolist() for name in attn.statistics},
-                        **{f"{name}_std": attn.std[name][i].tolist() for name in attn.statistics}}
-                 for i, site in enumerate(attn.sites)},
-        "heads": {site: {"rows": record["rows"][site], **record["statistics"][site], **record["type_scores"][site],
-                         **record["correlations"][site]} for site in record["rows"]},
-        "probe": {site: {"mean": s.mean, "std": s.std, "channel_mean": s.channel_mean.tolist()} for site, s in probes.activations.items()},
+        "attn": {
+            site: {
+                "rows": attn.rows[i].tolist(),
+                **{name: attn.mean[name][i].tolist() for name in attn.statistics},
+                **{f"{name}_std": attn.std[name][i].tolist() for name in attn.statistics},
+            }
+            for i, site in enumerate(attn.sites)
+        },
+        "heads": {
+            site: {
+                "rows": record["rows"][site],
+                **record["statistics"][site],
+                **record["type_scores"][site],
+                **record["correlations"][site],
+            }
+            for site in record["rows"]
+        },
+        "probe": {
+            site: {"mean": s.mean, "std": s.std, "channel_mean": s.channel_mean.tolist()}
+            for site, s in probes.activations.items()
+        },
         "histograms": {site: counts.tolist() for site, counts in probes.histograms.items()},
     }
 
 
-def run(scenario: str, devices: int, strategy: str = "auto", root: str | None = None) -> tuple[pl.Trainer, dict[str, Any]]:
+def run(
+    scenario: str, devices: int, strategy: str = "auto", root: str | None = None
+) -> tuple[pl.Trainer, dict[str, Any]]:
     reproducible()
     module = SkippingModule()
     attention, heads, probe = callbacks()
-    trainer = pl.Trainer(callbacks=[attention, heads, probe], **trainer_options(root, devices=devices, strategy=strategy))
+    trainer = pl.Trainer(
+        callbacks=[attention, heads, probe], **trainer_options(root, devices=devices, strategy=strategy)
+    )
     data: torch.utils.data.Dataset = FlaggedData(scenario)
     if devices == 1:  # the ranks' shards in turn
         data = torch.utils.data.Subset(data, [*range(0, SAMPLES, 2), *range(1, SAMPLES, 2)])

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FACTORIES: dict[str, Callable[[], Any]] = {
     "attn": lambda: AttentionLogger(probe_samples=1, log_figures=False, log_per_head=True),
     "heads": lambda: HeadSpecializationTracker(probe_samples=2, log_figures=False, export_registry=False),
-    "probe": lambda: ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=1, log_figures=False),
+    "probe": lambda: ModuleProbe(
+        probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=1, log_figures=False
+    ),
 }
 
 
@@ -69,7 +71,14 @@ def test_resume_of_the_same_model_continues_the_history(tmp_path: Path) -> None:
 
     tracker = FACTORIES["heads"]()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first = cpu_trainer(tmp_path, [tracker, checkpoint], max_epochs=2, limit_train_batches=1, limit_val_batches=1, enable_checkpointing=True)
+    first = cpu_trainer(
+        tmp_path,
+        [tracker, checkpoint],
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+    )
     first.fit(model(2, 4), models.loader(8, 4), models.loader(8, 4))
     # the same instance, a new Trainer and a new module object restored from the checkpoint: the history goes on
     second = cpu_trainer(tmp_path, [tracker], max_epochs=3, limit_train_batches=1, limit_val_batches=1)

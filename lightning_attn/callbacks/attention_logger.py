@@ -136,7 +136,8 @@ class AttentionLogger(StreamingCallback):
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>`` (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
+            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
         name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
             ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
             instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).

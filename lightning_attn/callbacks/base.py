@@ -62,11 +62,12 @@ class EvaluationCallback(Callback):
         if self._model is not None and self._model() is not pl_module:
             self.forget_model()
         self._model = weakref.ref(pl_module)
-        name = getattr(self, "name", None)
-        twins = [cb for cb in trainer.callbacks if cb is not self and type(cb) is type(self) and getattr(cb, "name", None) == name]
+        name = getattr(self, "name", None)  # the callbacks whose outputs are named
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        twins = [c for c in callbacks if c is not self and type(c) is type(self) and getattr(c, "name", None) == name]
         if name is not None and twins:
-            raise ValueError(f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write the same "
-                             "files and logged keys; give each its own name=")
+            raise ValueError(f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write "
+                             "the same files and logged keys; give each its own name=")
 
     def forget_model(self) -> None:
         """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
@@ -151,8 +152,10 @@ def callback_name(namespace: str, name: str | None, include: Sequence[str] | Non
     else ``namespace``, with ``-<patterns>`` when ``include`` patterns narrow it (glob characters dropped), so that
     two instances on different sites differ.
 
-    >>> callback_name("attn", None), callback_name("attn", None, ["encoder.*", "*.cross_attn"]), callback_name("attn", "enc")
-    ('attn', 'attn-encoder-cross_attn', 'enc')
+    >>> callback_name("attn", None), callback_name("attn", None, ["encoder.*", "*.cross_attn"])
+    ('attn', 'attn-encoder-cross_attn')
+    >>> callback_name("attn", "enc")
+    'enc'
     """
     if name is not None:
         if not isinstance(name, str) or not name.strip():
@@ -252,7 +255,8 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>`` (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
+            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
         name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
     """
 

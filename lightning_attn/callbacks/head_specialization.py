@@ -264,14 +264,16 @@ class HeadSpecializationTracker(EvaluationCallback):
     def state_dict(self) -> dict[str, Any]:
         """The per-epoch history (plain Python values) and the features it was computed with, so that a resumed
         run continues it."""
-        return {"version": _STATE_VERSION, "features": sorted(self.features), "history": [dict(record) for record in self._history]}
+        history = [dict(record) for record in self._history]
+        return {"version": _STATE_VERSION, "features": sorted(self.features), "history": history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("features", sorted(self.features))
         if saved != sorted(self.features):
-            rank_zero_warn(f"HeadSpecializationTracker: the checkpoint's history was computed with features {saved}, this "
-                           f"run has {sorted(self.features)}: its correlations, HSI and labels do not compare, so the "
-                           f"history of {len(state_dict.get('history', []))} record(s) was dropped and starts again here",
+            records = len(state_dict.get("history", []))
+            rank_zero_warn(f"HeadSpecializationTracker: the checkpoint's history was computed with features {saved}, "
+                           f"this run has {sorted(self.features)}: its correlations, HSI and labels do not compare, so "
+                           f"the history of {records} record(s) was dropped and starts again here",
                            category=UserWarning)
             self._history = []
             return

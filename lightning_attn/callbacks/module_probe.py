@@ -128,7 +128,8 @@ class ModuleProbe(StreamingCallback):
             outputs without a position axis are unaffected, other lengths raise an error. (``"weights"`` outputs
             need no mask: a masked softmax gives padded positions weight 0, and zero weights are left out.)
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>`` (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
+            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
         name: replaces ``probe`` in the logged keys, published names and the output folder (default ``probe``): give
             two instances on one Trainer different names (equal names raise at setup).
     """

@@ -55,7 +55,9 @@ class SiteSums(Metric):
         with torch.inference_mode(False):  # a normal tensor: usable after the evaluation loop too
             self.add_state(name, torch.zeros(shape, dtype=state_dtype(device), device=device), dist_reduce_fx="sum")
 
-    def _add_site(self, site: str, layout: Mapping[str, tuple[int, ...] | None], device: torch.device, size: int | None) -> None:
+    def _add_site(
+        self, site: str, layout: Mapping[str, tuple[int, ...] | None], device: torch.device, size: int | None
+    ) -> None:
         index = len(self._state_names)
         names = tuple(None if shape is None else f"{prefix}_{index}" for prefix, shape in layout.items())
         for name, shape in zip(names, layout.values(), strict=True):
@@ -66,8 +68,14 @@ class SiteSums(Metric):
         if size is not None:
             self.sites[site] = size
 
-    def _site_tensors(self, site: str, layout: Mapping[str, tuple[int, ...] | None], device: torch.device,
-                      size: int | None = None, unit: str = "heads") -> list[Tensor | None]:
+    def _site_tensors(
+        self,
+        site: str,
+        layout: Mapping[str, tuple[int, ...] | None],
+        device: torch.device,
+        size: int | None = None,
+        unit: str = "heads",
+    ) -> list[Tensor | None]:
         """The states of ``site`` in ``layout`` order (``None`` where the layout has no shape), zeros on first sight.
         A ``size`` (heads, channels) is recorded in :attr:`sites` on first sight and must not change afterwards
         (``ValueError`` naming the ``unit``)."""
@@ -77,8 +85,15 @@ class SiteSums(Metric):
             raise ValueError(f"site {site!r} had {self.sites[site]} {unit}, now {size}")
         return [None if name is None else getattr(self, name) for name in self._state_names[site]]
 
-    def _site_state(self, site: str, shape: tuple[int, ...], device: torch.device, size: int | None = None,
-                    unit: str = "heads", prefix: str = "site") -> Tensor:
+    def _site_state(
+        self,
+        site: str,
+        shape: tuple[int, ...],
+        device: torch.device,
+        size: int | None = None,
+        unit: str = "heads",
+        prefix: str = "site",
+    ) -> Tensor:
         """The one state of ``site``, zeros of ``shape`` on first sight (see :meth:`_site_tensors`)."""
         state = self._site_tensors(site, {prefix: shape}, device, size, unit)[0]
         assert state is not None
@@ -103,7 +118,9 @@ class SiteSums(Metric):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         group = process_group if process_group is not None else self.process_group
-        local = {site: (self._layouts[site], self.sites.get(site), self.site_info.get(site)) for site in self._state_names}
+        local = {
+            site: (self._layouts[site], self.sites.get(site), self.site_info.get(site)) for site in self._state_names
+        }
         gathered: list[Any] = [None] * torch.distributed.get_world_size(group)
         torch.distributed.all_gather_object(gathered, local, group=group)
         union: dict[str, tuple[int, Any]] = {}
@@ -111,9 +128,11 @@ class SiteSums(Metric):
             for site, entry in sites.items():
                 first_rank, first = union.setdefault(site, (rank, entry))
                 if entry[:2] != first[:2]:
-                    raise ValueError(f"{type(self).__name__}: site {site!r} has states {first[0]} (size {first[1]}) on rank "
-                                     f"{first_rank} but {entry[0]} (size {entry[1]}) on rank {rank}: a site must be the same "
-                                     "layer on every rank")
+                    raise ValueError(
+                        f"{type(self).__name__}: site {site!r} has states {first[0]} (size {first[1]}) on rank "
+                        f"{first_rank} but {entry[0]} (size {entry[1]}) on rank {rank}: a site must be the same "
+                        "layer on every rank"
+                    )
         for site in sorted(union):
             layout, size, info = union[site][1]
             if site not in self._state_names:
@@ -122,10 +141,18 @@ class SiteSums(Metric):
                 self.site_info[site] = info
         own = {name for names in self._state_names.values() for name in names if name is not None}
         ordered = [name for site in sorted(union) for name in self._state_names[site] if name is not None]
-        self._reductions = {**{k: v for k, v in self._reductions.items() if k not in own}, **{k: self._reductions[k] for k in ordered}}
+        self._reductions = {
+            **{k: v for k, v in self._reductions.items() if k not in own},
+            **{k: self._reductions[k] for k in ordered},
+        }
 
-    def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None, should_sync: bool = True,
-             distributed_available: Callable | None = None) -> None:
+    def sync(
+        self,
+        dist_sync_fn: Callable | None = None,
+        process_group: Any | None = None,
+        should_sync: bool = True,
+        distributed_available: Callable | None = None,
+    ) -> None:
         """:meth:`torchmetrics.Metric.sync`, after :meth:`agree_on_sites` whenever it will reduce across ranks."""
         available = distributed_available or self.distributed_available_fn
         if should_sync and not self._is_synced and callable(available) and available():

@@ -251,6 +251,7 @@ class ActivationStatistics(SiteSums):
         """``{site: ActivationSummary}`` on the host (a host sync: call at epoch end)."""
         results: dict[str, ActivationSummary] = {}
         for site, (position_name, channel_name, joint_name) in self._state_names.items():
+            assert position_name is not None and channel_name is not None  # every site has both
             positions = getattr(self, position_name).detach().to("cpu", torch.float64)
             channels = getattr(self, channel_name).detach().to("cpu", torch.float64)
             seen = torch.nonzero(positions[_COUNT] > 0)
