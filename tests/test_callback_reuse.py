@@ -7,48 +7,23 @@ register anything of A's second layer.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attention_logger_models as models
 import lightning.pytorch as pl
 import pytest
+from callback_cases import FACTORIES, logged, model, outcome
 from helpers import cpu_trainer
 
-from lightning_attn import AttentionLogger, HeadSpecializationTracker, ModuleProbe
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-FACTORIES: dict[str, Callable[[], Any]] = {
-    "attn": lambda: AttentionLogger(probe_samples=1, log_figures=False, log_per_head=True),
-    "heads": lambda: HeadSpecializationTracker(probe_samples=2, log_figures=False, export_registry=False),
-    "probe": lambda: ModuleProbe(
-        probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=1, log_figures=False
-    ),
-}
-
-
-def model(layers: int, heads: int) -> models.CrossModalModule:
-    pl.seed_everything(layers * 10 + heads, verbose=False)
-    return models.CrossModalModule(layers=layers, heads=heads)
 
 
 def fit(root: Path, callback: Any, module: pl.LightningModule) -> dict[str, float]:
     trainer = cpu_trainer(root, [callback], max_epochs=2, limit_train_batches=1, limit_val_batches=2)
     trainer.fit(module, models.loader(8, 4), models.loader(8, 4))
-    return {key: float(value) for key, value in trainer.callback_metrics.items() if not key.endswith("loss")}
-
-
-def outcome(callback: Any) -> str:
-    """Everything the callback holds about its model, as JSON (NaN written as a string)."""
-    if isinstance(callback, HeadSpecializationTracker):
-        held: Any = {"history": callback.history, "state": callback.state_dict()}
-    else:
-        held = {"results": {k: v.to_dict() for k, v in callback.results.items()}, "state": callback.state_dict()}
-    return json.dumps(held, sort_keys=True, default=lambda value: repr(value))
+    return logged(trainer)
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
