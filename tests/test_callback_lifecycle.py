@@ -30,8 +30,14 @@ def all_callbacks() -> list[Any]:
     return [make() for make in FACTORIES.values()]
 
 
-def fit(root: Path, callbacks: list[Any], epochs: int, module: pl.LightningModule | None = None,
-        ckpt_path: str | None = None, **options: Any) -> pl.Trainer:
+def fit(
+    root: Path,
+    callbacks: list[Any],
+    epochs: int,
+    module: pl.LightningModule | None = None,
+    ckpt_path: str | None = None,
+    **options: Any,
+) -> pl.Trainer:
     trainer = cpu_trainer(root, callbacks, max_epochs=epochs, limit_train_batches=1, limit_val_batches=2, **options)
     trainer.fit(module or model(), models.loader(8, 4), models.loader(8, 4), ckpt_path=ckpt_path)
     return trainer
@@ -148,8 +154,9 @@ def test_30_epochs_keep_memory_figures_and_descriptors_flat(tmp_path: Path) -> N
         ModuleProbe(probes={"ff": ("encoder.layers.0.linear1", "activation")}, probe_samples=0),
     ]
     gauge = Gauge()
-    trainer = cpu_trainer(tmp_path, [*callbacks, gauge], max_epochs=30, limit_train_batches=1, limit_val_batches=1,
-                          num_sanity_val_steps=0)
+    trainer = cpu_trainer(
+        tmp_path, [*callbacks, gauge], max_epochs=30, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0
+    )
     module = models.CrossModalModule(layers=1)
     trainer.fit(module, models.loader(4, 4), models.loader(4, 4))
     assert len(gauge.memory) == 30 and len(callbacks[1].history_for("val")) == 30

@@ -1,19 +1,27 @@
-"""A model whose attention sites depend on the data, for the DDP site-agreement tests; also their DDP script.
+"""DDP scenarios that must equal one process, for every callback that streams per-site sums (AttentionLogger,
+HeadSpecializationTracker, ModuleProbe, all at once); also their DDP script, which runs them all in one process
+group and writes rank zero's results (keyed by site name) to a JSON file::
 
-    python tests/site_order_models.py --out results.json
+    python tests/ddp_scenarios.py --out results.json
 
-Two blocks, ``first`` and ``second``, each a 2-head self-attention with a gate. A batch goes through ``first``
-only when it holds a flagged sample (a block skipped by the data: mixture of experts, modality dropout, early
-exit), so the sites a process meets, and their order, depend on which samples it gets. Under 2-rank DDP
-(Lightning's unshuffled ``DistributedSampler``: rank ``r`` gets samples ``r, r + 2, ...``):
+Sites that depend on the data (:func:`run_sites`): two blocks, ``first`` and ``second``, each a 2-head
+self-attention with a gate. A batch goes through ``first`` only when it holds a flagged sample (a block skipped by
+the data: mixture of experts, modality dropout, early exit), so the sites a process meets, and their order, depend
+on which samples it gets. Under 2-rank DDP (Lightning's unshuffled ``DistributedSampler``: rank ``r`` gets samples
+``r, r + 2, ...``):
 
 - ``skip``: samples 0, 2, 4, 6 are not flagged: rank 0's first batch skips ``first``, so rank 0 meets ``second``
   first and rank 1 meets ``first`` first;
 - ``one_rank``: only samples 5 and 9 are flagged: rank 1 sees ``first``, rank 0 never does.
 
-Every callback that streams per-site sums runs at once (AttentionLogger, HeadSpecializationTracker, ModuleProbe);
-rank zero writes their results keyed by site name. The one process runs the ranks' batches one after the other
-(rank 0's, then rank 1's): the same samples in the same batches. Not collected by pytest (no ``test_`` prefix).
+The one process runs the ranks' batches one after the other (rank 0's, then rank 1's): the same samples in the
+same batches.
+
+Uneven shards (:func:`run_uneven`): 37 samples in batches of 2 and 11 samples in batches of 3, two validation
+loaders split without repeating a sample (rank 0 gets 19 and 6 samples, rank 1 18 and 5: different numbers of
+batches), against one process over the same loaders.
+
+Not collected by pytest (no ``test_`` prefix).
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ import os
 import sys
 from typing import Any
 
+import attention_logger_models as models
 import lightning.pytorch as pl
 import torch
 from helpers import end_process_group, reproducible, trainer_options
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +132,7 @@ def results_json(attention: AttentionLogger, heads: HeadSpecializationTracker, p
     }
 
 
-def run(
+def run_sites(
     scenario: str, devices: int, strategy: str = "auto", root: str | None = None
 ) -> tuple[pl.Trainer, dict[str, Any]]:
     reproducible()
@@ -139,15 +149,51 @@ def run(
     return trainer, results_json(attention, heads, probe)
 
 
-if __name__ == "__main__":  # both scenarios, one process group
+class TwoLoaderModule(models.CrossModalModule):
+    """Its own two validation loaders: under DDP split without repeats (Lightning's sampler pads a shard by repeating
+    samples, which one process would not see)."""
+
+    def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        loaders = []
+        for samples, batch_size, seed in ((37, 2, 0), (11, 3, 1)):
+            data = models.dataset(samples, seed)
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            sampler = UnrepeatedDistributedSampler(data, shuffle=False) if distributed else None
+            loaders.append(torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler))
+        return loaders
+
+
+def run_uneven(devices: int, strategy: str = "auto", root: str | None = None) -> tuple[pl.Trainer, dict[str, Any]]:
+    reproducible()
+    module = TwoLoaderModule()
+    callbacks = [
+        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
+        HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False),
+        ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=0, log_figures=False),
+    ]
+    options = trainer_options(root, devices=devices, strategy=strategy, use_distributed_sampler=False)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    trainer.validate(module, verbose=False)
+    attention, heads, probe = callbacks
+    stages = ("val", "val_dl1")
+    return trainer, {
+        "attn": {key: attention.results[key].to_dict() for key in stages},
+        "heads": {key: heads.history_for(key)[-1] for key in stages},
+        "probe": {key: probe.results[key].to_dict() for key in stages},
+    }
+
+
+if __name__ == "__main__":  # every scenario, one process group
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--root", default=None)
     arguments = parser.parse_args()
     results = {}
     for scenario in sorted(UNFLAGGED):
-        trainer, results[scenario] = run(scenario, devices=2, strategy="ddp", root=arguments.root)
+        trainer, results[scenario] = run_sites(scenario, devices=2, strategy="ddp", root=arguments.root)
         results[scenario]["world_size"] = trainer.world_size
+    trainer, results["uneven"] = run_uneven(devices=2, strategy="ddp", root=arguments.root)
+    results["uneven"]["world_size"] = trainer.world_size
     if trainer.is_global_zero:
         with open(arguments.out, "w") as handle:
             json.dump(results, handle)
