@@ -13,15 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import (
-    Stage,
-    StreamingCallback,
-    callback_name,
-    check_min,
-    close_recorder,
-    open_recorder,
-    probe_batch,
-)
+from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
@@ -168,8 +160,7 @@ class AttentionLogger(StreamingCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir,
-                         name=callback_name(NAMESPACE, name, include))
-        self._named = name is not None
+                         name=name, include=include)
         check_min(0, probe_samples=probe_samples)
         check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
         check_min(1, optional=True, chunk_size=chunk_size)
@@ -200,8 +191,8 @@ class AttentionLogger(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        named = {"name": self.name} if self._named else {}  # unchanged keys for unnamed instances' checkpoints
-        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude, **named)
+        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude,
+                                        **self._name_in_state_key())
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch counters and the probe samples' identity (count, fingerprint of their inputs per stage)."""

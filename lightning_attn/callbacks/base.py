@@ -72,6 +72,18 @@ class EvaluationCallback(Callback):
     def forget_model(self) -> None:
         """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
 
+    # -- names ----------------------------------------------------------------------------------
+    def _set_name(self, namespace: str, name: str | None, include: Sequence[str] | None = None) -> None:
+        """:attr:`name`: first component of the logged keys, published names and output folder
+        (:func:`callback_name`)."""
+        self.name = callback_name(namespace, name, include)
+        self._named = name is not None
+
+    def _name_in_state_key(self) -> dict[str, str]:
+        """``{"name": name}`` for a named instance, else nothing: unnamed instances keep the state keys of earlier
+        versions, so that their checkpoints still load."""
+        return {"name": self.name} if self._named else {}
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_model"] = None  # a weak reference does not pickle (ddp_spawn pickles the callbacks)
@@ -258,15 +270,17 @@ class StreamingCallback(EvaluationCallback):
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
             (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
         name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
+        include: the subclass's site patterns, which the default name mentions.
     """
 
     #: The default :attr:`name`.
     namespace: str = ""
 
     def __init__(self, stages: Sequence[Stage], every_n_epochs: int, max_batches: int | None, every_n_batches: int,
-                 max_figure_sites: int, save_dir: str | None, name: str | None = None) -> None:
+                 max_figure_sites: int, save_dir: str | None, name: str | None = None,
+                 include: Sequence[str] | None = None) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
-        self.name = callback_name(self.namespace, name)
+        self._set_name(self.namespace, name, include)
         check_min(1, every_n_batches=every_n_batches, max_figure_sites=max_figure_sites)
         check_min(1, optional=True, max_batches=max_batches)
         self.max_batches = max_batches

@@ -10,21 +10,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning.pytorch.utilities import rank_zero_warn
-
-from lightning_attn.callbacks.base import (
-    EvaluationCallback,
-    Stage,
-    callback_name,
-    close_recorder,
-    log_scalars,
-    open_recorder,
-    probe_batch,
-    stage_key,
-)
+from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, probe_batch, stage_key
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.heads import (
@@ -200,8 +190,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
-        self.name = callback_name(self.namespace, name, include)
-        self._named = name is not None
+        self._set_name(self.namespace, name, include)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
         if summary not in ("auto", "mass", "max_weight", "entropy"):
@@ -258,8 +247,8 @@ class HeadSpecializationTracker(EvaluationCallback):
     @property
     def state_key(self) -> str:
         # no features: a resume with other features finds its state and says why it drops the history
-        named = {"name": self.name} if self._named else {}
-        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude, **named)
+        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude,
+                                        **self._name_in_state_key())
 
     def state_dict(self) -> dict[str, Any]:
         """The per-epoch history (plain Python values) and the features it was computed with, so that a resumed

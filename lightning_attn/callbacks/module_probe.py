@@ -11,15 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import (
-    Stage,
-    StreamingCallback,
-    callback_name,
-    check_min,
-    close_recorder,
-    open_recorder,
-    probe_batch,
-)
+from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -159,9 +151,7 @@ class ModuleProbe(StreamingCallback):
         save_dir: str | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir,
-                         name=callback_name(NAMESPACE, name))
-        self._named = name is not None
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name)
         self.specs: list[ProbeSpec] = parse_probes(probes)
         self.probes = {spec.name: (spec.pattern, spec.kind) for spec in self.specs}
         check_min(1, histogram_bins=histogram_bins, max_channels=max_channels, top_k=top_k, max_positions=max_positions)
@@ -198,8 +188,8 @@ class ModuleProbe(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        named = {"name": self.name} if self._named else {}  # unchanged keys for unnamed instances' checkpoints
-        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()), **named)
+        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()),
+                                        **self._name_in_state_key())
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
