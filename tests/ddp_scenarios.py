@@ -166,7 +166,7 @@ class TwoLoaderModule(models.CrossModalModule):
 def run_uneven(devices: int, strategy: str = "auto", root: str | None = None) -> tuple[pl.Trainer, dict[str, Any]]:
     reproducible()
     module = TwoLoaderModule()
-    callbacks = [
+    callbacks: list[Any] = [
         AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
         HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False),
         ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=0, log_figures=False),

@@ -147,7 +147,7 @@ class Gauge(Callback):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc")
 def test_30_epochs_keep_memory_figures_and_descriptors_flat(tmp_path: Path) -> None:
-    callbacks = [
+    callbacks: list[Any] = [
         AttentionLogger(include=["encoder.layers.0.*"], probe_samples=1, log_figures=False),
         HeadSpecializationTracker(include=["encoder.layers.0.*"], probe_samples=2, log_figures=False),
         # one figure per epoch (no probe samples: no heatmap), drawn and published like every figure

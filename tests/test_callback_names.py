@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attention_logger_models as models
 import pytest
@@ -86,7 +88,7 @@ def test_equal_names_raise_at_setup(tmp_path: Path) -> None:
 
 
 def test_resume_with_other_features_warns_that_the_history_was_dropped(tmp_path: Path) -> None:
-    def features(names: list[str]) -> dict[str, object]:
+    def features(names: list[str]) -> dict[str, Callable[[Any], Any]]:
         return {name: (lambda batch: batch[2].float()) for name in names}
 
     def fit(tracker: HeadSpecializationTracker, epochs: int, ckpt_path: str | None) -> None:
