@@ -17,9 +17,9 @@ on which samples it gets. Under 2-rank DDP (Lightning's unshuffled ``Distributed
 The one process runs the ranks' batches one after the other (rank 0's, then rank 1's): the same samples in the
 same batches.
 
-Uneven shards (:func:`run_uneven`): 37 samples in batches of 2 and 11 samples in batches of 3, two validation
-loaders split without repeating a sample (rank 0 gets 19 and 6 samples, rank 1 18 and 5: different numbers of
-batches), against one process over the same loaders.
+Uneven shards (:func:`run_uneven`): three validation loaders split without repeating a sample, 37 samples in
+batches of 2 and 11 in batches of 3 (rank 0 gets 19 and 6 samples, rank 1 18 and 5: different numbers of batches)
+and 1 sample (rank 1 gets no batch of that loader), against one process over the same loaders.
 
 Not collected by pytest (no ``test_`` prefix).
 """
@@ -30,13 +30,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import attention_logger_models as models
 import lightning.pytorch as pl
 import torch
 from helpers import end_process_group, reproducible, trainer_options
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,23 +149,31 @@ def run_sites(
     return trainer, results_json(attention, heads, probe)
 
 
-class TwoLoaderModule(models.CrossModalModule):
-    """Its own two validation loaders: under DDP split without repeats (Lightning's sampler pads a shard by repeating
-    samples, which one process would not see)."""
+class Shard(torch.utils.data.IterableDataset):
+    """The samples ``r, r + 2, ...`` of a dataset on rank ``r`` (all of them in one process), streamed: no repeats (with
+    which Lightning's sampler pads a shorter shard, samples one process would not see), and possibly none (Lightning
+    refuses a sized loader without batches, not a stream)."""
 
+    def __init__(self, data: torch.utils.data.Dataset, samples: int) -> None:
+        self.data, self.samples = data, samples
+
+    def __iter__(self) -> Iterator[Any]:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        return (self.data[index] for index in range(rank, self.samples, world))
+
+
+class ThreeLoaderModule(models.CrossModalModule):
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
-        loaders = []
-        for samples, batch_size, seed in ((37, 2, 0), (11, 3, 1)):
-            data = models.dataset(samples, seed)
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            sampler = UnrepeatedDistributedSampler(data, shuffle=False) if distributed else None
-            loaders.append(torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler))
-        return loaders
+        return [
+            torch.utils.data.DataLoader(Shard(models.dataset(samples, seed), samples), batch_size=batch_size)
+            for samples, batch_size, seed in ((37, 2, 0), (11, 3, 1), (1, 1, 2))
+        ]
 
 
 def run_uneven(devices: int, strategy: str = "auto", root: str | None = None) -> tuple[pl.Trainer, dict[str, Any]]:
     reproducible()
-    module = TwoLoaderModule()
+    module = ThreeLoaderModule()
     callbacks: list[Any] = [
         AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
         HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False),
@@ -175,7 +183,7 @@ def run_uneven(devices: int, strategy: str = "auto", root: str | None = None) ->
     trainer = pl.Trainer(callbacks=callbacks, **options)
     trainer.validate(module, verbose=False)
     attention, heads, probe = callbacks
-    stages = ("val", "val_dl1")
+    stages = ("val", "val_dl1", "val_dl2")
     return trainer, {
         "attn": {key: attention.results[key].to_dict() for key in stages},
         "heads": {key: heads.history_for(key)[-1] for key in stages},

@@ -3,7 +3,8 @@ subprocess script, all scenarios in one process group), for every callback that 
 
 - per-site states are reduced by site name, not by order of first sight: the ranks meet the sites in different
   orders (``skip``), or one rank never meets a site (``one_rank``);
-- uneven shards: 37 and 11 samples over two validation loaders, different numbers of batches per rank.
+- uneven shards: 37, 11 and 1 samples over three validation loaders, different numbers of batches per rank, no
+  batch at all of the last loader on rank 1.
 """
 
 from __future__ import annotations
@@ -62,4 +63,5 @@ def test_uneven_shards_over_two_loaders_equal_one_process(ddp: dict[str, Any], t
     rows = single["attn"]["val"]["sites"]["encoder.layers.0.self_attn"]["rows_per_head"]
     assert rows == [37 * scenarios.models.EEG_LEN] * 4  # every sample once
     assert single["heads"]["val_dl1"]["rows"]["encoder.layers.0.self_attn"] == [11 * scenarios.models.EEG_LEN] * 4
+    assert single["probe"]["val_dl2"]["sites"]  # the one-sample loader has results (rank 1 joined with zeros)
     assert_close(ddp["uneven"], single, "uneven")

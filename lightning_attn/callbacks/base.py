@@ -182,6 +182,17 @@ def stage_key(stage: str, dataloader_idx: int = 0) -> str:
     return STAGE_KEYS[stage] + (f"_dl{dataloader_idx}" if dataloader_idx else "")
 
 
+def used_on_any_rank(used: set[int]) -> list[int]:
+    """The dataloaders that some rank used this epoch, sorted: a collective under DDP (an ``all_gather_object``), so
+    that every rank computes the same states, and a rank whose shard of a loader was empty still joins its
+    reduction (with zeros) instead of leaving the others waiting."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sorted(used)
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, sorted(used))
+    return sorted({index for indices in gathered for index in indices})
+
+
 def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
     """Log already-reduced scalars (``Metric.compute`` synced them) through the module, so that
     ModelCheckpoint and EarlyStopping can monitor them; no dataloader suffix.
@@ -339,8 +350,8 @@ class StreamingCallback(EvaluationCallback):
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
         self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
-        for dataloader_idx in sorted(self._used):
-            state = self._states[(stage, dataloader_idx)]
+        for dataloader_idx in used_on_any_rank(self._used):
+            state = self._state_for(stage, dataloader_idx, pl_module.device)
             key = stage_key(stage, dataloader_idx)
             results = compute(state, key, dataloader_idx)
             state.reset()

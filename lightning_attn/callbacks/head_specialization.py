@@ -14,7 +14,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, probe_batch, stage_key
+from lightning_attn.callbacks.base import (
+    EvaluationCallback,
+    Stage,
+    close_recorder,
+    log_scalars,
+    open_recorder,
+    probe_batch,
+    stage_key,
+    used_on_any_rank,
+)
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.heads import (
@@ -394,9 +403,10 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_recorder()
-        for (metric_stage, dataloader_idx), metrics in sorted(self._metrics.items()):
-            if metric_stage != stage or not metrics.updated:
-                continue
+        used = {index for (key_stage, index), metrics in self._metrics.items()
+                if key_stage == stage and metrics.updated}
+        for dataloader_idx in used_on_any_rank(used):
+            metrics = self._metrics_for(stage, dataloader_idx, pl_module.device)
             entry = metrics.compute(self.redundancy_threshold)  # a collective: every rank
             metrics.reset()
             key = stage_key(stage, dataloader_idx)

@@ -642,7 +642,8 @@ class HeadSpecializationMetrics:
 
     @property
     def updated(self) -> bool:
-        return bool(self.statistics.sites)
+        """Whether a capture was added since the last reset."""
+        return self.statistics.update_called
 
     def update(self, capture: AttentionCapture | Tensor, context: BatchContext, site: str | None = None) -> None:
         """Add one captured call (or a probability tensor ``[B, H, Q, K]`` named ``site``)."""
