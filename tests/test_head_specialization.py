@@ -375,7 +375,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("planted")
     plain = HeadSpecializationTracker(features=FEATURES, save_dir=str(root / "out"), logged_scores=("entropy", "hsi", "previous_token"))
     masked = HeadSpecializationTracker(features={"ttc": "ttc"}, feature_masks={"ttc": "agent_mask"}, chunk_size=5, probe_samples=0,
-                                       log_figures=False, export_registry=False, logged_scores=())
+                                       log_figures=False, export_registry=False, logged_scores=(), name="heads_masked")
     module = make_module()
     trainer = pl.Trainer(callbacks=[plain, masked], **trainer_kwargs(root))
     metrics = trainer.validate(module, make_loader(), verbose=False)[0]

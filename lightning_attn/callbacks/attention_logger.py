@@ -128,7 +128,11 @@ class AttentionLogger(StreamingCallback):
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/attn`` (``<default_root_dir>/lightning_attn_logs/attn`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
+            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
+            ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
+            instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).
     """
 
     namespace = NAMESPACE
@@ -153,8 +157,10 @@ class AttentionLogger(StreamingCallback):
         top_k: int = 10,
         max_positions: int = 4096,
         save_dir: str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir)
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir,
+                         name=name, include=include)
         check_min(0, probe_samples=probe_samples)
         check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
         check_min(1, optional=True, chunk_size=chunk_size)
@@ -185,7 +191,8 @@ class AttentionLogger(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude)
+        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude,
+                                        **self._name_in_state_key())
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch counters and the probe samples' identity (count, fingerprint of their inputs per stage)."""
@@ -194,6 +201,10 @@ class AttentionLogger(StreamingCallback):
             "probe_samples": self.probe_samples,
             "probe_fingerprints": dict(self._probe_fingerprints),
         }
+
+    def forget_model(self) -> None:
+        super().forget_model()
+        self._probe_fingerprints = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -290,7 +301,7 @@ class AttentionLogger(StreamingCallback):
     def _compute(self, acc: _Accumulators, key: str, trainer: pl.Trainer) -> AttentionResults:
         stats = acc.stats.compute()
         positions = acc.positions.compute()
-        agreement = acc.agreement.compute() if acc.agreement.pairs else {}
+        agreement = acc.agreement.compute_sites()
         sites = list(stats)
         names = list(acc.stats.names)
         heads = [acc.stats.sites[s] for s in sites]
@@ -346,7 +357,7 @@ class AttentionLogger(StreamingCallback):
 
     def _scalars(self, results: AttentionResults) -> dict[str, float]:
         values: dict[str, float] = {}
-        prefix = f"{NAMESPACE}/{results.stage}"
+        prefix = f"{self.name}/{results.stage}"
         for index, site in enumerate(results.sites):
             for name in results.statistics:
                 values[f"{prefix}/{site}/{name}"] = float(results.mean[name][index, : results.num_heads[index]].mean())

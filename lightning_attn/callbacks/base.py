@@ -9,7 +9,9 @@ batch sampling, per-(stage, dataloader) metric states and the epoch-end compute 
 
 from __future__ import annotations
 
+import re
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +55,42 @@ class EvaluationCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
+        self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
+
+    # -- models ---------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A new ``fit``/``validate``/``test``: with another model than the last one (a sweep, a second Trainer),
+        :meth:`forget_model` first, so that nothing of that model (its sites, head counts, history) leaks into this
+        one. A resumed run continues its history: Lightning restores the callback's state after ``setup``."""
+        if self._model is not None and self._model() is not pl_module:
+            self.forget_model()
+        self._model = weakref.ref(pl_module)
+        name = getattr(self, "name", None)  # the callbacks whose outputs are named
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        twins = [c for c in callbacks if c is not self and type(c) is type(self) and getattr(c, "name", None) == name]
+        if name is not None and twins:
+            raise ValueError(f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write "
+                             "the same files and logged keys; give each its own name=")
+
+    def forget_model(self) -> None:
+        """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
+
+    # -- names ----------------------------------------------------------------------------------
+    def _set_name(self, namespace: str, name: str | None, include: Sequence[str] | None = None) -> None:
+        """:attr:`name`: first component of the logged keys, published names and output folder
+        (:func:`callback_name`)."""
+        self.name = callback_name(namespace, name, include)
+        self._named = name is not None
+
+    def _name_in_state_key(self) -> dict[str, str]:
+        """``{"name": name}`` for a named instance, else nothing: unnamed instances keep the state keys of earlier
+        versions, so that their checkpoints still load."""
+        return {"name": self.name} if self._named else {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_model"] = None  # a weak reference does not pickle (ddp_spawn pickles the callbacks)
+        return state
 
     # -- gating ---------------------------------------------------------------------------------
     def _should_run(self, trainer: pl.Trainer, stage: str) -> bool:
@@ -124,9 +162,38 @@ class EvaluationCallback(Callback):
         self.eval_abort()
 
 
+def callback_name(namespace: str, name: str | None, include: Sequence[str] | None = None) -> str:
+    """The name of a callback instance, first component of its logged keys and output folder: ``name`` when given,
+    else ``namespace``, with ``-<patterns>`` when ``include`` patterns narrow it (glob characters dropped), so that
+    two instances on different sites differ.
+
+    >>> callback_name("attn", None), callback_name("attn", None, ["encoder.*", "*.cross_attn"])
+    ('attn', 'attn-encoder-cross_attn')
+    >>> callback_name("attn", "enc")
+    'enc'
+    """
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        return name
+    slugs = [re.sub(r"[^A-Za-z0-9_.-]+", "_", re.sub(r"[*?\[\]]", "", p)).strip("._-") for p in include or ()]
+    return "-".join([namespace, *(slug for slug in slugs if slug)])
+
+
 def stage_key(stage: str, dataloader_idx: int = 0) -> str:
     """``val``/``test``, with ``_dl<k>`` for the k-th (k >= 1) dataloader of a multi-loader evaluation."""
     return STAGE_KEYS[stage] + (f"_dl{dataloader_idx}" if dataloader_idx else "")
+
+
+def used_on_any_rank(used: set[int]) -> list[int]:
+    """The dataloaders that some rank used this epoch, sorted: a collective under DDP (an ``all_gather_object``), so
+    that every rank computes the same states, and a rank whose shard of a loader was empty still joins its
+    reduction (with zeros) instead of leaving the others waiting."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sorted(used)
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, sorted(used))
+    return sorted({index for indices in gathered for index in indices})
 
 
 def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
@@ -201,7 +268,7 @@ class StageResults(dict):
 class StreamingCallback(EvaluationCallback):
     """Base of the callbacks that stream metric states over sampled evaluation batches and, at each epoch end,
     compute them (a collective: every rank), log their scalars and publish a table, a JSON file and figures
-    (global rank zero) under :attr:`namespace`.
+    (global rank zero) under :attr:`name` (by default the class's :attr:`namespace`, see :func:`callback_name`).
 
     States are kept per (stage, dataloader) across epochs (reset after each compute): a subclass creates one in
     :meth:`_new_state` (it has ``to(device)`` and ``reset()``), gets the batch's with :meth:`_state_for`, and turns
@@ -214,15 +281,20 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<namespace>`` (``<default_root_dir>/lightning_attn_logs/<namespace>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
+            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
+        include: the subclass's site patterns, which the default name mentions.
     """
 
-    #: First component of every logged key and published name.
+    #: The default :attr:`name`.
     namespace: str = ""
 
     def __init__(self, stages: Sequence[Stage], every_n_epochs: int, max_batches: int | None, every_n_batches: int,
-                 max_figure_sites: int, save_dir: str | None) -> None:
+                 max_figure_sites: int, save_dir: str | None, name: str | None = None,
+                 include: Sequence[str] | None = None) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        self._set_name(self.namespace, name, include)
         check_min(1, every_n_batches=every_n_batches, max_figure_sites=max_figure_sites)
         check_min(1, optional=True, max_batches=max_batches)
         self.max_batches = max_batches
@@ -234,6 +306,13 @@ class StreamingCallback(EvaluationCallback):
         self._epochs_run: dict[str, int] = {}
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def forget_model(self) -> None:
+        super().forget_model()
+        self.results = StageResults()
+        self._states = {}
+        self._used = set()
+        self._epochs_run = {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"epochs_run": dict(self._epochs_run)}
 
@@ -274,8 +353,8 @@ class StreamingCallback(EvaluationCallback):
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
         self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
-        for dataloader_idx in sorted(self._used):
-            state = self._states[(stage, dataloader_idx)]
+        for dataloader_idx in used_on_any_rank(self._used):
+            state = self._state_for(stage, dataloader_idx, pl_module.device)
             key = stage_key(stage, dataloader_idx)
             with warnings.catch_warnings():
                 # a state no batch of this rank updated is expected (no attention in its batches; under DDP its zeros
@@ -290,7 +369,7 @@ class StreamingCallback(EvaluationCallback):
         self._used = set()
 
     def _scalars(self, results: Any) -> dict[str, float]:
-        """The scalars to log for one computed epoch: ``<namespace>/<stage key>/...``."""
+        """The scalars to log for one computed epoch: ``<name>/<stage key>/...``."""
         raise NotImplementedError
 
     # -- publishing (rank zero) -------------------------------------------------------------------
@@ -302,7 +381,7 @@ class StreamingCallback(EvaluationCallback):
         """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
         figures drawn by ``figures`` (``None``: none), then the figures are let go."""
         step = int(trainer.global_step)
-        namespace = self.namespace
+        namespace = self.name
         sinks.publish_table(trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir)
         sinks.publish_json(trainer, f"{results.stage}_epoch{results.epoch}", results.to_dict(), namespace=namespace, save_dir=self.save_dir)
         if figures is None:

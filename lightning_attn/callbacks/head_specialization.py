@@ -10,10 +10,20 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, log_scalars, open_recorder, probe_batch, stage_key
+from lightning_attn.callbacks.base import (
+    EvaluationCallback,
+    Stage,
+    close_recorder,
+    log_scalars,
+    open_recorder,
+    probe_batch,
+    stage_key,
+    used_on_any_rank,
+)
 from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -55,8 +65,8 @@ __all__ = ["HeadSpecializationTracker"]
 #: Names accepted in ``logged_scores``.
 LOGGABLE_SCORES: tuple[str, ...] = (*HEAD_STATISTICS, *TYPE_SCORES, "sink", "broad", "hsi")
 
-#: Bump when the layout of a history record changes.
-_STATE_VERSION = 1
+#: Bump when the layout of a history record changes. 2: the features are saved with the history.
+_STATE_VERSION = 2
 
 
 class HeadSpecializationTracker(EvaluationCallback):
@@ -130,7 +140,8 @@ class HeadSpecializationTracker(EvaluationCallback):
       a ``prunable_heads`` table (least important first, with the cumulative share of importance removed).
 
     The per-epoch history (:attr:`history`) is kept in the callback's ``state_dict``, so a run resumed from a
-    checkpoint continues it; re-evaluating an epoch replaces that epoch's record.
+    checkpoint continues it (a resume with other ``features`` drops it, with a warning); re-evaluating an epoch
+    replaces that epoch's record. A ``fit``/``validate``/``test`` with another model starts a new history.
 
     Args:
         stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
@@ -172,6 +183,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         log_figures: publish the figures.
         export_registry: write ``head_functions.json`` and the registry table each evaluated epoch.
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn``.
+        name: replaces ``heads`` in the logged keys, published names and output folders; default ``heads``, or
+            ``heads-<include patterns>`` with ``include``, so that two instances on one Trainer keep their outputs,
+            keys and checkpoint states apart (equal names raise at setup).
         head_importance: also score every head's importance by the gradient of the step's loss with respect to a
             gate on its output (one extra forward and backward per evaluated batch, about 3x the step's cost).
 
@@ -179,6 +193,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         ValueError: with ``head_importance``, at the first batch, when the evaluation step returns neither its loss
             nor ``logits`` and ``target``.
     """
+
+    #: The default :attr:`name`.
+    namespace = "heads"
 
     def __init__(
         self,
@@ -212,8 +229,10 @@ class HeadSpecializationTracker(EvaluationCallback):
         export_registry: bool = True,
         save_dir: str | None = None,
         head_importance: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        self._set_name(self.namespace, name, include)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
         if summary not in ("auto", "mass", "max_weight", "entropy"):
@@ -271,14 +290,34 @@ class HeadSpecializationTracker(EvaluationCallback):
     # -- checkpointing ----------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude, features=sorted(self.features))
+        # no features: a resume with other features finds its state and says why it drops the history
+        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude,
+                                        **self._name_in_state_key())
 
     def state_dict(self) -> dict[str, Any]:
-        """The per-epoch history (plain Python values), so that a resumed run continues it."""
-        return {"version": _STATE_VERSION, "history": [dict(record) for record in self._history]}
+        """The per-epoch history (plain Python values) and the features it was computed with, so that a resumed
+        run continues it."""
+        history = [dict(record) for record in self._history]
+        return {"version": _STATE_VERSION, "features": sorted(self.features), "history": history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("features", sorted(self.features))
+        if saved != sorted(self.features):
+            records = len(state_dict.get("history", []))
+            rank_zero_warn(f"HeadSpecializationTracker: the checkpoint's history was computed with features {saved}, "
+                           f"this run has {sorted(self.features)}: its correlations, HSI and labels do not compare, so "
+                           f"the history of {records} record(s) was dropped and starts again here",
+                           category=UserWarning)
+            self._history = []
+            return
         self._history = [dict(record) for record in state_dict.get("history", [])]
+
+    def forget_model(self) -> None:
+        super().forget_model()
+        self._history = []
+        self._metrics = {}
+        self._importance = {}
+        self.last_redundancy = {}
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -414,9 +453,10 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_recorder()
-        for (metric_stage, dataloader_idx), metrics in sorted(self._metrics.items()):
-            if metric_stage != stage or not metrics.updated:
-                continue
+        used = {index for (key_stage, index), metrics in self._metrics.items()
+                if key_stage == stage and metrics.updated}
+        for dataloader_idx in used_on_any_rank(used):
+            metrics = self._metrics_for(stage, dataloader_idx, pl_module.device)
             entry = metrics.compute(self.redundancy_threshold)  # a collective: every rank
             metrics.reset()
             key = stage_key(stage, dataloader_idx)
@@ -455,10 +495,10 @@ class HeadSpecializationTracker(EvaluationCallback):
                 for score in self.logged_scores:
                     value = self._score(entry, site, h, score)
                     if value is not None and math.isfinite(value):
-                        scalars[f"heads/{stage}/{site}/h{h}/{score}"] = float(value)
+                        scalars[f"{self.name}/{stage}/{site}/h{h}/{score}"] = float(value)
         if self.features:
-            scalars[f"heads/{stage}/specialized"] = float(specialized)
-        scalars[f"heads/{stage}/general"] = float(general)
+            scalars[f"{self.name}/{stage}/specialized"] = float(specialized)
+        scalars[f"{self.name}/{stage}/general"] = float(general)
         return scalars
 
     @staticmethod
@@ -472,7 +512,7 @@ class HeadSpecializationTracker(EvaluationCallback):
     # -- outputs (rank zero) ----------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, entry: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
         key, step = entry["stage"], int(trainer.global_step)
-        namespace = f"heads/{key}"
+        namespace = f"{self.name}/{key}"
         if self.export_registry:
             registry = self.registry(key)
             publish_json(trainer, "head_functions", registry, namespace=namespace, save_dir=self.save_dir)

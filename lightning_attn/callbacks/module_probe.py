@@ -120,7 +120,10 @@ class ModuleProbe(StreamingCallback):
             outputs without a position axis are unaffected, other lengths raise an error. (``"weights"`` outputs
             need no mask: a masked softmax gives padded positions weight 0, and zero weights are left out.)
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/probe`` (``<default_root_dir>/lightning_attn_logs/probe`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
+            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        name: replaces ``probe`` in the logged keys, published names and the output folder (default ``probe``): give
+            two instances on one Trainer different names (equal names raise at setup).
     """
 
     namespace = NAMESPACE
@@ -146,8 +149,9 @@ class ModuleProbe(StreamingCallback):
         mask_key: str | int | None = None,
         log_figures: bool = True,
         save_dir: str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir)
+        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name)
         self.specs: list[ProbeSpec] = parse_probes(probes)
         self.probes = {spec.name: (spec.pattern, spec.kind) for spec in self.specs}
         check_min(1, histogram_bins=histogram_bins, max_channels=max_channels, top_k=top_k, max_positions=max_positions)
@@ -184,12 +188,21 @@ class ModuleProbe(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()))
+        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()),
+                                        **self._name_in_state_key())
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail early: every probe pattern must match a module (the error lists close module names)."""
+        super().setup(trainer, pl_module, stage)
         resolve_probes(pl_module, self.specs)
+
+    def forget_model(self) -> None:
+        super().forget_model()
+        self._site_probe = {}
+        self._attention_sites = set()
+        self._probe_sites = {}
+        self._warned_histograms = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
@@ -324,7 +337,7 @@ class ModuleProbe(StreamingCallback):
         return names if names is not None and len(names) == length else None
 
     def _scalars(self, results: ProbeResults) -> dict[str, float]:
-        prefix = f"{NAMESPACE}/{results.stage}"
+        prefix = f"{self.name}/{results.stage}"
         values: dict[str, float] = {}
         for site, summary in results.activations.items():
             if site in results.weights:

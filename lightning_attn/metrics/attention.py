@@ -9,9 +9,9 @@ Every state here is a fixed-size, sum-reduced tensor (``dist_reduce_fx="sum"``),
 - ``update`` never synchronizes with the host (no ``.item()``, no ``.cpu()``, no data-dependent branching):
   it can run in every batch hook on any device.
 
-States are added lazily, one per attention site (or modality pair) on first sight. Every rank sees the
-sites in the same order (the model's forward order), which is what the DDP sync relies on: all ranks must
-update the same sites at least once per epoch before ``compute()``.
+States are added lazily, one per attention site (or modality pair) on first sight. Ranks need not see the
+same sites, nor in the same order: before the reduction they agree on the union of sites by name
+(:meth:`~lightning_attn.metrics._sites.SiteSums.agree_on_sites`), a site a rank never saw adding zeros there.
 
 Three metrics:
 
@@ -338,10 +338,14 @@ class AttentionPositions(SiteSums):
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.max_positions = int(max_positions)
-        self.kinds: dict[str, str] = {}
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Site -> ``"self"`` or ``"cross"``, as first seen (agreed across ranks with the states)."""
+        return {site: info["kind"] for site, info in self.site_info.items()}
 
     def _state(self, site: str, kind: str, device: torch.device) -> Tensor:
-        self.kinds.setdefault(site, kind)
+        self.site_info.setdefault(site, {"kind": kind})
         return self._site_state(site, (4, self.max_positions), device)
 
     def update(self, site: str, probs: Tensor, query_offset: int = 0, self_attention: bool = True, row_valid: Tensor | None = None) -> None:

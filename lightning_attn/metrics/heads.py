@@ -624,7 +624,8 @@ class HeadSpecializationMetrics:
         self.probe_samples = probe_samples
         self.probe_max_tokens = probe_max_tokens
         self.probe: ProbeHeadMaps | None = None
-        self.site_info: dict[str, dict[str, Any]] = {}
+        # kept by the statistics metric, so that ranks agree on it with the sites
+        self.site_info: dict[str, dict[str, Any]] = self.statistics.site_info
 
     def metrics(self) -> list[Metric]:
         return [m for m in (self.statistics, self.types, self.correlation) if m is not None]
@@ -641,7 +642,8 @@ class HeadSpecializationMetrics:
 
     @property
     def updated(self) -> bool:
-        return bool(self.statistics.sites)
+        """Whether a capture was added since the last reset."""
+        return self.statistics.update_called
 
     def update(self, capture: AttentionCapture | Tensor, context: BatchContext, site: str | None = None) -> None:
         """Add one captured call (or a probability tensor ``[B, H, Q, K]`` named ``site``)."""
@@ -763,8 +765,8 @@ class HeadSpecializationMetrics:
             clusters).
         """
         statistics = self.statistics.compute()
-        types = self.types.compute()
-        correlations = self.correlation.compute() if self.correlation is not None else {}
+        types = self.types.compute_sites()
+        correlations = self.correlation.compute_sites() if self.correlation is not None else {}
         entry: dict[str, Any] = {"sites": [], "rows": {}, "statistics": {}, "type_scores": {}, "correlations": {}}
         for site, stats in statistics.items():
             info = self.site_info.get(site, {"kind": "self", "num_heads": self.statistics.sites[site], "num_queries": None, "num_keys": None})

@@ -200,19 +200,12 @@ class ActivationStatistics(SiteSums):
         self.saturation_threshold = float(saturation_threshold)
 
     def _states(self, site: str, channels: int, joint: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        names = self._state_names.get(site)  # three states per site: (positions, channels, joint or None)
-        if names is None:
-            index = len(self._state_names)
-            names = (f"positions_{index}", f"channels_{index}", f"joint_{index}" if joint else None)
-            self._add_sums(names[0], (5, self.max_positions), device)
-            self._add_sums(names[1], (5, channels), device)
-            if joint:
-                self._add_sums(names[2], (3, self.max_positions, channels), device)
-            self._state_names[site] = names
-            self.sites[site] = channels
-        elif self.sites[site] != channels:
-            raise ValueError(f"site {site!r} had {self.sites[site]} channels, now {channels}")
-        return getattr(self, names[0]), getattr(self, names[1]), None if names[2] is None else getattr(self, names[2])
+        # three states per site: positions, channels, joint (absent unless the first update asked for it)
+        layout = {"positions": (5, self.max_positions), "channels": (5, channels),
+                  "joint": (3, self.max_positions, channels) if joint else None}
+        positions, per_channel, pairs = self._site_tensors(site, layout, device, size=channels, unit="channels")
+        assert positions is not None and per_channel is not None
+        return positions, per_channel, pairs
 
     def update(self, site: str, values: Tensor, joint: bool = False, position_mask: Tensor | None = None) -> None:
         """Add one output of ``site`` (any shape, read by :func:`activation_view`); ``joint`` (fixed at the
@@ -258,6 +251,7 @@ class ActivationStatistics(SiteSums):
         """``{site: ActivationSummary}`` on the host (a host sync: call at epoch end)."""
         results: dict[str, ActivationSummary] = {}
         for site, (position_name, channel_name, joint_name) in self._state_names.items():
+            assert position_name is not None and channel_name is not None  # every site has both
             positions = getattr(self, position_name).detach().to("cpu", torch.float64)
             channels = getattr(self, channel_name).detach().to("cpu", torch.float64)
             seen = torch.nonzero(positions[_COUNT] > 0)
@@ -428,11 +422,11 @@ class ProbeStatistics:
 
     def compute(self) -> tuple[dict[str, ActivationSummary], dict[str, SiteStatistics], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
         """``(activations, weights, positions, histograms)``: a collective under DDP (every rank calls it);
-        metrics that saw no site are skipped (every rank saw the same sites)."""
-        activations = self.activations.compute() if self.activations.sites else {}
-        weights = self.weights.compute() if self.weights.sites else {}
-        positions = self.positions.compute() if self.positions.kinds else {}
-        histograms = self.histograms.compute() if self.histograms.sites else {}
+        metrics that no rank fed are skipped."""
+        activations = self.activations.compute_sites()
+        weights = self.weights.compute_sites()
+        positions = self.positions.compute_sites()
+        histograms = self.histograms.compute_sites()
         # torchmetrics squeezes one-element tensors of compute() results (one head, one channel): undo it
         activations = {site: replace(s, **{f.name: _vector(getattr(s, f.name)) for f in fields(s)
                                           if isinstance(getattr(s, f.name), Tensor) and not f.name.startswith("joint")})
