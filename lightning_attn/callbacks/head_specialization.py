@@ -464,7 +464,7 @@ class HeadSpecializationTracker(EvaluationCallback):
             entry.update(stage=key, epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
             entry["clusters"] = list(redundancy["clusters"]) if redundancy else []
             analyze_heads(entry, hsi_threshold=self.hsi_threshold, thresholds=self.thresholds, feature_labels=self.feature_labels)
-            importance = self._importance.get((metric_stage, dataloader_idx))
+            importance = self._importance.get((stage, dataloader_idx))
             if importance is not None and importance.update_called:
                 entry.update(importance_record(importance.compute(), entry["sites"]))  # a collective: every rank
                 importance.reset()
