@@ -47,7 +47,14 @@ LAYER_PLANS = (
 )
 EXPECTED_LABELS = (
     ["Previous-token head", "Sink head", "Broad head", "Safety Head", "General context", "General context"],
-    ["Previous-token head", "Induction head", "Duplicate-token head", "General context", "General context", "General context"],
+    [
+        "Previous-token head",
+        "Induction head",
+        "Duplicate-token head",
+        "General context",
+        "General context",
+        "General context",
+    ],
 )
 FEATURES = {"ttc": "ttc", "distance": "dist"}
 
@@ -151,7 +158,12 @@ class PlantedData(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "ttc": self.ttc[index], "dist": self.dist[index], "agent_mask": self.agent_mask[index]}
+        return {
+            "input_ids": self.ids[index],
+            "ttc": self.ttc[index],
+            "dist": self.dist[index],
+            "agent_mask": self.agent_mask[index],
+        }
 
 
 def make_module(seed: int = 0) -> PlantedModule:
@@ -211,7 +223,9 @@ def test_token_patterns_on_a_hand_made_sequence() -> None:
 def test_type_scores_equal_the_transformer_lens_formula_by_hand(exclude_bos: bool, exclude_current: bool) -> None:
     generator = torch.Generator().manual_seed(3)
     tokens = torch.tensor([[1, 2, 3, 1, 2, 3], [4, 4, 1, 4, 1, 2]])
-    scores = torch.randn(2, 3, 6, 6, generator=generator).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    scores = torch.randn(2, 3, 6, 6, generator=generator).masked_fill(
+        torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf")
+    )
     probs = scores.softmax(-1)
     metric = HeadTypeScores(exclude_bos=exclude_bos, exclude_current_token=exclude_current)
     for b in range(2):  # one sample at a time, in two query chunks: the sums must add up
@@ -354,7 +368,13 @@ def test_labels_follow_hsi_types_and_signs() -> None:
     entry = {
         "sites": [{"name": "s", "kind": "self", "num_heads": 4}],
         "statistics": {"s": {"entropy": [0.2, 0.95, 0.3, 0.3], "first_token": [0.1, 0.05, 0.9, 0.1]}},
-        "type_scores": {"s": {"previous_token": [0.9, 0.1, 0.0, 0.1], "duplicate_token": [math.nan] * 4, "induction": [math.nan] * 4}},
+        "type_scores": {
+            "s": {
+                "previous_token": [0.9, 0.1, 0.0, 0.1],
+                "duplicate_token": [math.nan] * 4,
+                "induction": [math.nan] * 4,
+            }
+        },
         "correlations": {"s": {"ttc": [-0.1, 0.2, 0.5, math.nan], "new_feature": [0.05, -0.1, 0.1, -0.45]}},
     }
     thresholds = {"induction": 0.5, "duplicate_token": 0.5, "previous_token": 0.5, "sink": 0.5, "broad": 0.8}
@@ -373,9 +393,19 @@ def test_labels_follow_hsi_types_and_signs() -> None:
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("planted")
-    plain = HeadSpecializationTracker(features=FEATURES, save_dir=str(root / "out"), logged_scores=("entropy", "hsi", "previous_token"))
-    masked = HeadSpecializationTracker(features={"ttc": "ttc"}, feature_masks={"ttc": "agent_mask"}, chunk_size=5, probe_samples=0,
-                                       log_figures=False, export_registry=False, logged_scores=(), name="heads_masked")
+    plain = HeadSpecializationTracker(
+        features=FEATURES, save_dir=str(root / "out"), logged_scores=("entropy", "hsi", "previous_token")
+    )
+    masked = HeadSpecializationTracker(
+        features={"ttc": "ttc"},
+        feature_masks={"ttc": "agent_mask"},
+        chunk_size=5,
+        probe_samples=0,
+        log_figures=False,
+        export_registry=False,
+        logged_scores=(),
+        name="heads_masked",
+    )
     module = make_module()
     trainer = pl.Trainer(callbacks=[plain, masked], **trainer_kwargs(root))
     metrics = trainer.validate(module, make_loader(), verbose=False)[0]
@@ -387,7 +417,7 @@ def test_planted_heads_are_labelled(planted_run: dict[str, Any]) -> None:
         record = planted_run[name].history_for("val")[-1]
         sites = [s["name"] for s in record["sites"]]
         assert sites == ["model.layers.0", "model.layers.1"]
-        for site, expected in zip(sites, EXPECTED_LABELS):
+        for site, expected in zip(sites, EXPECTED_LABELS, strict=False):
             assert record["labels"][site] == expected, (name, site, record["hsi"][site], record["type_scores"][site])
     record = planted_run["plain"].history_for("val")[-1]
     first, second = "model.layers.0", "model.layers.1"
@@ -431,7 +461,11 @@ def test_registry_json_round_trips_and_validates(planted_run: dict[str, Any], tm
     assert safety["description"] == "Attends to low-TTC (collision threats)"
     assert heads["model.layers.0/h0"]["redundant_with"] == ["model.layers.1/h0"]
     assert heads["model.layers.1/h1"]["types"][0] == "induction"
-    assert written["features"]["ttc"] == {"label": "Safety Head", "description": "Attends to low-TTC (collision threats)", "expected_sign": -1}
+    assert written["features"]["ttc"] == {
+        "label": "Safety Head",
+        "description": "Attends to low-TTC (collision threats)",
+        "expected_sign": -1,
+    }
     # figures and the table went to disk (no dashboard logger)
     names = {p.name.split("_step")[0] for p in out.glob("*.png")}
     assert names == {"hsi", "feature_correlation", "type_scores", "redundancy", "evolution", "timeline"}
@@ -442,10 +476,17 @@ def test_resume_continues_history_without_gap_or_duplicate(tmp_path: Path) -> No
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(max_epochs: int, ckpt_path: str | None) -> HeadSpecializationTracker:
-        tracker = HeadSpecializationTracker(features=FEATURES, probe_samples=2, log_figures=False, export_registry=False, logged_scores=())
+        tracker = HeadSpecializationTracker(
+            features=FEATURES, probe_samples=2, log_figures=False, export_registry=False, logged_scores=()
+        )
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
-        trainer = pl.Trainer(callbacks=[tracker, checkpoint], max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=2,
-                             **trainer_kwargs(tmp_path, enable_checkpointing=True))
+        trainer = pl.Trainer(
+            callbacks=[tracker, checkpoint],
+            max_epochs=max_epochs,
+            limit_train_batches=2,
+            limit_val_batches=2,
+            **trainer_kwargs(tmp_path, enable_checkpointing=True),
+        )
         trainer.fit(make_module(), make_loader(64), make_loader(64), ckpt_path=ckpt_path)
         return tracker
 
@@ -464,10 +505,18 @@ def test_every_n_epochs_test_stage_dataloaders_and_tensorboard(tmp_path: Path) -
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tracker = HeadSpecializationTracker(stages=("validate", "test"), every_n_epochs=2, probe_samples=2, logged_scores=())
+    tracker = HeadSpecializationTracker(
+        stages=("validate", "test"), every_n_epochs=2, probe_samples=2, logged_scores=()
+    )
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = pl.Trainer(callbacks=[tracker], max_epochs=3, limit_train_batches=1, limit_val_batches=1, limit_test_batches=1,
-                         **trainer_kwargs(tmp_path, logger=logger))
+    trainer = pl.Trainer(
+        callbacks=[tracker],
+        max_epochs=3,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        **trainer_kwargs(tmp_path, logger=logger),
+    )
     module = make_module()
     trainer.fit(module, make_loader(64), make_loader(64))
     trainer.test(module, make_loader(64), verbose=False)
@@ -480,7 +529,9 @@ def test_every_n_epochs_test_stage_dataloaders_and_tensorboard(tmp_path: Path) -
     # figures went to TensorBoard (rendered once, as images); without features: no HSI figures
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
-    assert {"heads/val/type_scores", "heads/val/redundancy", "heads/val/evolution", "heads/test/type_scores"} <= set(events.Tags()["images"])
+    assert {"heads/val/type_scores", "heads/val/redundancy", "heads/val/evolution", "heads/test/type_scores"} <= set(
+        events.Tags()["images"]
+    )
     assert not any("hsi" in tag for tag in events.Tags()["images"])
     # a second validation dataloader has its own record; the probe (redundancy) is dataloader 0's only
     # (a fresh Trainer: after fit the epoch index is 3, which every_n_epochs=2 skips)
@@ -504,16 +555,24 @@ def test_cli_signature_is_typed_and_documented() -> None:
         assert not isinstance(parameter.default, (dict, list, nn.Module)), name
     parser = ArgumentParser()
     parser.add_class_arguments(HeadSpecializationTracker, "tracker")
-    config = parser.parse_args([
-        "--tracker.features", '{"ttc": "ttc", "distance": "meta.dist"}',
-        "--tracker.feature_labels", '{"speed": ["Speed Head", "Tracks speed", 1]}',
-        "--tracker.stages", '["validate", "test"]',
-        "--tracker.hsi_threshold", "0.4",
-    ])
+    config = parser.parse_args(
+        [
+            "--tracker.features",
+            '{"ttc": "ttc", "distance": "meta.dist"}',
+            "--tracker.feature_labels",
+            '{"speed": ["Speed Head", "Tracks speed", 1]}',
+            "--tracker.stages",
+            '["validate", "test"]',
+            "--tracker.hsi_threshold",
+            "0.4",
+        ]
+    )
     tracker = (parser.instantiate if hasattr(parser, "instantiate") else parser.instantiate_classes)(config).tracker
     assert isinstance(tracker, HeadSpecializationTracker)
     assert tracker.features == {"ttc": "ttc", "distance": "meta.dist"}
-    assert tracker.feature_labels["speed"].label == "Speed Head" and tracker.feature_labels["ttc"].label == "Safety Head"
+    assert (
+        tracker.feature_labels["speed"].label == "Speed Head" and tracker.feature_labels["ttc"].label == "Safety Head"
+    )
     assert tracker.stages == ("validate", "test") and tracker.hsi_threshold == 0.4
 
 
@@ -526,12 +585,14 @@ def test_batch_path_never_reads_tensor_values_on_the_host(tmp_path: Path, monkey
     originals = {name: getattr(torch.Tensor, name) for name in forbidden}
     calls = {"update": 0}
 
-    def guarded(function):  # noqa: ANN001, ANN202
-        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            def refuse(name):  # noqa: ANN001, ANN202
-                def method(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def guarded(function):
+        def wrapper(*args, **kwargs):
+            def refuse(name):
+                def method(*a, **k):
                     raise AssertionError(f"host read Tensor.{name} in the batch path")
+
                 return method
+
             for name in forbidden:
                 setattr(torch.Tensor, name, refuse(name))
             try:
@@ -539,19 +600,29 @@ def test_batch_path_never_reads_tensor_values_on_the_host(tmp_path: Path, monkey
             finally:
                 for name, original in originals.items():
                     setattr(torch.Tensor, name, original)
+
         return wrapper
 
     original_update = module.HeadSpecializationMetrics.update
 
-    def counting_update(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting_update(self, *args, **kwargs):
         calls["update"] += 1
         return original_update(self, *args, **kwargs)
 
     monkeypatch.setattr(module.HeadSpecializationMetrics, "update", guarded(counting_update))
-    monkeypatch.setattr(module.HeadSpecializationTracker, "_batch_context", guarded(module.HeadSpecializationTracker._batch_context))
-    tracker = HeadSpecializationTracker(features=FEATURES, feature_masks={"distance": "agent_mask"}, chunk_size=6, probe_samples=2,
-                                        confidence_exclude_positions=[-1], padding_mask_key="agent_mask", log_figures=False,
-                                        export_registry=False)
+    monkeypatch.setattr(
+        module.HeadSpecializationTracker, "_batch_context", guarded(module.HeadSpecializationTracker._batch_context)
+    )
+    tracker = HeadSpecializationTracker(
+        features=FEATURES,
+        feature_masks={"distance": "agent_mask"},
+        chunk_size=6,
+        probe_samples=2,
+        confidence_exclude_positions=[-1],
+        padding_mask_key="agent_mask",
+        log_figures=False,
+        export_registry=False,
+    )
     trainer = pl.Trainer(callbacks=[tracker], limit_val_batches=2, **trainer_kwargs(tmp_path))
     trainer.validate(make_module(), make_loader(64), verbose=False)
     assert calls["update"] == 4  # 2 batches x 2 sites

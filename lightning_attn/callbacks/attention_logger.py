@@ -13,7 +13,14 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
+from lightning_attn.callbacks.base import (
+    Stage,
+    StreamingCallback,
+    check_min,
+    close_recorder,
+    open_recorder,
+    probe_batch,
+)
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
@@ -159,8 +166,9 @@ class AttentionLogger(StreamingCallback):
         save_dir: str | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir,
-                         name=name, include=include)
+        super().__init__(
+            stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name, include=include
+        )
         check_min(0, probe_samples=probe_samples)
         check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
         check_min(1, optional=True, chunk_size=chunk_size)
@@ -191,8 +199,9 @@ class AttentionLogger(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, include=self.include, exclude=self.exclude,
-                                        **self._name_in_state_key())
+        return self._generate_state_key(
+            stages=self.stages, include=self.include, exclude=self.exclude, **self._name_in_state_key()
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch counters and the probe samples' identity (count, fingerprint of their inputs per stage)."""
@@ -210,7 +219,11 @@ class AttentionLogger(StreamingCallback):
         super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)
         if saved != self.probe_samples:
-            warnings.warn(f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}",
+                UserWarning,
+                stacklevel=2,
+            )
             self._probe_fingerprints = {}
         else:
             self._probe_fingerprints = dict(state_dict.get("probe_fingerprints", {}))
@@ -235,7 +248,15 @@ class AttentionLogger(StreamingCallback):
         self._probe = None
         self._probe_input = None
 
-    def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         if not self._sampled(batch_idx):
             return
         self._close_recorder()
@@ -245,7 +266,16 @@ class AttentionLogger(StreamingCallback):
             self._probe_input = _slice_batch(batch, self.probe_samples)
         self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
 
-    def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         self._close_recorder()
 
     def eval_abort(self) -> None:
@@ -274,8 +304,13 @@ class AttentionLogger(StreamingCallback):
         for offset, chunk in capture.chunks(self.chunk_size):
             key_mask = key_mask_for(capture, chunk)
             acc.stats.update(site, chunk, offset, key_mask=key_mask)
-            acc.positions.update(site, chunk, offset, self_attention=self_attention,
-                                 row_valid=None if key_mask is None else key_mask.any(-1))
+            acc.positions.update(
+                site,
+                chunk,
+                offset,
+                self_attention=self_attention,
+                row_valid=None if key_mask is None else key_mask.any(-1),
+            )
             if probe is not None:
                 probe.add(site, info.kind, info.num_queries, info.num_keys, chunk, offset)
             if roles:
@@ -294,8 +329,15 @@ class AttentionLogger(StreamingCallback):
         probe = self._probe.finish() if self._probe is not None else None
         self._check_probe_inputs(stage)
         self._probe = None
-        self._finish_epoch(trainer, pl_module, stage, compute=lambda acc, key, _: self._compute(acc, key, trainer),
-                           publish=lambda results, dataloader_idx: self._publish(trainer, results, probe if dataloader_idx == 0 else None))
+        self._finish_epoch(
+            trainer,
+            pl_module,
+            stage,
+            compute=lambda acc, key, _: self._compute(acc, key, trainer),
+            publish=lambda results, dataloader_idx: self._publish(
+                trainer, results, probe if dataloader_idx == 0 else None
+            ),
+        )
 
     # -- epoch end -------------------------------------------------------------------------------------
     def _compute(self, acc: _Accumulators, key: str, trainer: pl.Trainer) -> AttentionResults:
@@ -347,7 +389,11 @@ class AttentionLogger(StreamingCallback):
             return None
         if isinstance(names, Mapping):
             for pattern, labels in names.items():
-                glob, _, which = str(pattern).rpartition(":") if str(pattern).endswith((":queries", ":keys")) else (str(pattern), "", "")
+                glob, _, which = (
+                    str(pattern).rpartition(":")
+                    if str(pattern).endswith((":queries", ":keys"))
+                    else (str(pattern), "", "")
+                )
                 if which and which != axis:
                     continue
                 if (glob == site or matches(site, [glob])) and len(labels) == length:
@@ -386,9 +432,13 @@ class AttentionLogger(StreamingCallback):
 
     # -- publishing (rank zero) ------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, results: AttentionResults, probe: dict[str, Any] | None) -> None:
-        columns = ["site", "head"] + [f"{n}_mean" for n in results.statistics] + [f"{n}_std" for n in results.statistics]
+        columns = (
+            ["site", "head"] + [f"{n}_mean" for n in results.statistics] + [f"{n}_std" for n in results.statistics]
+        )
         rows = [
-            [site, head] + [float(results.mean[n][i, head]) for n in results.statistics] + [float(results.std[n][i, head]) for n in results.statistics]
+            [site, head]
+            + [float(results.mean[n][i, head]) for n in results.statistics]
+            + [float(results.std[n][i, head]) for n in results.statistics]
             for i, site in enumerate(results.sites)
             for head in range(results.num_heads[i])
         ]
@@ -402,7 +452,9 @@ class AttentionLogger(StreamingCallback):
         index = {site: i for i, site in enumerate(sites)}
         figures: dict[str, Figure] = {}
         epoch = f"epoch {results.epoch}"
-        figures[f"{key}/head_statistics"] = plots.plot_head_statistics(results.mean, sites, title=f"Per-head attention statistics ({key}, {epoch})")
+        figures[f"{key}/head_statistics"] = plots.plot_head_statistics(
+            results.mean, sites, title=f"Per-head attention statistics ({key}, {epoch})"
+        )
         evolution = [n for n in ("entropy", "sparsity", "max_weight") if n in results.mean]
         if evolution:
             figures[f"{key}/layer_evolution"] = plots.plot_layer_evolution(
@@ -414,34 +466,55 @@ class AttentionLogger(StreamingCallback):
         if "max_weight" in results.mean:
             rows = [index[s] for s in chosen]
             figures[f"{key}/head_contributions"] = plots.plot_head_contributions(
-                chosen, results.mean["max_weight"][rows], results.std["max_weight"][rows], statistic="max_weight",
+                chosen,
+                results.mean["max_weight"][rows],
+                results.std["max_weight"][rows],
+                statistic="max_weight",
                 title=f"Head confidence: mean max weight per head ({key}, {epoch}; error bars: std over rows)",
             )
         attended = {s: results.top_attended[s] for s in chosen if results.top_attended.get(s)}
         if attended:
-            figures[f"{key}/top_attended"] = plots.plot_top_positions(attended, title=f"Top attended positions ({key}, {epoch})")
+            figures[f"{key}/top_attended"] = plots.plot_top_positions(
+                attended, title=f"Top attended positions ({key}, {epoch})"
+            )
         if probe is None:
             return figures
         labels = [f"probe {i}" for i in range(self.probe_samples)]
         for site in chosen:
             if site not in probe["mean"]:
                 continue
-            (num_queries, num_keys), pooled = probe["shapes"][site], probe["mean"][site].shape[1:] != probe["shapes"][site]
+            (num_queries, num_keys), pooled = (
+                probe["shapes"][site],
+                probe["mean"][site].shape[1:] != probe["shapes"][site],
+            )
             qlab = None if pooled else self._labels(site, "queries", num_queries)
             klab = None if pooled else self._labels(site, "keys", num_keys)
-            note = f" (pooled {num_queries}x{num_keys} -> {probe['mean'][site].shape[1]}x{probe['mean'][site].shape[2]})" if pooled else ""
+            note = (
+                f" (pooled {num_queries}x{num_keys} -> {probe['mean'][site].shape[1]}x{probe['mean'][site].shape[2]})"
+                if pooled
+                else ""
+            )
             figures[f"{key}/maps/{site}"] = plots.plot_attention_maps(
-                probe["mean"][site], titles=labels, query_labels=qlab, key_labels=klab, title=f"{site}: head mean{note}, {epoch}"
+                probe["mean"][site],
+                titles=labels,
+                query_labels=qlab,
+                key_labels=klab,
+                title=f"{site}: head mean{note}, {epoch}",
             )
             figures[f"{key}/heads/{site}"] = plots.plot_attention_heads(
-                probe["heads"][site], query_labels=qlab, key_labels=klab, title=f"{site}: per head, probe 0{note}, {epoch}"
+                probe["heads"][site],
+                query_labels=qlab,
+                key_labels=klab,
+                title=f"{site}: per head, probe 0{note}, {epoch}",
             )
         if probe["rollout"] is not None:
             length = probe["rollout"].shape[-1]
             first = probe["rollout_sites"][0]
             rollout_labels = self._labels(first, "keys", length)
             figures[f"{key}/rollout"] = plots.plot_rollout(
-                probe["rollout"], labels=rollout_labels, titles=labels,
+                probe["rollout"],
+                labels=rollout_labels,
+                titles=labels,
                 title=f"Attention rollout over {len(probe['rollout_sites'])} self-attention sites ({epoch})",
             )
         for pair, (site_a, site_b) in self.modality_pairs.items():
@@ -455,9 +528,13 @@ class AttentionLogger(StreamingCallback):
                 continue
             sides = tuple(part.strip() for part in pair.split("<->")) if "<->" in pair else ("A", "B")
             figures[f"{key}/pairs/{pair}"] = plots.plot_modality_pair(
-                a_to_b, b_to_a, names=(sides[0], sides[1]), agreement=results.agreement.get(pair),
+                a_to_b,
+                b_to_a,
+                names=(sides[0], sides[1]),
+                agreement=results.agreement.get(pair),
                 sample_agreement=float(modality_agreement(a_to_b, b_to_a)),
-                a_labels=self._labels(a, "queries", a_to_b.shape[0]), b_labels=self._labels(a, "keys", a_to_b.shape[1]),
+                a_labels=self._labels(a, "queries", a_to_b.shape[0]),
+                b_labels=self._labels(a, "keys", a_to_b.shape[1]),
                 title=f"{pair}, probe 0, {epoch}",
             )
         return figures
@@ -491,7 +568,16 @@ def _fingerprint(sliced: Any) -> list[list[float]]:
     def visit(value: Any) -> None:
         if isinstance(value, Tensor):
             data = value.detach().to("cpu", torch.float64)
-            out.append([float(d) for d in value.shape] + [float(data.sum()), float(data.abs().sum()), float((data * torch.arange(1, data.numel() + 1, dtype=torch.float64).view_as(data)).sum()) if data.numel() else 0.0])
+            out.append(
+                [float(d) for d in value.shape]
+                + [
+                    float(data.sum()),
+                    float(data.abs().sum()),
+                    float((data * torch.arange(1, data.numel() + 1, dtype=torch.float64).view_as(data)).sum())
+                    if data.numel()
+                    else 0.0,
+                ]
+            )
         elif isinstance(value, Mapping):
             for k in sorted(value, key=str):
                 visit(value[k])

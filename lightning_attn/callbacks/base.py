@@ -43,7 +43,9 @@ class EvaluationCallback(Callback):
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn``.
     """
 
-    def __init__(self, stages: Sequence[Stage] = ("validate",), every_n_epochs: int = 1, save_dir: str | None = None) -> None:
+    def __init__(
+        self, stages: Sequence[Stage] = ("validate",), every_n_epochs: int = 1, save_dir: str | None = None
+    ) -> None:
         super().__init__()
         stages = (stages,) if isinstance(stages, str) else tuple(stages)
         unknown = [s for s in stages if s not in STAGE_KEYS]
@@ -69,8 +71,10 @@ class EvaluationCallback(Callback):
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         twins = [c for c in callbacks if c is not self and type(c) is type(self) and getattr(c, "name", None) == name]
         if name is not None and twins:
-            raise ValueError(f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write "
-                             "the same files and logged keys; give each its own name=")
+            raise ValueError(
+                f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write "
+                "the same files and logged keys; give each its own name="
+            )
 
     def forget_model(self) -> None:
         """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
@@ -102,10 +106,27 @@ class EvaluationCallback(Callback):
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Called at the start of an evaluation epoch that runs."""
 
-    def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         """Called before ``validation_step``/``test_step`` of a batch that runs."""
 
-    def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         """Called after the step. No host synchronisation here: it runs for every batch."""
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -120,11 +141,11 @@ class EvaluationCallback(Callback):
         if self._running:
             self.eval_epoch_start(trainer, pl_module, stage)
 
-    def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:  # noqa: ANN001
+    def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
         if self._running == stage:
             self.eval_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx, stage)
 
-    def _batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage) -> None:  # noqa: ANN001
+    def _batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage) -> None:
         if self._running == stage:
             self.eval_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage)
 
@@ -136,10 +157,20 @@ class EvaluationCallback(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, "validate")
 
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx, "validate")
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "validate")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,10 +179,20 @@ class EvaluationCallback(Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, "test")
 
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx, "test")
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, "test")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -204,7 +245,9 @@ def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
     (a mean could round) while telling Lightning they are global, which silences its per-key
     "use sync_dist=True" warning under DDP at the cost of one scalar all-reduce per key and epoch."""
     for key, value in values.items():
-        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", add_dataloader_idx=False)
+        pl_module.log(
+            key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", add_dataloader_idx=False
+        )
 
 
 def probe_batch(trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
@@ -232,8 +275,12 @@ def evenly_spaced(items: Sequence[str], count: int) -> list[str]:
     return [items[i] for i in sorted(picks)]
 
 
-def open_recorder(module: torch.nn.Module, on_capture: Callable[[AttentionCapture], None], include: Sequence[str] | None = None,
-                  exclude: Sequence[str] | None = None) -> AttentionRecorder:
+def open_recorder(
+    module: torch.nn.Module,
+    on_capture: Callable[[AttentionCapture], None],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> AttentionRecorder:
     """An entered streaming :class:`~lightning_attn.AttentionRecorder` (nothing kept: ``on_capture`` gets every
     capture) on the attention sites of ``module`` matched by ``include``/``exclude``; close it with
     :func:`close_recorder`."""
@@ -290,9 +337,17 @@ class StreamingCallback(EvaluationCallback):
     #: The default :attr:`name`.
     namespace: str = ""
 
-    def __init__(self, stages: Sequence[Stage], every_n_epochs: int, max_batches: int | None, every_n_batches: int,
-                 max_figure_sites: int, save_dir: str | None, name: str | None = None,
-                 include: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        every_n_epochs: int,
+        max_batches: int | None,
+        every_n_batches: int,
+        max_figure_sites: int,
+        save_dir: str | None,
+        name: str | None = None,
+        include: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
         self._set_name(self.namespace, name, include)
         check_min(1, every_n_batches=every_n_batches, max_figure_sites=max_figure_sites)
@@ -347,8 +402,14 @@ class StreamingCallback(EvaluationCallback):
         self._used = set()
 
     # -- epoch end --------------------------------------------------------------------------------
-    def _finish_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
-                      compute: Callable[[Any, str, int], Any], publish: Callable[[Any, int], None]) -> None:
+    def _finish_epoch(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: str,
+        compute: Callable[[Any, str, int], Any],
+        publish: Callable[[Any, int], None],
+    ) -> None:
         """For every dataloader used this epoch: ``compute(state, stage_key, dataloader_idx)`` (a collective: every
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
@@ -376,14 +437,29 @@ class StreamingCallback(EvaluationCallback):
     def _figure_sites(self, sites: Sequence[str]) -> list[str]:
         return evenly_spaced(sites, self.max_figure_sites)
 
-    def _publish_results(self, trainer: pl.Trainer, results: Any, table: str, columns: list[str], rows: list[list[Any]],
-                         figures: Callable[[], dict[str, Figure]] | None) -> None:
+    def _publish_results(
+        self,
+        trainer: pl.Trainer,
+        results: Any,
+        table: str,
+        columns: list[str],
+        rows: list[list[Any]],
+        figures: Callable[[], dict[str, Figure]] | None,
+    ) -> None:
         """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
         figures drawn by ``figures`` (``None``: none), then the figures are let go."""
         step = int(trainer.global_step)
         namespace = self.name
-        sinks.publish_table(trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir)
-        sinks.publish_json(trainer, f"{results.stage}_epoch{results.epoch}", results.to_dict(), namespace=namespace, save_dir=self.save_dir)
+        sinks.publish_table(
+            trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
+        )
+        sinks.publish_json(
+            trainer,
+            f"{results.stage}_epoch{results.epoch}",
+            results.to_dict(),
+            namespace=namespace,
+            save_dir=self.save_dir,
+        )
         if figures is None:
             return
         drawn = figures()

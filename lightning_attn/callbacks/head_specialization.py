@@ -27,6 +27,16 @@ from lightning_attn.callbacks.base import (
 from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.metrics.head_roles import (
+    EVENT_COLUMNS,
+    PRUNABLE_COLUMNS,
+    add_head_history,
+    event_rows,
+    importance_record,
+    previous_record,
+    prunable_heads,
+    role_events,
+)
 from lightning_attn.metrics.heads import (
     DEFAULT_FEATURE_LABELS,
     HEAD_STATISTICS,
@@ -39,17 +49,8 @@ from lightning_attn.metrics.heads import (
     build_registry,
     lookup,
 )
-from lightning_attn.metrics.head_roles import (
-    EVENT_COLUMNS,
-    PRUNABLE_COLUMNS,
-    add_head_history,
-    event_rows,
-    importance_record,
-    previous_record,
-    prunable_heads,
-    role_events,
-)
 from lightning_attn.metrics.importance import HeadImportance
+from lightning_attn.plots.head_roles import plot_head_importance, plot_head_timeline
 from lightning_attn.plots.heads import (
     plot_feature_correlations,
     plot_head_evolution,
@@ -57,7 +58,6 @@ from lightning_attn.plots.heads import (
     plot_head_type_scores,
     plot_hsi,
 )
-from lightning_attn.plots.head_roles import plot_head_importance, plot_head_timeline
 from lightning_attn.sinks import publish_figures, publish_json, publish_table
 
 __all__ = ["HeadSpecializationTracker"]
@@ -256,7 +256,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         for name, value in (feature_labels or {}).items():
             label = FeatureLabel(*value)
             if label.expected_sign not in (-1, 0, 1):
-                raise ValueError(f"feature_labels[{name!r}]: expected sign must be -1, 0 or 1, got {label.expected_sign}")
+                raise ValueError(
+                    f"feature_labels[{name!r}]: expected sign must be -1, 0 or 1, got {label.expected_sign}"
+                )
             self.feature_labels[name] = label
         self.summary = summary
         self.hsi_threshold = float(hsi_threshold)
@@ -291,8 +293,9 @@ class HeadSpecializationTracker(EvaluationCallback):
     @property
     def state_key(self) -> str:
         # no features: a resume with other features finds its state and says why it drops the history
-        return self._generate_state_key(stages=list(self.stages), include=self.include, exclude=self.exclude,
-                                        **self._name_in_state_key())
+        return self._generate_state_key(
+            stages=list(self.stages), include=self.include, exclude=self.exclude, **self._name_in_state_key()
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The per-epoch history (plain Python values) and the features it was computed with, so that a resumed
@@ -304,10 +307,12 @@ class HeadSpecializationTracker(EvaluationCallback):
         saved = state_dict.get("features", sorted(self.features))
         if saved != sorted(self.features):
             records = len(state_dict.get("history", []))
-            rank_zero_warn(f"HeadSpecializationTracker: the checkpoint's history was computed with features {saved}, "
-                           f"this run has {sorted(self.features)}: its correlations, HSI and labels do not compare, so "
-                           f"the history of {records} record(s) was dropped and starts again here",
-                           category=UserWarning)
+            rank_zero_warn(
+                f"HeadSpecializationTracker: the checkpoint's history was computed with features {saved}, "
+                f"this run has {sorted(self.features)}: its correlations, HSI and labels do not compare, so "
+                f"the history of {records} record(s) was dropped and starts again here",
+                category=UserWarning,
+            )
             self._history = []
             return
         self._history = [dict(record) for record in state_dict.get("history", [])]
@@ -321,7 +326,8 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every evaluated epoch's analysed record, oldest first: ``stage``, ``epoch``, ``global_step``, ``sites``, ``rows``,
+        """Every evaluated epoch's analysed record, oldest first: ``stage``, ``epoch``, ``global_step``, ``sites``,
+        ``rows``,
         ``statistics``, ``type_scores``, ``correlations``, ``hsi``, ``primary_feature``, ``correlation``,
         ``types``, ``labels``, ``descriptions``, ``clusters`` (per site, per head lists; NaN where undefined)."""
         return self._history
@@ -344,7 +350,8 @@ class HeadSpecializationTracker(EvaluationCallback):
         """
         records = self.history_for(stage)
         if not records:
-            raise LookupError(f"no head-specialization record for stage {stage!r} yet (have {sorted({r['stage'] for r in self._history})})")
+            have = sorted({r["stage"] for r in self._history})
+            raise LookupError(f"no head-specialization record for stage {stage!r} yet (have {have})")
         registry = build_registry(
             records[-1],
             hsi_threshold=self.hsi_threshold,
@@ -389,7 +396,15 @@ class HeadSpecializationTracker(EvaluationCallback):
             if metric_stage == stage:
                 importance.reset()
 
-    def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         self._close_recorder()
         device = pl_module.device
         self._target = self._metrics_for(stage, dataloader_idx, device)
@@ -397,7 +412,16 @@ class HeadSpecializationTracker(EvaluationCallback):
         self._context = self._batch_context(batch, device, probe)
         self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
 
-    def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         self._close_recorder()
         if self.head_importance:
             importance = self._importance.setdefault((stage, dataloader_idx), HeadImportance()).to(pl_module.device)
@@ -453,8 +477,9 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_recorder()
-        used = {index for (key_stage, index), metrics in self._metrics.items()
-                if key_stage == stage and metrics.updated}
+        used = {
+            index for (key_stage, index), metrics in self._metrics.items() if key_stage == stage and metrics.updated
+        }
         for dataloader_idx in used_on_any_rank(used):
             metrics = self._metrics_for(stage, dataloader_idx, pl_module.device)
             entry = metrics.compute(self.redundancy_threshold)  # a collective: every rank
@@ -463,7 +488,9 @@ class HeadSpecializationTracker(EvaluationCallback):
             redundancy = entry.pop("redundancy", None)
             entry.update(stage=key, epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
             entry["clusters"] = list(redundancy["clusters"]) if redundancy else []
-            analyze_heads(entry, hsi_threshold=self.hsi_threshold, thresholds=self.thresholds, feature_labels=self.feature_labels)
+            analyze_heads(
+                entry, hsi_threshold=self.hsi_threshold, thresholds=self.thresholds, feature_labels=self.feature_labels
+            )
             importance = self._importance.get((stage, dataloader_idx))
             if importance is not None and importance.update_called:
                 entry.update(importance_record(importance.compute(), entry["sites"]))  # a collective: every rank
@@ -479,7 +506,9 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def _record(self, entry: dict[str, Any]) -> None:
         """Append, replacing a record of the same stage and epoch (a re-run epoch, a resumed run)."""
-        self._history = [r for r in self._history if not (r["stage"] == entry["stage"] and r["epoch"] == entry["epoch"])]
+        self._history = [
+            r for r in self._history if not (r["stage"] == entry["stage"] and r["epoch"] == entry["epoch"])
+        ]
         self._history.append(entry)
 
     def _scalars(self, entry: dict[str, Any]) -> dict[str, float]:
@@ -517,11 +546,26 @@ class HeadSpecializationTracker(EvaluationCallback):
             registry = self.registry(key)
             publish_json(trainer, "head_functions", registry, namespace=namespace, save_dir=self.save_dir)
             rows = [
-                [head["id"], head["label"], head["hsi"], head["primary_feature"], head["correlation"], ", ".join(head["types"])]
+                [
+                    head["id"],
+                    head["label"],
+                    head["hsi"],
+                    head["primary_feature"],
+                    head["correlation"],
+                    ", ".join(head["types"]),
+                ]
                 for layer in registry["layers"]
                 for head in layer["heads"]
             ]
-            publish_table(trainer, "registry", ["head", "label", "hsi", "primary_feature", "correlation", "types"], rows, namespace=namespace, step=step, save_dir=self.save_dir)
+            publish_table(
+                trainer,
+                "registry",
+                ["head", "label", "hsi", "primary_feature", "correlation", "types"],
+                rows,
+                namespace=namespace,
+                step=step,
+                save_dir=self.save_dir,
+            )
         tables: dict[str, tuple[Sequence[str], list[list[Any]]]] = {}
         tables["role_events"] = (EVENT_COLUMNS, event_rows(entry["events"]))
         if "importance" in entry:
@@ -529,7 +573,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         for name, (columns, table_rows) in tables.items():
             publish_table(trainer, name, columns, table_rows, namespace=namespace, step=step, save_dir=self.save_dir)
         if self.log_figures:
-            publish_figures(trainer, self.figures(key, redundancy), namespace=namespace, step=step, save_dir=self.save_dir)
+            publish_figures(
+                trainer, self.figures(key, redundancy), namespace=namespace, step=step, save_dir=self.save_dir
+            )
 
     def figures(self, stage: str = "val", redundancy: dict[str, Any] | None = None) -> dict[str, Figure]:
         """The figures of the latest record of ``stage`` (``matplotlib.figure.Figure``, no pyplot): ``hsi`` and
@@ -546,17 +592,38 @@ class HeadSpecializationTracker(EvaluationCallback):
         figures: dict[str, Figure] = {}
         title = f"{stage}, epoch {entry['epoch']}"
         if self.features:
-            figures["hsi"] = plot_hsi(per_head(entry["hsi"]), heads, per_head(entry["labels"]), self.hsi_threshold, title=f"Head Specialization Index ({title})")
-            matrix = [[entry["correlations"][site][f][h] for f in self.features] for site in sites for h in range(len(entry["hsi"][site]))]
-            figures["feature_correlation"] = plot_feature_correlations(matrix, heads, list(self.features), title=f"Head x feature correlation ({title})")
+            figures["hsi"] = plot_hsi(
+                per_head(entry["hsi"]),
+                heads,
+                per_head(entry["labels"]),
+                self.hsi_threshold,
+                title=f"Head Specialization Index ({title})",
+            )
+            matrix = [
+                [entry["correlations"][site][f][h] for f in self.features]
+                for site in sites
+                for h in range(len(entry["hsi"][site]))
+            ]
+            figures["feature_correlation"] = plot_feature_correlations(
+                matrix, heads, list(self.features), title=f"Head x feature correlation ({title})"
+            )
         width = max(s["num_heads"] for s in entry["sites"])
         scores = {}
         for name in (*TYPE_SCORES, "sink", "broad"):
-            table = [list(entry["type_scores"][site][name]) + [math.nan] * (width - len(entry["type_scores"][site][name])) for site in sites]
+            table = [
+                list(entry["type_scores"][site][name]) + [math.nan] * (width - len(entry["type_scores"][site][name]))
+                for site in sites
+            ]
             scores[name] = table
         figures["type_scores"] = plot_head_type_scores(scores, sites, title=f"Head-type scores ({title})")
         if redundancy is not None:
-            figures["redundancy"] = plot_head_redundancy(redundancy["distance"], redundancy["heads"], redundancy["clusters"], self.redundancy_threshold, title=f"Head redundancy, JS divergence ({title})")
+            figures["redundancy"] = plot_head_redundancy(
+                redundancy["distance"],
+                redundancy["heads"],
+                redundancy["clusters"],
+                self.redundancy_threshold,
+                title=f"Head redundancy, JS divergence ({title})",
+            )
         ordered = sorted(records, key=lambda r: r["epoch"])
         epochs = [r["epoch"] for r in ordered]
         series = {"entropy": [self._flat(r, heads, "entropy") for r in ordered]}
@@ -590,5 +657,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(stages={list(self.stages)}, features={list(self.features)}, every_n_epochs={self.every_n_epochs})"
-
+        return (
+            f"{type(self).__name__}(stages={list(self.stages)}, features={list(self.features)}, "
+            f"every_n_epochs={self.every_n_epochs})"
+        )

@@ -11,12 +11,25 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_attn.callbacks.base import Stage, StreamingCallback, check_min, close_recorder, open_recorder, probe_batch
+from lightning_attn.callbacks.base import (
+    Stage,
+    StreamingCallback,
+    check_min,
+    close_recorder,
+    open_recorder,
+    probe_batch,
+)
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.attention import key_mask_for
-from lightning_attn.metrics.probes import ProbeResults, ProbeSamples, ProbeStatistics, activation_view, top_weight_positions
+from lightning_attn.metrics.probes import (
+    ProbeResults,
+    ProbeSamples,
+    ProbeStatistics,
+    activation_view,
+    top_weight_positions,
+)
 from lightning_attn.plots import attention as attention_plots
 from lightning_attn.plots import probes as plots
 
@@ -87,7 +100,8 @@ class ModuleProbe(StreamingCallback):
     probe, the weights over time (``<probe>/over_time``: mean and std across samples per head, the probe samples'
     own lines), the attention measures (``<probe>/statistics``: bars per site and head, error bars std over
     samples) and the top positions (``<probe>/top_positions``); the per-head histograms (``histograms``); a
-    summary table; and always the JSON file ``<stage>_epoch<E>.json``. ``callback.results[<stage>]`` holds the last epoch's
+    summary table; and always the JSON file ``<stage>_epoch<E>.json``. ``callback.results[<stage>]`` holds the last
+    epoch's
     :class:`~lightning_attn.metrics.probes.ProbeResults` (probe samples' outputs under ``samples``).
 
     Probe samples are the AttentionLogger's: the first ``probe_samples`` samples of the first batch of
@@ -188,8 +202,9 @@ class ModuleProbe(StreamingCallback):
     # -- identity and checkpoints ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, probes=sorted(self.probes.items()),
-                                        **self._name_in_state_key())
+        return self._generate_state_key(
+            stages=self.stages, probes=sorted(self.probes.items()), **self._name_in_state_key()
+        )
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -218,8 +233,9 @@ class ModuleProbe(StreamingCallback):
         return 2
 
     def _new_state(self) -> ProbeStatistics:
-        return ProbeStatistics(self.saturation_threshold, self.sparsity_threshold, self.histogram_bins, self.max_positions,
-                               self.chunk_size)
+        return ProbeStatistics(
+            self.saturation_threshold, self.sparsity_threshold, self.histogram_bins, self.max_positions, self.chunk_size
+        )
 
     # -- hooks -----------------------------------------------------------------------------------------
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -229,7 +245,15 @@ class ModuleProbe(StreamingCallback):
         self._hooks = ModuleHooks(pl_module, self.specs, self._on_output).attach()
         self._probe_sites = {name: list(sites) for name, sites in self._hooks.sites.items()}
 
-    def eval_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         if not self._sampled(batch_idx):
             return
         self._close_batch()
@@ -246,7 +270,16 @@ class ModuleProbe(StreamingCallback):
         if self.histogram_sites:
             self._recorder = open_recorder(pl_module, self._on_capture, self.histogram_sites)
 
-    def eval_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+    def eval_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         self._close_batch()
 
     def eval_abort(self) -> None:
@@ -299,21 +332,36 @@ class ModuleProbe(StreamingCallback):
         self._samples = None
         analysed = bool(self._used)
         self._finish_epoch(
-            trainer, pl_module, stage,
-            compute=lambda statistics, key, dataloader_idx: self._compute(statistics, key, trainer, samples if dataloader_idx == 0 else {}),
+            trainer,
+            pl_module,
+            stage,
+            compute=lambda statistics, key, dataloader_idx: self._compute(
+                statistics, key, trainer, samples if dataloader_idx == 0 else {}
+            ),
             publish=lambda results, _: self._publish(trainer, results),
         )
         if self.histogram_sites and analysed and not self._attention_sites and not self._warned_histograms:
             self._warned_histograms = True
-            warnings.warn(f"ModuleProbe: histogram_sites {self.histogram_sites} matched no attention site of "
-                          f"{type(pl_module).__name__}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"ModuleProbe: histogram_sites {self.histogram_sites} matched no attention site of "
+                f"{type(pl_module).__name__}",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # -- epoch end -------------------------------------------------------------------------------------
-    def _compute(self, statistics: ProbeStatistics, key: str, trainer: pl.Trainer, samples: dict[str, Tensor]) -> ProbeResults:
+    def _compute(
+        self, statistics: ProbeStatistics, key: str, trainer: pl.Trainer, samples: dict[str, Tensor]
+    ) -> ProbeResults:
         activations, weights, positions, histograms = statistics.compute()
-        weights = {site: type(s)(mean={n: v.detach().to("cpu", torch.float64) for n, v in s.mean.items()},
-                                 std={n: v.detach().to("cpu", torch.float64) for n, v in s.std.items()},
-                                 rows=s.rows.detach().to("cpu", torch.float64)) for site, s in weights.items()}
+        weights = {
+            site: type(s)(
+                mean={n: v.detach().to("cpu", torch.float64) for n, v in s.mean.items()},
+                std={n: v.detach().to("cpu", torch.float64) for n, v in s.std.items()},
+                rows=s.rows.detach().to("cpu", torch.float64),
+            )
+            for site, s in weights.items()
+        }
         top = {}
         for site in weights:
             received = positions[site][0].detach().to("cpu", torch.float64)
@@ -322,8 +370,10 @@ class ModuleProbe(StreamingCallback):
             stage=key,
             epoch=int(trainer.current_epoch),
             global_step=int(trainer.global_step),
-            probes={name: {"pattern": pattern, "kind": kind, "sites": list(self._probe_sites.get(name, []))}
-                    for name, (pattern, kind) in self.probes.items()},
+            probes={
+                name: {"pattern": pattern, "kind": kind, "sites": list(self._probe_sites.get(name, []))}
+                for name, (pattern, kind) in self.probes.items()
+            },
             activations=activations,
             weights=weights,
             top_positions=top,
@@ -342,9 +392,14 @@ class ModuleProbe(StreamingCallback):
         for site, summary in results.activations.items():
             if site in results.weights:
                 continue
-            values.update({f"{prefix}/{site}/mean": summary.mean, f"{prefix}/{site}/std": summary.std,
-                           f"{prefix}/{site}/saturation_low": summary.saturation_low,
-                           f"{prefix}/{site}/saturation_high": summary.saturation_high})
+            values.update(
+                {
+                    f"{prefix}/{site}/mean": summary.mean,
+                    f"{prefix}/{site}/std": summary.std,
+                    f"{prefix}/{site}/saturation_low": summary.saturation_low,
+                    f"{prefix}/{site}/saturation_high": summary.saturation_high,
+                }
+            )
         for site, stats in results.weights.items():
             for name, per_head in stats.mean.items():
                 values[f"{prefix}/{site}/{name}"] = float(per_head.mean())
@@ -353,13 +408,17 @@ class ModuleProbe(StreamingCallback):
     # -- publishing (rank zero) ------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, results: ProbeResults) -> None:
         statistic_names = list(next(iter(results.weights.values())).mean) if results.weights else []
-        columns = ["probe", "site", "kind", "mean", "std", "saturation_low", "saturation_high"] + statistic_names
+        columns = ["probe", "site", "kind", "mean", "std", "saturation_low", "saturation_high", *statistic_names]
         rows = []
         for site in dict.fromkeys([*results.activations, *results.weights]):
             kind = results.kind(site)
             summary = results.activations.get(site)
             row: list[Any] = [self._site_probe.get(site, ""), site, kind]
-            row += [summary.mean, summary.std, summary.saturation_low, summary.saturation_high] if summary is not None and kind == "activation" else [None] * 4
+            row += (
+                [summary.mean, summary.std, summary.saturation_low, summary.saturation_high]
+                if summary is not None and kind == "activation"
+                else [None] * 4
+            )
             stats = results.weights.get(site)
             row += [float(stats.mean[n].mean()) if stats is not None else None for n in statistic_names]
             rows.append(row)
@@ -381,21 +440,33 @@ class ModuleProbe(StreamingCallback):
         histogram_sites = self._figure_sites(list(results.histograms))
         if histogram_sites:
             figures[f"{key}/histograms"] = plots.plot_weight_histograms(
-                {s: results.histograms[s] for s in histogram_sites}, results.histogram_edges,
+                {s: results.histograms[s] for s in histogram_sites},
+                results.histogram_edges,
                 title=f"Per-head histograms of attention weights ({key}, {epoch})",
             )
         return figures
 
-    def _activation_figures(self, figures: dict[str, Figure], results: ProbeResults, probe: str, sites: list[str],
-                            sample_titles: list[str], when: str) -> None:
+    def _activation_figures(
+        self,
+        figures: dict[str, Figure],
+        results: ProbeResults,
+        probe: str,
+        sites: list[str],
+        sample_titles: list[str],
+        when: str,
+    ) -> None:
         summaries = {s: results.activations[s] for s in sites}
         length = max(int(s.position_mean.numel()) for s in summaries.values())
         unit = all(_within_unit(s.position_mean) for s in summaries.values()) and all(
-            _within_unit(results.samples[s]) for s in sites if s in results.samples)
+            _within_unit(results.samples[s]) for s in sites if s in results.samples
+        )
         figures[f"{results.stage}/{probe}/over_time"] = plots.plot_over_time(
-            {s: v.position_mean for s, v in summaries.items()}, {s: v.position_std for s, v in summaries.items()},
-            position_labels=self._labels(length), ylabel=f"{probe}: mean over samples and channels",
-            ylim=(0.0, 1.0) if unit else None, title=f"{probe}: mean over time per site ({when}; band: std)",
+            {s: v.position_mean for s, v in summaries.items()},
+            {s: v.position_std for s, v in summaries.items()},
+            position_labels=self._labels(length),
+            ylabel=f"{probe}: mean over samples and channels",
+            ylim=(0.0, 1.0) if unit else None,
+            title=f"{probe}: mean over time per site ({when}; band: std)",
         )
         maps, labels = {}, {}
         for site in sites:
@@ -409,13 +480,24 @@ class ModuleProbe(StreamingCallback):
         if maps:
             length = max(int(m.shape[-1]) for m in maps.values())
             figures[f"{results.stage}/{probe}/heatmap"] = plots.plot_channel_heatmaps(
-                maps, channel_labels=labels, position_labels=self._labels(length), sample_titles=sample_titles,
-                vmin=0.0 if unit else None, vmax=1.0 if unit else None,
+                maps,
+                channel_labels=labels,
+                position_labels=self._labels(length),
+                sample_titles=sample_titles,
+                vmin=0.0 if unit else None,
+                vmax=1.0 if unit else None,
                 title=f"{probe} over time, the {max(len(v) for v in labels.values())} channels of largest std ({when})",
             )
 
-    def _weights_figures(self, figures: dict[str, Figure], results: ProbeResults, probe: str, sites: list[str],
-                         sample_titles: list[str], when: str) -> None:
+    def _weights_figures(
+        self,
+        figures: dict[str, Figure],
+        results: ProbeResults,
+        probe: str,
+        sites: list[str],
+        sample_titles: list[str],
+        when: str,
+    ) -> None:
         means, stds, samples = {}, {}, {}
         for site in sites:
             summary = results.activations.get(site)
@@ -432,18 +514,25 @@ class ModuleProbe(StreamingCallback):
         if means:
             length = max(int(m.numel()) for m in means.values())
             figures[f"{results.stage}/{probe}/over_time"] = plots.plot_weights_over_time(
-                means, stds, samples, position_labels=self._labels(length), sample_titles=sample_titles,
+                means,
+                stds,
+                samples,
+                position_labels=self._labels(length),
+                sample_titles=sample_titles,
                 title=f"{probe}: weights over positions ({when}; band: std across samples)",
             )
         stats = {s: results.weights[s] for s in sites}
         figures[f"{results.stage}/{probe}/statistics"] = plots.plot_weight_statistics(
-            {s: v.mean for s, v in stats.items()}, {s: v.std for s, v in stats.items()},
+            {s: v.mean for s, v in stats.items()},
+            {s: v.std for s, v in stats.items()},
             labels={"distance": "distance (mean position)", "first_token": "first_token (weight on pos. 0)"},
-            title=f"{probe}: attention measures of the weights ({when}; error bars: std over samples)")
+            title=f"{probe}: attention measures of the weights ({when}; error bars: std over samples)",
+        )
         top = {s: results.top_positions[s] for s in sites if results.top_positions.get(s)}
         if top:
             figures[f"{results.stage}/{probe}/top_positions"] = attention_plots.plot_top_positions(
-                top, title=f"{probe}: top positions ({when})", xlabel="mean weight")
+                top, title=f"{probe}: top positions ({when})", xlabel="mean weight"
+            )
 
 
 def batch_mask(batch: Any, key: str | int) -> Tensor:
@@ -457,8 +546,10 @@ def batch_mask(batch: Any, key: str | int) -> Tensor:
     else:
         raise KeyError(f"ModuleProbe: mask_key {key!r} does not select an element of a {type(batch).__name__} batch")
     if not isinstance(mask, Tensor) or mask.dim() != 2:
-        raise ValueError(f"ModuleProbe: mask_key {key!r} must select a [batch, positions] tensor, got "
-                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        raise ValueError(
+            f"ModuleProbe: mask_key {key!r} must select a [batch, positions] tensor, got "
+            f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+        )
     return mask.bool()
 
 

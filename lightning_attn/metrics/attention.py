@@ -100,9 +100,13 @@ def key_mask_for(attention: AttentionCapture | Tensor, probs_chunk: Tensor) -> T
     probability counts as masked. (A key whose probability underflowed to 0 in float32, a logit gap above
     ~100, is then treated as masked too: it changes entropy normalization and sparsity of such rows only.)
     """
-    if isinstance(attention, AttentionCapture) and attention.weights is None:
-        if attention.attn_mask is None and not attention.is_causal:
-            return None
+    if (
+        isinstance(attention, AttentionCapture)
+        and attention.weights is None
+        and attention.attn_mask is None
+        and not attention.is_causal
+    ):
+        return None
     return probs_chunk > 0
 
 
@@ -251,7 +255,13 @@ class AttentionStatistics(SiteSums):
     def _state(self, site: str, num_heads: int, device: torch.device) -> Tensor:
         return self._site_state(site, (2 * len(self.names) + 1, num_heads), device, size=num_heads)
 
-    def update(self, site: str, attention: AttentionCapture | Tensor, query_offset: int = 0, key_mask: Tensor | None | bool = True) -> None:
+    def update(
+        self,
+        site: str,
+        attention: AttentionCapture | Tensor,
+        query_offset: int = 0,
+        key_mask: Tensor | bool | None = True,
+    ) -> None:
         """Add the rows of one map, one capture, or one query chunk of a map.
 
         Args:
@@ -278,12 +288,14 @@ class AttentionStatistics(SiteSums):
             mask = key_mask_for(probs, probs) if key_mask is True else key_mask
             self._update_chunk(site, probs, query_offset, mask)
 
-    def _update_chunk(self, site: str, probs: Tensor, query_offset: int, key_mask: Tensor | None | bool) -> None:
+    def _update_chunk(self, site: str, probs: Tensor, query_offset: int, key_mask: Tensor | bool | None) -> None:
         state = self._state(site, probs.shape[1], probs.device)
         values = []
         for name in self.names:
             reducer = self.reducers[name]
-            value = reducer(probs, query_offset, key_mask=key_mask) if self._masked[name] else reducer(probs, query_offset)
+            value = (
+                reducer(probs, query_offset, key_mask=key_mask) if self._masked[name] else reducer(probs, query_offset)
+            )
             values.append(value)
         stacked = torch.stack(values).to(state.dtype)  # [R, B, H, q]
         if isinstance(key_mask, Tensor):
@@ -291,7 +303,9 @@ class AttentionStatistics(SiteSums):
             stacked = stacked * valid
             rows = valid.sum((0, 2))[None]
         else:
-            rows = torch.full((1, probs.shape[1]), probs.shape[0] * probs.shape[2], dtype=state.dtype, device=state.device)
+            rows = torch.full(
+                (1, probs.shape[1]), probs.shape[0] * probs.shape[2], dtype=state.dtype, device=state.device
+            )
         sums = stacked.sum((1, 3))
         squares = stacked.square().sum((1, 3))
         state += torch.cat([sums, squares, rows])
@@ -348,7 +362,14 @@ class AttentionPositions(SiteSums):
         self.site_info.setdefault(site, {"kind": kind})
         return self._site_state(site, (4, self.max_positions), device)
 
-    def update(self, site: str, probs: Tensor, query_offset: int = 0, self_attention: bool = True, row_valid: Tensor | None = None) -> None:
+    def update(
+        self,
+        site: str,
+        probs: Tensor,
+        query_offset: int = 0,
+        self_attention: bool = True,
+        row_valid: Tensor | None = None,
+    ) -> None:
         """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``.
 
         ``row_valid`` (``[B, H, q]`` bool) leaves rows without a valid key out; ``None`` counts every row.
@@ -415,7 +436,9 @@ class ModalityAgreement(SiteSums):
         """Add the samples of one batch: ``a_to_b`` ``[B, La, Lb]``, ``b_to_a`` ``[B, Lb, La]`` (heads averaged)."""
         state = self._site_state(pair, (2,), a_to_b.device, prefix="pair")
         agreement = modality_agreement(a_to_b, b_to_a).to(state.dtype)  # [B]
-        state += torch.stack([agreement.sum(), torch.full((), agreement.numel(), dtype=state.dtype, device=state.device)])
+        state += torch.stack(
+            [agreement.sum(), torch.full((), agreement.numel(), dtype=state.dtype, device=state.device)]
+        )
 
     def compute(self) -> dict[str, Tensor]:
         """``{pair: mean agreement}`` (NaN for a pair with no sample)."""
@@ -577,7 +600,10 @@ class ProbeMaps:
                 index = torch.arange(length) * self.max_tokens // length
                 counts = torch.bincount(index, minlength=self.max_tokens).to(torch.float32)
                 pooled = rollout.new_zeros(rollout.shape[0], length, self.max_tokens).index_add_(-1, index, rollout)
-                rollout = pooled.new_zeros(rollout.shape[0], self.max_tokens, self.max_tokens).index_add_(1, index, pooled) / counts[:, None]
+                rollout = (
+                    pooled.new_zeros(rollout.shape[0], self.max_tokens, self.max_tokens).index_add_(1, index, pooled)
+                    / counts[:, None]
+                )
         return {
             "mean": mean,
             "heads": heads,

@@ -35,6 +35,7 @@ from torchmetrics import Metric
 
 from lightning_attn.capture.record import AttentionCapture, as_bhqk
 from lightning_attn.functional.attention import diagonal_mass, local_window_mass, normalized_entropy
+from lightning_attn.metrics._sites import SiteSums
 from lightning_attn.metrics.attention import (
     AttentionStatistics,
     DistanceReducer,
@@ -42,13 +43,13 @@ from lightning_attn.metrics.attention import (
     FirstTokenReducer,
     key_mask_for,
 )
-from lightning_attn.metrics._sites import SiteSums
 
 __all__ = [
     "DEFAULT_FEATURE_LABELS",
     "GENERAL_LABEL",
     "HEAD_STATISTICS",
     "HEAD_TYPES",
+    "REGISTRY_SCHEMA_PATH",
     "STRUCTURAL_LABELS",
     "TYPE_SCORES",
     "BatchContext",
@@ -58,13 +59,12 @@ __all__ = [
     "FeatureLabel",
     "HeadSpecializationMetrics",
     "HeadTypeScores",
-    "REGISTRY_SCHEMA_PATH",
     "LocalWindowReducer",
     "ProbeHeadMaps",
     "analyze_heads",
+    "as_device_tensor",
     "build_registry",
     "connected_clusters",
-    "as_device_tensor",
     "head_statistics_reducers",
     "lookup",
     "pairwise_js_distance",
@@ -76,7 +76,16 @@ __all__ = [
 
 
 #: Per-head row statistics, in logging order (see :func:`head_statistics_reducers`).
-HEAD_STATISTICS: tuple[str, ...] = ("entropy", "confidence", "distance", "first_token", "self", "previous", "next", "local")
+HEAD_STATISTICS: tuple[str, ...] = (
+    "entropy",
+    "confidence",
+    "distance",
+    "first_token",
+    "self",
+    "previous",
+    "next",
+    "local",
+)
 
 #: Pattern scores streamed by :class:`HeadTypeScores`.
 TYPE_SCORES: tuple[str, ...] = ("previous_token", "duplicate_token", "induction")
@@ -86,7 +95,10 @@ HEAD_TYPES: tuple[str, ...] = ("induction", "duplicate_token", "previous_token",
 
 #: ``type -> (label, description)`` of the structural labels.
 STRUCTURAL_LABELS: dict[str, tuple[str, str]] = {
-    "induction": ("Induction head", "Attends to the token right after an earlier occurrence of the current token (A B ... A -> B)"),
+    "induction": (
+        "Induction head",
+        "Attends to the token right after an earlier occurrence of the current token (A B ... A -> B)",
+    ),
     "duplicate_token": ("Duplicate-token head", "Attends to earlier occurrences of the current token"),
     "previous_token": ("Previous-token head", "Attends to the immediately preceding token"),
     "sink": ("Sink head", "Puts most of its attention on the first token (attention sink / [CLS] / BOS)"),
@@ -233,7 +245,9 @@ def head_statistics_reducers(local_window: int = 2, confidence_exclude_positions
 # -- head-type scores --------------------------------------------------------------------------------------
 
 
-def token_patterns(tokens: Tensor, query_offset: int = 0, num_rows: int | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def token_patterns(
+    tokens: Tensor, query_offset: int = 0, num_rows: int | None = None, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Rows ``query_offset ... query_offset + num_rows`` of the duplicate-token and induction patterns.
 
     Exactly TransformerLens ``head_detector``'s patterns (and
@@ -297,7 +311,15 @@ class HeadTypeScores(SiteSums):
         """The state of ``site`` (created on first sight)."""
         return self._site_state(site, (2, len(TYPE_SCORES), num_heads), device, size=num_heads)
 
-    def update(self, site: str, probs: Tensor, query_offset: int = 0, tokens: Tensor | None = None, row_weight: Tensor | None = None, valid: Tensor | None = None) -> None:
+    def update(
+        self,
+        site: str,
+        probs: Tensor,
+        query_offset: int = 0,
+        tokens: Tensor | None = None,
+        row_weight: Tensor | None = None,
+        valid: Tensor | None = None,
+    ) -> None:
         """Add one square map or query chunk ``[B, H, q, L]`` (rows ``query_offset ...``).
 
         Args:
@@ -306,7 +328,7 @@ class HeadTypeScores(SiteSums):
             valid: ``[B, L]`` bool, True = real token: padding positions never match a token pattern.
         """
         probs = as_bhqk(probs)
-        batch, heads, rows, keys = probs.shape
+        _batch, heads, rows, keys = probs.shape
         state = self.register(site, heads, probs.device)
         attn = probs.float()
         if self.exclude_bos or self.exclude_current_token:
@@ -314,7 +336,9 @@ class HeadTypeScores(SiteSums):
             if self.exclude_bos:
                 drop[:, 0] = True
             if self.exclude_current_token:
-                drop |= (torch.arange(rows, device=probs.device)[:, None] + query_offset) == torch.arange(keys, device=probs.device)
+                drop |= (torch.arange(rows, device=probs.device)[:, None] + query_offset) == torch.arange(
+                    keys, device=probs.device
+                )
             attn = attn.masked_fill(drop, 0)
         weight = None if row_weight is None else row_weight.to(attn.dtype)[:, None, :]  # [B, 1, q]
         total = attn.sum(-1)  # [B, H, q]
@@ -342,7 +366,9 @@ class HeadTypeScores(SiteSums):
         """``{site: [3, H]}`` scores in :data:`TYPE_SCORES` order; NaN where nothing was added."""
         results = {}
         for site, state in self._site_states():
-            results[site] = torch.where(state[1] > 0, state[0] / state[1].clamp_min(torch.finfo(state.dtype).tiny), torch.nan)
+            results[site] = torch.where(
+                state[1] > 0, state[0] / state[1].clamp_min(torch.finfo(state.dtype).tiny), torch.nan
+            )
         return results
 
 
@@ -653,13 +679,27 @@ class HeadSpecializationMetrics:
                 raise ValueError("site is required with a tensor")
             kind = "self" if probs.shape[-1] == probs.shape[-2] else "cross"
             num_heads, num_queries, num_keys = probs.shape[1:]
-            chunks = ((s, probs[:, :, s : s + (self.chunk_size or num_queries)]) for s in range(0, num_queries, self.chunk_size or max(num_queries, 1)))
+            chunks = (
+                (s, probs[:, :, s : s + (self.chunk_size or num_queries)])
+                for s in range(0, num_queries, self.chunk_size or max(num_queries, 1))
+            )
         else:
             info = capture.info
-            site, kind, num_heads, num_queries, num_keys = info.name, info.kind, info.num_heads, info.num_queries, info.num_keys
+            site, kind, num_heads, num_queries, num_keys = (
+                info.name,
+                info.kind,
+                info.num_heads,
+                info.num_queries,
+                info.num_keys,
+            )
             chunks = capture.chunks(self.chunk_size)
         if site not in self.site_info:
-            self.site_info[site] = {"kind": kind, "num_heads": num_heads, "num_queries": num_queries, "num_keys": num_keys}
+            self.site_info[site] = {
+                "kind": kind,
+                "num_heads": num_heads,
+                "num_queries": num_queries,
+                "num_keys": num_keys,
+            }
         square = kind == "self" and num_queries == num_keys
         confidence: ConfidenceReducer = self.reducers["confidence"]
         device = None
@@ -692,7 +732,9 @@ class HeadSpecializationMetrics:
             if square:
                 self.types.update(site, chunk, offset, tokens, row_weight, valid)
             if plan:
-                weight = torch.ones(batch, rows, dtype=torch.float32, device=device) if row_weight is None else row_weight
+                weight = (
+                    torch.ones(batch, rows, dtype=torch.float32, device=device) if row_weight is None else row_weight
+                )
                 count = weight.sum(-1)
                 row_count = count if row_count is None else row_count + count
                 self._summarize(summaries, plan, chunk, offset, weight, key_mask)
@@ -734,7 +776,15 @@ class HeadSpecializationMetrics:
             plan.append((feature, kind, mask))
         return plan
 
-    def _summarize(self, summaries: dict[Any, Tensor], plan: list[tuple[str, str, Tensor | None]], chunk: Tensor, offset: int, weight: Tensor, key_mask: Tensor | None) -> None:
+    def _summarize(
+        self,
+        summaries: dict[Any, Tensor],
+        plan: list[tuple[str, str, Tensor | None]],
+        chunk: Tensor,
+        offset: int,
+        weight: Tensor,
+        key_mask: Tensor | None,
+    ) -> None:
         def add(key: Any, value: Tensor) -> None:
             summaries[key] = value if key not in summaries else summaries[key] + value
 
@@ -769,15 +819,22 @@ class HeadSpecializationMetrics:
         correlations = self.correlation.compute_sites() if self.correlation is not None else {}
         entry: dict[str, Any] = {"sites": [], "rows": {}, "statistics": {}, "type_scores": {}, "correlations": {}}
         for site, stats in statistics.items():
-            info = self.site_info.get(site, {"kind": "self", "num_heads": self.statistics.sites[site], "num_queries": None, "num_keys": None})
+            info = self.site_info.get(
+                site, {"kind": "self", "num_heads": self.statistics.sites[site], "num_queries": None, "num_keys": None}
+            )
             entry["sites"].append({"name": site, **info})
             entry["rows"][site] = _floats(stats.rows)
             entry["statistics"][site] = {name: _floats(stats.mean[name]) for name in HEAD_STATISTICS}
             heads = self.statistics.sites[site]
             scores = types.get(site)
-            entry["type_scores"][site] = {name: _floats(scores[i]) if scores is not None else [math.nan] * heads for i, name in enumerate(TYPE_SCORES)}
+            entry["type_scores"][site] = {
+                name: _floats(scores[i]) if scores is not None else [math.nan] * heads
+                for i, name in enumerate(TYPE_SCORES)
+            }
             corr = correlations.get(site)
-            entry["correlations"][site] = {f: _floats(corr[i]) if corr is not None else [math.nan] * heads for i, f in enumerate(self.features)}
+            entry["correlations"][site] = {
+                f: _floats(corr[i]) if corr is not None else [math.nan] * heads for i, f in enumerate(self.features)
+            }
         if self.probe is not None:
             redundancy = self.probe.redundancy(threshold)
             ids = [f"{site}/h{h}" for site, h in redundancy["heads"]]
@@ -851,7 +908,9 @@ def analyze_heads(
                 hsi, corr = abs(defined[primary]), defined[primary]
             else:
                 primary, hsi, corr = None, None, None
-            types = [t for t in HEAD_TYPES if t in thresholds and _finite(scores[t][h]) and scores[t][h] >= thresholds[t]]
+            types = [
+                t for t in HEAD_TYPES if t in thresholds and _finite(scores[t][h]) and scores[t][h] >= thresholds[t]
+            ]
             if hsi is not None and primary is not None and hsi >= hsi_threshold:
                 label, description = _feature_label(primary, corr, labels_by_feature.get(primary))
             elif types:
@@ -875,7 +934,11 @@ def _feature_label(feature: str, correlation: float, known: FeatureLabel | None)
         title = feature.replace("_", " ").strip().title() or feature
         return f"{title} Head", f"Attention tracks {feature} (r {sign})"
     if known.expected_sign and (correlation >= 0) != (known.expected_sign > 0):
-        return f"{known.label} (inverted)", f"{known.description}; here inverted: correlation with {feature} is {sign}, expected {'+' if known.expected_sign > 0 else '-'}"
+        return (
+            f"{known.label} (inverted)",
+            f"{known.description}; here inverted: correlation with {feature} is {sign}, "
+            f"expected {'+' if known.expected_sign > 0 else '-'}",
+        )
     return known.label, known.description
 
 
@@ -932,22 +995,32 @@ def build_registry(
         for h in range(site_info["num_heads"]):
             head_id = f"{site}/h{h}"
             hsi = entry["hsi"][site][h]
-            heads.append({
-                "id": head_id,
-                "head": h,
-                "label": entry["labels"][site][h],
-                "description": entry["descriptions"][site][h],
-                "hsi": hsi,
-                "specialization": specialization_level(hsi),
-                "primary_feature": entry["primary_feature"][site][h],
-                "correlation": entry["correlation"][site][h],
-                "correlations": {f: values[h] for f, values in entry["correlations"].get(site, {}).items()},
-                "type_scores": {t: entry["type_scores"][site][t][h] for t in (*TYPE_SCORES, "sink", "broad")},
-                "types": list(entry["types"][site][h]),
-                "statistics": {s: values[h] for s, values in entry["statistics"][site].items()},
-                "redundant_with": partners.get(head_id, []),
-            })
-        layers.append({"layer": index, "site": site, "kind": site_info["kind"], "num_heads": site_info["num_heads"], "heads": heads})
+            heads.append(
+                {
+                    "id": head_id,
+                    "head": h,
+                    "label": entry["labels"][site][h],
+                    "description": entry["descriptions"][site][h],
+                    "hsi": hsi,
+                    "specialization": specialization_level(hsi),
+                    "primary_feature": entry["primary_feature"][site][h],
+                    "correlation": entry["correlation"][site][h],
+                    "correlations": {f: values[h] for f, values in entry["correlations"].get(site, {}).items()},
+                    "type_scores": {t: entry["type_scores"][site][t][h] for t in (*TYPE_SCORES, "sink", "broad")},
+                    "types": list(entry["types"][site][h]),
+                    "statistics": {s: values[h] for s, values in entry["statistics"][site].items()},
+                    "redundant_with": partners.get(head_id, []),
+                }
+            )
+        layers.append(
+            {
+                "layer": index,
+                "site": site,
+                "kind": site_info["kind"],
+                "num_heads": site_info["num_heads"],
+                "heads": heads,
+            }
+        )
     registry = {
         "schema_version": REGISTRY_SCHEMA_VERSION,
         "generator": "lightning_attn.HeadSpecializationTracker",
@@ -958,8 +1031,15 @@ def build_registry(
         "hsi_threshold": hsi_threshold,
         "thresholds": dict(thresholds),
         "features": {
-            f: ({"label": labels_by_feature[f].label, "description": labels_by_feature[f].description, "expected_sign": labels_by_feature[f].expected_sign}
-                if f in labels_by_feature else {"label": None, "description": None, "expected_sign": 0})
+            f: (
+                {
+                    "label": labels_by_feature[f].label,
+                    "description": labels_by_feature[f].description,
+                    "expected_sign": labels_by_feature[f].expected_sign,
+                }
+                if f in labels_by_feature
+                else {"label": None, "description": None, "expected_sign": 0}
+            )
             for f in features
         },
         "layers": layers,
@@ -996,4 +1076,3 @@ def as_device_tensor(value: Any, device: torch.device, dtype: torch.dtype | None
     if value.device != device:
         value = value.to(device, non_blocking=True)
     return value if dtype is None else value.to(dtype)
-

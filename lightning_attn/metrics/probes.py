@@ -35,6 +35,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_attn.capture.record import as_bhqk
+from lightning_attn.metrics._sites import SiteSums
 from lightning_attn.metrics.attention import (
     AttentionPositions,
     AttentionStatistics,
@@ -42,7 +43,6 @@ from lightning_attn.metrics.attention import (
     default_reducers,
     key_mask_for,
 )
-from lightning_attn.metrics._sites import SiteSums
 
 __all__ = [
     "ActivationStatistics",
@@ -142,8 +142,11 @@ class ActivationSummary:
         return self.saturation_low + self.saturation_high
 
     def to_dict(self) -> dict[str, Any]:
-        joint = {} if self.joint_mean is None or self.joint_std is None else {
-            "position_channel_mean": self.joint_mean.tolist(), "position_channel_std": self.joint_std.tolist()}
+        joint = (
+            {}
+            if self.joint_mean is None or self.joint_std is None
+            else {"position_channel_mean": self.joint_mean.tolist(), "position_channel_std": self.joint_std.tolist()}
+        )
         return {
             "mean": self.mean,
             "std": self.std,
@@ -169,7 +172,12 @@ def _moments(state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     saturated = (state[_LOW] + state[_HIGH]) / safe
     nan = torch.tensor(math.nan, dtype=state.dtype, device=state.device)
     seen = count > 0
-    return torch.where(seen, mean, nan), torch.where(seen, variance.sqrt(), nan), count, torch.where(seen, saturated, nan)
+    return (
+        torch.where(seen, mean, nan),
+        torch.where(seen, variance.sqrt(), nan),
+        count,
+        torch.where(seen, saturated, nan),
+    )
 
 
 class ActivationStatistics(SiteSums):
@@ -180,7 +188,8 @@ class ActivationStatistics(SiteSums):
     (over samples and channels) in one ``[5, max_positions]`` state and per channel (over samples and positions)
     in one ``[5, C]`` state. Each batch is reduced in float32 and accumulated in float64. The standard deviation is
     the population one, ``sqrt(E[x^2] - E[x]^2)``: accurate to ~1e-6 for bounded activations such as gates; for
-    values whose mean dwarfs their spread (``|mean| / std`` beyond ~1e3) it loses digits. Positions at or beyond ``max_positions`` enter the per-channel state only.
+    values whose mean dwarfs their spread (``|mean| / std`` beyond ~1e3) it loses digits. Positions at or beyond
+    ``max_positions`` enter the per-channel state only.
     A site updated with ``joint=True`` also gets a ``[3, max_positions, C]`` state (sum, sum of squares, count per
     position and channel, over samples): meant for few channels, such as the heads of a pooling distribution.
 
@@ -199,10 +208,15 @@ class ActivationStatistics(SiteSums):
         self.max_positions = int(max_positions)
         self.saturation_threshold = float(saturation_threshold)
 
-    def _states(self, site: str, channels: int, joint: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _states(
+        self, site: str, channels: int, joint: bool, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         # three states per site: positions, channels, joint (absent unless the first update asked for it)
-        layout = {"positions": (5, self.max_positions), "channels": (5, channels),
-                  "joint": (3, self.max_positions, channels) if joint else None}
+        layout = {
+            "positions": (5, self.max_positions),
+            "channels": (5, channels),
+            "joint": (3, self.max_positions, channels) if joint else None,
+        }
         positions, per_channel, pairs = self._site_tensors(site, layout, device, size=channels, unit="channels")
         assert positions is not None and per_channel is not None
         return positions, per_channel, pairs
@@ -226,8 +240,10 @@ class ActivationStatistics(SiteSums):
             channel_count = torch.full((channels,), float(batch * length), dtype=dtype, device=x.device)
         else:
             if position_mask.shape != (batch, length):
-                raise ValueError(f"site {site!r}: position mask of shape {tuple(position_mask.shape)} does not match "
-                                 f"its output read as [batch, positions, channels] = {tuple(x.shape)}")
+                raise ValueError(
+                    f"site {site!r}: position mask of shape {tuple(position_mask.shape)} does not match "
+                    f"its output read as [batch, positions, channels] = {tuple(x.shape)}"
+                )
             valid = position_mask.to(device=x.device, dtype=torch.bool)[:, :, None]
             x = x * valid
             low &= valid
@@ -237,14 +253,25 @@ class ActivationStatistics(SiteSums):
         squares = x * x
 
         def rows(dims: tuple[int, int], count: Tensor) -> Tensor:
-            return torch.stack([x.sum(dims).to(dtype), squares.sum(dims).to(dtype), count,
-                                low.sum(dims, dtype=torch.int32).to(dtype), high.sum(dims, dtype=torch.int32).to(dtype)])
+            return torch.stack(
+                [
+                    x.sum(dims).to(dtype),
+                    squares.sum(dims).to(dtype),
+                    count,
+                    low.sum(dims, dtype=torch.int32).to(dtype),
+                    high.sum(dims, dtype=torch.int32).to(dtype),
+                ]
+            )
 
         positions[:, :kept] += rows((0, 2), position_count)[:, :kept]
         per_channel += rows((0, 1), channel_count)
         if pairs is not None:
             total = x[:, :kept].sum(0).to(dtype)
-            pair_count = torch.full_like(total, batch) if position_mask is None else valid[:, :kept].sum(0, dtype=dtype).expand_as(total)
+            pair_count = (
+                torch.full_like(total, batch)
+                if position_mask is None
+                else valid[:, :kept].sum(0, dtype=dtype).expand_as(total)
+            )
             pairs[:, :kept] += torch.stack([total, squares[:, :kept].sum(0).to(dtype), pair_count])
 
     def compute(self) -> dict[str, ActivationSummary]:
@@ -267,13 +294,24 @@ class ActivationStatistics(SiteSums):
                 pairs = getattr(self, joint_name).detach().to("cpu", torch.float64)[:, :cut]
                 pair_count = pairs[2].clamp_min(1)
                 joint_mean = torch.where(pairs[2] > 0, pairs[0] / pair_count, math.nan)
-                joint_std = torch.where(pairs[2] > 0, (pairs[1] / pair_count - joint_mean**2).clamp_min(0).sqrt(), math.nan)
+                joint_std = torch.where(
+                    pairs[2] > 0, (pairs[1] / pair_count - joint_mean**2).clamp_min(0).sqrt(), math.nan
+                )
             results[site] = ActivationSummary(
-                position_mean=p_mean, position_std=p_std, position_count=p_count, position_saturated=p_sat,
-                channel_mean=c_mean, channel_std=c_std, channel_count=c_count, channel_saturated=c_sat,
-                mean=mean if total[_COUNT] > 0 else math.nan, std=math.sqrt(variance) if total[_COUNT] > 0 else math.nan,
-                saturation_low=float(total[_LOW]) / count, saturation_high=float(total[_HIGH]) / count,
-                joint_mean=joint_mean, joint_std=joint_std,
+                position_mean=p_mean,
+                position_std=p_std,
+                position_count=p_count,
+                position_saturated=p_sat,
+                channel_mean=c_mean,
+                channel_std=c_std,
+                channel_count=c_count,
+                channel_saturated=c_sat,
+                mean=mean if total[_COUNT] > 0 else math.nan,
+                std=math.sqrt(variance) if total[_COUNT] > 0 else math.nan,
+                saturation_low=float(total[_LOW]) / count,
+                saturation_high=float(total[_HIGH]) / count,
+                joint_mean=joint_mean,
+                joint_std=joint_std,
             )
         return results
 
@@ -308,7 +346,7 @@ class WeightHistogram(SiteSums):
     def _state(self, site: str, heads: int, device: torch.device) -> Tensor:
         return self._site_state(site, (heads, self.bins), device, size=heads)
 
-    def update(self, site: str, probs: Tensor, key_mask: Tensor | None | bool = True) -> None:
+    def update(self, site: str, probs: Tensor, key_mask: Tensor | bool | None = True) -> None:
         """Add a map or query chunk ``[B, H, q, K]`` (``[..., q, K]`` reshaped). ``key_mask``: ``True`` derives
         valid keys (``probs > 0``), ``None`` counts every key, a bool tensor broadcastable to ``probs`` gives them."""
         probs = as_bhqk(probs.detach())
@@ -375,8 +413,14 @@ class ProbeStatistics:
         chunk_size: query rows reduced at a time for 4-D weights outputs (``None``: all).
     """
 
-    def __init__(self, saturation_threshold: float = 0.05, sparsity_threshold: float = 0.01, bins: int = 20,
-                 max_positions: int = 4096, chunk_size: int | None = 256) -> None:
+    def __init__(
+        self,
+        saturation_threshold: float = 0.05,
+        sparsity_threshold: float = 0.01,
+        bins: int = 20,
+        max_positions: int = 4096,
+        chunk_size: int | None = 256,
+    ) -> None:
         self.activations = ActivationStatistics(max_positions, saturation_threshold)
         self.weights = AttentionStatistics(default_reducers(sparsity_threshold), chunk_size=chunk_size)
         self.positions = AttentionPositions(max_positions)
@@ -416,11 +460,15 @@ class ProbeStatistics:
             self.histograms.update(site, probs, key_mask)
         return probs
 
-    def update_histogram(self, site: str, probs: Tensor, key_mask: Tensor | None | bool = True) -> None:
+    def update_histogram(self, site: str, probs: Tensor, key_mask: Tensor | bool | None = True) -> None:
         """A map or query chunk of an attention site (``[B, H, q, K]``), histogram only."""
         self.histograms.update(site, probs, key_mask)
 
-    def compute(self) -> tuple[dict[str, ActivationSummary], dict[str, SiteStatistics], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+    def compute(
+        self,
+    ) -> tuple[
+        dict[str, ActivationSummary], dict[str, SiteStatistics], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]
+    ]:
         """``(activations, weights, positions, histograms)``: a collective under DDP (every rank calls it);
         metrics that no rank fed are skipped."""
         activations = self.activations.compute_sites()
@@ -428,17 +476,37 @@ class ProbeStatistics:
         positions = self.positions.compute_sites()
         histograms = self.histograms.compute_sites()
         # torchmetrics squeezes one-element tensors of compute() results (one head, one channel): undo it
-        activations = {site: replace(s, **{f.name: _vector(getattr(s, f.name)) for f in fields(s)
-                                          if isinstance(getattr(s, f.name), Tensor) and not f.name.startswith("joint")})
-                       for site, s in activations.items()}
-        weights = {site: SiteStatistics(mean={n: _vector(v) for n, v in s.mean.items()}, std={n: _vector(v) for n, v in s.std.items()},
-                                        rows=_vector(s.rows)) for site, s in weights.items()}
+        activations = {
+            site: replace(
+                s,
+                **{
+                    f.name: _vector(getattr(s, f.name))
+                    for f in fields(s)
+                    if isinstance(getattr(s, f.name), Tensor) and not f.name.startswith("joint")
+                },
+            )
+            for site, s in activations.items()
+        }
+        weights = {
+            site: SiteStatistics(
+                mean={n: _vector(v) for n, v in s.mean.items()},
+                std={n: _vector(v) for n, v in s.std.items()},
+                rows=_vector(s.rows),
+            )
+            for site, s in weights.items()
+        }
         for site, summary in activations.items():
             if summary.joint_mean is not None and summary.joint_std is not None:
                 shape = (summary.position_mean.numel(), self.activations.sites[site])
-                summary.joint_mean, summary.joint_std = summary.joint_mean.reshape(shape), summary.joint_std.reshape(shape)
+                summary.joint_mean, summary.joint_std = (
+                    summary.joint_mean.reshape(shape),
+                    summary.joint_std.reshape(shape),
+                )
         positions = {site: (_vector(received), _vector(given)) for site, (received, given) in positions.items()}
-        histograms = {site: counts.reshape(self.histograms.sites[site], self.histograms.bins) for site, counts in histograms.items()}
+        histograms = {
+            site: counts.reshape(self.histograms.sites[site], self.histograms.bins)
+            for site, counts in histograms.items()
+        }
         return activations, weights, positions, histograms
 
 
@@ -494,14 +562,19 @@ class ProbeResults:
         for site in dict.fromkeys([*self.activations, *self.weights]):
             entry: dict[str, Any] = {"kind": self.kind(site)}
             if site in self.activations:
-                entry["activation" if entry["kind"] == "activation" else "over_positions"] = self.activations[site].to_dict()
+                entry["activation" if entry["kind"] == "activation" else "over_positions"] = self.activations[
+                    site
+                ].to_dict()
             if site in self.weights:
                 stats = self.weights[site]
                 entry["num_heads"] = int(stats.rows.numel())
                 entry["rows_per_head"] = stats.rows.tolist()
                 entry["statistics"] = {
-                    name: {"mean": float(stats.mean[name].mean()), "per_head_mean": stats.mean[name].tolist(),
-                           "per_head_std": stats.std[name].tolist()}
+                    name: {
+                        "mean": float(stats.mean[name].mean()),
+                        "per_head_mean": stats.mean[name].tolist(),
+                        "per_head_std": stats.std[name].tolist(),
+                    }
                     for name in stats.mean
                 }
                 entry["top_positions"] = [[label, value] for label, value in self.top_positions.get(site, [])]
@@ -510,14 +583,22 @@ class ProbeResults:
             "stage": self.stage,
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "probes": {name: {"pattern": info["pattern"], "kind": info["kind"], "sites": list(info["sites"])} for name, info in self.probes.items()},
+            "probes": {
+                name: {"pattern": info["pattern"], "kind": info["kind"], "sites": list(info["sites"])}
+                for name, info in self.probes.items()
+            },
             "sites": sites,
             "histogram_edges": self.histogram_edges.tolist(),
-            "histograms": {site: {"kind": self.kind(site), "per_head_counts": counts.tolist()} for site, counts in self.histograms.items()},
+            "histograms": {
+                site: {"kind": self.kind(site), "per_head_counts": counts.tolist()}
+                for site, counts in self.histograms.items()
+            },
         }
 
 
-def top_weight_positions(received: Tensor, k: int, labels: Sequence[str] | None = None) -> list[tuple[str | int, float]]:
+def top_weight_positions(
+    received: Tensor, k: int, labels: Sequence[str] | None = None
+) -> list[tuple[str | int, float]]:
     """The ``k`` positions with the highest mean weight (``received`` from
     :meth:`~lightning_attn.metrics.attention.AttentionPositions.compute`, NaN where never seen)."""
     valid = ~torch.isnan(received)
@@ -526,5 +607,4 @@ def top_weight_positions(received: Tensor, k: int, labels: Sequence[str] | None 
         return []
     names = [str(label) for label in labels] if labels is not None and len(labels) == received.numel() else None
     values, index = torch.where(valid, received, -math.inf).topk(min(k, count))
-    return [(i if names is None else names[i], float(v)) for i, v in zip(index.tolist(), values.tolist())]
-
+    return [(i if names is None else names[i], float(v)) for i, v in zip(index.tolist(), values.tolist(), strict=False)]
