@@ -69,7 +69,7 @@ def _lightning_cli_class() -> type:
             if self.trainer.interrupted:
                 return
             checkpoint = self.trainer.checkpoint_callback
-            ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+            ckpt_path = "best" if checkpoint is not None and bool(getattr(checkpoint, "best_model_path", "")) else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
     return AttnLightningCLI

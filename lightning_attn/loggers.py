@@ -24,7 +24,7 @@ import netrc
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
@@ -127,7 +127,7 @@ class WandbLogger(_WandbLogger):
         name: str | None = None,
         save_dir: str | None = None,
         offline: bool | None = None,
-        log_model: bool | str = False,
+        log_model: bool | Literal["all"] = False,
         tags: list[str] | None = None,
         group: str | None = None,
         entity: str | None = None,
@@ -135,7 +135,9 @@ class WandbLogger(_WandbLogger):
     ) -> None:
         resolved = resolve_wandb_offline(offline)
         os.environ.setdefault("WANDB_SILENT", "true")
-        extra = {k: v for k, v in {"tags": tags, "group": group, "entity": entity}.items() if v is not None}
+        extra: dict[str, Any] = {
+            k: v for k, v in {"tags": tags, "group": group, "entity": entity}.items() if v is not None
+        }
         super().__init__(
             project=project,
             name=name,

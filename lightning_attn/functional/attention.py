@@ -222,6 +222,7 @@ def _rollout(fused: Sequence[Tensor], discard_ratio: float, residual_weight: flo
         step = residual_weight * eye + (1 - residual_weight) * layer
         step = step / step.sum(-1, keepdim=True).clamp_min(torch.finfo(step.dtype).tiny)
         result = rollout_product(step, result)
+    assert result is not None  # fused is non-empty: fused[0] is read above
     return result
 
 
@@ -247,7 +248,8 @@ def attention_rollout(
         ValueError: empty ``maps``, non-square maps, mismatched batch or sequence sizes, bad ratios.
     """
     _check_maps(maps)
-    fuse = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}.get(head_fusion)
+    fusions: dict[str, Callable[..., Tensor]] = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}
+    fuse = fusions.get(head_fusion)
     if fuse is None:
         raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
     return _rollout([fuse(_float(attn), dim=1) for attn in maps], discard_ratio, residual_weight)

@@ -94,6 +94,26 @@ class CalibrationMetric(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    # states (declared with add_state in __init__)
+    n_samples: Tensor
+    n_correct: Tensor
+    n_nan: Tensor
+    n_ignored: Tensor
+    n_bad_target: Tensor
+    n_bad_prob: Tensor
+    conf_sum: Tensor
+    conf_correct_sum: Tensor
+    brier_sum: Tensor
+    nll_sum: Tensor
+    bin_count: Tensor
+    bin_conf: Tensor
+    bin_hits: Tensor
+    fine_count: Tensor
+    fine_conf: Tensor
+    fine_hits: Tensor
+    class_count: Tensor
+    class_conf: Tensor
+    class_hits: Tensor
     # bootstrap states (declared with add_state in __init__ when bootstrap > 0)
     boot_count: Tensor
     boot_conf: Tensor
@@ -210,7 +230,7 @@ class CalibrationMetric(Metric):
             return scores, target.reshape(-1)
         return scores.reshape(-1), target.reshape(-1)
 
-    def update(self, scores: Tensor, target: Tensor) -> None:  # type: ignore[override]
+    def update(self, scores: Tensor, target: Tensor) -> None:
         """Add a batch: ``scores`` (logits or probabilities, as ``score_type`` says) and integer ``target``.
 
         On accelerators nothing here synchronises with the host: shapes are static, invalid samples

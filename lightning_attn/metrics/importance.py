@@ -23,7 +23,7 @@ class HeadImportance(SiteSums):
         [1.0, 0.5]
     """
 
-    def update(self, site: str, per_sample: Tensor) -> None:  # type: ignore[override]
+    def update(self, site: str, per_sample: Tensor) -> None:
         """Add ``per_sample`` gradients ``[B, H]`` (``dL(x_b)/d xi_{b,h}``) of ``site``."""
         heads = per_sample.shape[-1]
         state = self._site_state(site, (heads + 1,), per_sample.device, size=heads)

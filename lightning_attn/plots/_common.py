@@ -17,5 +17,6 @@ def as_array(values: Any, none_as_nan: bool = False) -> np.ndarray:
         values = values.detach().cpu().double().numpy()
     if none_as_nan:
         array = np.asarray(values, dtype=object)
-        values = np.where(np.equal(array, None), np.nan, array)
+        # numpy's stubs reject a None operand; on an object array it compares elementwise (== None)
+        values = np.where(np.equal(array, None), np.nan, array)  # type: ignore[call-overload]
     return np.asarray(values, dtype=np.float64)

@@ -132,7 +132,7 @@ def plot_classwise(
     ax.bar(x - 0.2, np.nan_to_num(rec), width=0.4, color="#4c72b0", label="recall")
     ax.bar(x + 0.2, np.nan_to_num(prec), width=0.4, color="#dd8452", label="precision")
     for xi, n in zip(x, support, strict=False):
-        ax.text(xi, 1.02, f"n={n}", ha="center", fontsize=7)
+        ax.text(float(xi), 1.02, f"n={n}", ha="center", fontsize=7)
     ax.set_ylim(0, 1.12)
     ax.set_xticks(x, [_short(str(n), 14) for n in names], rotation=30 if len(names) > 6 else 0, fontsize=8)
     ax.legend(fontsize=8, loc="lower right")
@@ -210,7 +210,7 @@ def plot_position_saliency(
     data = as_array(maps)
     count = data.shape[0]
     fig = Figure(figsize=(min(3.2 * count, 16), 3.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, count))
+    axes = fig.subplots(1, count, squeeze=False)[0]
     for index, ax in enumerate(axes):
         ax.imshow(data[index], aspect="auto", cmap="magma", interpolation="nearest")
         ax.set_title(sample_labels[index], fontsize=8)

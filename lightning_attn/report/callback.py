@@ -267,9 +267,9 @@ class ExplainabilityReport(EvaluationCallback):
         ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        for name, value in (("chunk_size", chunk_size), ("max_batches", max_batches), ("html_max_rows", html_max_rows)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        for name, limit in (("chunk_size", chunk_size), ("max_batches", max_batches), ("html_max_rows", html_max_rows)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {limit}")
         if saliency_target not in ("predicted", "target"):
             raise ValueError(f"saliency_target must be 'predicted' or 'target', got {saliency_target!r}")
         if probe_indices is not None and any(int(i) < 0 for i in probe_indices):
@@ -624,6 +624,7 @@ class ExplainabilityReport(EvaluationCallback):
             self._record_in_step = False
             self._open_recorder(pl_module)
             attention = self._attention
+            assert self._recorder is not None  # set by _open_recorder
             try:
                 with exclusive_recording(self._recorder):
                     logits = as_logits(self._forward()(module, batch), self.logits_key)

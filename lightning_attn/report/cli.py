@@ -328,6 +328,7 @@ def _call_entry(entry: str, checkpoint: str | None) -> tuple[Any, Any, bool]:
     fn = import_object(entry, "--entry", "callable")
     if not callable(fn):
         raise CliError(f"--entry {entry!r} is not callable")
+    parameters: Mapping[str, inspect.Parameter]
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):

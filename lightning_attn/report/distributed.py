@@ -55,7 +55,7 @@ def gather_shards(
     shard in memory), and a ``broadcast`` of the scalars or of the first error, raised on every rank."""
     rank, world = int(trainer.global_rank), int(trainer.world_size)
     mine = {run.dataloader_idx: run for run in runs}
-    error: BaseException | str | None = None
+    error: BaseException | None = None
     payloads: dict[int, dict[str, Any]] | str = {}
     chunks: dict[int, int] = {}
     if rank:
@@ -127,10 +127,9 @@ def gather_shards(
                 if failed:
                     raise ReportError(f"a rank could not send its part of the report ({failed[0]})")
                 for idx in keys:
-                    run = mine.get(idx)
-                    if run is None:  # rank zero evaluated no batch of this dataloader; other ranks did
-                        run = new_run(idx)
-                    targets.append(run)
+                    found = mine.get(idx)
+                    # None: rank zero evaluated no batch of this dataloader; other ranks did
+                    targets.append(found if found is not None else new_run(idx))
                 for run in targets:
                     _merge_shards(run, gathered, scratch)
                     note = _padding_note(trainer, stage, run)
@@ -141,7 +140,10 @@ def gather_shards(
                 error = exc
             # finalized at the end of the loop, or left INCOMPLETE by on_exception
             pending.extend(targets or list(mine.values()))
-        outcome = {"scalars": merged_scalars, "error": None if error is None else f"{type(error).__name__}: {error}"}
+        outcome: dict[str, Any] = {
+            "scalars": merged_scalars,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+        }
         outcome = trainer.strategy.broadcast(outcome, src=0)
     finally:
         if scratch is not None:
@@ -187,7 +189,7 @@ def _merge_shards(run: ReportRun, gathered: list[Any], scratch: Path) -> None:
         if payload is None:  # this rank evaluated no batch of this dataloader
             run.input_digests.append((k, StreamHasher().hexdigest(), 0))
             continue
-        run.input_digests.append(tuple(payload["digest"]))  # type: ignore[arg-type]
+        run.input_digests.append(tuple(payload["digest"]))
         if not payload["count"]:
             continue
         if run.num_classes == 0:

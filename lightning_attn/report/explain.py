@@ -21,7 +21,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -382,6 +382,12 @@ def pair_agreement(attention: BatchAttention, site_a: str | None, site_b: str | 
 # ---------------------------------------------------------------------------------------------------------
 # streamed statistics
 # ---------------------------------------------------------------------------------------------------------
+class _MomentsSummary(TypedDict):
+    n: int
+    mean: float | None
+    std: float | None
+
+
 @dataclass
 class _Moments:
     count: int = 0
@@ -402,7 +408,7 @@ class _Moments:
         self.total += other.total
         self.total_sq += other.total_sq
 
-    def summary(self) -> dict[str, float | int | None]:
+    def summary(self) -> _MomentsSummary:
         if not self.count:
             return {"n": 0, "mean": None, "std": None}
         mean = self.total / self.count
@@ -441,6 +447,7 @@ class GroupStatistics:
             difference = effect = None
             if c["mean"] is not None and i["mean"] is not None:
                 difference = c["mean"] - i["mean"]
+                assert c["std"] is not None and i["std"] is not None  # set together with the mean
                 nc, ni = c["n"], i["n"]
                 pooled = math.sqrt(((nc * c["std"] ** 2) + (ni * i["std"] ** 2)) / max(nc + ni, 1))
                 effect = difference / pooled if pooled > 0 else None
@@ -599,8 +606,9 @@ def compute_saliency(
     for site, attn in maps.items():
         first, second = slots[site]
         grad = grads[first]
-        if grad is None and second is not None and grads[second] is not None:
-            grad = grads[second].reshape(attn.shape)
+        base_grad = grads[second] if second is not None else None
+        if grad is None and base_grad is not None:
+            grad = base_grad.reshape(attn.shape)
         if grad is None:
             missing.append(site)
             continue

@@ -281,7 +281,11 @@ def write_page(
     handle.write('<div class="scroll"><table id="samples" class="sortable"><thead><tr>')
     handle.write("".join(f"<th>{esc(c)}</th>" for c in samples_columns))
     handle.write("</tr></thead><tbody>\n")
-    wrong_index = list(samples_columns).index(wrong_column) if wrong_column in samples_columns else None
+    wrong_index = (
+        list(samples_columns).index(wrong_column)
+        if wrong_column is not None and wrong_column in samples_columns
+        else None
+    )
     for row in samples_rows:
         wrong = wrong_index is not None and row[wrong_index] in ("0", "false", "False")
         handle.write(row_html(row, "wrong" if wrong else None))

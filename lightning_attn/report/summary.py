@@ -196,7 +196,7 @@ def _saliency_summary(run: ReportRun, target: str) -> dict[str, Any]:
             "mean": mean.tolist(),
             "share": (mean / total).tolist() if total > 0 else [0.0] * len(mean),
         }
-    rollout_sites = next((p["rollout"]["sites"] for p in probes if p["rollout"] is not None), [])
+    rollout_sites: list[str] = next((p["rollout"]["sites"] for p in probes if p["rollout"] is not None), [])
     return {
         "target": target,
         "method": {
