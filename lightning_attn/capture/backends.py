@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
 from lightning_attn.capture.probs import attention_probs, autocast_off, in_projection_qk, native_mask
@@ -223,7 +224,8 @@ class _Interceptor:
         if weights is not None:
             self._emit(module, "weights", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(weights)), weights.shape)
         elif running.softmax_maps:
-            for probs in running.softmax_maps:
+            for softmax in running.softmax_maps:
+                probs = softmax if softmax.dim() == 4 else softmax[:, None]  # one head: [B, Q, K]
                 self._emit(module, "softmax", kind, lambda info, p=probs: AttentionCapture(info, weights=self._keep_graph(p)), probs.shape)
         elif is_attention_like(module):
             for sink in tuple(self.sinks):
@@ -307,7 +309,8 @@ class _Interceptor:
         """Keep a softmax over the keys of ``[B, H, Q, K]`` (or ``[B, Q, K]`` in an attention module) for the
         innermost module; it becomes a capture when that module returns without returning its weights."""
         state = self.state
-        if state.quiet or not state.stack or out.is_nested:
+        # Dynamo runs a patched Tensor.softmax on fake tensors while it traces: shapes, not attention
+        if state.quiet or not state.stack or out.is_nested or is_fake(out):
             return
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         if not isinstance(dim, int) or dim not in (-1, out.dim() - 1):
@@ -363,7 +366,7 @@ class _Interceptor:
         bound.apply_defaults()
         a = bound.arguments
         query, key = a["query"], a["key"]
-        if query.is_nested or key.is_nested:
+        if query.is_nested or key.is_nested or is_fake(query):
             return
         q, k = query.detach(), key.detach()
         mask = a["attn_mask"].detach() if isinstance(a["attn_mask"], Tensor) else None
