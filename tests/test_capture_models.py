@@ -213,21 +213,21 @@ def test_gemma2_softcapping() -> None:
 
 # -- encoder-decoders: BART, T5, Whisper (self, causal self, cross with equal lengths) ------------------------------
 def encoder_decoder_case(family: str, model: nn.Module, inputs: dict[str, Tensor], cross_pattern: str) -> None:
-    for implementation in ("sdpa", "eager"):
+    for implementation in ("eager", "sdpa"):
         subject = model if implementation == "sdpa" else eager_twin(model)
         eager = eager_twin(model)
         recorder, streamed, _ = record(subject, lambda s=subject: s(**inputs))
         with torch.no_grad():
             reference = eager(**inputs, output_attentions=True)
-        sites = recorder.sites
-        cross = [name for name in sites if cross_pattern in name]
-        assert cross and all(sites[name].kind == "cross" for name in cross)
-        assert all(info.kind == "self" for name, info in sites.items() if name not in cross)
         encoder = [p for site, p in streamed if site.startswith("encoder")]
         decoder_self = [p for site, p in streamed if site.startswith("decoder") and cross_pattern not in site]
         compare(family, f"{implementation} encoder self", encoder, reference.encoder_attentions)
         compare(family, f"{implementation} decoder causal self", decoder_self, reference.decoder_attentions)
         compare(family, f"{implementation} cross (equal lengths)", maps_of(streamed, cross_pattern), reference.cross_attentions)
+        sites = recorder.sites
+        cross = [name for name in sites if cross_pattern in name]
+        assert cross and all(sites[name].kind == "cross" for name in cross)
+        assert all(info.kind == "self" for name, info in sites.items() if name not in cross)
 
 
 def test_bart_self_causal_and_cross() -> None:
@@ -458,6 +458,7 @@ class SdpaBlock(nn.Module):
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["default", "fullgraph"])
 def test_torch_compile(fullgraph: bool, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(15)
+    torch._dynamo.reset()  # no graph cached by another test: the first call below traces with the recorder active
     model = nn.Sequential(SdpaBlock(), first_output(Mixer(SOFTMAXES["F.softmax"]))).eval()
     compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)
     x = torch.randn(2, 5, 16)
@@ -466,12 +467,16 @@ def test_torch_compile(fullgraph: bool, caplog: pytest.LogCaptureFixture) -> Non
     compiled_forward = compiled.forward
     with caplog.at_level(logging.INFO, logger="lightning_attn"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using `torch.compile")  # torch's note on global hooks
+        with torch.no_grad(), AttentionRecorder(compiled) as first:  # the first call traces with the recorder active
+            compiled(x)
         recorder, streamed, _ = record(compiled, lambda: compiled(x))
-    assert list(recorder.sites) == ["0", "1.inner"]
+    assert list(first.maps) == list(recorder.sites) == ["0", "1.inner"]
     bypassed = [r for r in caplog.records if "fullgraph" in r.getMessage()]
-    assert len(bypassed) == (1 if fullgraph else 0) and all(r.levelno == logging.INFO for r in bypassed)
+    assert len(bypassed) == (2 if fullgraph else 0) and all(r.levelno == logging.INFO for r in bypassed)  # one per recorder
     assert compiled.forward == compiled_forward  # the compiled graph is back
-    compare("torch.compile", "fullgraph (eager module while recording)" if fullgraph else "default", [p for _, p in streamed], eager_maps, atol=0.0)
+    path = "fullgraph (eager module while recording)" if fullgraph else "default"
+    compare("torch.compile", path, list(first.maps.values()), eager_maps, atol=0.0)
+    compare("torch.compile", path, [p for _, p in streamed], eager_maps, atol=0.0)
 
 
 def test_bf16_autocast_gives_float32_maps(llama: nn.Module) -> None:
