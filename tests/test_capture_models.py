@@ -74,7 +74,9 @@ def first_tensor(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output.to_tuple()[0]
 
 
-def record(model: nn.Module, run: Callable[[], Any], **recorder_args: Any) -> tuple[AttentionRecorder, list[tuple[str, Tensor]], Any]:
+def record(
+    model: nn.Module, run: Callable[[], Any], **recorder_args: Any
+) -> tuple[AttentionRecorder, list[tuple[str, Tensor]], Any]:
     """Run once plain and once recorded; assert outputs bitwise equal, no recorder warning, nothing left behind.
 
     Returns the recorder, every ``(site, map)`` of the recorded run in call order, and the recorded output."""
@@ -83,7 +85,9 @@ def record(model: nn.Module, run: Callable[[], Any], **recorder_args: Any) -> tu
         streamed: list[tuple[str, Tensor]] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with AttentionRecorder(model, on_attention=lambda site, probs: streamed.append((site, probs)), **recorder_args) as recorder:
+            with AttentionRecorder(
+                model, on_attention=lambda site, probs: streamed.append((site, probs)), **recorder_args
+            ) as recorder:
                 recorded = run()
     assert torch.equal(first_tensor(plain), first_tensor(recorded))
     assert not [str(w.message) for w in caught if "AttentionRecorder" in str(w.message)]
@@ -91,16 +95,22 @@ def record(model: nn.Module, run: Callable[[], Any], **recorder_args: Any) -> tu
     return recorder, streamed, recorded
 
 
-def compare(family: str, path: str, got: list[Tensor], expected: list[Tensor] | tuple[Tensor, ...], valid_queries: Tensor | None = None,
-            atol: float = ATOL) -> None:
+def compare(
+    family: str,
+    path: str,
+    got: list[Tensor],
+    expected: list[Tensor] | tuple[Tensor, ...],
+    valid_queries: Tensor | None = None,
+    atol: float = ATOL,
+) -> None:
     """Maps equal to the eager ones (float32, same shape) on valid query rows; the max |diff| goes to the table."""
     assert len(got) == len(expected) and got
     worst = 0.0
-    for probs, reference in zip(got, expected):
+    for probs, reference in zip(got, expected, strict=True):
         assert probs.dtype == torch.float32 and probs.shape == reference.shape, (probs.shape, reference.shape)
         diff = (probs - reference.float()).abs()
         if valid_queries is not None:
-            diff = diff * valid_queries[:, None, -diff.shape[-2]:, None]
+            diff = diff * valid_queries[:, None, -diff.shape[-2] :, None]
         worst = max(worst, float(diff.max()))
     assert worst <= atol, f"{family} {path}: max |diff| {worst:.2e}"
     DIFFS[(family, path)] = max(worst, DIFFS.get((family, path), 0.0))
@@ -114,8 +124,16 @@ def maps_of(streamed: list[tuple[str, Tensor]], pattern: str) -> list[Tensor]:
 @pytest.fixture(scope="module")
 def llama() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -146,7 +164,9 @@ def test_llama_grouped_query_left_padding_and_cache_steps(llama: nn.Module) -> N
     cache, eager_cache = prefill.past_key_values, eager_prefill.past_key_values
     recorder, streamed, _ = record(llama, lambda: llama(step_ids, attention_mask=step_mask, cache=copy.deepcopy(cache)))
     with torch.no_grad():
-        reference = eager(step_ids, attention_mask=step_mask, cache=copy.deepcopy(eager_cache), output_attentions=True).attentions
+        reference = eager(
+            step_ids, attention_mask=step_mask, cache=copy.deepcopy(eager_cache), output_attentions=True
+        ).attentions
     assert [tuple(p.shape) for _, p in streamed] == [(2, 4, 1, 7)] * 2
     assert {s.kind for s in recorder.sites.values()} == {"self"}
     compare("Llama", "sdpa cache step (packed GQA)", [p for _, p in streamed], reference)
@@ -171,8 +191,16 @@ def test_llama_generate_step_by_step_equals_eager(llama: nn.Module) -> None:
 
 def test_mistral_sliding_window_shorter_than_the_sequence() -> None:
     torch.manual_seed(3)
-    config = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                        num_key_value_heads=2, sliding_window=3, max_position_embeddings=64)
+    config = transformers.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=3,
+        max_position_embeddings=64,
+    )
     model = transformers.MistralModel(config).eval()
     ids = torch.randint(0, 64, (2, 8))
     _, streamed, _ = record(model, lambda: model(ids))
@@ -199,9 +227,18 @@ def test_gpt2_cache_step() -> None:
 
 def test_gemma2_softcapping() -> None:
     torch.manual_seed(5)
-    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=8, attn_logit_softcapping=5.0, sliding_window=4,
-                                       max_position_embeddings=64)
+    config = transformers.Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attn_logit_softcapping=5.0,
+        sliding_window=4,
+        max_position_embeddings=64,
+    )
     model = transformers.Gemma2Model(config).eval()
     ids = torch.randint(0, 64, (2, 7))
     recorder, streamed, _ = record(model, lambda: model(ids))
@@ -223,7 +260,12 @@ def encoder_decoder_case(family: str, model: nn.Module, inputs: dict[str, Tensor
         decoder_self = [p for site, p in streamed if site.startswith("decoder") and cross_pattern not in site]
         compare(family, f"{implementation} encoder self", encoder, reference.encoder_attentions)
         compare(family, f"{implementation} decoder causal self", decoder_self, reference.decoder_attentions)
-        compare(family, f"{implementation} cross (equal lengths)", maps_of(streamed, cross_pattern), reference.cross_attentions)
+        compare(
+            family,
+            f"{implementation} cross (equal lengths)",
+            maps_of(streamed, cross_pattern),
+            reference.cross_attentions,
+        )
         sites = recorder.sites
         cross = [name for name in sites if cross_pattern in name]
         assert cross and all(sites[name].kind == "cross" for name in cross)
@@ -232,35 +274,79 @@ def encoder_decoder_case(family: str, model: nn.Module, inputs: dict[str, Tensor
 
 def test_bart_self_causal_and_cross() -> None:
     torch.manual_seed(6)
-    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
+    config = transformers.BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+    )
     model = transformers.BartModel(config).eval()
     ids = torch.randint(3, 64, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
-    encoder_decoder_case("BART", model, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 64, (2, 6))}, "encoder_attn")
+    encoder_decoder_case(
+        "BART",
+        model,
+        {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 64, (2, 6))},
+        "encoder_attn",
+    )
 
 
 def test_t5_self_causal_and_cross_never_the_position_bias() -> None:
     torch.manual_seed(7)
-    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                                   relative_attention_num_buckets=8, decoder_start_token_id=0)
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+    )
     model = transformers.T5Model(config).eval()
     ids = torch.randint(1, 64, (2, 6))
-    encoder_decoder_case("T5", model, {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (2, 6))}, "EncDecAttention")
+    encoder_decoder_case(
+        "T5", model, {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (2, 6))}, "EncDecAttention"
+    )
 
 
 def test_whisper_self_causal_and_cross() -> None:
     torch.manual_seed(8)
-    config = transformers.WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=8,
-                                        max_target_positions=16, pad_token_id=0, decoder_start_token_id=1)
+    config = transformers.WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=8,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=8,
+        max_target_positions=16,
+        pad_token_id=0,
+        decoder_start_token_id=1,
+    )
     model = transformers.WhisperModel(config).eval()
     features = torch.randn(2, 8, 16)
-    encoder_decoder_case("Whisper", model, {"input_features": features, "decoder_input_ids": torch.randint(2, 64, (2, 8))}, "encoder_attn")
+    encoder_decoder_case(
+        "Whisper",
+        model,
+        {"input_features": features, "decoder_input_ids": torch.randint(2, 64, (2, 8))},
+        "encoder_attn",
+    )
 
 
 # -- encoders: CLIP text and vision, DistilBERT, ModernBERT, ViT ----------------------------------------------------
-def encoder_case(family: str, model: nn.Module, inputs: dict[str, Tensor], valid: Tensor | None = None) -> tuple[Tensor, ...]:
+def encoder_case(
+    family: str, model: nn.Module, inputs: dict[str, Tensor], valid: Tensor | None = None
+) -> tuple[Tensor, ...]:
     recorder, streamed, _ = record(model, lambda: model(**inputs))
     with torch.no_grad():
         reference = eager_twin(model)(**inputs, output_attentions=True).attentions
@@ -271,20 +357,39 @@ def encoder_case(family: str, model: nn.Module, inputs: dict[str, Tensor], valid
 
 def test_clip_text_and_vision() -> None:
     torch.manual_seed(9)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                                   num_attention_heads=4, max_position_embeddings=16)).eval()
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+        )
+    ).eval()
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
     encoder_case("CLIP text", text, {"input_ids": torch.randint(0, 64, (2, 7)), "attention_mask": mask}, mask.bool())
-    vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                                         image_size=16, patch_size=8)).eval()
+    vision = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        )
+    ).eval()
     encoder_case("CLIP vision", vision, {"pixel_values": torch.randn(2, 3, 16, 16)})
 
 
 def test_distilbert_with_padding() -> None:
     torch.manual_seed(10)
-    model = transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
-                                                                        max_position_embeddings=32)).eval()
+    model = transformers.DistilBertModel(
+        transformers.DistilBertConfig(
+            vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=32
+        )
+    ).eval()
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, 4:] = 0
     encoder_case("DistilBERT", model, {"input_ids": torch.randint(0, 64, (2, 7)), "attention_mask": mask}, mask.bool())
@@ -292,19 +397,39 @@ def test_distilbert_with_padding() -> None:
 
 def test_modernbert_local_and_global_layers() -> None:
     torch.manual_seed(11)
-    config = transformers.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           local_attention=4, max_position_embeddings=64, pad_token_id=0, cls_token_id=1, sep_token_id=2)
+    config = transformers.ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        local_attention=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
     model = transformers.ModernBertModel(config).eval()
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0
-    reference = encoder_case("ModernBERT", model, {"input_ids": torch.randint(3, 64, (2, 9)), "attention_mask": mask}, mask.bool())
+    reference = encoder_case(
+        "ModernBERT", model, {"input_ids": torch.randint(3, 64, (2, 9)), "attention_mask": mask}, mask.bool()
+    )
     assert torch.all(reference[1][0, :, 8, :6] == 0)  # layer 1 is local: the window is shorter than the sequence
 
 
 def test_vit() -> None:
     torch.manual_seed(12)
-    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                         image_size=16, patch_size=8)).eval()
+    model = transformers.ViTModel(
+        transformers.ViTConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        )
+    ).eval()
     encoder_case("ViT", model, {"pixel_values": torch.randn(2, 3, 16, 16)})
 
 
@@ -424,9 +549,11 @@ def first_output(module: nn.Module) -> nn.Module:
     return First()
 
 
-HAND_WRITTEN = {**{name: (lambda f=f: Mixer(f)) for name, f in SOFTMAXES.items()},
-                "returns its weights too": WeightsAttention,
-                "one head [B, Q, K]": SingleHeadAttention}
+HAND_WRITTEN = {
+    **{name: (lambda f=f: Mixer(f)) for name, f in SOFTMAXES.items()},
+    "returns its weights too": WeightsAttention,
+    "one head [B, Q, K]": SingleHeadAttention,
+}
 
 
 @pytest.mark.parametrize("case", list(HAND_WRITTEN))
@@ -472,7 +599,9 @@ def test_torch_compile(fullgraph: bool, caplog: pytest.LogCaptureFixture) -> Non
         recorder, streamed, _ = record(compiled, lambda: compiled(x))
     assert list(first.maps) == list(recorder.sites) == ["0", "1.inner"]
     bypassed = [r for r in caplog.records if "fullgraph" in r.getMessage()]
-    assert len(bypassed) == (2 if fullgraph else 0) and all(r.levelno == logging.INFO for r in bypassed)  # one per recorder
+    assert len(bypassed) == (2 if fullgraph else 0) and all(
+        r.levelno == logging.INFO for r in bypassed
+    )  # one per recorder
     assert compiled.forward == compiled_forward  # the compiled graph is back
     path = "fullgraph (eager module while recording)" if fullgraph else "default"
     compare("torch.compile", path, list(first.maps.values()), eager_maps, atol=0.0)
@@ -520,7 +649,10 @@ def test_warning_names_attention_modules_that_ran_without_a_capture() -> None:
         warnings.simplefilter("error")
         with AttentionRecorder(model, include=["0"]):  # the hidden module is not asked for: nothing to say
             model(x)
-    with pytest.warns(UserWarning, match="filtered out every attention site") as caught, AttentionRecorder(model, include=["decoder.*"]):
+    with (
+        pytest.warns(UserWarning, match="filtered out every attention site") as caught,
+        AttentionRecorder(model, include=["decoder.*"]),
+    ):
         model(x)
     assert "custom" not in str(caught[0].message)
     assert_restored(model)
@@ -544,7 +676,7 @@ def test_threads_get_their_own_maps_only() -> None:
     models = [Yielding(4), Yielding(7)]
     inputs = [torch.randn(1, m.length, 16) for m in models]
     expected = []
-    for model, x in zip(models, inputs):
+    for model, x in zip(models, inputs, strict=True):
         with AttentionRecorder(model) as alone:
             model(x)
         expected.append(dict(alone.maps))
@@ -556,7 +688,9 @@ def test_threads_get_their_own_maps_only() -> None:
         for _ in range(20):
             with AttentionRecorder(model) as recorder:
                 model(x)
-            if list(recorder.maps) != ["a", "b"] or any(not torch.equal(recorder.maps[s], expected[index][s]) for s in ("a", "b")):
+            if list(recorder.maps) != ["a", "b"] or any(
+                not torch.equal(recorder.maps[s], expected[index][s]) for s in ("a", "b")
+            ):
                 failures.append((index, {s: tuple(p.shape) for s, p in recorder.maps.items()}))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]

@@ -41,9 +41,8 @@ from lightning_attn.capture.sites import (
     attention_kind,
     call_arguments,
     is_attention_like,
-    is_attention_probs,
     packed_head_factor,
-    query_length,
+    returned_weights,
     running_call,
     unfold_packed_heads,
 )
@@ -222,11 +221,17 @@ class _Interceptor:
         kind = attention_kind(module, arguments)
         weights = returned_weights(module, arguments, output)
         if weights is not None:
-            self._emit(module, "weights", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(weights)), weights.shape)
+            self._emit(
+                module,
+                "weights",
+                kind,
+                lambda info: AttentionCapture(info, weights=self._keep_graph(weights)),
+                weights.shape,
+            )
         elif running.softmax_maps:
             for softmax in running.softmax_maps:
                 probs = softmax if softmax.dim() == 4 else softmax[:, None]  # one head: [B, Q, K]
-                self._emit(module, "softmax", kind, lambda info, p=probs: AttentionCapture(info, weights=self._keep_graph(p)), probs.shape)
+                self._emit(module, "softmax", kind, weights_capture(self._keep_graph(probs)), probs.shape)
         elif is_attention_like(module):
             for sink in tuple(self.sinks):
                 if sink.owns(module):
@@ -380,7 +385,9 @@ class _Interceptor:
             module,
             "mha" if isinstance(module, nn.MultiheadAttention) else "sdpa",
             self._sdpa_kind(module, query, key),
-            lambda info: AttentionCapture(info, query=q, key=k, attn_mask=mask, is_causal=is_causal, scale=a["scale"], enable_gqa=enable_gqa),
+            lambda info: AttentionCapture(
+                info, query=q, key=k, attn_mask=mask, is_causal=is_causal, scale=a["scale"], enable_gqa=enable_gqa
+            ),
             shape,
         )
 
@@ -403,12 +410,41 @@ class _Interceptor:
         query, key = a["query"], a["key"]
         kind: Kind = "self" if query is key else "cross"
         per_head = as_bhqk(weights)
-        self._emit(module, "mha", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(per_head)), per_head.shape)
+        self._emit(
+            module, "mha", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(per_head)), per_head.shape
+        )
         return out, (weights.mean(dim=-3) if average else weights)
 
-    def _native_mha(self, query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask=None, need_weights=True, average_attn_weights=True, mask_type=None):  # noqa: ANN001, ANN202
+    def _native_mha(
+        self,
+        query,
+        key,
+        value,
+        embed_dim,
+        num_heads,
+        qkv_weight,
+        qkv_bias,
+        proj_weight,
+        proj_bias,
+        mask=None,
+        need_weights=True,
+        average_attn_weights=True,
+        mask_type=None,
+    ):
         out = self.original(torch, "_native_multi_head_attention")(
-            query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask, need_weights, average_attn_weights, mask_type
+            query,
+            key,
+            value,
+            embed_dim,
+            num_heads,
+            qkv_weight,
+            qkv_bias,
+            proj_weight,
+            proj_bias,
+            mask,
+            need_weights,
+            average_attn_weights,
+            mask_type,
         )
         module = self._innermost()
         if module is None:
@@ -416,22 +452,75 @@ class _Interceptor:
         kind: Kind = "self" if query is key else "cross"
         if need_weights and not average_attn_weights and not query.is_nested:
             weights = as_bhqk(out[1])  # the kernel computed the per-head weights anyway
-            self._emit(module, "mha_fastpath", kind, lambda info: AttentionCapture(info, weights=float32_detached(weights)), weights.shape, mha_weight=qkv_weight)
+            self._emit(
+                module,
+                "mha_fastpath",
+                kind,
+                lambda info: AttentionCapture(info, weights=float32_detached(weights)),
+                weights.shape,
+                mha_weight=qkv_weight,
+            )
         else:
             self._emit_fused(module, query, key, qkv_weight, qkv_bias, num_heads, mask, mask_type, "mha_fastpath", kind)
         return out
 
-    def _encoder_layer_fwd(self, src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask=None, mask_type=None):  # noqa: ANN001, ANN202
+    def _encoder_layer_fwd(
+        self,
+        src,
+        embed_dim,
+        num_heads,
+        qkv_weight,
+        qkv_bias,
+        proj_weight,
+        proj_bias,
+        use_gelu,
+        norm_first,
+        eps,
+        norm_weight_1,
+        norm_bias_1,
+        norm_weight_2,
+        norm_bias_2,
+        ffn_weight_1,
+        ffn_bias_1,
+        ffn_weight_2,
+        ffn_bias_2,
+        mask=None,
+        mask_type=None,
+    ):
         out = self.original(torch, "_transformer_encoder_layer_fwd")(
-            src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps,
-            norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask, mask_type,
+            src,
+            embed_dim,
+            num_heads,
+            qkv_weight,
+            qkv_bias,
+            proj_weight,
+            proj_bias,
+            use_gelu,
+            norm_first,
+            eps,
+            norm_weight_1,
+            norm_bias_1,
+            norm_weight_2,
+            norm_bias_2,
+            ffn_weight_1,
+            ffn_bias_1,
+            ffn_weight_2,
+            ffn_bias_2,
+            mask,
+            mask_type,
         )
         module = self._innermost()
         if module is not None:
             with autocast_off(src):
-                x = F.layer_norm(src, (embed_dim,), norm_weight_1, norm_bias_1, eps) if norm_first and not src.is_nested else src
+                x = (
+                    F.layer_norm(src, (embed_dim,), norm_weight_1, norm_bias_1, eps)
+                    if norm_first and not src.is_nested
+                    else src
+                )
                 if norm_first and src.is_nested:
-                    x = torch.nested.as_nested_tensor([F.layer_norm(t, (embed_dim,), norm_weight_1, norm_bias_1, eps) for t in src.unbind()])
+                    x = torch.nested.as_nested_tensor(
+                        [F.layer_norm(t, (embed_dim,), norm_weight_1, norm_bias_1, eps) for t in src.unbind()]
+                    )
             self._emit_fused(module, x, x, qkv_weight, qkv_bias, num_heads, mask, mask_type, "encoder_fastpath", "self")
         return out
 
@@ -444,7 +533,9 @@ class _Interceptor:
             self.state.nested_length = int(padded.shape[1])
         return out
 
-    def _emit_fused(self, module, x_query, x_key, qkv_weight, qkv_bias, num_heads, mask, mask_type, source, kind) -> None:  # noqa: ANN001
+    def _emit_fused(
+        self, module, x_query, x_key, qkv_weight, qkv_bias, num_heads, mask, mask_type, source, kind
+    ) -> None:
         with torch.no_grad(), autocast_off(qkv_weight):
             if x_query.is_nested:
                 per_sample = []
@@ -453,10 +544,16 @@ class _Interceptor:
                     per_sample.append(attention_probs(q, k)[0])
                 length = max(self.state.nested_length or 0, max(p.shape[-1] for p in per_sample))
                 probs = pad_nested_probs(per_sample, length)
-                build = lambda info: AttentionCapture(info, weights=probs)  # noqa: E731
-                shape = probs.shape
+                build = weights_capture(probs)
+                shape: tuple[int, ...] = tuple(probs.shape)
             else:
-                q, k = in_projection_qk(x_query.detach(), x_key.detach(), qkv_weight.detach(), None if qkv_bias is None else qkv_bias.detach(), num_heads)
+                q, k = in_projection_qk(
+                    x_query.detach(),
+                    x_key.detach(),
+                    qkv_weight.detach(),
+                    None if qkv_bias is None else qkv_bias.detach(),
+                    num_heads,
+                )
                 m = native_mask(mask, mask_type, q.shape[0], num_heads)
                 m = m.detach() if m is not None else None
                 build = lambda info: AttentionCapture(info, query=q, key=k, attn_mask=m, mask_true_means_masked=True)  # noqa: E731
@@ -467,22 +564,9 @@ class _Interceptor:
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
-def returned_weights(module: nn.Module, arguments: dict[str, Any], output: Any) -> Tensor | None:
-    """The attention probabilities among what an attention module returned, ``None`` if there are none.
-
-    Hugging Face ``eager`` returns ``(output, weights)``, T5 ``(output, position_bias, weights)``; each tensor
-    after the first is tested (:func:`~lightning_attn.capture.sites.is_attention_probs`), so that a bias or
-    a cache of the same shape is never taken for the map. ``nn.MultiheadAttention`` is read by its wrappers.
-    """
-    if isinstance(module, nn.MultiheadAttention) or not is_attention_like(module) or not isinstance(output, (tuple, list)):
-        return None
-    num_queries = query_length(arguments)
-    for candidate in output[1:]:
-        if isinstance(candidate, Tensor) and 3 <= candidate.dim() <= 4:
-            # in training, dropout after the softmax leaves rows that do not sum to 1
-            if is_attention_probs(candidate, num_queries, rows_sum_to_one=not module.training):
-                return as_bhqk(candidate)
-    return None
+def weights_capture(weights: Tensor) -> Callable[[SiteInfo], AttentionCapture]:
+    """Builder of the capture of a call whose probabilities are already computed."""
+    return lambda info: AttentionCapture(info, weights=weights)
 
 
 INTERCEPTOR = _Interceptor()

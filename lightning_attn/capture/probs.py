@@ -113,7 +113,9 @@ def _rows(mask: Tensor, rows: slice, num_queries: int) -> Tensor:
     return mask
 
 
-def in_projection_qk(x_query: Tensor, x_key: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int) -> tuple[Tensor, Tensor]:
+def in_projection_qk(
+    x_query: Tensor, x_key: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor]:
     """Queries and keys ``[B, H, L, E/H]`` of a packed ``nn.MultiheadAttention`` in-projection (batch first)."""
     embed_dim = in_proj_weight.shape[1]
     w_q, w_k = in_proj_weight[:embed_dim], in_proj_weight[embed_dim : 2 * embed_dim]

@@ -53,7 +53,9 @@ class AttentionRecorder:
     kind is ``"cross"`` when the call attended to another sequence than its queries'. A model compiled with
     ``torch.compile(fullgraph=True)`` runs its eager module while recording (an info message says so).
     Attention-like modules that ran without a capture (a custom kernel) are named in one warning. Recording
-    is per thread: a recorder sees the forward passes of its model made in any thread, but only its own. A site is named by the qualified
+    is per thread: a recorder sees the forward passes of its model made in any thread, but only its own.
+
+    A site is named by the qualified
     name of the module that made the call (DDP, FSDP and ``torch.compile`` wrapper components
     stripped); the k-th repeated call of a site within one forward pass gets ``name#k`` (k >= 1).
     Probabilities recomputed for SDPA are pre-dropout; weights returned by modules in train mode are
@@ -224,10 +226,10 @@ class AttentionRecorder:
     def _warn_missed(self) -> None:
         self._warned = True
         warnings.warn(
-            f"AttentionRecorder captured no attention from these attention-like modules of {type(self.model).__name__}, "
-            f"which ran during recording: {self._missed_list()}. They compute attention in a way the recorder cannot "
-            "see (a custom CUDA/Triton kernel, flash_attn_func, xFormers, FlexAttention, or an attention function "
-            "bound at import time); their maps are missing. See the README's limits section.",
+            f"AttentionRecorder captured no attention from these attention-like modules of "
+            f"{type(self.model).__name__}, which ran during recording: {self._missed_list()}. They compute attention "
+            "in a way the recorder cannot see (a custom CUDA/Triton kernel, flash_attn_func, xFormers, FlexAttention, "
+            "or an attention function bound at import time); their maps are missing. See the README's limits section.",
             UserWarning,
             stacklevel=3,
         )
@@ -236,8 +238,9 @@ class AttentionRecorder:
         self._warned = True
         if self._seen:
             warnings.warn(
-                f"AttentionRecorder captured nothing because include={self.include} / exclude={self.exclude} filtered "
-                f"out every attention site of {type(self.model).__name__}; the sites that ran: {sorted(self._seen)}.",
+                f"AttentionRecorder captured nothing because include={self.include} / exclude={self.exclude} "
+                f"filtered out every attention site of {type(self.model).__name__}; the sites that ran: "
+                f"{sorted(self._seen)}.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -257,7 +260,7 @@ class AttentionRecorder:
                 f"AttentionRecorder found no attention in {type(self.model).__name__}: no nn.MultiheadAttention, "
                 "scaled_dot_product_attention call, attention softmax or weight-returning attention module ran in the "
                 "forward pass"
-                + (f"; these attention-like modules ran without a capture: {self._missed_list()}" if self._missed else "")
+                + (f"; attention-like modules that ran without a capture: {self._missed_list()}" if self._missed else "")
                 + ". See the README's limits section for attention the recorder cannot see (custom kernels).",
                 UserWarning,
                 stacklevel=3,

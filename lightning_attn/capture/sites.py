@@ -9,15 +9,21 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from types import FrameType
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 #: Forward arguments that carry the sequence a cross-attention attends to (Hugging Face ``key_value_states`` in
 #: BART/T5/Whisper, ``encoder_hidden_states`` in GPT-2/BERT decoders, ``memory`` in ``nn.Transformer*``).
-CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states", "memory", "context", "encoder_outputs")
+CROSS_ARGUMENTS = (
+    "key_value_states",
+    "encoder_hidden_states",
+    "cross_attention_states",
+    "memory",
+    "context",
+    "encoder_outputs",
+)
 
 #: Forward arguments that carry the queries' sequence ``[batch, queries, features]``.
 QUERY_ARGUMENTS = ("hidden_states", "x", "query", "src", "tgt")
@@ -26,9 +32,14 @@ QUERY_ARGUMENTS = ("hidden_states", "x", "query", "src", "tgt")
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
 
-@lru_cache(maxsize=None)
+_ATTENTION_CLASSES: dict[type, bool] = {}
+
+
 def _class_is_attention_like(cls: type) -> bool:
-    return issubclass(cls, nn.MultiheadAttention) or "attention" in cls.__name__.lower()
+    known = _ATTENTION_CLASSES.get(cls)
+    if known is None:
+        known = _ATTENTION_CLASSES[cls] = issubclass(cls, nn.MultiheadAttention) or "attention" in cls.__name__.lower()
+    return known
 
 
 def is_attention_like(module: nn.Module) -> bool:
@@ -56,20 +67,24 @@ def query_heads(module: nn.Module) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-@lru_cache(maxsize=None)
+_POSITIONAL_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _positional_names(cls: type) -> tuple[str, ...]:
     """Names of ``cls.forward``'s positional parameters after ``self`` (empty when it takes ``*args`` only)."""
-    try:
-        parameters = list(inspect.signature(cls.forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return ()
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(p.name for p in parameters if p.kind in kinds)
+    if cls not in _POSITIONAL_NAMES:
+        try:
+            parameters = list(inspect.signature(getattr(cls, "forward")).parameters.values())[1:]  # noqa: B009
+        except (TypeError, ValueError):
+            parameters = []
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        _POSITIONAL_NAMES[cls] = tuple(p.name for p in parameters if p.kind in kinds)
+    return _POSITIONAL_NAMES[cls]
 
 
 def call_arguments(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """The module's forward arguments by name (positional ones named from its signature)."""
-    named = dict(zip(_positional_names(type(module)), args))
+    named = dict(zip(_positional_names(type(module)), args, strict=False))  # *args beyond the names: unnamed
     named.update(kwargs or {})
     return named
 
@@ -80,7 +95,7 @@ def running_call(module: nn.Module, max_depth: int = 40) -> dict[str, Any] | Non
     Global pre-hooks do not see keyword arguments, so the entry-point wrappers look them up here, where the
     call is still running; ``None`` when the frame is not found (a compiled graph, a call from C++).
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None
@@ -99,6 +114,7 @@ def attention_kind(module: nn.Module, arguments: Mapping[str, Any] | None) -> Li
     (``forward(query, key, value)``), its forward got a sequence to attend to (:data:`CROSS_ARGUMENTS`), or
     (arguments unknown, as in a compiled graph) its class is named ``*Cross*``.
 
+    >>> import torch
     >>> attention_kind(nn.Linear(2, 2), {"key_value_states": torch.zeros(1)})
     'cross'
     >>> attention_kind(nn.Linear(2, 2), {"hidden_states": torch.zeros(1), "key_value_states": None})
@@ -106,7 +122,11 @@ def attention_kind(module: nn.Module, arguments: Mapping[str, Any] | None) -> Li
     """
     if getattr(module, "is_cross_attention", False) is True:
         return "cross"
-    if arguments is not None and isinstance(arguments.get("query"), Tensor) and isinstance(arguments.get("key"), Tensor):
+    if (
+        arguments is not None
+        and isinstance(arguments.get("query"), Tensor)
+        and isinstance(arguments.get("key"), Tensor)
+    ):
         return "self" if arguments["query"] is arguments["key"] else "cross"  # nn.MultiheadAttention(query, key, value)
     if arguments is not None:
         return "cross" if any(isinstance(arguments.get(name), Tensor) for name in CROSS_ARGUMENTS) else "self"
@@ -146,6 +166,7 @@ def unfold_packed_heads(query: Tensor, attn_mask: Tensor | None, factor: int) ->
     Key head ``g`` then serves query heads ``g * factor ... (g + 1) * factor - 1``, which is grouped-query
     attention with ``enable_gqa`` (``repeat_interleave`` of the key heads).
 
+    >>> import torch
     >>> q, m = unfold_packed_heads(torch.zeros(2, 2, 4, 8), torch.zeros(2, 1, 1, 5), factor=4)
     >>> tuple(q.shape), tuple(m.shape)
     ((2, 8, 1, 8), (2, 1, 1, 5))
@@ -159,13 +180,16 @@ def unfold_packed_heads(query: Tensor, attn_mask: Tensor | None, factor: int) ->
     return query, attn_mask
 
 
-def is_attention_probs(weights: Tensor, num_queries: int | None, rows_sum_to_one: bool, tolerance: float = 1e-2) -> bool:
+def is_attention_probs(
+    weights: Tensor, num_queries: int | None, rows_sum_to_one: bool, tolerance: float = 1e-2
+) -> bool:
     """Whether ``weights`` are attention probabilities ``[..., queries, keys]``.
 
     Non-negative; when ``rows_sum_to_one`` (no dropout ran) each row sums to 1 or is all zero (a fully masked
     row) and some row sums to 1. This tells weights from what else attention modules return in the same shape:
     T5's position bias (negative, rows not summing to 1), a cache. Costs one host sync.
 
+    >>> import torch
     >>> is_attention_probs(torch.tensor([[0.25, 0.75], [0.0, 0.0]]), 2, True)
     True
     >>> is_attention_probs(torch.tensor([[0.5, -0.5], [1.0, 0.0]]), 2, True)
@@ -182,3 +206,28 @@ def is_attention_probs(weights: Tensor, num_queries: int | None, rows_sum_to_one
         ones = (sums - 1).abs() <= tolerance
         valid = valid & (ones | (sums.abs() <= tolerance)).all() & ones.any()
     return bool(valid)
+
+
+def returned_weights(module: nn.Module, arguments: dict[str, Any], output: Any) -> Tensor | None:
+    """The attention probabilities among what an attention module returned, ``None`` if there are none.
+
+    Hugging Face ``eager`` returns ``(output, weights)``, T5 ``(output, position_bias, weights)``; each tensor
+    after the first is tested (:func:`is_attention_probs`), so that a bias or
+    a cache of the same shape is never taken for the map. ``nn.MultiheadAttention`` is read by its wrappers.
+    """
+    if (
+        isinstance(module, nn.MultiheadAttention)
+        or not is_attention_like(module)
+        or not isinstance(output, (tuple, list))
+    ):
+        return None
+    num_queries = query_length(arguments)
+    for candidate in output[1:]:
+        # in training, dropout after the softmax leaves rows that do not sum to 1
+        if (
+            isinstance(candidate, Tensor)
+            and 3 <= candidate.dim() <= 4
+            and is_attention_probs(candidate, num_queries, rows_sum_to_one=not module.training)
+        ):
+            return candidate if candidate.dim() == 4 else candidate[:, None]  # one head: [B, Q, K]
+    return None
