@@ -316,6 +316,44 @@ def test_t5_self_causal_and_cross_never_the_position_bias() -> None:
     )
 
 
+def test_longt5_decoder_read_from_out_bias_weights_and_block_local_encoder_named() -> None:
+    torch.manual_seed(18)
+    config = transformers.LongT5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        local_radius=2,
+    )
+    model = transformers.LongT5Model(config).eval()
+    inputs = {"input_ids": torch.randint(1, 64, (2, 8)), "decoder_input_ids": torch.randint(1, 64, (2, 5))}
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True)
+        # the encoder's attention is block-local, [batch, blocks, heads, block, 3 block]: not a [queries, keys] map
+        with (
+            pytest.warns(UserWarning, match=r"LocalSelfAttention \(LongT5LocalAttention\)"),
+            AttentionRecorder(model) as recorder,
+        ):
+            model(**inputs)
+    assert reference.encoder_attentions[0].dim() == 5
+    assert [(name, info.kind, info.source) for name, info in recorder.sites.items()] == [
+        ("decoder.block.0.layer.0.SelfAttention", "self", "weights"),
+        ("decoder.block.0.layer.1.EncDecAttention", "cross", "weights"),
+    ]
+    maps = list(recorder.maps.values())
+    compare(
+        "LongT5",
+        "eager decoder (out, bias, weights)",
+        maps,
+        [reference.decoder_attentions[0], reference.cross_attentions[0]],
+    )
+
+
 def test_whisper_self_causal_and_cross() -> None:
     torch.manual_seed(8)
     config = transformers.WhisperConfig(
