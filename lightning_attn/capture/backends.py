@@ -206,7 +206,7 @@ class _Interceptor:
             return
         running = state.stack[-1]
         if state.captures == running.captures_at_entry and output is not None:
-            self._end_of_site(running, call_arguments(module, args, kwargs), output)
+            self._end_of_site(running, args, kwargs, output)
         state.stack.pop()
         depth = len(state.stack)
         for key, (sink, begun_at) in list(state.open.items()):
@@ -214,10 +214,13 @@ class _Interceptor:
                 del state.open[key]
                 sink.end_forward()
 
-    def _end_of_site(self, running: _Running, arguments: dict[str, Any], output: Any) -> None:
+    def _end_of_site(self, running: _Running, args: Any, kwargs: Any, output: Any) -> None:
         """A module that made no intercepted call returns: read the weights it returned, else its softmax maps,
         else (an attention-like module) tell its recorders that attention ran where they cannot see it."""
         module = running.module
+        if not running.softmax_maps and not is_attention_like(module):
+            return  # most modules (linear layers, norms): nothing to read
+        arguments = call_arguments(module, args, kwargs)
         kind = attention_kind(module, arguments)
         weights = returned_weights(module, arguments, output)
         if weights is not None:
