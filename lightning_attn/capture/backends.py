@@ -1,6 +1,6 @@
 """The interception layer shared by every active :class:`~lightning_attn.AttentionRecorder`.
 
-While at least one recorder is active, four torch entry points are replaced by wrappers that call
+While at least one recorder is active, these torch entry points are replaced by wrappers that call
 the original with unchanged arguments (so outputs are bitwise those of the unrecorded model) and
 hand the queries/keys or weights to the recorders:
 
@@ -8,13 +8,16 @@ hand the queries/keys or weights to the recorders:
   user code, and ``nn.MultiheadAttention`` with ``need_weights=False``;
 - ``torch.nn.functional.multi_head_attention_forward``: ``nn.MultiheadAttention`` with ``need_weights=True``;
 - ``torch._native_multi_head_attention``: ``nn.MultiheadAttention``'s eval fast path;
-- ``torch._transformer_encoder_layer_fwd``: ``nn.TransformerEncoderLayer``'s eval fast path (nested too).
+- ``torch._transformer_encoder_layer_fwd``: ``nn.TransformerEncoderLayer``'s eval fast path (nested too);
+- ``torch.softmax``, ``torch.nn.functional.softmax`` and ``Tensor.softmax``: hand-written attention
+  (``(q @ k.transpose(-2, -1)).softmax(-1)`` over ``[B, H, Q, K]``, or ``[B, Q, K]`` in an attention module).
 
 Attribute replacement, rather than a ``TorchFunctionMode``, keeps the fused fast paths running: an
 active mode makes ``has_torch_function`` true and silently moves the layers to the slow path, which
-changes outputs. Calls are attributed to the innermost running module with *global* forward hooks,
-which (unlike per-module hooks) do not disable the fast path either and leave no trace on the model.
-Modules that return their own weights (Hugging Face ``eager``) are read in the global forward hook.
+changes outputs. Calls are attributed to the innermost running module of the calling thread with *global*
+forward hooks, which (unlike per-module hooks) do not disable the fast path either and leave no trace on
+the model. When a module returns, the hook reads weights it returned (Hugging Face ``eager``, T5), else
+the softmax maps it computed, else (an attention-like module that left no trace) tells its recorders.
 """
 
 from __future__ import annotations
@@ -23,16 +26,28 @@ import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
-from lightning_attn.capture.probs import in_projection_qk, native_mask
-from lightning_attn.capture.probs import attention_probs
+from lightning_attn.capture.probs import attention_probs, autocast_off, in_projection_qk, native_mask
 from lightning_attn.capture.record import AttentionCapture, SiteInfo, as_bhqk, float32_detached, pad_nested_probs
+from lightning_attn.capture.sites import (
+    attention_kind,
+    call_arguments,
+    is_attention_like,
+    packed_head_factor,
+    returned_weights,
+    running_call,
+    unfold_packed_heads,
+)
+
+Kind = Literal["self", "cross"]
 
 
 class CaptureSink(Protocol):
@@ -50,10 +65,38 @@ class CaptureSink(Protocol):
 
     def record(self, module: nn.Module, site: str | None, make: Callable[[str], AttentionCapture]) -> None: ...
 
+    def missed(self, module: nn.Module) -> None: ...
+
 
 _SDPA_SIGNATURE = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
 )
+
+#: The softmax entry points of hand-written attention (``F.softmax`` calls ``Tensor.softmax``: one map, seen twice).
+_SOFTMAX_ENTRY_POINTS = ((F, "softmax"), (torch, "softmax"), (torch.Tensor, "softmax"))
+
+
+@dataclass
+class _Running:
+    """A module of the calling thread's stack: the capture count when it started and its softmax maps."""
+
+    module: nn.Module
+    captures_at_entry: int
+    softmax_maps: list[Tensor] = field(default_factory=list)
+
+
+class _ThreadState(threading.local):
+    """Attribution state of one thread: two threads running their own models never see each other's calls."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Running] = []
+        self.captures = 0
+        # > 0 inside an intercepted kernel or the recorders' own work: softmax and SDPA calls made there are
+        # not attention sites of the model.
+        self.quiet = 0
+        # sink -> stack depth at which its forward pass began (its first owned module)
+        self.open: dict[int, tuple[CaptureSink, int]] = {}
+        self.nested_length: int | None = None
 
 
 class _Interceptor:
@@ -61,14 +104,11 @@ class _Interceptor:
 
     def __init__(self) -> None:
         self.sinks: list[CaptureSink] = []
-        self.stack: list[nn.Module] = []
-        self._counts_at_entry: list[int] = []
-        self.capture_count = 0
+        self.state = _ThreadState()
         self._lock = threading.RLock()
         self._originals: dict[tuple[Any, str], Any] = {}
+        self._class_attributes: set[tuple[Any, str]] = set()
         self._handles: list[RemovableHandle] = []
-        self._mha_weights_depth = 0
-        self._nested_length: int | None = None
 
     # -- installation -----------------------------------------------------------------------
     def attach(self, sink: CaptureSink) -> None:
@@ -85,8 +125,8 @@ class _Interceptor:
                 self._uninstall()
 
     def _install(self) -> None:
-        self.stack.clear()
-        self._counts_at_entry.clear()
+        self.state.stack.clear()
+        self.state.open.clear()
         patches: dict[tuple[Any, str], Callable] = {
             (F, "scaled_dot_product_attention"): self._sdpa,
             (F, "multi_head_attention_forward"): self._mha_forward,
@@ -94,25 +134,33 @@ class _Interceptor:
             (torch, "_transformer_encoder_layer_fwd"): self._encoder_layer_fwd,
             (torch, "_nested_tensor_from_mask"): self._nested_from_mask,
         }
+        for owner, name in _SOFTMAX_ENTRY_POINTS:
+            patches[(owner, name)] = self._softmax_wrapper(getattr(owner, name))
         for (owner, name), wrapper in patches.items():
             if hasattr(owner, name):  # private entry points may be absent in other torch releases
                 self._originals[(owner, name)] = getattr(owner, name)
+                if isinstance(owner, type) and name in owner.__dict__:
+                    self._class_attributes.add((owner, name))
                 setattr(owner, name, wrapper)
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(self._push),
-            nn.modules.module.register_module_forward_hook(self._pop, always_call=True),
+            nn.modules.module.register_module_forward_hook(self._pop, with_kwargs=True, always_call=True),
         ]
 
     def _uninstall(self) -> None:
         for (owner, name), original in self._originals.items():
-            setattr(owner, name, original)
+            if isinstance(owner, type) and (owner, name) not in self._class_attributes:
+                delattr(owner, name)  # inherited (Tensor.softmax from TensorBase): leave no attribute behind
+            else:
+                setattr(owner, name, original)
         self._originals.clear()
+        self._class_attributes.clear()
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.stack.clear()
-        self._counts_at_entry.clear()
-        self._nested_length = None
+        self.state.stack.clear()
+        self.state.open.clear()
+        self.state.nested_length = None
 
     @contextlib.contextmanager
     def exclusive(self, sink: CaptureSink) -> Iterator[None]:
@@ -137,79 +185,106 @@ class _Interceptor:
     # guards on the recorder's Python state and compiled models are captured with stable graphs.
     @torch.compiler.disable
     def _push(self, module: nn.Module, args: Any) -> None:
-        if not any(sink.owns(module) for sink in self.sinks):
+        owners = [sink for sink in tuple(self.sinks) if sink.owns(module)]
+        if not owners:
             return
-        if not self.stack:
-            self._nested_length = None
-            for sink in self.sinks:
+        state = self.state
+        if not state.stack:
+            state.nested_length = None
+        for sink in owners:  # a recorder's forward pass begins at the first module it owns
+            if id(sink) not in state.open:
+                state.open[id(sink)] = (sink, len(state.stack))
                 sink.begin_forward()
-        self.stack.append(module)
-        self._counts_at_entry.append(self.capture_count)
+        state.stack.append(_Running(module, state.captures))
 
     @torch.compiler.disable
-    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.stack or self.stack[-1] is not module:
+    def _pop(self, module: nn.Module, args: Any, *kwargs_and_output: Any) -> None:
+        # (kwargs, output); torch calls it with (output,) alone, None, when the forward raised
+        kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, None)
+        state = self.state
+        if not state.stack or state.stack[-1].module is not module:
             return
-        if self.capture_count == self._counts_at_entry[-1]:
-            self._maybe_returned_weights(module, args, output)
-        self.stack.pop()
-        self._counts_at_entry.pop()
-        if not self.stack:
-            for sink in list(self.sinks):
+        running = state.stack[-1]
+        if state.captures == running.captures_at_entry and output is not None:
+            self._end_of_site(running, args, kwargs, output)
+        state.stack.pop()
+        depth = len(state.stack)
+        for key, (sink, begun_at) in list(state.open.items()):
+            if begun_at == depth:
+                del state.open[key]
                 sink.end_forward()
 
-    def _maybe_returned_weights(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Read ``(output, weights, ...)`` of attention modules that compute their weights themselves."""
-        if isinstance(module, nn.MultiheadAttention) or "attention" not in type(module).__name__.lower():
-            return
-        if not isinstance(output, (tuple, list)) or len(output) < 2:
-            return
-        weights = output[1]
-        if not (isinstance(weights, Tensor) and weights.dim() == 4 and weights.is_floating_point()):
-            return
-        kind = "self" if weights.shape[-1] == weights.shape[-2] else "cross"
-        self._emit(module, "weights", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(weights)), weights.shape)
+    def _end_of_site(self, running: _Running, args: Any, kwargs: Any, output: Any) -> None:
+        """A module that made no intercepted call returns: read the weights it returned, else its softmax maps,
+        else (an attention-like module) tell its recorders that attention ran where they cannot see it."""
+        module = running.module
+        if not running.softmax_maps and not is_attention_like(module):
+            return  # most modules (linear layers, norms): nothing to read
+        arguments = call_arguments(module, args, kwargs)
+        kind = attention_kind(module, arguments)
+        weights = returned_weights(module, arguments, output)
+        if weights is not None:
+            self._emit(
+                module,
+                "weights",
+                kind,
+                lambda info: AttentionCapture(info, weights=self._keep_graph(weights)),
+                weights.shape,
+            )
+        elif running.softmax_maps:
+            for softmax in running.softmax_maps:
+                probs = softmax if softmax.dim() == 4 else softmax[:, None]  # one head: [B, Q, K]
+                self._emit(module, "softmax", kind, weights_capture(self._keep_graph(probs)), probs.shape)
+        elif is_attention_like(module):
+            for sink in tuple(self.sinks):
+                if sink.owns(module):
+                    sink.missed(module)
 
     def _emit(
         self,
         module: nn.Module,
         source: str,
-        kind: str,
+        kind: Kind,
         build: Callable[[SiteInfo], AttentionCapture],
         shape: tuple[int, ...] | torch.Size,
         mha_weight: Tensor | None = None,
     ) -> None:
-        """Hand one call to every recorder that owns a module on the stack.
+        """Hand one call to every recorder that owns a module on the calling thread's stack.
 
         Fused paths run inside the encoder layer, not its ``self_attn``: ``mha_weight`` (the packed
         in-projection) names the ``nn.MultiheadAttention`` so that both paths give the same site.
         """
-        self.capture_count += 1
+        state = self.state
+        state.captures += 1
         made: list[AttentionCapture] = []
-        for sink in self.sinks:
-            owner = next((m for m in reversed(self.stack) if sink.owns(m)), None)
-            if owner is None:
-                continue
-            name = sink.mha_name_for_weight(mha_weight) if mha_weight is not None else None
+        state.quiet += 1
+        try:
+            for sink in tuple(self.sinks):
+                owner = next((r.module for r in reversed(state.stack) if sink.owns(r.module)), None)
+                if owner is None:
+                    continue
+                name = sink.mha_name_for_weight(mha_weight) if mha_weight is not None else None
 
-            def make(full_name: str, _owner: nn.Module = owner) -> AttentionCapture:
-                info = SiteInfo(
-                    name=full_name,
-                    kind=kind,  # type: ignore[arg-type]
-                    num_heads=int(shape[-3]) if len(shape) >= 3 else 1,
-                    num_queries=int(shape[-2]),
-                    num_keys=int(shape[-1]),
-                    module_type="MultiheadAttention" if mha_weight is not None else type(_owner).__name__,
-                    source=source,
-                )
-                capture = build(info)
-                # Several recorders (a logger, a tracker) see the same call: probabilities one of them
-                # materialized are reused rather than recomputed.
-                capture.share_cache_from(made)
-                made.append(capture)
-                return capture
+                def make(full_name: str, _owner: nn.Module = owner) -> AttentionCapture:
+                    info = SiteInfo(
+                        name=full_name,
+                        kind=kind,
+                        num_heads=int(shape[-3]) if len(shape) >= 3 else 1,
+                        num_queries=int(shape[-2]),
+                        num_keys=int(shape[-1]),
+                        module_type="MultiheadAttention" if mha_weight is not None else type(_owner).__name__,
+                        source=source,
+                    )
+                    capture = build(info)
+                    # Several recorders (a logger, a tracker) see the same call: probabilities one of them
+                    # materialized are reused rather than recomputed.
+                    capture.share_cache_from(made)
+                    made.append(capture)
+                    return capture
 
-            sink.record(owner, name, make)
+                sink.record(owner, name, make)
+        finally:
+            state.quiet -= 1
         for capture in made:
             capture.release()
 
@@ -218,15 +293,8 @@ class _Interceptor:
         return weights.float() if self.differentiable and weights.requires_grad else float32_detached(weights)
 
     def _innermost(self) -> nn.Module | None:
-        return self.stack[-1] if self.stack else None
-
-    # -- wrappers ---------------------------------------------------------------------------
-    def _sdpa(self, *args: Any, **kwargs: Any) -> Tensor:
-        if self.differentiable and torch.is_grad_enabled() and self._innermost() is not None and not self._mha_weights_depth:
-            return self._sdpa_through_probs(args, kwargs)
-        out = self.original(F, "scaled_dot_product_attention")(*args, **kwargs)
-        self._record_sdpa(args, kwargs)
-        return self._gated(out)
+        stack = self.state.stack
+        return stack[-1].module if stack else None
 
     def _gate_sink(self) -> Any:
         """The active :class:`~lightning_attn.capture.gates.HeadGates` (head importance), if any."""
@@ -240,6 +308,45 @@ class _Interceptor:
     def differentiable(self) -> bool:
         return any(getattr(sink, "differentiable", False) for sink in self.sinks)
 
+    # -- hand-written attention ------------------------------------------------------------
+    def _softmax_wrapper(self, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        record = self._record_softmax
+
+        def softmax(*args: Any, **kwargs: Any) -> Tensor:
+            out = original(*args, **kwargs)
+            if isinstance(out, Tensor) and 3 <= out.dim() <= 4:  # the only check paid by other softmax calls
+                record(out, args, kwargs)
+            return out
+
+        return softmax
+
+    @torch.compiler.disable
+    def _record_softmax(self, out: Tensor, args: tuple, kwargs: dict) -> None:
+        """Keep a softmax over the keys of ``[B, H, Q, K]`` (or ``[B, Q, K]`` in an attention module) for the
+        innermost module; it becomes a capture when that module returns without returning its weights."""
+        state = self.state
+        # Dynamo runs a patched Tensor.softmax on fake tensors while it traces: shapes, not attention
+        if state.quiet or not state.stack or out.is_nested or is_fake(out):
+            return
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not isinstance(dim, int) or dim not in (-1, out.dim() - 1):
+            return
+        running = state.stack[-1]
+        if isinstance(running.module, nn.Softmax) and len(state.stack) > 1:  # the module that owns the nn.Softmax
+            running = state.stack[-2]
+        if out.dim() == 3 and not is_attention_like(running.module):
+            return
+        if not any(seen is out for seen in running.softmax_maps):
+            running.softmax_maps.append(out)
+
+    # -- scaled_dot_product_attention -------------------------------------------------------
+    def _sdpa(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.differentiable and torch.is_grad_enabled() and self._innermost() is not None and not self.state.quiet:
+            return self._sdpa_through_probs(args, kwargs)
+        out = self.original(F, "scaled_dot_product_attention")(*args, **kwargs)
+        self._record_sdpa(args, kwargs)
+        return self._gated(out)
+
     def _sdpa_through_probs(self, args: tuple, kwargs: dict) -> Tensor:
         """Differentiable mode: compute ``probs @ v`` eagerly so that the captured probabilities are the
         ones in the autograd graph (gradient-weighted rollout needs d output / d attention). Equal to the
@@ -249,45 +356,53 @@ class _Interceptor:
         a = bound.arguments
         query, key, value = a["query"], a["key"], a["value"]
         probs = attention_probs(query, key, a["attn_mask"], bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"]))
-        if a["dropout_p"]:
-            probs_used = F.dropout(probs, a["dropout_p"])
-        else:
-            probs_used = probs
+        probs_used = F.dropout(probs, a["dropout_p"]) if a["dropout_p"] else probs
         if bool(a["enable_gqa"]) and value.shape[-3] != query.shape[-3]:
             value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
         out = torch.matmul(probs_used, value.float()).to(query.dtype)
         module = self._innermost()
         assert module is not None
+        factor = packed_head_factor(module, query, key, bool(a["is_causal"]))
         weights = as_bhqk(probs)
-        kind = "self" if query is key else "cross"
+        if factor > 1:  # rows of the folded query axis are (head in group, query): unfold them to heads
+            weights = weights.reshape(weights.shape[0], weights.shape[1] * factor, -1, weights.shape[-1])
+        kind = self._sdpa_kind(module, query, key)
         self._emit(module, "sdpa", kind, lambda info: AttentionCapture(info, weights=weights), weights.shape)
         return self._gated(out)
+
+    def _sdpa_kind(self, module: nn.Module, query: Tensor, key: Tensor) -> Kind:
+        return "self" if query is key else attention_kind(module, running_call(module))
 
     @torch.compiler.disable
     def _record_sdpa(self, args: tuple, kwargs: dict) -> None:
         module = self._innermost()
-        if module is None or self._mha_weights_depth:
+        if module is None or self.state.quiet:
             return
         bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         query, key = a["query"], a["key"]
-        if query.is_nested or key.is_nested:
+        if query.is_nested or key.is_nested or is_fake(query):
             return
         q, k = query.detach(), key.detach()
         mask = a["attn_mask"].detach() if isinstance(a["attn_mask"], Tensor) else None
-        kind = "self" if (query is key or q.shape[-2] == k.shape[-2] and module_is_self(module)) else "cross"
+        is_causal, enable_gqa = bool(a["is_causal"]), bool(a["enable_gqa"])
+        factor = packed_head_factor(module, q, k, is_causal)
+        if factor > 1:
+            q, mask = unfold_packed_heads(q, mask, factor)
+            enable_gqa = True
         shape = (*q.shape[:-1], k.shape[-2])
         self._emit(
             module,
             "mha" if isinstance(module, nn.MultiheadAttention) else "sdpa",
-            kind,
+            self._sdpa_kind(module, query, key),
             lambda info: AttentionCapture(
-                info, query=q, key=k, attn_mask=mask, is_causal=bool(a["is_causal"]), scale=a["scale"], enable_gqa=bool(a["enable_gqa"])
+                info, query=q, key=k, attn_mask=mask, is_causal=is_causal, scale=a["scale"], enable_gqa=enable_gqa
             ),
             shape,
         )
 
+    # -- nn.MultiheadAttention and nn.TransformerEncoderLayer -------------------------------
     def _mha_forward(self, *args: Any, **kwargs: Any) -> Any:
         original = self.original(F, "multi_head_attention_forward")
         bound = _MHA_SIGNATURE.bind(*args, **kwargs)
@@ -304,44 +419,127 @@ class _Interceptor:
             weight = out_proj[0]
             a["out_proj_weight"] = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
             a["out_proj_bias"] = None
-        self._mha_weights_depth += 1
+        self.state.quiet += 1
         try:
             out, weights = original(*bound.args, **bound.kwargs)
         finally:
-            self._mha_weights_depth -= 1
+            self.state.quiet -= 1
         query, key = a["query"], a["key"]
-        kind = "self" if query is key else "cross"
+        kind: Kind = "self" if query is key else "cross"
         per_head = as_bhqk(weights)
-        self._emit(module, "mha", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(per_head)), per_head.shape)
+        self._emit(
+            module, "mha", kind, lambda info: AttentionCapture(info, weights=self._keep_graph(per_head)), per_head.shape
+        )
         if gates is not None:
             out = gates.gate_merged(out, a["num_heads"], *out_proj)
         return out, (weights.mean(dim=-3) if average else weights)
 
-    def _native_mha(self, query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask=None, need_weights=True, average_attn_weights=True, mask_type=None):  # noqa: ANN001, ANN202
+    def _native_mha(
+        self,
+        query,
+        key,
+        value,
+        embed_dim,
+        num_heads,
+        qkv_weight,
+        qkv_bias,
+        proj_weight,
+        proj_bias,
+        mask=None,
+        need_weights=True,
+        average_attn_weights=True,
+        mask_type=None,
+    ):
         out = self.original(torch, "_native_multi_head_attention")(
-            query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask, need_weights, average_attn_weights, mask_type
+            query,
+            key,
+            value,
+            embed_dim,
+            num_heads,
+            qkv_weight,
+            qkv_bias,
+            proj_weight,
+            proj_bias,
+            mask,
+            need_weights,
+            average_attn_weights,
+            mask_type,
         )
         module = self._innermost()
         if module is None:
             return out
-        kind = "self" if query is key else "cross"
+        kind: Kind = "self" if query is key else "cross"
         if need_weights and not average_attn_weights and not query.is_nested:
             weights = as_bhqk(out[1])  # the kernel computed the per-head weights anyway
-            self._emit(module, "mha_fastpath", kind, lambda info: AttentionCapture(info, weights=float32_detached(weights)), weights.shape, mha_weight=qkv_weight)
+            self._emit(
+                module,
+                "mha_fastpath",
+                kind,
+                lambda info: AttentionCapture(info, weights=float32_detached(weights)),
+                weights.shape,
+                mha_weight=qkv_weight,
+            )
         else:
             self._emit_fused(module, query, key, qkv_weight, qkv_bias, num_heads, mask, mask_type, "mha_fastpath", kind)
         return out
 
-    def _encoder_layer_fwd(self, src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask=None, mask_type=None):  # noqa: ANN001, ANN202
+    def _encoder_layer_fwd(
+        self,
+        src,
+        embed_dim,
+        num_heads,
+        qkv_weight,
+        qkv_bias,
+        proj_weight,
+        proj_bias,
+        use_gelu,
+        norm_first,
+        eps,
+        norm_weight_1,
+        norm_bias_1,
+        norm_weight_2,
+        norm_bias_2,
+        ffn_weight_1,
+        ffn_bias_1,
+        ffn_weight_2,
+        ffn_bias_2,
+        mask=None,
+        mask_type=None,
+    ):
         out = self.original(torch, "_transformer_encoder_layer_fwd")(
-            src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps,
-            norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask, mask_type,
+            src,
+            embed_dim,
+            num_heads,
+            qkv_weight,
+            qkv_bias,
+            proj_weight,
+            proj_bias,
+            use_gelu,
+            norm_first,
+            eps,
+            norm_weight_1,
+            norm_bias_1,
+            norm_weight_2,
+            norm_bias_2,
+            ffn_weight_1,
+            ffn_bias_1,
+            ffn_weight_2,
+            ffn_bias_2,
+            mask,
+            mask_type,
         )
         module = self._innermost()
         if module is not None:
-            x = F.layer_norm(src, (embed_dim,), norm_weight_1, norm_bias_1, eps) if norm_first and not src.is_nested else src
-            if norm_first and src.is_nested:
-                x = torch.nested.as_nested_tensor([F.layer_norm(t, (embed_dim,), norm_weight_1, norm_bias_1, eps) for t in src.unbind()])
+            with autocast_off(src):
+                x = (
+                    F.layer_norm(src, (embed_dim,), norm_weight_1, norm_bias_1, eps)
+                    if norm_first and not src.is_nested
+                    else src
+                )
+                if norm_first and src.is_nested:
+                    x = torch.nested.as_nested_tensor(
+                        [F.layer_norm(t, (embed_dim,), norm_weight_1, norm_bias_1, eps) for t in src.unbind()]
+                    )
             self._emit_fused(module, x, x, qkv_weight, qkv_bias, num_heads, mask, mask_type, "encoder_fastpath", "self")
         return out
 
@@ -351,22 +549,30 @@ class _Interceptor:
         out = self.original(torch, "_nested_tensor_from_mask")(*args, **kwargs)
         padded = args[0] if args else kwargs.get("t")
         if isinstance(padded, Tensor) and padded.dim() == 3:
-            self._nested_length = int(padded.shape[1])
+            self.state.nested_length = int(padded.shape[1])
         return out
 
-    def _emit_fused(self, module, x_query, x_key, qkv_weight, qkv_bias, num_heads, mask, mask_type, source, kind) -> None:  # noqa: ANN001
-        with torch.no_grad():
+    def _emit_fused(
+        self, module, x_query, x_key, qkv_weight, qkv_bias, num_heads, mask, mask_type, source, kind
+    ) -> None:
+        with torch.no_grad(), autocast_off(qkv_weight):
             if x_query.is_nested:
                 per_sample = []
                 for xq in x_query.unbind():
                     q, k = in_projection_qk(xq[None], xq[None], qkv_weight, qkv_bias, num_heads)
                     per_sample.append(attention_probs(q, k)[0])
-                length = max(self._nested_length or 0, max(p.shape[-1] for p in per_sample))
+                length = max(self.state.nested_length or 0, max(p.shape[-1] for p in per_sample))
                 probs = pad_nested_probs(per_sample, length)
-                build = lambda info: AttentionCapture(info, weights=probs)  # noqa: E731
-                shape = probs.shape
+                build = weights_capture(probs)
+                shape: tuple[int, ...] = tuple(probs.shape)
             else:
-                q, k = in_projection_qk(x_query.detach(), x_key.detach(), qkv_weight.detach(), None if qkv_bias is None else qkv_bias.detach(), num_heads)
+                q, k = in_projection_qk(
+                    x_query.detach(),
+                    x_key.detach(),
+                    qkv_weight.detach(),
+                    None if qkv_bias is None else qkv_bias.detach(),
+                    num_heads,
+                )
                 m = native_mask(mask, mask_type, q.shape[0], num_heads)
                 m = m.detach() if m is not None else None
                 build = lambda info: AttentionCapture(info, query=q, key=k, attn_mask=m, mask_true_means_masked=True)  # noqa: E731
@@ -377,9 +583,9 @@ class _Interceptor:
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
-def module_is_self(module: nn.Module) -> bool:
-    """Heuristic for SDPA calls whose q and k are distinct tensors of equal length: 'cross' in the name means cross."""
-    return "cross" not in type(module).__name__.lower()
+def weights_capture(weights: Tensor) -> Callable[[SiteInfo], AttentionCapture]:
+    """Builder of the capture of a call whose probabilities are already computed."""
+    return lambda info: AttentionCapture(info, weights=weights)
 
 
 INTERCEPTOR = _Interceptor()

@@ -8,10 +8,27 @@ mask, causal and grouped-query conventions are implemented exactly once and matc
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor
+
+# Bound at import, before any recorder replaces ``torch.softmax``: a recomputation is never taken for
+# hand-written attention of the model.
+_softmax = torch.softmax
+
+
+def autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast disabled on ``tensor``'s device while active (a no-op context when it is not enabled).
+
+    Recomputations run inside the caller's forward: under ``torch.autocast`` their matmuls would run in
+    bfloat16/float16 and the maps would not be the float32 probabilities the recorder promises.
+    """
+    device = tensor.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device_type=device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _additive_or_bool_mask(attn_mask: Tensor | None, *, true_means_masked: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -47,9 +64,23 @@ def attention_probs(
         query_slice: compute only these query rows (the query-chunked path); masks are sliced to match.
 
     Returns:
-        ``[..., Hq, L', S]`` float32 probabilities; rows with no key left to attend are 0,
-        as in SDPA's math kernel.
+        ``[..., Hq, L', S]`` float32 probabilities, also under ``torch.autocast`` (recomputed with it off);
+        rows with no key left to attend are 0, as in SDPA's math kernel.
     """
+    with autocast_off(query):
+        return _probs(query, key, attn_mask, is_causal, scale, enable_gqa, query_slice, mask_true_means_masked)
+
+
+def _probs(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    query_slice: slice | None,
+    mask_true_means_masked: bool,
+) -> Tensor:
     q = query.float()
     k = key.float()
     if enable_gqa and k.shape[-3] != q.shape[-3]:
@@ -69,7 +100,7 @@ def attention_probs(
         query_index = torch.arange(num_queries, device=scores.device)[rows, None]
         key_index = torch.arange(num_keys, device=scores.device)[None, :]
         scores = scores.masked_fill(key_index > query_index, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = _softmax(scores, dim=-1)
     if additive is not None or allowed is not None or is_causal:
         probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     return probs
@@ -82,7 +113,9 @@ def _rows(mask: Tensor, rows: slice, num_queries: int) -> Tensor:
     return mask
 
 
-def in_projection_qk(x_query: Tensor, x_key: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int) -> tuple[Tensor, Tensor]:
+def in_projection_qk(
+    x_query: Tensor, x_key: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor]:
     """Queries and keys ``[B, H, L, E/H]`` of a packed ``nn.MultiheadAttention`` in-projection (batch first)."""
     embed_dim = in_proj_weight.shape[1]
     w_q, w_k = in_proj_weight[:embed_dim], in_proj_weight[embed_dim : 2 * embed_dim]

@@ -19,14 +19,16 @@ class SiteInfo:
     Attributes:
         name: module path of the calling module (wrappers stripped), ``#k`` appended for the k-th
             repeated call within one forward pass.
-        kind: ``"self"`` when queries and keys have the same length and come from the same tensor,
-            else ``"cross"``.
-        num_heads: heads (query heads for grouped-query attention).
+        kind: ``"cross"`` when the call attended to another sequence than its queries' (an
+            ``encoder_hidden_states``/``key_value_states``/``memory`` argument, keys from another tensor,
+            an ``is_cross_attention`` module), else ``"self"`` (also a decoding step: 1 query, many keys).
+        num_heads: the module's query heads (grouped-query attention, packed heads unfolded).
         num_queries: query length.
         num_keys: key length.
         module_type: class name of the module that made the call.
         source: backend that captured it: ``"sdpa"``, ``"mha"``, ``"mha_fastpath"``,
-            ``"encoder_fastpath"`` or ``"weights"`` (a module that returned its weights).
+            ``"encoder_fastpath"``, ``"weights"`` (a module that returned its weights) or ``"softmax"``
+            (hand-written attention).
     """
 
     name: str

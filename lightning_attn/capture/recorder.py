@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -13,6 +14,8 @@ from torch import Tensor, nn
 
 from lightning_attn.capture.backends import INTERCEPTOR
 from lightning_attn.capture.record import AttentionCapture, SiteInfo
+
+log = logging.getLogger(__name__)
 
 #: Path components that wrappers insert between the user's module names.
 WRAPPER_PREFIXES = ("module", "_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module", "_forward_module")
@@ -40,9 +43,19 @@ class AttentionRecorder:
       (Hugging Face ``sdpa``, timm-style fused attention, custom modules), with probabilities
       recomputed exactly from ``q`` and ``k`` with the call's ``attn_mask``, ``is_causal``,
       ``scale`` and ``enable_gqa``;
-    - attention modules that return ``(output, weights)`` (Hugging Face ``eager``).
+    - attention modules that return their weights (Hugging Face ``eager``: ``(output, weights)``, T5:
+      ``(output, position_bias, weights)``), read only when they are probabilities;
+    - hand-written attention: a ``softmax`` over the last dimension of ``[batch, heads, queries, keys]``
+      (or ``[batch, queries, keys]`` inside an attention module) in a module's forward (source ``"softmax"``).
 
-    Maps are float32 ``[batch, heads, queries, keys]``, per head. A site is named by the qualified
+    Maps are float32 ``[batch, heads, queries, keys]``, per query head, also under ``torch.autocast`` and when
+    the caller folded query heads into the query axis (Hugging Face grouped-query decoding steps). A site's
+    kind is ``"cross"`` when the call attended to another sequence than its queries'. A model compiled with
+    ``torch.compile(fullgraph=True)`` runs its eager module while recording (an info message says so).
+    Attention-like modules that ran without a capture (a custom kernel) are named in one warning. Recording
+    is per thread: a recorder sees the forward passes of its model made in any thread, but only its own.
+
+    A site is named by the qualified
     name of the module that made the call (DDP, FSDP and ``torch.compile`` wrapper components
     stripped); the k-th repeated call of a site within one forward pass gets ``name#k`` (k >= 1).
     Probabilities recomputed for SDPA are pre-dropout; weights returned by modules in train mode are
@@ -96,6 +109,9 @@ class AttentionRecorder:
         self._active = False
         self._forwards = 0
         self._captures = 0
+        self._seen: set[str] = set()
+        self._missed: dict[str, str] = {}
+        self._bypassed: list[tuple[nn.Module, Any]] = []
         self._warned = False
 
     # -- context manager ----------------------------------------------------------------------
@@ -109,17 +125,46 @@ class AttentionRecorder:
             if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None
         }
         self._forwards = self._captures = 0
+        self._seen.clear()
+        self._missed.clear()
+        self._bypass_fullgraph_compile()
         self._active = True
         INTERCEPTOR.attach(self)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         INTERCEPTOR.detach(self)
+        for compiled, compiled_forward in self._bypassed:
+            compiled.__dict__["forward"] = compiled_forward
+        self._bypassed = []
         self._active = False
         self._names = {}
         self._mha_by_weight = {}
-        if exc_type is None and self._forwards and not self._captures and not self._warned:
-            self._warn_nothing_captured()
+        if exc_type is None and self._forwards and not self._warned:
+            if not self._captures:
+                self._warn_nothing_captured()
+            elif self._missed:
+                self._warn_missed()
+
+    def _bypass_fullgraph_compile(self) -> None:
+        """Run ``torch.compile(fullgraph=True)`` modules eagerly while recording.
+
+        A full graph cannot call back into Python: the recorder's hooks make Dynamo raise. Their original
+        module computes the same function, so its attention is captured; outside recording the compiled
+        graph runs again, untouched.
+        """
+        for name, module in self.model.named_modules():
+            context = getattr(module, "dynamo_ctx", None)
+            if hasattr(module, "_orig_mod") and getattr(context, "fullgraph", False) and "forward" in module.__dict__:
+                log.info(
+                    "AttentionRecorder: %s was compiled with torch.compile(fullgraph=True), which cannot call the "
+                    "recorder; its eager module runs while recording (the compiled graph runs again afterwards).",
+                    clean_module_name(name) or type(self.model).__name__,
+                )
+                self._bypassed.append((module, module.__dict__["forward"]))
+                module.__dict__["forward"] = module._orig_mod.__call__
 
     def clear(self) -> None:
         """Forget every stored map and site (no tensor stays referenced)."""
@@ -152,7 +197,8 @@ class AttentionRecorder:
         calls = self._calls.get(base, 0)
         self._calls[base] = calls + 1
         name = base if calls == 0 else f"{base}#{calls}"
-        if (self.include and not matches(name, self.include) and not matches(base, self.include)) or matches(name, self.exclude):
+        self._seen.add(base)
+        if not self._selected(name, base):
             return
         capture = make(name)
         self._captures += 1
@@ -166,10 +212,44 @@ class AttentionRecorder:
             if self.on_attention is not None:
                 self.on_attention(name, probs)
 
+    def missed(self, module: nn.Module) -> None:
+        name = self._names[id(module)] or type(self.model).__name__
+        if self._selected(name, name):
+            self._missed.setdefault(name, type(module).__name__)
+
+    def _selected(self, name: str, base: str) -> bool:
+        included = not self.include or matches(name, self.include) or matches(base, self.include)
+        return included and not matches(name, self.exclude)
+
     # -- diagnostics --------------------------------------------------------------------------
+    def _missed_list(self) -> str:
+        return ", ".join(f"{name} ({module_type})" for name, module_type in self._missed.items())
+
+    def _warn_missed(self) -> None:
+        self._warned = True
+        warnings.warn(
+            f"AttentionRecorder captured no attention from these attention-like modules of "
+            f"{type(self.model).__name__}, which ran during recording: {self._missed_list()}. They compute attention "
+            "in a way the recorder cannot see (a custom CUDA/Triton kernel, flash_attn_func, xFormers, FlexAttention, "
+            "or an attention function bound at import time); their maps are missing. See the README's limits section.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def _warn_nothing_captured(self) -> None:
         self._warned = True
-        compiled = [n or "<root>" for n, m in self.model.named_modules() if hasattr(m, "_orig_mod") and hasattr(m, "dynamo_ctx")]
+        if self._seen:
+            warnings.warn(
+                f"AttentionRecorder captured nothing because include={self.include} / exclude={self.exclude} "
+                f"filtered out every attention site of {type(self.model).__name__}; the sites that ran: "
+                f"{sorted(self._seen)}.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        compiled = [
+            n or "<root>" for n, m in self.model.named_modules() if hasattr(m, "_orig_mod") and hasattr(m, "dynamo_ctx")
+        ]
         if compiled or _is_compiled(self.model):
             warnings.warn(
                 "AttentionRecorder captured no attention from a model compiled with torch.compile: the compiled "
@@ -182,8 +262,14 @@ class AttentionRecorder:
         else:
             warnings.warn(
                 f"AttentionRecorder found no attention in {type(self.model).__name__}: no nn.MultiheadAttention, "
-                "scaled_dot_product_attention call or weight-returning attention module ran in the forward pass. "
-                "See the README's limits section for attention the recorder cannot see (custom kernels).",
+                "scaled_dot_product_attention call, attention softmax or weight-returning attention module ran in the "
+                "forward pass"
+                + (
+                    f"; attention-like modules that ran without a capture: {self._missed_list()}"
+                    if self._missed
+                    else ""
+                )
+                + ". See the README's limits section for attention the recorder cannot see (custom kernels).",
                 UserWarning,
                 stacklevel=3,
             )
