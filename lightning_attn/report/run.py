@@ -116,6 +116,8 @@ class ReportRun:
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_positions: dict[str, list[tuple[int, np.ndarray, bool]]] = field(default_factory=dict)
     probe_images: dict[int, np.ndarray] = field(default_factory=dict)  # input images of Grad-CAM probes, by sample
+    probe_maps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: site -> [H, Q, K]
+    probe_inputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: input name -> values
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     finished: bool = False
@@ -474,6 +476,7 @@ def record_probes(
                 "signed": entry["signed"][row].double().tolist(),
                 "top": [[features[i], float(share[i])] for i in order],
             }
+            run.probe_inputs.setdefault(first_index + position, {})[name] = entry["values"][row].numpy()
             if "positions" in entry:
                 run.probe_positions.setdefault(name, []).append(
                     (first_index + position, entry["positions"][row].numpy(), bool(entry["positions_pooled"]))
@@ -485,6 +488,9 @@ def record_probes(
                 "mean_row": rollout["mean_row"][row].double().tolist(),
                 "row0": rollout["row0"][row].double().tolist(),
             }
+        run.probe_maps[first_index + position] = {
+            site: maps[row].numpy() for site, maps in result.get("attention", {}).items()
+        }
         run.probes.append(probe)
 
 

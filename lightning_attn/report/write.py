@@ -181,7 +181,7 @@ def write_report(
     # figures
     (tmp / "figures").mkdir()
     figures = render.figures(run, summary) if settings.figures else []
-    rendered: list[tuple[str, str, bytes]] = []
+    rendered: list[tuple[str, str, str, bytes]] = []
     png_meta = {
         "Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
         "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True),
@@ -191,7 +191,7 @@ def write_report(
         path = f"figures/{name}.png"
         (tmp / path).write_bytes(png)
         files[path] = {"kind": "figure", "title": title}
-        rendered.append((title, caption, png))
+        rendered.append((name, title, caption, png))
     figures.clear()
 
     # Markdown and HTML
@@ -208,6 +208,7 @@ def write_report(
         rendered,
         title=settings.title,
         html_max_rows=settings.html_max_rows,
+        files=[*sorted(files)],
     )
     files["report.html"] = {"kind": "html"}
     for name, entry in files.items():
