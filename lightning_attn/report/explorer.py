@@ -3,10 +3,11 @@ explorer page (``templates/explorer.html.j2``; the report embeds the same widget
 
 The maps travel inline, no network: every map of every (epoch, sample, site) concatenated, zlib-deflated and
 base64-encoded; the browser inflates them with its own ``DecompressionStream``. Maps are exact float32 while their
-values number at most :data:`MAX_EXACT_VALUES`; above that they are quantized to ``round(255 a)`` (one byte each,
-absolute error at most 1/510), which keeps a BERT-base explorer (12 x 12 heads, 4 samples, 128 tokens: 9.4 million
-weights) within a few megabytes. The page's JavaScript API (``window.lightningAttn``) is described in
-``templates/explorer.js``.
+values number at most :data:`MAX_EXACT_VALUES`; above that they are quantized to ``round(L a) / L`` with L = 255
+(one byte each, absolute error at most 1/510), or coarser (63, 15 levels) when the packed data would exceed
+:data:`MAX_BYTES`, so that a BERT-base explorer (12 x 12 heads, 4 samples, 128 tokens: 9.4 million weights) stays
+under 8 MB whatever the weights (deflate stores 15 levels in at most about 4 bits each). The page's JavaScript API
+(``window.lightningAttn``) is described in ``templates/explorer.js``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,21 @@ import numpy as np
 
 from lightning_attn.report import html as page
 
-__all__ = ["MAX_EXACT_VALUES", "explorer_context", "explorer_data", "write_explorer"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_EXACT_VALUES",
+    "QUANTIZATION_LEVELS",
+    "explorer_context",
+    "explorer_data",
+    "write_explorer",
+]
 
 #: Maps with at most this many weights in all are stored as exact float32, larger ones as one byte per weight.
 MAX_EXACT_VALUES = 1 << 21
+#: Quantized maps use the first of these numbers of levels (``round(levels * a)``) whose packed data fits MAX_BYTES.
+QUANTIZATION_LEVELS = (255, 63, 15)
+#: Budget of the packed (deflated, base64) quantized maps in bytes.
+MAX_BYTES = 6_000_000
 
 
 def explorer_data(
@@ -33,6 +45,7 @@ def explorer_data(
     titles: Mapping[int, str] | None = None,
     tokens: Mapping[int, Sequence[str]] | None = None,
     max_exact_values: int = MAX_EXACT_VALUES,
+    max_bytes: int = MAX_BYTES,
 ) -> dict[str, Any]:
     """The explorer's payload from ``maps[epoch][sample][site]`` ([heads, queries, keys] post-softmax weights), with
     per-sample ``titles`` and ``tokens`` (labels of the positions where a map's length matches). Sites are ordered by
@@ -59,8 +72,13 @@ def explorer_data(
                 blocks.append(array.reshape(-1))
                 offset += array.size
     flat = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    exact = flat.size <= max_exact_values
-    raw = flat.astype("<f4") if exact else np.rint(np.clip(flat, 0.0, 1.0) * 255).astype(np.uint8)
+    if flat.size <= max_exact_values:
+        levels, data = 0, _pack(flat.astype("<f4"))
+    else:
+        for levels in QUANTIZATION_LEVELS:  # the finest quantization whose page stays within max_bytes
+            data = _pack(np.rint(np.clip(flat, 0.0, 1.0) * levels).astype(np.uint8))
+            if len(data) <= max_bytes:
+                break
     return {
         "epochs": [int(e) for e in epochs],
         "samples": [
@@ -73,9 +91,14 @@ def explorer_data(
         ],
         "sites": [{"name": site, "heads": heads[site]} for site in sites],
         "chunks": chunks,
-        "encoding": "float32" if exact else "uint8",
-        "data": base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode("ascii"),
+        "encoding": "uint8" if levels else "float32",
+        "levels": levels,
+        "data": data,
     }
+
+
+def _pack(array: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(array.tobytes(), 6)).decode("ascii")
 
 
 def explorer_context(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,7 +106,7 @@ def explorer_context(data: Mapping[str, Any]) -> dict[str, Any]:
     note = (
         "Exact float32 weights."
         if data["encoding"] == "float32"
-        else "Weights quantized to 1/255 (one byte each) to keep the page small; report.json has no maps."
+        else f"Weights quantized to steps of 1/{data['levels']} to keep the page small."
     )
     return {
         "explorer_json": page.script_json(data),

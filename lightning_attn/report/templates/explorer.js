@@ -14,7 +14,7 @@
   var TOP_K = 8;
   var THUMB = 48;       // model-view cell size (px); larger maps are block-averaged down to it
   var BIG = 320;
-  var scale = spec.encoding === 'uint8' ? 1 / 255 : 1;
+  var scale = spec.encoding === 'uint8' ? 1 / spec.levels : 1;
   var values = null;
   var chunks = {};
   spec.chunks.forEach(function (c) { chunks[c.e + '|' + c.s + '|' + c.l] = c; });
