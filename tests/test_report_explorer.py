@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -73,6 +74,18 @@ def test_bert_base_explorer_stays_under_8_mb(tmp_path: Path) -> None:
     data = explorer_data(noise)
     assert data["levels"] < 255
     assert write_explorer(tmp_path / "noise.html", data).stat().st_size < 8_000_000
+
+
+def test_report_page_is_a_document_not_a_dump(report: dict) -> None:
+    out, document = report["dir"], report["json"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "explorer.html" in document["files"] and (out / "explorer.html").stat().st_size > 1000
+    assert 'href="report.json"' in page and "sections." not in page.replace("sections.calibration", "")
+    markup = re.sub(r"<script.*?</script>|<style>.*?</style>", "", page, flags=re.S)
+    assert "type_scores" not in markup and "[0]." not in markup  # no flattened JSON paths
+    order = [page.index(f'id="{s}"') for s in ("overview", "per-sample", "drill", "calibration", "heads")]
+    order += [page.index(f'id="{s}"') for s in ("attention", "explorer", "provenance")]
+    assert order == sorted(order)
 
 
 # -- the browser ------------------------------------------------------------------------------------------------------
@@ -149,6 +162,7 @@ def test_explorer_and_drilldown_in_chromium(report: dict, driver) -> None:
     _shot(driver, "report_screen1.png")
     driver.execute_script("window.scrollTo(0, window.innerHeight)")
     _shot(driver, "report_screen2.png")
+    driver.set_window_size(1280, 1800)  # element screenshots need the whole element in the window
 
     # layer 2, head 3 of sample 1: the drawn weights are MultiheadAttention's own map
     sites = driver.execute_script("return window.lightningAttn.sites")
@@ -190,7 +204,7 @@ def test_explorer_and_drilldown_in_chromium(report: dict, driver) -> None:
 
     # a click on sample 1's row opens its drill-down: its values, its input as a line chart, its attention maps
     row = driver.find_element(By.CSS_SELECTOR, '#samples tbody tr[data-sample="1"]')
-    driver.execute_script("arguments[0].scrollIntoView()", row)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
     row.click()
     panel = driver.find_element(By.ID, "drilldown")
     assert panel.get_attribute("data-sample") == "1"
@@ -200,7 +214,9 @@ def test_explorer_and_drilldown_in_chromium(report: dict, driver) -> None:
     assert len(panel.find_elements(By.CSS_SELECTOR, "figure canvas")) == len(sites)
     driver.execute_script("arguments[0].scrollIntoView()", panel)
     _shot(panel, "report_drilldown.png")
-    driver.find_element(By.CSS_SELECTOR, f'#samples tbody tr[data-sample="{NUM_TEST - 1}"]').click()
+    last = driver.find_element(By.CSS_SELECTOR, f'#samples tbody tr[data-sample="{NUM_TEST - 1}"]')
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", last)
+    last.click()
     assert panel.get_attribute("data-sample") == str(NUM_TEST - 1) and "Not a probe sample" in panel.text
 
     # filters: only wrong predictions, then one true class

@@ -439,10 +439,11 @@ class GroupStatistics:
             s = {key: moments.summary() for key, moments in groups.items()}
             c, i = s["correct"], s["incorrect"]
             difference = effect = None
-            if c["mean"] is not None and i["mean"] is not None:
-                difference = c["mean"] - i["mean"]
-                nc, ni = c["n"], i["n"]
-                pooled = math.sqrt(((nc * c["std"] ** 2) + (ni * i["std"] ** 2)) / max(nc + ni, 1))
+            mean_c, mean_i = c["mean"], i["mean"]
+            if mean_c is not None and mean_i is not None:
+                difference = mean_c - mean_i
+                nc, ni, std_c, std_i = c["n"] or 0, i["n"] or 0, c["std"] or 0.0, i["std"] or 0.0
+                pooled = math.sqrt(((nc * std_c**2) + (ni * std_i**2)) / max(nc + ni, 1))
                 effect = difference / pooled if pooled > 0 else None
             out[name] = {**s, "difference": difference, "effect_size": effect}
         return out
@@ -605,9 +606,9 @@ def compute_saliency(
     missing: list[str] = []
     for site, attn in maps.items():
         first, second = slots[site]
-        grad = grads[first]
-        if grad is None and second is not None and grads[second] is not None:
-            grad = grads[second].reshape(attn.shape)
+        grad, base_grad = grads[first], grads[second] if second is not None else None
+        if grad is None and base_grad is not None:
+            grad = base_grad.reshape(attn.shape)
         if grad is None:
             missing.append(site)
             continue

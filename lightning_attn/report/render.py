@@ -317,11 +317,12 @@ def write_html(
     title: str,
     html_max_rows: int | None,
     files: Sequence[str] = (),
-) -> None:
+) -> dict[str, Any] | None:
     """Write ``report.html`` to ``path`` from ``templates/report.html.j2``: overview, the per-sample table (the
     first ``html_max_rows`` rows of the run's ``samples.csv``, ``None``: all, streamed), the drill-down, calibration,
     heads, attention with the explorer, saliency and provenance; ``pngs`` are the rendered figures (file name, title,
-    caption, PNG), ``files`` the report's other files (linked)."""
+    caption, PNG), ``files`` the report's other files (linked). Returns the explorer's data
+    (:func:`~lightning_attn.report.explorer.explorer_data`; ``None`` when no probe sample has attention maps)."""
     d = summary["dataset"]
     placed = {"reliability", "confidence", "classwise", "correct_vs_incorrect", "head_entropy", "head_relevance"}
     placed.add("rollout")
@@ -446,7 +447,7 @@ def write_html(
         ),
         "saliency_figures": [figures[n] for n in saliency_names],
         "saliency_html": Markup(attribution_view.token_view_html(summary)),
-        "files": [*files, "report.json"],
+        "files": [*files, *(["explorer.html"] if explorer is not None else []), "report.json"],
         "provenance_table": Markup(
             page.table_html(
                 ["item", "value"],
@@ -480,6 +481,7 @@ def write_html(
         context["rows"] = page_data.sample_rows(columns, reader, shown, probes)
         for chunk in template.generate(**context):
             handle.write(chunk)
+    return explorer
 
 
 # -----------------------------------------------------------------------------------------------------------------

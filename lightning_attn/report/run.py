@@ -311,8 +311,8 @@ def add_batch(
         if site_mean_entropy
         else [math.nan] * batch_size
     )
-    for name, values in measures.items():
-        run.stats.add(name, values, correct_list)
+    for name, measure in measures.items():
+        run.stats.add(name, measure, correct_list)
 
     # classwise and calibration sums
     t_list, p_list = host["target"].tolist(), host["predicted"].tolist()

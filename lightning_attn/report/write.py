@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_attn.report import render
+from lightning_attn.report.explorer import write_explorer
 from lightning_attn.report.provenance import combine_input_hashes, hash_config, library_versions, report_hash, utc_now
 from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
@@ -136,7 +137,7 @@ def write_report(
         num_batches = sum(count for _, _, count in run.input_digests)
     else:
         inputs_sha, num_batches = run.hasher.hexdigest(), run.hasher.count
-    provenance = {
+    provenance: dict[str, Any] = {
         "report_sha256": report_hash(run.model_sha256, inputs_sha, config_sha),
         "model_sha256": run.model_sha256,
         "inputs_sha256": inputs_sha,
@@ -200,7 +201,7 @@ def write_report(
         encoding="utf-8",
     )
     files["summary.md"] = {"kind": "summary"}
-    render.write_html(
+    explorer = render.write_html(
         tmp / "report.html",
         run,
         summary,
@@ -211,6 +212,9 @@ def write_report(
         files=[*sorted(files)],
     )
     files["report.html"] = {"kind": "html"}
+    if explorer is not None:  # the explorer alone too: one small page for W&B (wandb.Html) or a browser
+        write_explorer(tmp / "explorer.html", explorer, title=f"{settings.title}: attention explorer")
+        files["explorer.html"] = {"kind": "html"}
     for name, entry in files.items():
         entry["sha256"] = _file_sha256(tmp / name)
         entry["bytes"] = (tmp / name).stat().st_size
