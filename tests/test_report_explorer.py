@@ -20,6 +20,7 @@ from report_helpers import TinyClassifier, TinyData, make_samples
 
 from lightning_attn import build_report
 from lightning_attn.report.explorer import explorer_data, write_explorer
+from lightning_attn.report.page_data import input_view
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -88,6 +89,22 @@ def test_report_page_is_a_document_not_a_dump(report: dict) -> None:
     assert order == sorted(order)
 
 
+def test_inputs_are_drawn_as_what_they_are() -> None:
+    rng = np.random.default_rng(0)
+    gray = input_view("x", rng.uniform(size=(1, 8, 8)), None)
+    assert gray["kind"] == "image" and (gray["channels"], gray["height"], gray["width"]) == (1, 8, 8)
+    assert min(gray["values"]) == 0.0 and max(gray["values"]) == 1.0  # min-max scaled
+    rgb = input_view("x", rng.uniform(size=(32, 32, 3)), None)  # channels last: moved first
+    assert rgb["kind"] == "image" and rgb["channels"] == 3 and len(rgb["values"]) == 3 * 32 * 32
+    big = input_view("x", rng.uniform(size=(3, 512, 512)), None)
+    assert big["kind"] == "image" and len(big["values"]) <= 64 * 64 * 3 * 4 and "every" in big["note"]
+    values = rng.normal(size=(20, 5))
+    series = input_view("a", values, [f"f{i}" for i in range(5)])
+    assert series["kind"] == "series" and series["features"] == [f"f{i}" for i in range(5)] and series["length"] == 20
+    np.testing.assert_allclose(series["values"][2], values[:, 2], atol=1e-6)  # one line per feature
+    assert input_view("v", rng.normal(size=7), None)["kind"] == "series"
+
+
 # -- the browser ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -147,8 +164,11 @@ def _shot(element_or_driver, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
     path.unlink(missing_ok=True)
-    save = getattr(element_or_driver, "screenshot", None) or element_or_driver.save_screenshot
-    save(str(path))
+    if hasattr(element_or_driver, "screenshot"):  # an element: all of it in the window first
+        element_or_driver.parent.execute_script("arguments[0].scrollIntoView()", element_or_driver)
+        element_or_driver.screenshot(str(path))
+    else:
+        element_or_driver.save_screenshot(str(path))
     assert path.stat().st_size > 5_000
 
 

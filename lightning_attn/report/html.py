@@ -25,7 +25,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-__all__ = ["asset", "environment", "esc", "figure_html", "script_json", "table_html"]
+__all__ = ["asset", "cell", "environment", "esc", "figure_html", "script_json", "table_html"]
 
 
 @functools.cache
@@ -103,19 +103,24 @@ def table_html(
     return "".join(parts)
 
 
+def cell(value: Any) -> tuple[str, str | None]:
+    """A table cell as ``(text, exact)``: a number (also one written as text) shown to 4 significant digits
+    (integers as they are) with its exact value kept for sorting; anything else as text with ``exact`` ``None``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(value), repr(value)
+    if isinstance(value, str) and _is_number(value):
+        stripped = value.strip()
+        return (stripped if stripped.lstrip("+-").isdigit() else fmt(float(stripped))), stripped
+    return (value if isinstance(value, str) else fmt(value)), None
+
+
 def row_html(row: Sequence[Any], css_class: str | None = None) -> str:
     cells = []
     for value in row:
-        text = value if isinstance(value, str) else fmt(value)
-        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-            isinstance(value, str) and _is_number(value)
-        ):
-            exact = value if isinstance(value, str) else repr(value)
-            if isinstance(value, str):
-                text = value if value.strip().lstrip("+-").isdigit() else fmt(float(value))
-            cells.append(f'<td class="num" data-v="{esc(exact)}">{esc(text)}</td>')
-        else:
-            cells.append(f"<td>{esc(text)}</td>")
+        text, exact = cell(value)
+        cells.append(
+            f"<td>{esc(text)}</td>" if exact is None else f'<td class="num" data-v="{esc(exact)}">{esc(text)}</td>'
+        )
     klass = f' class="{css_class}"' if css_class else ""
     return f"<tr{klass}>{''.join(cells)}</tr>"
 

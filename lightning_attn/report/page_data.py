@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_attn.report import html as page
 from lightning_attn.report.explorer import explorer_data
 from lightning_attn.report.run import ReportRun, class_name
 
@@ -16,6 +17,7 @@ __all__ = [
     "HEAD_COLUMNS",
     "head_importance",
     "head_rows",
+    "input_view",
     "probe_explorer",
     "probe_views",
     "registry_heads",
@@ -89,7 +91,7 @@ def head_rows(summary: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _input_view(name: str, values: np.ndarray, feature_names: Sequence[str] | None) -> dict[str, Any]:
+def input_view(name: str, values: np.ndarray, feature_names: Sequence[str] | None) -> dict[str, Any]:
     """An input for the drill-down: ``image`` ([H, W], [C, H, W] or [H, W, C] with C in 1 or 3, values min-max
     scaled to [0, 1], channel-first) or ``series`` (positions x features, one line per feature; a vector is one
     line)."""
@@ -139,7 +141,7 @@ def _input_view(name: str, values: np.ndarray, feature_names: Sequence[str] | No
 
 def probe_views(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any]:
     """The drill-down data of each probe sample, keyed by its sample index (as text): prediction, confidence, inputs
-    (:func:`_input_view`), the top features of each input's saliency and the token saliency when there is one."""
+    (:func:`input_view`), the top features of each input's saliency and the token saliency when there is one."""
     names = run.class_names
     views: dict[str, Any] = {}
     for probe in summary["saliency"]["probes"]:
@@ -152,7 +154,7 @@ def probe_views(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any]:
             "confidence": probe["confidence"],
             "explained_class": class_name(names, probe["explained_class"]),
             "inputs": [
-                _input_view(name, values, probe["inputs"].get(name, {}).get("feature_names"))
+                input_view(name, values, probe["inputs"].get(name, {}).get("feature_names"))
                 for name, values in inputs.items()
             ],
             "saliency": {name: entry["top"][:8] for name, entry in probe["inputs"].items()},
@@ -203,17 +205,5 @@ def sample_rows(
             "target": row[where["target"]],
             "confidence": row[where["confidence"]],
             "css": " ".join(css),
-            "cells": [_cell(value) for value in row],
+            "cells": [page.cell(value) for value in row],
         }
-
-
-def _cell(text: str) -> tuple[str, str | None]:
-    stripped = text.strip()
-    if not stripped:
-        return "", None
-    try:
-        number = float(stripped)
-    except ValueError:
-        return text, None
-    shown = stripped if stripped.lstrip("+-").isdigit() else f"{number:.4g}"
-    return shown, stripped

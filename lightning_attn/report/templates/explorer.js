@@ -1,7 +1,18 @@
 /* The attention explorer: a head view (queries left, keys right, one line per (query, key) weighted by attention,
    as bertviz draws it) and a model view (a layers x heads grid of small maps; click one to enlarge) over the maps of
    the probe samples that the page carries inline (zlib-deflated, base64; decoded with the browser's own
-   DecompressionStream: no network). window.lightningAttn drives it and reads back what is drawn. */
+   DecompressionStream: no network). Above 128 keys the head view draws the top 8 lines of each query; the model
+   view block-averages every map down to its cell.
+
+   window.lightningAttn drives it and reads back what is drawn:
+     ready                          a Promise, resolved once the maps are decoded and drawn
+     sites, samples, epochs         site names (layer = index), probe sample indices, epochs
+     select({layer, head | heads, sample, epoch})   layer: index or site name; sample: its sample index
+     state()                        {layer, site, heads, sample, epoch, hover}
+     weights(head?)                 the selected map [queries][keys] (default: the first selected head)
+     map(layer, head | 'mean', sample, epoch?)       any map
+     drawnLines()                   the head view's lines now: {head, query, key, weight} each
+     hover(side, index)             as a mouse over token `index` of side 'q' or 'k' (null: none) */
 (function () {
   'use strict';
   var node = document.getElementById('la-explorer-data');
@@ -64,10 +75,10 @@
 
   function column(el, names, side, height) {
     el.textContent = '';
-    var font = Math.min(12, height - 2);
+    var font = Math.min(12, height - 1);
     names.forEach(function (name, i) {
       var div = document.createElement('div');
-      div.textContent = font >= 6 ? name : '';
+      div.textContent = font >= 7 ? name : '';  // too small to read: the name is in the tooltip
       div.title = i + ': ' + name;
       div.style.height = div.style.lineHeight = height + 'px';
       div.style.fontSize = font + 'px';
@@ -88,7 +99,7 @@
       return;
     }
     message.textContent = c.k > DENSE_MAX ? c.k + ' keys: the top ' + TOP_K + ' lines of each query are drawn.' : '';
-    var n = Math.max(c.q, c.k), height = n <= 48 ? 16 : Math.max(4, Math.floor(900 / n));
+    var n = Math.max(c.q, c.k), height = n <= 48 ? 16 : n <= 128 ? 10 : Math.max(3, Math.floor(1280 / n));
     var left = $('la-left'), right = $('la-right');
     if (left.getAttribute('data-key') !== [c.l, c.q, c.k, state.sample, height].join(',')) {
       column(left, labels(c, 'q'), 'q', height);
@@ -118,7 +129,7 @@
           var w = rows[q][k];
           drawn.push({head: head, query: q, key: k, weight: w});
           if (w <= 0) return;
-          ctx.globalAlpha = Math.min(1, w / Math.max(state.heads.length / 2, 1));
+          ctx.globalAlpha = Math.min(1, w);  // opacity = attention weight, as bertviz draws it
           ctx.beginPath();
           ctx.moveTo(0, (q + 0.5) * height);
           ctx.lineTo(canvas.width, (k + 0.5) * height);
