@@ -266,3 +266,62 @@ def test_standalone_explorer_epoch_slider(tmp_path: Path, driver) -> None:
     labels = [d.text for d in driver.find_elements(By.CSS_SELECTOR, "#la-left div")]
     assert labels == ["[CLS]", "a", "b", "[SEP]"]
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@pytest.mark.slow
+@needs_browser
+def test_image_and_text_probes_in_chromium(tmp_path: Path, driver) -> None:
+    from selenium.webdriver.common.by import By
+    from test_report_attribution import TinyText, TinyViT, _text_loader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(1)
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    out = build_report(
+        TinyViT().eval(),
+        DataLoader(TensorDataset(images, torch.arange(6) % 3), batch_size=3),
+        tmp_path / "image",
+        probe_samples=2,
+        figures=False,
+        progress=False,
+        accelerator="cpu",
+    )
+    driver.get((out / "report.html").as_uri())
+    _ready(driver)
+    row = driver.find_element(By.CSS_SELECTOR, '#samples tbody tr[data-sample="1"]')
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
+    row.click()
+    canvas = driver.find_element(By.CSS_SELECTOR, '#drilldown canvas[data-kind="image"]')
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("8", "8")
+    pixel = driver.execute_script(
+        "return Array.from(arguments[0].getContext('2d').getImageData(0, 0, 8, 8).data)", canvas
+    )
+    x = images[1, 0].double().numpy()
+    expected = np.round(255 * (x - x.min()) / (x.max() - x.min()))
+    assert np.abs(np.array(pixel[0::4]).reshape(8, 8) - expected).max() <= 1  # the input itself, grey levels
+    _shot(driver.find_element(By.ID, "drilldown"), "report_drilldown_image.png")
+
+    torch.manual_seed(0)
+    out = build_report(
+        TinyText().eval(),
+        _text_loader(),
+        tmp_path / "text",
+        probe_samples=2,
+        figures=False,
+        progress=False,
+        accelerator="cpu",
+        id_to_token=lambda i: f"w{i}",
+    )
+    report = json.loads((out / "report.json").read_text())
+    driver.get((out / "report.html").as_uri())
+    _ready(driver)
+    driver.execute_script("window.lightningAttn.select({layer: 0, head: 0, sample: 1})")
+    tokens = report["saliency"]["probes"][1]["tokens"]["tokens"]
+    labels = [d.get_attribute("title").split(": ", 1)[1] for d in driver.find_elements(By.CSS_SELECTOR, "#la-left div")]
+    assert labels[: len(tokens)] == tokens
+    row = driver.find_element(By.CSS_SELECTOR, '#samples tbody tr[data-sample="1"]')
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
+    row.click()
+    shown = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#drilldown .dtok")]
+    assert shown == tokens
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -57,7 +57,9 @@
 
   function labels(c, side) {
     var tokens = spec.samples[state.sample].tokens, n = side === 'q' ? c.q : c.k;
-    if (tokens && tokens.length === n) return tokens;
+    if (tokens && (tokens.length === n || (c.q === c.k && tokens.length < n))) {  // padding: named by position
+      return tokens.concat(Array.from({length: n - tokens.length}, function (_, i) { return '#' + (tokens.length + i); }));
+    }
     var names = spec.sites[c.l][side === 'q' ? 'query_labels' : 'key_labels'];
     if (names && names.length === n) return names;
     var out = [];
