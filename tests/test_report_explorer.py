@@ -231,7 +231,8 @@ def test_explorer_and_drilldown_in_chromium(report: dict, driver) -> None:
     assert panel.find_element(By.TAG_NAME, "h3").text.startswith("Sample 1")
     assert len(panel.find_elements(By.CSS_SELECTOR, 'svg[data-kind="series"]')) == 2  # inputs a and b
     driver.execute_script("return window.lightningAttn.ready")
-    assert len(panel.find_elements(By.CSS_SELECTOR, "figure canvas")) == len(sites)
+    assert len(panel.find_elements(By.CSS_SELECTOR, 'canvas[data-kind="attention"]')) == len(sites)
+    assert len(panel.find_elements(By.CSS_SELECTOR, 'canvas[data-kind="saliency"]')) == 2
     driver.execute_script("arguments[0].scrollIntoView()", panel)
     _shot(panel, "report_drilldown.png")
     last = driver.find_element(By.CSS_SELECTOR, f'#samples tbody tr[data-sample="{NUM_TEST - 1}"]')
@@ -299,6 +300,7 @@ def test_image_and_text_probes_in_chromium(tmp_path: Path, driver) -> None:
     x = images[1, 0].double().numpy()
     expected = np.round(255 * (x - x.min()) / (x.max() - x.min()))
     assert np.abs(np.array(pixel[0::4]).reshape(8, 8) - expected).max() <= 1  # the input itself, grey levels
+    assert driver.find_elements(By.CSS_SELECTOR, '#drilldown canvas[data-kind="saliency"]')  # saliency beside it
     _shot(driver.find_element(By.ID, "drilldown"), "report_drilldown_image.png")
 
     torch.manual_seed(0)

@@ -590,13 +590,8 @@ def compute_saliency(
         share = torch.where(
             total > 0, absolute / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(absolute)
         )
-        entry = {
-            "shape": list(leaf.shape[1:]),
-            "abs": absolute,
-            "signed": signed,
-            "share": share,
-            "values": leaf.detach().float().cpu(),
-        }
+        entry = {"shape": list(leaf.shape[1:]), "abs": absolute, "signed": signed, "share": share}
+        entry["values"] = leaf.detach().float().cpu()  # the probe's input itself, for the report's drill-down
         if positions is not None:
             entry["positions"] = _block_pool(positions, max_positions)
             entry["positions_pooled"] = positions.shape[1] > max_positions

@@ -141,7 +141,8 @@ def input_view(name: str, values: np.ndarray, feature_names: Sequence[str] | Non
 
 def probe_views(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any]:
     """The drill-down data of each probe sample, keyed by its sample index (as text): prediction, confidence, inputs
-    (:func:`input_view`), the top features of each input's saliency and the token saliency when there is one."""
+    (:func:`input_view`), the top features of each input's saliency, its position x feature saliency map and the
+    token saliency when there is one."""
     names = run.class_names
     views: dict[str, Any] = {}
     for probe in summary["saliency"]["probes"]:
@@ -158,6 +159,12 @@ def probe_views(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any]:
                 for name, values in inputs.items()
             ],
             "saliency": {name: entry["top"][:8] for name, entry in probe["inputs"].items()},
+            "positions": {
+                name: np.round(np.asarray(saliency, dtype=np.float64), 6).tolist()
+                for name, entries in run.probe_positions.items()
+                for index, saliency, _ in entries
+                if index == sample
+            },
             "tokens": {k: probe["tokens"][k] for k in ("tokens", "share", "attribution")}
             if probe.get("tokens")
             else None,

@@ -121,6 +121,7 @@
         if (!rows) return;
         var figure = el('figure'), canvas = el('canvas');
         api.paint(canvas, rows, 120);
+        canvas.setAttribute('data-kind', 'attention');
         canvas.addEventListener('click', function () {
           api.select({layer: layer, head: 0, sample: sample});
           $('explorer').scrollIntoView();
@@ -165,6 +166,16 @@
       figure.appendChild(el('figcaption', 'input ' + input.name + ' ' + JSON.stringify(input.shape) +
         (input.note ? ' (' + input.note + ')' : '')));
       top.appendChild(figure);
+      var map = probe.positions[input.name];
+      if (map && window.lightningAttn) {
+        var beside = el('figure'), canvas = el('canvas');
+        window.lightningAttn.paint(canvas, map, 160);
+        canvas.setAttribute('data-kind', 'saliency');
+        beside.appendChild(canvas);
+        beside.appendChild(el('figcaption', '|gradient x input| of ' + input.name + ': positions (rows) x features ' +
+          '(columns), darker: more'));
+        top.appendChild(beside);
+      }
     });
     if (probe.tokens) {
       panel.appendChild(el('h4', 'Tokens, shaded by saliency (red: for, blue: against class ' +
