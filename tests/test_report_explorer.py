@@ -105,6 +105,28 @@ def test_inputs_are_drawn_as_what_they_are() -> None:
     assert input_view("v", rng.normal(size=7), None)["kind"] == "series"
 
 
+def test_probe_maps_beyond_the_budget_are_left_out_with_a_note(tmp_path: Path, monkeypatch) -> None:
+    from lightning_attn.report import run as report_run
+
+    per_sample = 2 * 4 * 6 * 6 + 2 * 4 * 6 * 4  # two 6x6 self-attention sites, two 6x4 cross ones, 4 heads
+    monkeypatch.setattr(report_run, "MAX_PROBE_MAP_VALUES", per_sample + 1)
+    torch.manual_seed(0)
+    out = build_report(
+        TinyClassifier(num_heads=4),
+        TinyData(num_test=8, batch_size=8).test_dataloader(),
+        tmp_path / "r",
+        accelerator="cpu",
+        progress=False,
+        figures=False,
+        probe_samples=2,
+    )
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert any(n.startswith("attention maps of probe sample 1 and later") for n in notes), notes
+    page = (out / "explorer.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="la-explorer-data">(.*?)</script>', page, flags=re.S).group(1))
+    assert [s["id"] for s in data["samples"]] == [0] and _unpack(data).size == per_sample
+
+
 # -- the browser ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -48,6 +48,9 @@ __all__ = [
 
 #: Namespace of the report: the prefix of its logged scalars and the folder of its default output directory.
 NAMESPACE = "report"
+#: Attention weights of the probe samples kept for the explorer, in all (BERT-base, 4 probes at 128 tokens: 9.4 M);
+#: the maps of later probes beyond it are left out (a note says so), which bounds host memory and the page's size.
+MAX_PROBE_MAP_VALUES = 10_000_000
 
 
 @dataclass
@@ -488,9 +491,15 @@ def record_probes(
                 "mean_row": rollout["mean_row"][row].double().tolist(),
                 "row0": rollout["row0"][row].double().tolist(),
             }
-        run.probe_maps[first_index + position] = {
-            site: maps[row].numpy() for site, maps in result.get("attention", {}).items()
-        }
+        maps = {site: site_maps[row].numpy() for site, site_maps in result.get("attention", {}).items()}
+        kept = sum(m.size for sample_maps in run.probe_maps.values() for m in sample_maps.values())
+        if kept + sum(m.size for m in maps.values()) <= MAX_PROBE_MAP_VALUES:
+            run.probe_maps[first_index + position] = maps
+        elif not any(n.startswith("attention maps of probe sample") for n in run.notes):
+            run.notes.append(
+                f"attention maps of probe sample {first_index + position} and later ones not kept for the explorer: "
+                f"over {MAX_PROBE_MAP_VALUES} weights in all"
+            )
         run.probes.append(probe)
 
 
