@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_attn.report import render
+from lightning_attn.report.explorer import write_explorer
 from lightning_attn.report.provenance import combine_input_hashes, hash_config, library_versions, report_hash, utc_now
 from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
@@ -181,7 +182,7 @@ def write_report(
     # figures
     (tmp / "figures").mkdir()
     figures = render.figures(run, summary) if settings.figures else []
-    rendered: list[tuple[str, str, bytes]] = []
+    rendered: list[tuple[str, str, str, bytes]] = []
     png_meta = {
         "Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
         "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True),
@@ -191,7 +192,7 @@ def write_report(
         path = f"figures/{name}.png"
         (tmp / path).write_bytes(png)
         files[path] = {"kind": "figure", "title": title}
-        rendered.append((title, caption, png))
+        rendered.append((name, title, caption, png))
     figures.clear()
 
     # Markdown and HTML
@@ -200,7 +201,7 @@ def write_report(
         encoding="utf-8",
     )
     files["summary.md"] = {"kind": "summary"}
-    render.write_html(
+    explorer = render.write_html(
         tmp / "report.html",
         run,
         summary,
@@ -208,8 +209,12 @@ def write_report(
         rendered,
         title=settings.title,
         html_max_rows=settings.html_max_rows,
+        files=[*sorted(files)],
     )
     files["report.html"] = {"kind": "html"}
+    if explorer is not None:  # the explorer alone too: one small page for W&B (wandb.Html) or a browser
+        write_explorer(tmp / "explorer.html", explorer, title=f"{settings.title}: attention explorer")
+        files["explorer.html"] = {"kind": "html"}
     for name, entry in files.items():
         entry["sha256"] = _file_sha256(tmp / name)
         entry["bytes"] = (tmp / name).stat().st_size
