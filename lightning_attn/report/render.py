@@ -518,7 +518,6 @@ def write_html(
         path.open("w", encoding="utf-8") as handle,
         (run.tmp_dir / "samples.csv").open(encoding="utf-8", newline="") as samples,
     ):
-        samples.readline()  # provenance line
         reader = csv.reader(samples)
         columns = next(reader)
         page.write_page(

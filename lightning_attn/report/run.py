@@ -118,6 +118,7 @@ class ReportRun:
     probe_images: dict[int, np.ndarray] = field(default_factory=dict)  # input images of Grad-CAM probes, by sample
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
+    checkpoint: str | None = None  # the evaluated checkpoint file (``trainer.test(ckpt_path=...)``), else None
     finished: bool = False
     rank: int = 0
     shard: bool = False
