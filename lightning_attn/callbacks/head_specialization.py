@@ -117,7 +117,7 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     **Outputs**, per evaluated epoch and stage (``val``, ``test``, ``val_dl1`` ...):
 
-    - scalars ``heads/<stage>/<site>/<score>`` (mean over the site's heads) for each score of ``logged_scores``
+    - scalars ``heads/<stage>/<score>`` (mean over every head of the model) for each score of ``logged_scores``
       (default: entropy, confidence, hsi), per head ``heads/<stage>/<site>/h<k>/<score>`` with ``log_per_head=True``
       (one TensorBoard chart per site and score), and ``heads/<stage>/specialized`` (heads with
       ``HSI >= hsi_threshold``) and
@@ -524,9 +524,11 @@ class HeadSpecializationTracker(EvaluationCallback):
         scalars: dict[str, float] = {}
         stage = entry["stage"]
         specialized = general = 0
+        # without per-head scalars, one mean over every head of the model: the per-site view of the same measures is
+        # AttentionLogger's (site-level scalars), the per-head one the registry table and figures
+        per_score: dict[str, list[float]] = {score: [] for score in self.logged_scores}
         for site_info in entry["sites"]:
             site = site_info["name"]
-            per_score: dict[str, list[float]] = {score: [] for score in self.logged_scores}
             for h in range(site_info["num_heads"]):
                 hsi = entry["hsi"][site][h]
                 specialized += int(hsi is not None and hsi >= self.hsi_threshold)
@@ -537,9 +539,9 @@ class HeadSpecializationTracker(EvaluationCallback):
                         per_score[score].append(float(value))
                         if self.log_per_head:
                             scalars[f"{self.name}/{stage}/{site}/h{h}/{score}"] = float(value)
-            for score, values in per_score.items():
-                if values:
-                    scalars[f"{self.name}/{stage}/{site}/{score}"] = sum(values) / len(values)
+        for score, values in per_score.items():
+            if values:
+                scalars[f"{self.name}/{stage}/{score}"] = sum(values) / len(values)
         if self.features:
             scalars[f"{self.name}/{stage}/specialized"] = float(specialized)
         scalars[f"{self.name}/{stage}/general"] = float(general)

@@ -135,7 +135,7 @@ def write_report(
         num_batches = sum(count for _, _, count in run.input_digests)
     else:
         inputs_sha, num_batches = run.hasher.hexdigest(), run.hasher.count
-    provenance = {
+    provenance: dict[str, Any] = {
         "report_sha256": report_hash(run.model_sha256, inputs_sha, config_sha),
         "model_sha256": run.model_sha256,
         "inputs_sha256": inputs_sha,
