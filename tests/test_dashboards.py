@@ -298,6 +298,7 @@ def test_wandb_run_reads_back_with_one_type_per_key(tmp_path: Path, monkeypatch:
             types.setdefault(key, set()).add(value["_type"] if isinstance(value, dict) else type(value).__name__)
     mixed = {key: kinds for key, kinds in types.items() if len(kinds) > 1}
     assert not mixed, mixed
+    assert "attn/val/head_statistics" in types, sorted(types)
     assert types["attn/val/head_statistics"] == {"images/separated"}
     assert types["attn/val/head_statistics_table"] == {"table-file"}
     assert types["heads/test/registry_table"] == {"table-file"}

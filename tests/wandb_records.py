@@ -57,9 +57,16 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         for record in records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
+                row: dict[str, Any] = {}
                 for item in record.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    history.setdefault(key, []).append(json.loads(item.value_json))
+                    # a media value (image, table, html) comes as one item per field: nested_key = [key, field, ...]
+                    path = [item.key] if item.key else list(item.nested_key)
+                    target = row
+                    for part in path[:-1]:
+                        target = target.setdefault(part, {})
+                    target[path[-1]] = json.loads(item.value_json)
+                for key, value in row.items():
+                    history.setdefault(key, []).append(value)
             elif kind == "config":
                 for item in record.config.update:
                     key = item.key or "/".join(item.nested_key)

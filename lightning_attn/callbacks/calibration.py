@@ -356,6 +356,7 @@ class CalibrationMonitor(EvaluationCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A new ``fit``/``validate``/``test`` call: fresh metrics (the model may differ); the history
         and the fitted temperature are kept."""
+        super().setup(trainer, pl_module, stage)
         self._metrics.clear()
         self._reservoirs.clear()
         self._resolved = None
