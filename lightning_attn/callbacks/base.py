@@ -348,8 +348,8 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
         include: the subclass's site patterns, which the default name mentions.
     """
