@@ -104,8 +104,8 @@ class AttentionLogger(StreamingCallback):
     ``max_figure_sites`` sites (evenly spaced over depth, first and last included), the attention rollout
     (self-attention sites of equal length, in forward order) and, per modality pair, A->B, B->A transposed
     and their difference with the agreement score. A JSON file of the epoch's statistics
-    (``<stage>/statistics_epoch<E>_step<S>.json``) is always written to disk. ``callback.results[<stage>]`` holds the last
-    epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
+    (``<stage>/statistics_epoch<E>_step<S>.json``) is always written to disk. ``callback.results[<stage>]`` holds
+    the last epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
 
     Probe samples: the first ``probe_samples`` samples of the first batch of dataloader 0 on global rank zero
     (under DDP, the first samples of rank zero's shard). They are the same samples every epoch as long as

@@ -100,8 +100,8 @@ class ModuleProbe(StreamingCallback):
     probe, the weights over time (``<probe>/over_time``: mean and std across samples per head, the probe samples'
     own lines), the attention measures (``<probe>/statistics``: bars per site and head, error bars std over
     samples) and the top positions (``<probe>/top_positions``); the per-head histograms (``histograms``); a
-    summary table; and always the JSON file ``<stage>/statistics_epoch<E>_step<S>.json``. ``callback.results[<stage>]`` holds the last
-    epoch's
+    summary table; and always the JSON file ``<stage>/statistics_epoch<E>_step<S>.json``.
+    ``callback.results[<stage>]`` holds the last epoch's
     :class:`~lightning_attn.metrics.probes.ProbeResults` (probe samples' outputs under ``samples``).
 
     Probe samples are the AttentionLogger's: the first ``probe_samples`` samples of the first batch of
