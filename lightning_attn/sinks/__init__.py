@@ -33,9 +33,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image  # a matplotlib dependency
 
-from lightning_attn.sinks.layout import output_dir, output_path, position, run_dir
+from lightning_attn.sinks.layout import Position, output_dir, output_path, position, run_dir
 
 __all__ = [
+    "Position",
     "output_dir",
     "output_path",
     "position",
@@ -92,18 +93,21 @@ def publish_figures(
     namespace: str,
     step: int,
     save_dir: str | Path | None = None,
+    at: Position | None = None,
 ) -> list[Path]:
     """Send figures to every logger, and to disk when no dashboard logger exists or ``save_dir`` is set.
 
     Keys are ``<namespace>/<name>``; W&B images carry a caption (the figure's title, epoch and step). Files are
     ``<namespace>/<name>_epoch<E>_step<S>.png`` (:func:`~lightning_attn.sinks.layout.output_path`). Figures are
     released afterwards (their canvases cleared), so a long run holds none. Returns the PNG paths written.
+    ``at``: the epoch and step the figures describe (default :func:`~lightning_attn.sinks.layout.position` now; a
+    caller that publishes later, from another thread, passes the one it took at the epoch's end).
     """
     written: list[Path] = []
     if not figures or not getattr(trainer, "is_global_zero", True):
         return written
     to_disk = save_dir is not None or not has_dashboard(trainer)
-    where = position(trainer)
+    where = at or position(trainer)
     for name, figure in figures.items():
         caption = f"{_title(figure) or name} (epoch {where.epoch}, step {where.step})"
         png, rgb = render_png(figure)
@@ -114,7 +118,7 @@ def publish_figures(
             elif _is_tensorboard(logger):
                 logger.experiment.add_image(key, rgb, global_step=step, dataformats="HWC")
         if to_disk:
-            path = output_path(trainer, namespace, name, ".png", save_dir)
+            path = output_path(trainer, namespace, name, ".png", save_dir, where)
             path.write_bytes(png)
             written.append(path)
         figure.clear()
@@ -138,6 +142,7 @@ def publish_table(
     namespace: str,
     step: int,
     save_dir: str | Path | None = None,
+    at: Position | None = None,
 ) -> Path | None:
     """A table to W&B (``log_table``: a ``wandb.Table``), TensorBoard (Markdown text), both under
     ``<namespace>/<name>_table``, and a CSV file on disk (``<name>_epoch<E>_step<S>.csv``, starting with its header;
@@ -153,7 +158,7 @@ def publish_table(
             header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
             body = "\n".join("| " + " | ".join(_fmt(v) for v in row) + " |" for row in clean_rows)
             logger.experiment.add_text(key, header + body, global_step=step)
-    path = output_path(trainer, namespace, name, ".csv", save_dir)
+    path = output_path(trainer, namespace, name, ".csv", save_dir, at)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -162,14 +167,20 @@ def publish_table(
 
 
 def publish_json(
-    trainer: Any, name: str, data: Mapping[str, Any], *, namespace: str, save_dir: str | Path | None = None
+    trainer: Any,
+    name: str,
+    data: Mapping[str, Any],
+    *,
+    namespace: str,
+    save_dir: str | Path | None = None,
+    at: Position | None = None,
 ) -> Path | None:
     """Write ``data`` as ``<namespace>/<name>_epoch<E>_step<S>.json`` (rank zero; NaN and infinities as ``null``,
     ``allow_nan=False``). Written to a temporary file first, then renamed, so a crash never leaves a truncated file
     that looks complete."""
     if not getattr(trainer, "is_global_zero", True):
         return None
-    path = output_path(trainer, namespace, name, ".json", save_dir)
+    path = output_path(trainer, namespace, name, ".json", save_dir, at)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(to_jsonable(data), indent=2, allow_nan=False))
     tmp.replace(path)

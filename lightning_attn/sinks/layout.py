@@ -95,12 +95,19 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.<>=-]+", "_", name).strip("_") or "output"
 
 
-def output_path(trainer: Any, namespace: str, name: str, suffix: str, save_dir: str | Path | None = None) -> Path:
+def output_path(
+    trainer: Any,
+    namespace: str,
+    name: str,
+    suffix: str,
+    save_dir: str | Path | None = None,
+    at: Position | None = None,
+) -> Path:
     """The file of output ``name`` (``/`` separates folders: ``"val/head_statistics"``) of ``namespace`` (the
-    callback's name, optionally with its stage): ``<output_dir>/<folders>/<file>_epoch<E>_step<S><suffix>``, its
-    folder created, with a ``provenance.json`` beside it."""
+    callback's name, optionally with its stage): ``<output_dir>/<folders>/<file>_epoch<E>_step<S><suffix>`` with the
+    epoch and step of ``at`` (default :func:`position`), its folder created, with a ``provenance.json`` beside it."""
     parts = [_safe(part) for part in f"{namespace}/{name}".split("/") if part]
-    where = position(trainer)
+    where = at or position(trainer)
     directory = output_dir(trainer, "/".join(parts[:-1]), save_dir)
     directory.mkdir(parents=True, exist_ok=True)
     write_provenance(trainer, directory, where)
