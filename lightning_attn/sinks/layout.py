@@ -33,7 +33,10 @@ _CHECKPOINTS: dict[tuple[str, float], tuple[int, int]] = {}
 
 
 def _next_version(root: Path) -> Path:
-    taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    """The first ``version_<n>`` above every one on disk and every one a live Trainer holds (it may not have written
+    yet: the folder is made by the first file)."""
+    paths = [*root.glob("version_*"), *_UNLOGGED_RUNS.values()]
+    taken = [int(m.group(1)) for p in paths if p.parent == root and (m := re.fullmatch(r"version_(\d+)", p.name))]
     return root / f"version_{max(taken, default=-1) + 1}"
 
 
@@ -52,7 +55,6 @@ def run_dir(trainer: Any) -> Path:
         return _UNLOGGED_RUNS[trainer]
     except (KeyError, TypeError):
         folder = _next_version(Path(getattr(trainer, "default_root_dir", None) or ".") / "lightning_attn_logs")
-        folder.mkdir(parents=True, exist_ok=True)  # claimed now, so that the next Trainer takes the next version
         with contextlib.suppress(TypeError):  # a trainer stand-in that cannot be weakly referenced: no cache
             _UNLOGGED_RUNS[trainer] = folder
         return folder
