@@ -302,6 +302,11 @@ def test_wandb_run_reads_back_with_one_type_per_key(tmp_path: Path, monkeypatch:
     assert types["attn/val/head_statistics"] == {"images/separated"}
     assert types["attn/val/head_statistics_table"] == {"table-file"}
     assert types["heads/test/registry_table"] == {"table-file"}
+    # the heads table: site, head, label, types, HSI and every statistic, one row per head
+    table = run["history"]["heads/test/registry_table"][-1]
+    stored = json.loads((run_dir / "files" / table["path"]).read_text())
+    assert stored["columns"][:7] == ["site", "head", "label", "types", "hsi", "primary_feature", "correlation"]
+    assert {"entropy", "confidence"} <= set(stored["columns"]) and len(stored["data"]) == LAYERS * HEADS
     assert types["report/test"] == {"html-file"}
     image = run["history"]["attn/val/head_statistics"][0]
     assert image["captions"] == ["Per-head attention statistics (val, epoch 0) (epoch 0, step 2)"]

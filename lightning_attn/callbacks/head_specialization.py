@@ -562,14 +562,18 @@ class HeadSpecializationTracker(EvaluationCallback):
         if self.export_registry:
             registry = self.registry(key)
             publish_json(trainer, "head_functions", registry, namespace=namespace, save_dir=self.save_dir)
+            # one row per head, every column sortable in W&B: who it is, what it does, and its statistics
+            statistics = list(registry["layers"][0]["heads"][0]["statistics"]) if registry["layers"] else []
             rows = [
                 [
-                    head["id"],
+                    layer["site"],
+                    head["head"],
                     head["label"],
+                    ", ".join(head["types"]),
                     head["hsi"],
                     head["primary_feature"],
                     head["correlation"],
-                    ", ".join(head["types"]),
+                    *(head["statistics"].get(name) for name in statistics),
                 ]
                 for layer in registry["layers"]
                 for head in layer["heads"]
@@ -577,7 +581,7 @@ class HeadSpecializationTracker(EvaluationCallback):
             publish_table(
                 trainer,
                 "registry",
-                ["head", "label", "hsi", "primary_feature", "correlation", "types"],
+                ["site", "head", "label", "types", "hsi", "primary_feature", "correlation", *statistics],
                 rows,
                 namespace=namespace,
                 step=step,
