@@ -156,6 +156,13 @@ def test_tensorboard_scalars_scale_to_72_heads(tensorboard_run: dict[str, Any]) 
             tags
         )
         assert {f"heads/{stage}/entropy", f"heads/{stage}/general", f"calibration/{stage}/ece"} <= set(tags)
+    # Markdown tables say n/a for a missing value (no features: no primary feature), never Python's None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard_run["trainer"].logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    markdown = events.Tensors("heads/val/registry_table/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "| n/a |" in markdown and "None" not in markdown
     # Lightning's end-of-test table: site- and model-level keys only, each distinct
     keys = list(tensorboard_run["tested"][0])
     assert keys and not [key for key in keys if re.search(r"/h\d+/", key)], keys

@@ -181,7 +181,7 @@ def write_report(
     rendered: list[tuple[str, str, bytes]] = []
     png_meta = {
         "Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
-        "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True),
+        "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True, allow_nan=False),
     }
     for name, title, caption, figure in figures:
         png = _render_png(figure, settings.figure_dpi, png_meta)
