@@ -278,6 +278,7 @@ def test_every_csv_and_json_opens_with_no_options(tensorboard_run: dict[str, Any
     )
 
 
+@pytest.mark.slow
 def test_wandb_run_reads_back_with_one_type_per_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")
     from wandb_records import read_run
