@@ -92,8 +92,10 @@ class EvaluationCallback(Callback):
 
     def _announce(self, trainer: pl.Trainer, report: Path | None = None) -> None:
         """One console line: where this callback's outputs went (when it wrote any)."""
+        if not trainer.is_global_zero:
+            return
         directory = sinks.output_dir(trainer, self.output_name, self.save_dir)
-        if trainer.is_global_zero and directory.is_dir():
+        if directory.is_dir():
             announce_outputs(trainer, self.output_name, directory, report)
 
     def forget_model(self) -> None:
