@@ -173,8 +173,8 @@ def test_every_precision_gives_the_float32_numbers(
             assert abs(got - want) <= TOLERANCE, f"{precision}: {key} = {got}, float32 run {want}"
 
     # every figure was drawn (the rollout crashed the figures under autocast), from float32/float64 data
-    logs = tmp_path / "lightning_attn_logs"
-    assert list((logs / "attn").glob("val_rollout_step*.png"))
+    logs = tmp_path / "lightning_attn_logs" / "version_0"
+    assert list((logs / "attn" / "val").glob("rollout_epoch0_step*.png"))
     report_dir = logs / "report" / "val_epoch0"
     assert (report_dir / "figures" / "rollout.png").is_file() and (report_dir / "report.html").is_file()
     for values in (*logger.results["val"].mean.values(), *logger.results["val"].std.values()):

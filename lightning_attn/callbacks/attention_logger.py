@@ -104,8 +104,8 @@ class AttentionLogger(StreamingCallback):
     ``max_figure_sites`` sites (evenly spaced over depth, first and last included), the attention rollout
     (self-attention sites of equal length, in forward order) and, per modality pair, A->B, B->A transposed
     and their difference with the agreement score. A JSON file of the epoch's statistics
-    (``<stage>_epoch<E>.json``) is always written to disk. ``callback.results[<stage>]`` holds the last
-    epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
+    (``<stage>/statistics_epoch<E>_step<S>.json``) is always written to disk. ``callback.results[<stage>]`` holds
+    the last epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
 
     Probe samples: the first ``probe_samples`` samples of the first batch of dataloader 0 on global rank zero
     (under DDP, the first samples of rank zero's shard). They are the same samples every epoch as long as
@@ -129,14 +129,15 @@ class AttentionLogger(StreamingCallback):
         token_names: labels of positions for heatmap axes and top-position lists: a list labels every axis
             of the same length; a mapping labels sites by glob pattern, ``"<glob>:queries"`` or
             ``"<glob>:keys"`` for one axis of cross-attention sites (e.g. feature or sensor names).
-        log_per_head: also log per-head scalars ``attn/<stage>/<site>/h<k>/<stat>``.
+        log_per_head: also log per-head scalars ``attn/<stage>/<site>/h<k>/<stat>`` (one TensorBoard custom-scalars
+            chart per site and statistic); off by default: a 12 x 12-head model would log 144 scalars per statistic.
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
         max_figure_sites: at most this many sites get per-site map figures and head-contribution bars.
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
             ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
             instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).

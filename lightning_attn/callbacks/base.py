@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from lightning_attn import sinks
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
 
 #: torchmetrics' warning when ``compute`` runs on states that saw no ``update``.
 _COMPUTE_BEFORE_UPDATE = r"The ``compute`` method of metric \w+ was called before the ``update`` method"
@@ -75,6 +76,27 @@ class EvaluationCallback(Callback):
                 f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write "
                 "the same files and logged keys; give each its own name="
             )
+        publish_config(trainer, self.output_name, self)
+
+    @property
+    def output_name(self) -> str:
+        """The callback's folder under the run folder and its prefix in the run config: :attr:`name` when it has one,
+        else its namespace."""
+        return str(getattr(self, "name", None) or getattr(self, "namespace", type(self).__name__))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._announce(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._announce(trainer)
+
+    def _announce(self, trainer: pl.Trainer, report: Path | None = None) -> None:
+        """One console line: where this callback's outputs went (when it wrote any)."""
+        if not trainer.is_global_zero:
+            return
+        directory = sinks.output_dir(trainer, self.output_name, self.save_dir)
+        if directory.is_dir():
+            announce_outputs(trainer, self.output_name, directory, report)
 
     def forget_model(self) -> None:
         """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
@@ -328,8 +350,8 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
         include: the subclass's site patterns, which the default name mentions.
     """
@@ -424,8 +446,10 @@ class StreamingCallback(EvaluationCallback):
                 results = compute(state, key, dataloader_idx)
             state.reset()
             self.results[key] = results
-            log_scalars(pl_module, self._scalars(results))
+            scalars = self._scalars(results)
+            log_scalars(pl_module, scalars)
             if trainer.is_global_zero:
+                publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
                 publish(results, dataloader_idx)
         self._used = set()
 
@@ -446,7 +470,7 @@ class StreamingCallback(EvaluationCallback):
         rows: list[list[Any]],
         figures: Callable[[], dict[str, Figure]] | None,
     ) -> None:
-        """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
+        """The table ``<stage key>/<table>``, the JSON file ``<stage key>/statistics`` of ``results.to_dict()`` and the
         figures drawn by ``figures`` (``None``: none), then the figures are let go."""
         step = int(trainer.global_step)
         namespace = self.name
@@ -455,7 +479,7 @@ class StreamingCallback(EvaluationCallback):
         )
         sinks.publish_json(
             trainer,
-            f"{results.stage}_epoch{results.epoch}",
+            f"{results.stage}/statistics",
             results.to_dict(),
             namespace=namespace,
             save_dir=self.save_dir,

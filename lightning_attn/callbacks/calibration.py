@@ -47,7 +47,7 @@ well-calibrated model (true ECE near 0) the ECE interval lies above the point es
 Figures (``calibration/<stage>/<name>`` in W&B and TensorBoard, PNG files when no dashboard logger
 is attached or ``save_dir`` is given): ``reliability``, ``confidence_histogram``, ``classwise_reliability``,
 ``trend``. A JSON summary with the latest values, per-bin arrays and the history is written to
-``<output_dir>/calibration/<stage>.json``, and the per-bin table to a CSV (and W&B table).
+``<run folder>/calibration/<stage>/summary_epoch<E>_step<S>.json``, and the per-bin table to a CSV (and W&B table).
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ class CalibrationMonitor(EvaluationCallback):
         seed: seed of the reservoir's private random generator (combined with the global rank and
             the epoch), so the global RNG stream, hence training, is untouched.
     """
+
+    namespace = NAMESPACE
 
     def __init__(
         self,
@@ -354,6 +356,7 @@ class CalibrationMonitor(EvaluationCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A new ``fit``/``validate``/``test`` call: fresh metrics (the model may differ); the history
         and the fitted temperature are kept."""
+        super().setup(trainer, pl_module, stage)
         self._metrics.clear()
         self._reservoirs.clear()
         self._resolved = None
@@ -639,7 +642,7 @@ class CalibrationMonitor(EvaluationCallback):
             save_dir=self.save_dir,
         )
         summary = {**result, "history": [h for h in self.history if h["stage"] == key]}
-        publish_json(trainer, key, summary, namespace=NAMESPACE, save_dir=self.save_dir)
+        publish_json(trainer, "summary", summary, namespace=namespace, save_dir=self.save_dir)
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -100,8 +100,8 @@ class ModuleProbe(StreamingCallback):
     probe, the weights over time (``<probe>/over_time``: mean and std across samples per head, the probe samples'
     own lines), the attention measures (``<probe>/statistics``: bars per site and head, error bars std over
     samples) and the top positions (``<probe>/top_positions``); the per-head histograms (``histograms``); a
-    summary table; and always the JSON file ``<stage>_epoch<E>.json``. ``callback.results[<stage>]`` holds the last
-    epoch's
+    summary table; and always the JSON file ``<stage>/statistics_epoch<E>_step<S>.json``.
+    ``callback.results[<stage>]`` holds the last epoch's
     :class:`~lightning_attn.metrics.probes.ProbeResults` (probe samples' outputs under ``samples``).
 
     Probe samples are the AttentionLogger's: the first ``probe_samples`` samples of the first batch of
@@ -134,8 +134,8 @@ class ModuleProbe(StreamingCallback):
             outputs without a position axis are unaffected, other lengths raise an error. (``"weights"`` outputs
             need no mask: a masked softmax gives padded positions weight 0, and zero weights are left out.)
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: replaces ``probe`` in the logged keys, published names and the output folder (default ``probe``): give
             two instances on one Trainer different names (equal names raise at setup).
     """

@@ -57,6 +57,7 @@ from lightning_attn.report.provenance import hash_state_dict, sample_hashes, utc
 from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, keep_finite_rows, record_probes, scalars
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
 from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, report_destination, write_report
+from lightning_attn.sinks.dashboards import publish_report
 
 __all__ = ["SCHEMA_VERSION", "ExplainabilityReport", "ReportModule"]
 
@@ -137,8 +138,8 @@ class ExplainabilityReport(EvaluationCallback):
     - ``report.json``: every number, ``schema_version`` ``1.0``, valid against the packaged
       ``lightning_attn/report/report.schema.json``; lists every other file with its SHA-256;
     - ``samples.csv`` (one row per sample), ``per_head.csv``, ``classwise.csv``, ``batches.csv``,
-      ``saliency.csv``; the first line of each is ``# lightning_attn report provenance: {json}``
-      (skip it: ``pandas.read_csv(path, skiprows=1)``);
+      ``saliency.csv``, each starting with its header (``pandas.read_csv(path)``, ``csv.DictReader``), and
+      ``provenance.json`` beside them;
     - ``summary.md``; ``figures/*.png`` (provenance in the PNG text chunk ``lightning_attn_provenance``).
 
     Provenance in every output: SHA-256 of the model's ``state_dict`` (tensor bytes in sorted key order), of
@@ -219,6 +220,8 @@ class ExplainabilityReport(EvaluationCallback):
         ReportError: at the first batch: no targets, not a classifier output, an ``embedding`` or ``gradcam_layer``
             that names no fitting module.
     """
+
+    namespace = NAMESPACE
 
     def __init__(
         self,
@@ -418,7 +421,8 @@ class ExplainabilityReport(EvaluationCallback):
                 stage=stage,
                 key=stage_key(stage, dataloader_idx),
                 dataloader_idx=dataloader_idx,
-                epoch=int(trainer.current_epoch),
+                epoch=sinks.position(trainer).epoch,
+                checkpoint=sinks.position(trainer).checkpoint,
                 final_dir=final_dir,
                 tmp_dir=tmp_dir,
                 started=started,
@@ -525,6 +529,11 @@ class ExplainabilityReport(EvaluationCallback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finalize_pending(trainer)
+        super().on_test_end(trainer, pl_module)
+
+    def _announce(self, trainer: pl.Trainer, report: Path | None = None) -> None:
+        last = max(self.results.values(), key=lambda document: document["provenance"]["finished_utc"], default=None)
+        super()._announce(trainer, Path(last["directory"]) if last else None)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._abandon(f"{type(exception).__name__}: {exception}")
@@ -758,5 +767,6 @@ class ExplainabilityReport(EvaluationCallback):
             figure_dpi=self.figure_dpi,
         )
         self.results[run.key] = write_report(
-            run, config, sections, global_step=int(trainer.global_step), settings=settings
+            run, config, sections, global_step=sinks.position(trainer).step, settings=settings
         )
+        publish_report(trainer, run.final_dir, run.key, int(trainer.global_step))

@@ -89,7 +89,6 @@ def load_report(path: str | Path, label: str | None = None) -> LoadedReport:
     if not samples.is_file():
         raise CompareError(f"{folder} has no samples.csv")
     with samples.open(newline="", encoding="utf-8") as handle:
-        handle.readline()  # provenance line
         reader = csv.reader(handle)
         columns = next(reader)
         rows = list(reader)

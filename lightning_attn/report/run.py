@@ -123,6 +123,7 @@ class ReportRun:
     probe_inputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: input name -> values
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
+    checkpoint: str | None = None  # the evaluated checkpoint file (``trainer.test(ckpt_path=...)``), else None
     finished: bool = False
     rank: int = 0
     shard: bool = False
