@@ -227,7 +227,7 @@ class ModuleProbe(StreamingCallback):
             return self.probe_samples
         from lightning_attn.callbacks.attention_logger import AttentionLogger
 
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Trainer.callbacks is a property of the mixin
             if isinstance(callback, AttentionLogger):
                 return int(callback.probe_samples)
         return 2
@@ -504,11 +504,17 @@ class ModuleProbe(StreamingCallback):
             if summary is None:  # a [B, H, Q, K] map: no position view
                 continue
             values = results.samples.get(site)  # [n, H, L]
-            heads = 1 if summary.joint_mean is None else summary.joint_mean.shape[1]
+            joint_mean, joint_std = summary.joint_mean, summary.joint_std
+            if joint_mean is None or joint_std is None:
+                means[site], stds[site] = summary.position_mean, summary.position_std
+                if values is not None:
+                    samples[site] = values[:, 0]
+                continue
+            heads = joint_mean.shape[1]
             for head in range(heads):
                 panel = site if heads == 1 else f"{site} h{head}"
-                means[panel] = summary.position_mean if heads == 1 else summary.joint_mean[:, head]
-                stds[panel] = summary.position_std if heads == 1 else summary.joint_std[:, head]
+                means[panel] = summary.position_mean if heads == 1 else joint_mean[:, head]
+                stds[panel] = summary.position_std if heads == 1 else joint_std[:, head]
                 if values is not None:
                     samples[panel] = values[:, head]
         if means:
