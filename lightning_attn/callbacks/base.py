@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 
 from lightning_attn import sinks
+from lightning_attn.callbacks.publisher import Publisher
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 
@@ -36,6 +37,9 @@ STAGE_KEYS: dict[str, str] = {"validate": "val", "test": "test"}
 
 class EvaluationCallback(Callback):
     """Base of the evaluation-time callbacks.
+
+    Publishing (figures, tables, files) runs in a background :class:`~lightning_attn.callbacks.publisher.Publisher`
+    (``background_publishing = False`` on an instance: inline); ``fit``/``validate``/``test`` wait for it at the end.
 
     Args:
         stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
@@ -58,6 +62,30 @@ class EvaluationCallback(Callback):
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
         self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
+        self._publisher_of_run: Publisher | None = None
+
+    #: Whether epoch-end publishing runs in a background thread (off the training thread).
+    background_publishing: bool = True
+
+    @property
+    def publisher(self) -> Publisher:
+        """This callback's :class:`~lightning_attn.callbacks.publisher.Publisher`, created on first use."""
+        if self._publisher_of_run is None:
+            self._publisher_of_run = Publisher(background=self.background_publishing)
+        return self._publisher_of_run
+
+    def _finish_publishing(self, raise_errors: bool = True) -> None:
+        if self._publisher_of_run is not None:
+            self._publisher_of_run.wait(raise_errors=raise_errors)
+            self._publisher_of_run = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The end of ``fit``/``validate``/``test`` (before Lightning finalizes the loggers): publish everything."""
+        self._finish_publishing()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._publisher_of_run is not None:
+            self._publisher_of_run.replay()
 
     # -- models ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -94,6 +122,7 @@ class EvaluationCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_model"] = None  # a weak reference does not pickle (ddp_spawn pickles the callbacks)
+        state["_publisher_of_run"] = None  # nor does a thread
         return state
 
     # -- gating ---------------------------------------------------------------------------------
@@ -137,6 +166,8 @@ class EvaluationCallback(Callback):
 
     # -- routing --------------------------------------------------------------------------------
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the last epoch's jobs read this callback's states, which this epoch changes: let them finish first
+        self._finish_publishing()
         self._running = stage if self._should_run(trainer, stage) else None
         if self._running:
             self.eval_epoch_start(trainer, pl_module, stage)
@@ -201,6 +232,7 @@ class EvaluationCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._running = None
         self.eval_abort()
+        self._finish_publishing(raise_errors=False)  # what was rendered still reaches the loggers and the disk
 
 
 def callback_name(namespace: str, name: str | None, include: Sequence[str] | None = None) -> str:
@@ -447,21 +479,25 @@ class StreamingCallback(EvaluationCallback):
         figures: Callable[[], dict[str, Figure]] | None,
     ) -> None:
         """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
-        figures drawn by ``figures`` (``None``: none), then the figures are let go."""
+        figures drawn by ``figures`` (``None``: none), then the figures are let go; all in the :attr:`publisher`."""
         step = int(trainer.global_step)
         namespace = self.name
-        sinks.publish_table(
-            trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
-        )
-        sinks.publish_json(
-            trainer,
-            f"{results.stage}_epoch{results.epoch}",
-            results.to_dict(),
-            namespace=namespace,
-            save_dir=self.save_dir,
-        )
-        if figures is None:
-            return
-        drawn = figures()
-        sinks.publish_figures(trainer, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
-        drawn.clear()
+
+        def publish(view: Any) -> None:
+            sinks.publish_table(
+                view, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
+            )
+            sinks.publish_json(
+                view,
+                f"{results.stage}_epoch{results.epoch}",
+                results.to_dict(),
+                namespace=namespace,
+                save_dir=self.save_dir,
+            )
+            if figures is None:
+                return
+            drawn = figures()
+            sinks.publish_figures(view, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
+            drawn.clear()
+
+        self.publisher.submit(trainer, publish)

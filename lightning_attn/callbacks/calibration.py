@@ -575,12 +575,21 @@ class CalibrationMonitor(EvaluationCallback):
         return result
 
     def _publish(self, trainer: pl.Trainer, key: str, metric: CalibrationMetric) -> None:
+        """Figures, the bin table and the JSON summary of ``key``'s epoch, in the :attr:`publisher` (a background
+        job, given what it draws now: a later dataloader of this epoch extends the history)."""
         result = self.results[key]
-        namespace = f"{NAMESPACE}/{key}"
-        step = trainer.global_step
         label = f"{key} epoch {trainer.current_epoch}"
         if any(h["stage"] == key and h["epoch"] == result["epoch"] for h in self.history[:-1]):  # repeated validate
             label += f" (evaluation {result['evaluation']})"
+        history = [h for h in self.history if h["stage"] == key]
+        binary = metric.task == "binary"
+        self.publisher.submit(trainer, lambda view: self._publish_now(view, key, result, history, label, binary))
+
+    def _publish_now(
+        self, trainer: Any, key: str, result: dict[str, Any], history: list[dict[str, Any]], label: str, binary: bool
+    ) -> None:
+        namespace = f"{NAMESPACE}/{key}"
+        step = trainer.global_step
         if self.plot:
             bins, scalars = result["bins"], result["metrics"]
             classwise = result["classwise_bins"]
@@ -593,7 +602,7 @@ class CalibrationMonitor(EvaluationCallback):
                     bins["count"],
                     ece=scalars["ece"],
                     title=label,
-                    binary=metric.task == "binary",
+                    binary=binary,
                     accuracy_low=bins.get("accuracy_ci_low"),
                     accuracy_high=bins.get("accuracy_ci_high"),
                     ece_interval=(scalars["ece_ci_low"], scalars["ece_ci_high"]) if self.bootstrap else None,
@@ -616,7 +625,6 @@ class CalibrationMonitor(EvaluationCallback):
                     title=label,
                 ),
             }
-            history = [h for h in self.history if h["stage"] == key]
             if len(history) >= 2:
                 epochs = [h["epoch"] for h in history]
                 x = "epoch" if all(a < b for a, b in itertools.pairwise(epochs)) else "evaluation"
@@ -638,7 +646,7 @@ class CalibrationMonitor(EvaluationCallback):
             step=step,
             save_dir=self.save_dir,
         )
-        summary = {**result, "history": [h for h in self.history if h["stage"] == key]}
+        summary = {**result, "history": history}
         publish_json(trainer, key, summary, namespace=NAMESPACE, save_dir=self.save_dir)
 
     # -- checkpointing --------------------------------------------------------------------------

@@ -220,6 +220,7 @@ class ModuleProbe(StreamingCallback):
         self._warned_histograms = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._release()
 
     def _num_samples(self, trainer: pl.Trainer) -> int:
