@@ -51,13 +51,13 @@ class EvaluationCallback(Callback):
         self, stages: Sequence[Stage] = ("validate",), every_n_epochs: int = 1, save_dir: str | None = None
     ) -> None:
         super().__init__()
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        unknown = [s for s in stages if s not in STAGE_KEYS]
+        chosen: tuple[str, ...] = (stages,) if isinstance(stages, str) else tuple(stages)
+        unknown = [s for s in chosen if s not in STAGE_KEYS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}: choose from {sorted(STAGE_KEYS)}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.stages: tuple[str, ...] = stages
+        self.stages = chosen
         self.every_n_epochs = every_n_epochs
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None

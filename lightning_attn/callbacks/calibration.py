@@ -493,7 +493,7 @@ class CalibrationMonitor(EvaluationCallback):
             return None
         task = metric.task
         if fit:
-            temperature = fit_temperature(logits, target, task=task, max_iter=self.temperature_max_iter)  # type: ignore[arg-type]
+            temperature = fit_temperature(logits, target, task=task, max_iter=self.temperature_max_iter)
         else:
             assert self.temperature is not None
             temperature = self.temperature
@@ -503,7 +503,7 @@ class CalibrationMonitor(EvaluationCallback):
                 task,
                 metric.num_classes,
                 score_type="logits",
-                n_bins=self.n_bins,  # type: ignore[arg-type]
+                n_bins=self.n_bins,
                 fine_bins=self.fine_bins,
                 sync_on_compute=False,
             ).to(logits.device)

@@ -228,7 +228,7 @@ class ModuleProbe(StreamingCallback):
             return self.probe_samples
         from lightning_attn.callbacks.attention_logger import AttentionLogger
 
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, AttentionLogger):
                 return int(callback.probe_samples)
         return 2
@@ -508,8 +508,10 @@ class ModuleProbe(StreamingCallback):
             heads = 1 if summary.joint_mean is None else summary.joint_mean.shape[1]
             for head in range(heads):
                 panel = site if heads == 1 else f"{site} h{head}"
-                means[panel] = summary.position_mean if heads == 1 else summary.joint_mean[:, head]
-                stds[panel] = summary.position_std if heads == 1 else summary.joint_std[:, head]
+                joint_mean, joint_std = summary.joint_mean, summary.joint_std
+                pooled = heads == 1 or joint_mean is None or joint_std is None
+                means[panel] = summary.position_mean if pooled else joint_mean[:, head]  # type: ignore[index]
+                stds[panel] = summary.position_std if pooled else joint_std[:, head]  # type: ignore[index]
                 if values is not None:
                     samples[panel] = values[:, head]
         if means:

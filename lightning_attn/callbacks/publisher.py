@@ -68,7 +68,7 @@ def _stand_in(logger: Any, calls: list[Call]) -> Any:
         stand_in_cls = _STAND_IN_CLASSES[cls] = type(
             cls.__name__, (cls,), {"__getattribute__": _stand_in_getattribute, "__module__": __name__}
         )
-    stand_in = object.__new__(stand_in_cls)
+    stand_in: Any = object.__new__(stand_in_cls)
     object.__setattr__(stand_in, "_lightning_attn_logger", (logger, calls))
     return stand_in
 
