@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -219,10 +219,9 @@ class AttentionLogger(StreamingCallback):
         super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)
         if saved != self.probe_samples:
-            warnings.warn(
+            rank_zero_warn(
                 f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
             self._probe_fingerprints = {}
         else:
@@ -422,11 +421,10 @@ class AttentionLogger(StreamingCallback):
         self._probe_input = None
         previous = self._probe_fingerprints.get(stage)
         if previous is not None and fingerprint != previous:
-            warnings.warn(
+            rank_zero_warn(
                 "AttentionLogger: the probe samples (first samples of the first batch of dataloader 0) changed since "
                 "the last epoch; is that dataloader shuffled? Figures of different epochs show different samples.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
         self._probe_fingerprints[stage] = fingerprint
 

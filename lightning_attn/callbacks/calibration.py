@@ -396,7 +396,7 @@ class CalibrationMonitor(EvaluationCallback):
         score_type: str,
     ) -> None:
         """Offer a batch to the reservoir (no synchronisation)."""
-        x, t = metric._flatten(scores, target)
+        x, t = metric.flatten(scores, target)
         if score_type == "probs":  # log-probabilities (log-odds for binary) stand in for logits
             x = x.clamp(1e-12, 1.0)
             x = x.log() - torch.log1p(-x.clamp_max(1 - 1e-7)) if metric.task == "binary" else x.log()
@@ -459,11 +459,8 @@ class CalibrationMonitor(EvaluationCallback):
         reservoir = self._reservoirs.pop((stage, dataloader_idx), None)
         if reservoir is None:
             reservoir = LogitReservoir(self.reservoir_size, seed=self._reservoir_seed(trainer))
-        if reservoir.keys is None:  # this rank saw no batch: an empty reservoir, so the gather still matches
-            shape = (0,) if metric.task == "binary" else (0, metric.num_classes)
-            reservoir._allocate(torch.zeros(shape, device=metric.n_samples.device))
-        keys, logits, target = reservoir.keys, reservoir.logits, reservoir.target
-        assert keys is not None and logits is not None and target is not None
+        shape = (0,) if metric.task == "binary" else (0, metric.num_classes)
+        keys, logits, target = reservoir.contents(torch.zeros(shape, device=metric.n_samples.device))
         if trainer.world_size > 1:
             strategy = trainer.strategy
             keys = strategy.all_gather(keys).reshape(-1)

@@ -94,7 +94,26 @@ class CalibrationMetric(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
-    # bootstrap states (declared with add_state in __init__ when bootstrap > 0)
+    # the states, declared with add_state in __init__ (the bootstrap ones when bootstrap > 0)
+    n_samples: Tensor
+    n_correct: Tensor
+    n_nan: Tensor
+    n_ignored: Tensor
+    n_bad_target: Tensor
+    n_bad_prob: Tensor
+    conf_sum: Tensor
+    conf_correct_sum: Tensor
+    brier_sum: Tensor
+    nll_sum: Tensor
+    bin_count: Tensor
+    bin_conf: Tensor
+    bin_hits: Tensor
+    fine_count: Tensor
+    fine_conf: Tensor
+    fine_hits: Tensor
+    class_count: Tensor
+    class_conf: Tensor
+    class_hits: Tensor
     boot_count: Tensor
     boot_conf: Tensor
     boot_hits: Tensor
@@ -198,7 +217,9 @@ class CalibrationMetric(Metric):
         index += array >= padded[index + 1]
         return index
 
-    def _flatten(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def flatten(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch as :meth:`update` reads it: shapes checked, scores ``[N, K]`` (``[N]`` binary; class dimension 1
+        of ``[N, K, ...]`` moved last), targets ``[N]``, detached, low precision raised to float32."""
         check_shapes(scores, target, self.task, self.num_classes if self.task == "multiclass" else None)
         scores = scores.detach()
         target = target.detach()
@@ -210,7 +231,7 @@ class CalibrationMetric(Metric):
             return scores, target.reshape(-1)
         return scores.reshape(-1), target.reshape(-1)
 
-    def update(self, scores: Tensor, target: Tensor) -> None:  # type: ignore[override]
+    def update(self, scores: Tensor, target: Tensor) -> None:
         """Add a batch: ``scores`` (logits or probabilities, as ``score_type`` says) and integer ``target``.
 
         On accelerators nothing here synchronises with the host: shapes are static, invalid samples
@@ -220,7 +241,7 @@ class CalibrationMetric(Metric):
         same sums (``sparse_on_cpu = False`` forces the static path).
         """
         half = scores.dtype in _LOW_PRECISION
-        x, t = self._flatten(scores, target)
+        x, t = self.flatten(scores, target)
         # CPU fast path: data-dependent shapes (no device to synchronise with); multiclass only
         self._eager = self.sparse_on_cpu and self.task == "multiclass" and x.device.type == "cpu"
         if x.shape[0] == 0:

@@ -414,11 +414,10 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
         )
         if trainer.world_size > 1 and not self._distributed and not self._warned_ddp:
             self._warned_ddp = True
-            warnings.warn(
+            rank_zero_warn(
                 "ExplainabilityReport: this distributed strategy has no initialized torch.distributed process group to "
                 "gather the ranks' samples through, so the report covers rank zero's shard of the data.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
 
     def _covers(self, trainer: pl.Trainer) -> bool:
