@@ -3,7 +3,7 @@
 A callback hands :meth:`Publisher.submit` a job ``job(view)`` that calls :mod:`lightning_attn.sinks` with ``view`` in
 place of the Trainer; the job runs in one worker thread per callback, so that the next training step starts while
 its figures render. Matplotlib figures are created, drawn and closed inside the job (Agg is safe per figure; a
-process-wide lock keeps one job drawing at a time, as matplotlib's font and text caches are shared).
+process-wide lock keeps one job drawing at a time, as some of matplotlib's text caches are shared).
 
 Logger calls do not run in the worker. wandb's ``Run.log`` advances its step counter without a lock
 (``wandb/sdk/wandb_run.py``: ``self._local_step += 1`` beside the main thread's own ``log`` calls), so a concurrent
@@ -27,7 +27,8 @@ from typing import Any
 
 __all__ = ["Publisher", "TrainerView"]
 
-#: One job draws at a time in the process: matplotlib's font cache and text layout are shared by all figures.
+#: One job draws at a time in the process: matplotlib keeps its FreeType fonts per thread, but its other text caches
+#: (mathtext parsers, layout) are shared by all figures.
 _DRAWING = threading.Lock()
 
 _STAND_IN_CLASSES: dict[type, type] = {}
