@@ -269,6 +269,17 @@ def used_on_any_rank(used: set[int]) -> list[int]:
     return sorted({index for indices in gathered for index in indices})
 
 
+def finish_dataloaders(used: set[int], finish: Callable[[int], None]) -> None:
+    """The callbacks' epoch-end loop: ``finish(dataloader_idx)`` (compute, a collective: every rank; log; publish)
+    for every dataloader that some rank used this epoch (:func:`used_on_any_rank`), in order, with torchmetrics'
+    "compute before update" warning silenced: a rank that saw no batch of a loader (no attention in its batches, an
+    empty shard) still joins the reduction with its zeros, as expected."""
+    for dataloader_idx in used_on_any_rank(used):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
+            finish(dataloader_idx)
+
+
 def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
     """Log already-reduced scalars (``Metric.compute`` synced them) through the module, so that
     ModelCheckpoint and EarlyStopping can monitor them; no dataloader suffix.
@@ -446,20 +457,19 @@ class StreamingCallback(EvaluationCallback):
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
         self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
-        for dataloader_idx in used_on_any_rank(self._used):
+
+        def finish(dataloader_idx: int) -> None:
             state = self._state_for(stage, dataloader_idx, pl_module.device)
             key = stage_key(stage, dataloader_idx)
-            with warnings.catch_warnings():
-                # a state no batch of this rank updated is expected (no attention in its batches; under DDP its zeros
-                # still join the sum): torchmetrics' "compute before update" warning would only confuse the user
-                warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
-                results = compute(state, key, dataloader_idx)
+            results = compute(state, key, dataloader_idx)
             state.reset()
             self.results[key] = results
             log_scalars(pl_module, self._scalars(results))
             if trainer.is_global_zero:
                 publish(results, dataloader_idx)
-        self._used = set()
+
+        used, self._used = self._used, set()
+        finish_dataloaders(used, finish)
 
     def _scalars(self, results: Any) -> dict[str, float]:
         """The scalars to log for one computed epoch: ``<name>/<stage key>/...``."""
