@@ -44,10 +44,10 @@ class Classifier(models.CrossModalModule):
 
 
 def callbacks(background: bool) -> list[Any]:
-    chosen = [
-        AttentionLogger(probe_samples=1, max_figure_sites=2, modality_pairs=models.PAIRS),
-        CalibrationMonitor(n_bins=5, bootstrap=0),
-        HeadSpecializationTracker(),
+    chosen = [  # every kind of publishing, few figures (drawing them is what takes the time)
+        AttentionLogger(probe_samples=0, max_figure_sites=1),
+        CalibrationMonitor(n_bins=5, bootstrap=0, plot_classes=1),
+        HeadSpecializationTracker(probe_samples=0),
     ]
     for callback in chosen:
         callback.background_publishing = background
@@ -206,7 +206,7 @@ def test_the_model_keeps_training_meanwhile(tmp_path: Path) -> None:
                 steps_while_drawing.append(trainer.global_step)
                 gate.set()
 
-    attention = SlowFigures(probe_samples=1)
+    attention = SlowFigures(probe_samples=0, max_figure_sites=1)
     fit(tmp_path, [attention, Steps()], epochs=2)
     assert steps_while_drawing and steps_while_drawing[0] == 3  # epoch 1's first step, before the figures
     assert not workers()

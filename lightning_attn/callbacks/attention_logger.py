@@ -319,6 +319,7 @@ class AttentionLogger(StreamingCallback):
         if probe is not None:
             probe.end_site(site)
         for pair, role in roles:
+            assert acc.pairs is not None and head_mean is not None  # roles come from declared pairs, after the chunks
             both = acc.pairs.add(pair, role, head_mean)
             if both is not None:
                 acc.agreement.update(pair, *both)
