@@ -331,7 +331,8 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_rank, args=(port, arguments.out), nprocs=2, join=True)
+    # fork: the ranks inherit the imports (a spawned rank would import torch and lightning_attn again)
+    torch.multiprocessing.start_processes(_rank, args=(port, arguments.out), nprocs=2, join=True, start_method="fork")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ def test_float64_reference(name: str) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     run_script(tester.__file__, "--out", out, cwd=tmp_path)
