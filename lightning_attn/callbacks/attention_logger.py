@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -220,10 +220,9 @@ class AttentionLogger(StreamingCallback):
         super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)
         if saved != self.probe_samples:
-            warnings.warn(
+            rank_zero_warn(
                 f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
             self._probe_fingerprints = {}
         else:
@@ -321,6 +320,7 @@ class AttentionLogger(StreamingCallback):
         if probe is not None:
             probe.end_site(site)
         for pair, role in roles:
+            assert acc.pairs is not None and head_mean is not None  # roles come from declared pairs, after the chunks
             both = acc.pairs.add(pair, role, head_mean)
             if both is not None:
                 acc.agreement.update(pair, *both)
@@ -423,11 +423,10 @@ class AttentionLogger(StreamingCallback):
         self._probe_input = None
         previous = self._probe_fingerprints.get(stage)
         if previous is not None and fingerprint != previous:
-            warnings.warn(
+            rank_zero_warn(
                 "AttentionLogger: the probe samples (first samples of the first batch of dataloader 0) changed since "
                 "the last epoch; is that dataloader shuffled? Figures of different epochs show different samples.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
         self._probe_fingerprints[stage] = fingerprint
 

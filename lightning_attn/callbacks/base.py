@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 
 from lightning_attn import sinks
+from lightning_attn.callbacks.publisher import Publisher
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
@@ -38,6 +39,9 @@ STAGE_KEYS: dict[str, str] = {"validate": "val", "test": "test"}
 class EvaluationCallback(Callback):
     """Base of the evaluation-time callbacks.
 
+    Publishing (figures, tables, files) runs in a background :class:`~lightning_attn.callbacks.publisher.Publisher`
+    (``background_publishing = False`` on an instance: inline); ``fit``/``validate``/``test`` wait for it at the end.
+
     Args:
         stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
         every_n_epochs: run on validation epochs whose index is a multiple of this (test always runs).
@@ -48,17 +52,41 @@ class EvaluationCallback(Callback):
         self, stages: Sequence[Stage] = ("validate",), every_n_epochs: int = 1, save_dir: str | None = None
     ) -> None:
         super().__init__()
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        unknown = [s for s in stages if s not in STAGE_KEYS]
+        chosen: tuple[str, ...] = (stages,) if isinstance(stages, str) else tuple(stages)
+        unknown = [s for s in chosen if s not in STAGE_KEYS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}: choose from {sorted(STAGE_KEYS)}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.stages: tuple[str, ...] = stages
+        self.stages = chosen
         self.every_n_epochs = every_n_epochs
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
         self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
+        self._publisher_of_run: Publisher | None = None
+
+    #: Whether epoch-end publishing runs in a background thread (off the training thread).
+    background_publishing: bool = True
+
+    @property
+    def publisher(self) -> Publisher:
+        """This callback's :class:`~lightning_attn.callbacks.publisher.Publisher`, created on first use."""
+        if self._publisher_of_run is None:
+            self._publisher_of_run = Publisher(background=self.background_publishing)
+        return self._publisher_of_run
+
+    def _finish_publishing(self, raise_errors: bool = True) -> None:
+        if self._publisher_of_run is not None:
+            self._publisher_of_run.wait(raise_errors=raise_errors)
+            self._publisher_of_run = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The end of ``fit``/``validate``/``test`` (before Lightning finalizes the loggers): publish everything."""
+        self._finish_publishing()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._publisher_of_run is not None:
+            self._publisher_of_run.replay()
 
     # -- models ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -116,6 +144,7 @@ class EvaluationCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_model"] = None  # a weak reference does not pickle (ddp_spawn pickles the callbacks)
+        state["_publisher_of_run"] = None  # nor does a thread
         return state
 
     # -- gating ---------------------------------------------------------------------------------
@@ -159,6 +188,8 @@ class EvaluationCallback(Callback):
 
     # -- routing --------------------------------------------------------------------------------
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the last epoch's jobs read this callback's states, which this epoch changes: let them finish first
+        self._finish_publishing()
         self._running = stage if self._should_run(trainer, stage) else None
         if self._running:
             self.eval_epoch_start(trainer, pl_module, stage)
@@ -223,6 +254,7 @@ class EvaluationCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._running = None
         self.eval_abort()
+        self._finish_publishing(raise_errors=False)  # what was rendered still reaches the loggers and the disk
 
 
 def callback_name(namespace: str, name: str | None, include: Sequence[str] | None = None) -> str:
@@ -257,6 +289,17 @@ def used_on_any_rank(used: set[int]) -> list[int]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, sorted(used))
     return sorted({index for indices in gathered for index in indices})
+
+
+def finish_dataloaders(used: set[int], finish: Callable[[int], None]) -> None:
+    """The callbacks' epoch-end loop: ``finish(dataloader_idx)`` (compute, a collective: every rank; log; publish)
+    for every dataloader that some rank used this epoch (:func:`used_on_any_rank`), in order, with torchmetrics'
+    "compute before update" warning silenced: a rank that saw no batch of a loader (no attention in its batches, an
+    empty shard) still joins the reduction with its zeros, as expected."""
+    for dataloader_idx in used_on_any_rank(used):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
+            finish(dataloader_idx)
 
 
 def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
@@ -436,14 +479,11 @@ class StreamingCallback(EvaluationCallback):
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
         self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
-        for dataloader_idx in used_on_any_rank(self._used):
+
+        def finish(dataloader_idx: int) -> None:
             state = self._state_for(stage, dataloader_idx, pl_module.device)
             key = stage_key(stage, dataloader_idx)
-            with warnings.catch_warnings():
-                # a state no batch of this rank updated is expected (no attention in its batches; under DDP its zeros
-                # still join the sum): torchmetrics' "compute before update" warning would only confuse the user
-                warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
-                results = compute(state, key, dataloader_idx)
+            results = compute(state, key, dataloader_idx)
             state.reset()
             self.results[key] = results
             scalars = self._scalars(results)
@@ -451,7 +491,9 @@ class StreamingCallback(EvaluationCallback):
             if trainer.is_global_zero:
                 publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
                 publish(results, dataloader_idx)
-        self._used = set()
+
+        used, self._used = self._used, set()
+        finish_dataloaders(used, finish)
 
     def _scalars(self, results: Any) -> dict[str, float]:
         """The scalars to log for one computed epoch: ``<name>/<stage key>/...``."""
@@ -471,21 +513,25 @@ class StreamingCallback(EvaluationCallback):
         figures: Callable[[], dict[str, Figure]] | None,
     ) -> None:
         """The table ``<stage key>/<table>``, the JSON file ``<stage key>/statistics`` of ``results.to_dict()`` and the
-        figures drawn by ``figures`` (``None``: none), then the figures are let go."""
+        figures drawn by ``figures`` (``None``: none), then the figures are let go; all in the :attr:`publisher`."""
         step = int(trainer.global_step)
         namespace = self.name
-        sinks.publish_table(
-            trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
-        )
-        sinks.publish_json(
-            trainer,
-            f"{results.stage}/statistics",
-            results.to_dict(),
-            namespace=namespace,
-            save_dir=self.save_dir,
-        )
-        if figures is None:
-            return
-        drawn = figures()
-        sinks.publish_figures(trainer, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
-        drawn.clear()
+
+        def publish(view: Any) -> None:
+            sinks.publish_table(
+                view, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
+            )
+            sinks.publish_json(
+                view,
+                f"{results.stage}/statistics",
+                results.to_dict(),
+                namespace=namespace,
+                save_dir=self.save_dir,
+            )
+            if figures is None:
+                return
+            drawn = figures()
+            sinks.publish_figures(view, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
+            drawn.clear()
+
+        self.publisher.submit(trainer, publish)

@@ -557,6 +557,10 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     # -- outputs (rank zero) ----------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, entry: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
+        """The registry, the tables and the figures of ``entry``, in the :attr:`publisher` (a background job)."""
+        self.publisher.submit(trainer, lambda view: self._publish_now(view, entry, redundancy))
+
+    def _publish_now(self, trainer: Any, entry: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
         key, step = entry["stage"], int(trainer.global_step)
         namespace = f"{self.name}/{key}"
         if self.export_registry:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -220,6 +220,7 @@ class ModuleProbe(StreamingCallback):
         self._warned_histograms = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._release()
 
     def _num_samples(self, trainer: pl.Trainer) -> int:
@@ -342,11 +343,10 @@ class ModuleProbe(StreamingCallback):
         )
         if self.histogram_sites and analysed and not self._attention_sites and not self._warned_histograms:
             self._warned_histograms = True
-            warnings.warn(
+            rank_zero_warn(
                 f"ModuleProbe: histogram_sites {self.histogram_sites} matched no attention site of "
                 f"{type(pl_module).__name__}",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
 
     # -- epoch end -------------------------------------------------------------------------------------

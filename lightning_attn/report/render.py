@@ -18,6 +18,8 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from lightning_attn.plots import report as plots
+from lightning_attn.plots._common import as_array
+from lightning_attn.plots.calibration import plot_confidence_histogram, plot_reliability_diagram
 from lightning_attn.report import attribution_view, page_data
 from lightning_attn.report import html as page
 from lightning_attn.report.explorer import explorer_context
@@ -34,20 +36,21 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
     out: list[tuple[str, str, str, Figure]] = []
     cal = summary["calibration"]
     bins = cal["bins"]
-    lower, upper = [b["lower"] for b in bins], [b["upper"] for b in bins]
+    edges = [b["lower"] for b in bins] + [bins[-1]["upper"]]
+    dataset = summary["dataset"]
     out.append(
         (
             "reliability",
             "Reliability diagram",
             f"accuracy per equal-width confidence bin ({cal['n_bins']} bins); ECE {_f(cal['ece'])}, MCE "
             f"{_f(cal['mce'])}",
-            plots.plot_reliability(
-                lower,
-                upper,
-                [b["accuracy"] for b in bins],
-                [b["confidence"] for b in bins],
+            plot_reliability_diagram(  # the CalibrationMonitor's diagram: one style for the monitor and the report
+                edges,
+                as_array([b["accuracy"] for b in bins], none_as_nan=True),
+                as_array([b["confidence"] for b in bins], none_as_nan=True),
                 [b["count"] for b in bins],
                 ece=cal["ece"],
+                title="Reliability",
             ),
         )
     )
@@ -56,7 +59,14 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
             "confidence",
             "Confidence histogram",
             "confidence of correct and incorrect predictions",
-            plots.plot_confidence_histogram(lower, upper, [b["correct"] for b in bins], [b["incorrect"] for b in bins]),
+            plot_confidence_histogram(
+                edges,
+                [b["correct"] for b in bins],
+                [b["incorrect"] for b in bins],
+                accuracy=dataset.get("accuracy"),
+                confidence=dataset.get("mean_confidence"),
+                title="Confidence of correct and incorrect predictions",
+            ),
         )
     )
     group = summary["correct_vs_incorrect"]

@@ -41,7 +41,11 @@ def _next_version(root: Path) -> Path:
 
 
 def run_dir(trainer: Any) -> Path:
-    """The folder of this run's outputs (see the module docstring)."""
+    """The folder of this run's outputs (see the module docstring); a publishing job's view of the Trainer carries
+    the folder resolved when the job was submitted (``lightning_attn_run_dir``)."""
+    resolved = getattr(trainer, "lightning_attn_run_dir", None)
+    if resolved is not None:
+        return Path(resolved)
     for logger in list(getattr(trainer, "loggers", None) or []):
         log_dir = getattr(logger, "log_dir", None)
         if log_dir:
@@ -77,7 +81,11 @@ class Position:
 def position(trainer: Any) -> Position:
     """Epoch and step of the model being evaluated: a checkpoint loaded by ``validate``/``test`` (``ckpt_path``) is
     named by its own ``epoch`` and ``global_step`` (a test after ``fit`` of the best checkpoint must not carry the last
-    epoch's number); otherwise the Trainer's current epoch and global step."""
+    epoch's number); otherwise the Trainer's current epoch and global step. A publishing job's view of the Trainer
+    carries the position of its submit (``lightning_attn_position``)."""
+    submitted = getattr(trainer, "lightning_attn_position", None)
+    if isinstance(submitted, Position):
+        return submitted
     checkpoint = getattr(trainer, "ckpt_path", None)
     state = getattr(trainer, "state", None)
     evaluating = getattr(getattr(state, "fn", None), "value", None) in ("validate", "test")
