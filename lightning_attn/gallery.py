@@ -93,25 +93,34 @@ def gallery_entries(heads: int = 4, layers: int = 3, epochs: int = 5, seed: int 
             "head_statistics",
             "plot_head_statistics",
             "Site x head heatmap of each streamed statistic (entropy, max weight, sink share).",
-            lambda: plots.plot_head_statistics(per_head, sites),
+            lambda: plots.plot_head_statistics(per_head, sites, title="Per-head attention statistics (val, epoch 4)"),
         ),
         GalleryEntry(
             "attention_maps",
             "plot_attention_maps",
             "Head-averaged attention maps of the probe samples, query x key.",
-            lambda: plots.plot_attention_maps(samples, query_labels=TOKENS, key_labels=TOKENS, title="Layer 0"),
+            lambda: plots.plot_attention_maps(
+                samples, query_labels=TOKENS, key_labels=TOKENS, title=f"{sites[0]}: head mean, val epoch 4"
+            ),
         ),
         GalleryEntry(
             "attention_heads",
             "plot_attention_heads",
             "Every head's map of one sample on a shared colour scale.",
-            lambda: plots.plot_attention_heads(maps[0], query_labels=TOKENS, key_labels=TOKENS, title="Layer 0 heads"),
+            lambda: plots.plot_attention_heads(
+                maps[0],
+                query_labels=TOKENS,
+                key_labels=TOKENS,
+                title=f"{sites[0]}: per head, probe 0 (label 3), val epoch 4",
+            ),
         ),
         GalleryEntry(
             "rollout",
             "plot_rollout",
             "Attention rollout per sample and each input token's contribution to [CLS].",
-            lambda: plots.plot_rollout(rollout, labels=TOKENS),
+            lambda: plots.plot_rollout(
+                rollout, labels=TOKENS, title=f"Attention rollout over {layers} self-attention sites (val epoch 4)"
+            ),
         ),
         GalleryEntry(
             "layer_evolution",
@@ -127,7 +136,12 @@ def gallery_entries(heads: int = 4, layers: int = 3, epochs: int = 5, seed: int 
             "head_contributions",
             "plot_head_contributions",
             "Mean max weight per head, one panel per layer on a shared y axis, error bars: std over rows.",
-            lambda: plots.plot_head_contributions(sites, per_head["max_weight"], per_head["max_weight"] / 5),
+            lambda: plots.plot_head_contributions(
+                sites,
+                per_head["max_weight"],
+                per_head["max_weight"] / 5,
+                title="Head contributions: mean max weight per head (val, epoch 4; error bars: std over rows)",
+            ),
         ),
         GalleryEntry(
             "top_positions",
@@ -294,14 +308,16 @@ def gallery_entries(heads: int = 4, layers: int = 3, epochs: int = 5, seed: int 
     return entries
 
 
-def build_gallery(out: Path, heads: int = 4, layers: int = 3) -> list[GalleryEntry]:
-    """Render every entry into ``out/<name>.png`` and write ``out/index.html`` listing them."""
+def build_gallery(out: Path, heads: int = 4, layers: int = 3) -> list[tuple[GalleryEntry, Figure]]:
+    """Render every entry into ``out/<name>.png``, write ``out/index.html`` listing them; the entries with their
+    drawn figures (laid out: their artists' boxes are final)."""
     out.mkdir(parents=True, exist_ok=True)
     entries = gallery_entries(heads=heads, layers=layers)
-    items = []
+    items, drawn = [], []
     for entry in entries:
         figure = entry.draw()
         FigureCanvasAgg(figure).print_png(str(out / f"{entry.name}.png"))
+        drawn.append((entry, figure))
         items.append(
             f'<section id="{entry.name}"><h2>{html.escape(entry.name)} <code>{entry.function}</code></h2>'
             f"<p>{html.escape(entry.description)}</p>"
@@ -316,7 +332,7 @@ def build_gallery(out: Path, heads: int = 4, layers: int = 3) -> list[GalleryEnt
         + "</body></html>"
     )
     (out / "index.html").write_text(page, encoding="utf-8")
-    return entries
+    return drawn
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,8 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=3)
     args = parser.parse_args(argv)
-    entries = build_gallery(args.out, heads=args.heads, layers=args.layers)
-    print(f"{len(entries)} figures in {args.out / 'index.html'}")
+    drawn = build_gallery(args.out, heads=args.heads, layers=args.layers)
+    print(f"{len(drawn)} figures in {args.out / 'index.html'}")
 
 
 if __name__ == "__main__":

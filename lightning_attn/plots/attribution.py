@@ -39,7 +39,7 @@ def plot_gradcam_overlay(
         grey = "gray" if image.ndim == 2 else None
         # gid "input": a picture of the sample, not a value map, so it takes no colour bar
         axes[0, column].imshow(image, cmap=grey, vmin=0, vmax=1, interpolation="nearest", gid="input")
-        axes[0, column].set_title(f"{label}\\ninput", fontsize=8)
+        axes[0, column].set_title(f"{label}\ninput", fontsize=8)
         ax = axes[1, column]
         ax.imshow(image, cmap=grey, vmin=0, vmax=1, interpolation="nearest", alpha=0.35, gid="input")
         peak = float(np.max(grid_map)) if np.size(grid_map) else 0.0
