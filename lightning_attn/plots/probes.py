@@ -174,8 +174,9 @@ def _over_time_heatmap(
         ylabels=short_site_names(sites),
         xlabel="position",
         ylabel="site",
+        colorbar=False,
     )
-    ax.images[-1].colorbar.set_label(ylabel, fontsize=8)
+    fig.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.04).set_label(ylabel, fontsize=8)
     ax.set_title(title or f"{ylabel} over time per site", fontsize=10)
     return fig
 
