@@ -98,6 +98,11 @@ def test_layer_panels_compared_by_height_share_their_axis(gallery: dict[str, Fig
     assert len(panels) >= 2
     limits = {ax.get_ylim() if axis == "y" else ax.get_xlim() for ax in panels}
     assert len(limits) == 1, limits
+    ((low, high),) = limits
+    for ax in panels:  # the shared scale holds every panel's data (none clipped by the first panel's limits)
+        data = ax.dataLim.intervaly if axis == "y" else ax.dataLim.intervalx
+        assert data[1] <= high * (1 + 1e-9), (ax.get_title(), data, (low, high))
+        assert low <= data[0] or ax.get_yscale() == "log", "a log axis leaves out the stairs' 0 baseline"
 
 
 def test_empty_head_type_panels_say_they_need_token_ids(gallery: dict[str, Figure]) -> None:

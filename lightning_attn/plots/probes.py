@@ -231,7 +231,6 @@ def plot_weights_over_time(
         if y.shape[0]:
             ax.axhline(1.0 / y.shape[0], color="gray", linestyle="--", linewidth=0.8, label="uniform 1/L")
         ax.set_xlim(-0.5, y.shape[0] - 0.5)
-        ax.set_ylim(bottom=0)
         _ticks(
             ax,
             position_labels if position_labels is not None and len(position_labels) == y.shape[0] else None,
@@ -243,6 +242,9 @@ def plot_weights_over_time(
         ax.set_ylabel("weight", fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
+    # set once for the shared axis: a per-panel limit would freeze the scale at the first panel's data
+    top = max((ax.dataLim.ymax for ax in axes.flat if ax.get_visible()), default=1.0)
+    axes[0, 0].set_ylim(0, 1.05 * top if math.isfinite(top) and top > 0 else 1.0)
     fig.suptitle(title or "Weights over positions (mean and spread across samples)", fontsize=10)
     return fig
 
