@@ -470,7 +470,7 @@ class AttentionLogger(StreamingCallback):
                 results.mean["max_weight"][rows],
                 results.std["max_weight"][rows],
                 statistic="max_weight",
-                title=f"Head confidence: mean max weight per head ({key}, {epoch}; error bars: std over rows)",
+                title=f"Head contributions: mean max weight per head ({key}, {epoch}; error bars: std over rows)",
             )
         attended = {s: results.top_attended[s] for s in chosen if results.top_attended.get(s)}
         if attended:
