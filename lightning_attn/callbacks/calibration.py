@@ -52,27 +52,18 @@ is attached or ``save_dir`` is given): ``reliability``, ``confidence_histogram``
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_attn.callbacks.base import EvaluationCallback, Stage, finish_dataloaders, log_scalars, stage_key
+from lightning_attn.callbacks.calibration_outputs import epoch_result, publish_calibration
 from lightning_attn.functional.calibration import apply_temperature, fit_temperature
 from lightning_attn.metrics.calibration import CalibrationMetric
 from lightning_attn.metrics.reservoir import LogitReservoir
-from lightning_attn.plots.calibration import (
-    plot_calibration_trend,
-    plot_classwise_reliability,
-    plot_confidence_histogram,
-    plot_reliability_diagram,
-)
-from lightning_attn.sinks import publish_figures, publish_json, publish_table
 
 __all__ = ["INTERVALS", "SCALARS", "CalibrationMonitor"]
 
@@ -558,49 +549,18 @@ class CalibrationMonitor(EvaluationCallback):
         scalars: dict[str, float],
         scaling: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        def arr(name: str) -> np.ndarray:
-            return values[name].detach().cpu().numpy()
-
-        result: dict[str, Any] = {
-            "stage": stage,
-            "task": metric.task,
-            "num_classes": metric.num_classes,
-            "evaluation": self.history[-1]["evaluation"],
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "metrics": scalars,
-            "bins": {
-                "edges": arr("bin_edges"),
-                "count": arr("bin_count"),
-                "accuracy": arr("bin_accuracy"),
-                "confidence": arr("bin_confidence"),
-            },
-            "adaptive_bins": {
-                "edges": arr("adaptive_edges"),
-                "count": arr("adaptive_count"),
-                "accuracy": arr("adaptive_accuracy"),
-                "confidence": arr("adaptive_confidence"),
-            },
-            "classwise_bins": {
-                "edges": arr("class_edges"),
-                "count": arr("class_count"),
-                "accuracy": arr("class_accuracy"),
-                "confidence": arr("class_confidence"),
-            },
-            "confidence_histogram": {
-                "edges": arr("hist_edges"),
-                "correct": arr("hist_correct"),
-                "incorrect": arr("hist_incorrect"),
-            },
-            "n_at_one": float(values["n_at_one"]),
-            "n_ignored": float(values["n_ignored"]),
-        }
-        if self.bootstrap:
-            result["bins"]["accuracy_ci_low"] = arr("bin_accuracy_ci_low")
-            result["bins"]["accuracy_ci_high"] = arr("bin_accuracy_ci_high")
-        if scaling is not None:
-            result["temperature_scaling"] = scaling
-        return result
+        return epoch_result(
+            values,
+            scalars,
+            stage=stage,
+            task=metric.task,
+            num_classes=metric.num_classes,
+            evaluation=self.history[-1]["evaluation"],
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            bootstrap=bool(self.bootstrap),
+            scaling=scaling,
+        )
 
     def _publish(self, trainer: pl.Trainer, key: str, metric: CalibrationMetric) -> None:
         """Figures, the bin table and the JSON summary of ``key``'s epoch, in the :attr:`publisher` (a background
@@ -611,71 +571,21 @@ class CalibrationMonitor(EvaluationCallback):
             label += f" (evaluation {result['evaluation']})"
         history = [h for h in self.history if h["stage"] == key]
         binary = metric.task == "binary"
-        self.publisher.submit(trainer, lambda view: self._publish_now(view, key, result, history, label, binary))
-
-    def _publish_now(
-        self, trainer: Any, key: str, result: dict[str, Any], history: list[dict[str, Any]], label: str, binary: bool
-    ) -> None:
-        namespace = f"{NAMESPACE}/{key}"
-        step = trainer.global_step
-        if self.plot:
-            bins, scalars = result["bins"], result["metrics"]
-            classwise = result["classwise_bins"]
-            hist = result["confidence_histogram"]
-            figures = {
-                "reliability": plot_reliability_diagram(
-                    bins["edges"],
-                    bins["accuracy"],
-                    bins["confidence"],
-                    bins["count"],
-                    ece=scalars["ece"],
-                    title=label,
-                    binary=binary,
-                    accuracy_low=bins.get("accuracy_ci_low"),
-                    accuracy_high=bins.get("accuracy_ci_high"),
-                    ece_interval=(scalars["ece_ci_low"], scalars["ece_ci_high"]) if self.bootstrap else None,
-                ),
-                "confidence_histogram": plot_confidence_histogram(
-                    hist["edges"],
-                    hist["correct"],
-                    hist["incorrect"],
-                    accuracy=scalars["accuracy"],
-                    confidence=scalars["confidence"],
-                    title=label,
-                ),
-                "classwise_reliability": plot_classwise_reliability(
-                    classwise["edges"],
-                    classwise["accuracy"],
-                    classwise["confidence"],
-                    classwise["count"],
-                    class_names=self.class_names,
-                    max_classes=self.plot_classes,
-                    title=label,
-                ),
-            }
-            if len(history) >= 2:
-                epochs = [h["epoch"] for h in history]
-                x = "epoch" if all(a < b for a, b in itertools.pairwise(epochs)) else "evaluation"
-                figures["trend"] = plot_calibration_trend(history, x=x, title=f"{key}: calibration over {x}s")
-            publish_figures(trainer, figures, namespace=namespace, step=step, save_dir=self.save_dir)
-        bins = result["bins"]
-        rows = [
-            [float(lo), float(hi), int(n), _finite(acc), _finite(conf), _finite(conf - acc)]
-            for lo, hi, n, acc, conf in zip(
-                bins["edges"][:-1], bins["edges"][1:], bins["count"], bins["accuracy"], bins["confidence"], strict=False
-            )
-        ]
-        publish_table(
+        self.publisher.submit(
             trainer,
-            "bins",
-            ["lower", "upper", "count", "accuracy", "confidence", "gap"],
-            rows,
-            namespace=namespace,
-            step=step,
-            save_dir=self.save_dir,
+            lambda view: publish_calibration(
+                view,
+                f"{NAMESPACE}/{key}",
+                result,
+                history,
+                label=label,
+                binary=binary,
+                plot=self.plot,
+                class_names=self.class_names,
+                plot_classes=self.plot_classes,
+                save_dir=self.save_dir,
+            ),
         )
-        summary = {**result, "history": history}
-        publish_json(trainer, "summary", summary, namespace=namespace, save_dir=self.save_dir)
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -684,8 +594,3 @@ class CalibrationMonitor(EvaluationCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.temperature = state_dict.get("temperature")
-
-
-def _finite(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
