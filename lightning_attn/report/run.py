@@ -25,11 +25,11 @@ from lightning_attn.functional.calibration import equal_width_bin_index
 from lightning_attn.plots import report as plots
 from lightning_attn.report.explain import (
     BatchAttention,
-    GroupStatistics,
     ReportError,
     pair_agreement,
     resolve_modality_pairs,
 )
+from lightning_attn.report.group_statistics import GroupStatistics
 from lightning_attn.report.provenance import StreamHasher
 
 __all__ = [
