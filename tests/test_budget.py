@@ -6,6 +6,7 @@ batches (an independent reference of what "recording those batches" means), on o
 
 from __future__ import annotations
 
+import doctest
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from helpers import GuardedHooks, cpu_trainer, run_ddp_script
 
 from lightning_attn import AttentionLogger, HeadSpecializationTracker, ModuleProbe
+from lightning_attn.callbacks import budget
 from lightning_attn.callbacks.budget import BudgetCoordinator, batches_to_record, scheduled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,6 +41,11 @@ def assert_same_statistics(got: Any, want: Any) -> None:
     torch.testing.assert_close(got.rows, want.rows, rtol=0, atol=0, equal_nan=True)
     for name in want.mean:
         torch.testing.assert_close(got.mean[name], want.mean[name], rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(budget)
+    assert result.failed == 0 and result.attempted > 0
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, float("nan"), "0.2", True])
