@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -105,8 +105,8 @@ class AttentionLogger(StreamingCallback):
     ``max_figure_sites`` sites (evenly spaced over depth, first and last included), the attention rollout
     (self-attention sites of equal length, in forward order) and, per modality pair, A->B, B->A transposed
     and their difference with the agreement score. A JSON file of the epoch's statistics
-    (``<stage>_epoch<E>.json``) is always written to disk. ``callback.results[<stage>]`` holds the last
-    epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
+    (``<stage>/statistics_epoch<E>_step<S>.json``) is always written to disk. ``callback.results[<stage>]`` holds
+    the last epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
 
     Probe samples: the first ``probe_samples`` samples of the first batch of dataloader 0 on global rank zero
     (under DDP, the first samples of rank zero's shard). They are the same samples every epoch as long as
@@ -130,14 +130,15 @@ class AttentionLogger(StreamingCallback):
         token_names: labels of positions for heatmap axes and top-position lists: a list labels every axis
             of the same length; a mapping labels sites by glob pattern, ``"<glob>:queries"`` or
             ``"<glob>:keys"`` for one axis of cross-attention sites (e.g. feature or sensor names).
-        log_per_head: also log per-head scalars ``attn/<stage>/<site>/h<k>/<stat>``.
+        log_per_head: also log per-head scalars ``attn/<stage>/<site>/h<k>/<stat>`` (one TensorBoard custom-scalars
+            chart per site and statistic); off by default: a 12 x 12-head model would log 144 scalars per statistic.
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
         max_figure_sites: at most this many sites get per-site map figures and head-contribution bars.
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
             ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
             instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).
@@ -230,10 +231,9 @@ class AttentionLogger(StreamingCallback):
         super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)
         if saved != self.probe_samples:
-            warnings.warn(
+            rank_zero_warn(
                 f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
             self._probe_fingerprints = {}
         else:
@@ -331,6 +331,7 @@ class AttentionLogger(StreamingCallback):
         if probe is not None:
             probe.end_site(site)
         for pair, role in roles:
+            assert acc.pairs is not None and head_mean is not None  # roles come from declared pairs, after the chunks
             both = acc.pairs.add(pair, role, head_mean)
             if both is not None:
                 acc.agreement.update(pair, *both)
@@ -433,11 +434,10 @@ class AttentionLogger(StreamingCallback):
         self._probe_input = None
         previous = self._probe_fingerprints.get(stage)
         if previous is not None and fingerprint != previous:
-            warnings.warn(
+            rank_zero_warn(
                 "AttentionLogger: the probe samples (first samples of the first batch of dataloader 0) changed since "
                 "the last epoch; is that dataloader shuffled? Figures of different epochs show different samples.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
         self._probe_fingerprints[stage] = fingerprint
 

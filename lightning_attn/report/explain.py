@@ -548,7 +548,8 @@ def compute_saliency(
 
     Returns:
         ``{"explained": [B], "logits": [B, C], "inputs": {...}, "rollout": {...} | None,
-        "head_relevance": {site: [B, H]}, "sites_without_gradient": [...]}`` with host tensors.
+        "head_relevance": {site: [B, H]}, "sites_without_gradient": [...], "attention": {site: [B, H, Q, K]}}``
+        with host tensors (each input entry also holds the input ``values``).
     """
     with torch.inference_mode(False), torch.enable_grad():
         cloned = _clone_structure(batch)
@@ -596,6 +597,7 @@ def compute_saliency(
             total > 0, absolute / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(absolute)
         )
         entry = {"shape": list(leaf.shape[1:]), "abs": absolute, "signed": signed, "share": share}
+        entry["values"] = leaf.detach().float().cpu()  # the probe's input itself, for the report's drill-down
         if positions is not None:
             entry["positions"] = _block_pool(positions, max_positions)
             entry["positions_pooled"] = positions.shape[1] > max_positions
@@ -624,5 +626,6 @@ def compute_saliency(
         result["rollout"] = {"sites": group, "mean_row": rollout.mean(1), "row0": rollout[:, 0], "matrix": rollout}
     else:
         result["rollout"] = None
+    result["attention"] = {site: attn.detach().float().cpu() for site, attn in recorder.maps.items()}
     recorder.clear()
     return result
