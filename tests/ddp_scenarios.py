@@ -91,13 +91,22 @@ class FlaggedData(torch.utils.data.Dataset):
 
 
 def callbacks() -> list[Any]:
+    # overhead_budget=None: the one process runs both ranks' batches, compared over all of them
     return [
-        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
+        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False, overhead_budget=None),
         HeadSpecializationTracker(
-            features={"feature": "feature"}, probe_samples=0, log_figures=False, export_registry=False
+            features={"feature": "feature"},
+            probe_samples=0,
+            log_figures=False,
+            export_registry=False,
+            overhead_budget=None,
         ),
         ModuleProbe(
-            probes={"gate": ("*.gate", "activation")}, histogram_sites=["*"], probe_samples=0, log_figures=False
+            probes={"gate": ("*.gate", "activation")},
+            histogram_sites=["*"],
+            probe_samples=0,
+            log_figures=False,
+            overhead_budget=None,
         ),
     ]
 
@@ -179,10 +188,16 @@ class ThreeLoaderModule(models.CrossModalModule):
 def run_uneven(devices: int, strategy: str = "auto", root: str | None = None) -> tuple[pl.Trainer, dict[str, Any]]:
     reproducible()
     module = ThreeLoaderModule()
+    # overhead_budget=None: uneven shards, the one process has other batch counts than the ranks
     callbacks: list[Any] = [
-        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
-        HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False),
-        ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=0, log_figures=False),
+        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False, overhead_budget=None),
+        HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False, overhead_budget=None),
+        ModuleProbe(
+            probes={"ff": ("encoder.layers.*.linear1", "activation")},
+            probe_samples=0,
+            log_figures=False,
+            overhead_budget=None,
+        ),
         CalibrationMonitor(task="multiclass", num_classes=3, n_bins=5, bootstrap=0, plot=False),
     ]
     options = trainer_options(root, devices=devices, strategy=strategy, use_distributed_sampler=False)

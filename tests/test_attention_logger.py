@@ -444,7 +444,7 @@ def _state_sizes(callback: AttentionLogger) -> dict[str, int]:
 def test_state_does_not_grow_with_batches(tmp_path: Path) -> None:
     sizes = []
     for batches in (10, 100):
-        callback = AttentionLogger(modality_pairs=models.PAIRS, log_figures=False)
+        callback = AttentionLogger(modality_pairs=models.PAIRS, log_figures=False, overhead_budget=None)
         trainer(tmp_path, [callback]).validate(models.CrossModalModule(), models.loader(batches * 2, 2), verbose=False)
         assert callback.results["val"].rows[0, 0] == batches * 2 * models.EEG_LEN
         assert callback._probe is None and callback._probe_input is None and callback._recorder is None

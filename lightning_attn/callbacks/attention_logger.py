@@ -21,6 +21,7 @@ from lightning_attn.callbacks.base import (
     open_recorder,
     probe_batch,
 )
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
@@ -141,6 +142,11 @@ class AttentionLogger(StreamingCallback):
         name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
             ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
             instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).
+        overhead_budget: share of the epoch that recording may add: evenly spread batches, the same on every rank
+            and for every callback (:mod:`~lightning_attn.callbacks.budget`); ``None``: every batch.
+        min_batches: with a budget, never fewer recorded batches per epoch and dataloader (all when fewer).
+        exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise;
+            see :class:`~lightning_attn.AttentionRecorder`).
     """
 
     namespace = NAMESPACE
@@ -166,10 +172,15 @@ class AttentionLogger(StreamingCallback):
         max_positions: int = 4096,
         save_dir: str | None = None,
         name: str | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
+        min_batches: int = DEFAULT_MIN_BATCHES,
+        exact_outputs: bool = True,
     ) -> None:
         super().__init__(
             stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name, include=include
         )
+        self._set_budget(overhead_budget, min_batches)
+        self.exact_outputs = exact_outputs
         check_min(0, probe_samples=probe_samples)
         check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
         check_min(1, optional=True, chunk_size=chunk_size)
@@ -257,14 +268,14 @@ class AttentionLogger(StreamingCallback):
         dataloader_idx: int,
         stage: str,
     ) -> None:
-        if not self._sampled(batch_idx):
+        if not self._records(stage, dataloader_idx, batch_idx):
             return
         self._close_recorder()
         self._active = self._state_for(stage, dataloader_idx, pl_module.device)
         if self.probe_samples and probe_batch(trainer, batch_idx, dataloader_idx):
             self._probe = ProbeMaps(self.probe_samples, self.max_map_tokens) if self.log_figures else None
             self._probe_input = _slice_batch(batch, self.probe_samples)
-        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
+        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude, self.exact_outputs)
 
     def eval_batch_end(
         self,

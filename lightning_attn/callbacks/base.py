@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 
 from lightning_attn import sinks
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, BatchBudget, coverage_scalars
 from lightning_attn.callbacks.publisher import Publisher
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -63,6 +64,7 @@ class EvaluationCallback(Callback):
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
         self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
+        self._budget: BatchBudget | None = None  # the recording budget of the attention-reading callbacks
         self._publisher_of_run: Publisher | None = None
 
     #: Whether epoch-end publishing runs in a background thread (off the training thread).
@@ -192,6 +194,8 @@ class EvaluationCallback(Callback):
         self._finish_publishing()
         self._running = stage if self._should_run(trainer, stage) else None
         if self._running:
+            if self._budget is not None:
+                self._budget.start(trainer, stage)
             self.eval_epoch_start(trainer, pl_module, stage)
 
     def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
@@ -205,6 +209,8 @@ class EvaluationCallback(Callback):
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._running == stage:
             self._running = None
+            if self._budget is not None:
+                self._budget.end()
             self.eval_epoch_end(trainer, pl_module, stage)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -253,6 +259,8 @@ class EvaluationCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._running = None
+        if self._budget is not None:
+            self._budget.abort()
         self.eval_abort()
         self._finish_publishing(raise_errors=False)  # what was rendered still reaches the loggers and the disk
 
@@ -345,11 +353,14 @@ def open_recorder(
     on_capture: Callable[[AttentionCapture], None],
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    exact_outputs: bool = True,
 ) -> AttentionRecorder:
     """An entered streaming :class:`~lightning_attn.AttentionRecorder` (nothing kept: ``on_capture`` gets every
     capture) on the attention sites of ``module`` matched by ``include``/``exclude``; close it with
     :func:`close_recorder`."""
-    recorder = AttentionRecorder(module, include=include, exclude=exclude, keep=False, on_capture=on_capture)
+    recorder = AttentionRecorder(
+        module, include=include, exclude=exclude, keep=False, on_capture=on_capture, exact_outputs=exact_outputs
+    )
     recorder.__enter__()
     return recorder
 
@@ -419,6 +430,9 @@ class StreamingCallback(EvaluationCallback):
         check_min(1, optional=True, max_batches=max_batches)
         self.max_batches = max_batches
         self.every_n_batches = every_n_batches
+        self._set_budget(None, DEFAULT_MIN_BATCHES)
+        #: Batches recorded and seen (over ranks) by stage key, last evaluated epoch.
+        self.coverage: dict[str, dict[str, int]] = {}
         self.max_figure_sites = max_figure_sites
         self.results: dict[str, Any] = StageResults()
         self._states: dict[tuple[str, int], Any] = {}
@@ -444,6 +458,19 @@ class StreamingCallback(EvaluationCallback):
         if batch_idx % self.every_n_batches:
             return False
         return self.max_batches is None or batch_idx // self.every_n_batches < self.max_batches
+
+    def _set_budget(self, overhead_budget: float | None, min_batches: int) -> None:
+        """Record within ``overhead_budget`` (:mod:`lightning_attn.callbacks.budget`; ``None``: every batch). An
+        explicit ``max_batches`` or ``every_n_batches`` is a sampling of its own: the budget then does not apply."""
+        self.overhead_budget = overhead_budget
+        self.min_batches = min_batches
+        own_sampling = self.max_batches is not None or self.every_n_batches != 1
+        self._budget = BatchBudget(None if own_sampling else overhead_budget, min_batches)
+
+    def _records(self, stage: str, dataloader_idx: int, batch_idx: int) -> bool:
+        """Whether this batch is recorded: the callback's own sampling and the shared budget's decision."""
+        assert self._budget is not None
+        return self._budget.records(stage, dataloader_idx, batch_idx, sampled=self._sampled(batch_idx))
 
     def _new_state(self) -> Any:
         """The metric states of one (stage, dataloader) pair."""
@@ -479,6 +506,9 @@ class StreamingCallback(EvaluationCallback):
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
         self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
+        used, self._used = used_on_any_rank(self._used), set()
+        assert self._budget is not None
+        coverage = self._budget.coverage(trainer, stage, used)  # a collective: every rank
 
         def finish(dataloader_idx: int) -> None:
             state = self._state_for(stage, dataloader_idx, pl_module.device)
@@ -486,14 +516,14 @@ class StreamingCallback(EvaluationCallback):
             results = compute(state, key, dataloader_idx)
             state.reset()
             self.results[key] = results
+            self.coverage[key] = coverage[dataloader_idx]
             scalars = self._scalars(results)
-            log_scalars(pl_module, scalars)
+            log_scalars(pl_module, {**scalars, **coverage_scalars(self.name, key, coverage[dataloader_idx])})
             if trainer.is_global_zero:
                 publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
                 publish(results, dataloader_idx)
 
-        used, self._used = self._used, set()
-        finish_dataloaders(used, finish)
+        finish_dataloaders(set(used), finish)
 
     def _scalars(self, results: Any) -> dict[str, float]:
         """The scalars to log for one computed epoch: ``<name>/<stage key>/...``."""

@@ -24,6 +24,7 @@ from lightning_attn.callbacks.base import (
     stage_key,
     used_on_any_rank,
 )
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET, BatchBudget, coverage_scalars
 from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -193,6 +194,11 @@ class HeadSpecializationTracker(EvaluationCallback):
             keys and checkpoint states apart (equal names raise at setup).
         head_importance: also score every head's importance by the gradient of the step's loss with respect to a
             gate on its output (one extra forward and backward per evaluated batch, about 3x the step's cost).
+        overhead_budget: share of the epoch that recording may add: evenly spread batches, the same on every rank
+            and for every callback (:mod:`~lightning_attn.callbacks.budget`); ``None``: every batch.
+        min_batches: with a budget, never fewer recorded batches per epoch and dataloader (all when fewer).
+        exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise;
+            see :class:`~lightning_attn.AttentionRecorder`).
 
     Raises:
         ValueError: with ``head_importance``, at the first batch, when the evaluation step returns neither its loss
@@ -236,9 +242,17 @@ class HeadSpecializationTracker(EvaluationCallback):
         save_dir: str | None = None,
         head_importance: bool = False,
         name: str | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
+        min_batches: int = DEFAULT_MIN_BATCHES,
+        exact_outputs: bool = True,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
         self._set_name(self.namespace, name, include)
+        self.overhead_budget = overhead_budget
+        self.min_batches = min_batches
+        self.exact_outputs = exact_outputs
+        self._budget = BatchBudget(overhead_budget, min_batches)
+        self._recording = False  # whether the running batch is recorded (head importance follows it)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
         if summary not in ("auto", "mass", "max_weight", "entropy"):
@@ -413,11 +427,15 @@ class HeadSpecializationTracker(EvaluationCallback):
         stage: str,
     ) -> None:
         self._close_recorder()
+        assert self._budget is not None
+        self._recording = self._budget.records(stage, dataloader_idx, batch_idx)
+        if not self._recording:
+            return
         device = pl_module.device
         self._target = self._metrics_for(stage, dataloader_idx, device)
         probe = self.probe_samples > 0 and probe_batch(trainer, batch_idx, dataloader_idx)
         self._context = self._batch_context(batch, device, probe)
-        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
+        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude, self.exact_outputs)
 
     def eval_batch_end(
         self,
@@ -430,7 +448,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         stage: str,
     ) -> None:
         self._close_recorder()
-        if self.head_importance:
+        if self.head_importance and self._recording:
             importance = self._importance.setdefault((stage, dataloader_idx), HeadImportance()).to(pl_module.device)
             sites = (self.include, self.exclude)
             gradients = head_gradients(trainer, pl_module, batch, batch_idx, dataloader_idx, stage, *sites)
@@ -487,13 +505,17 @@ class HeadSpecializationTracker(EvaluationCallback):
         used = {
             index for (key_stage, index), metrics in self._metrics.items() if key_stage == stage and metrics.updated
         }
-        for dataloader_idx in used_on_any_rank(used):
+        dataloaders = used_on_any_rank(used)
+        assert self._budget is not None
+        coverage = self._budget.coverage(trainer, stage, dataloaders)  # a collective: every rank
+        for dataloader_idx in dataloaders:
             metrics = self._metrics_for(stage, dataloader_idx, pl_module.device)
             entry = metrics.compute(self.redundancy_threshold)  # a collective: every rank
             metrics.reset()
             key = stage_key(stage, dataloader_idx)
             redundancy = entry.pop("redundancy", None)
             entry.update(stage=key, epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
+            entry["coverage"] = coverage[dataloader_idx]
             entry["clusters"] = list(redundancy["clusters"]) if redundancy else []
             analyze_heads(
                 entry, hsi_threshold=self.hsi_threshold, thresholds=self.thresholds, feature_labels=self.feature_labels
@@ -508,7 +530,7 @@ class HeadSpecializationTracker(EvaluationCallback):
             if redundancy:
                 self.last_redundancy[key] = redundancy
             scalars = self._scalars(entry)
-            log_scalars(pl_module, scalars)
+            log_scalars(pl_module, {**scalars, **coverage_scalars(self.name, key, entry["coverage"])})
             if trainer.is_global_zero:
                 publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
                 self._publish(trainer, entry, redundancy)

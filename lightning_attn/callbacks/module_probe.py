@@ -19,6 +19,7 @@ from lightning_attn.callbacks.base import (
     open_recorder,
     probe_batch,
 )
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -138,6 +139,11 @@ class ModuleProbe(StreamingCallback):
             (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: replaces ``probe`` in the logged keys, published names and the output folder (default ``probe``): give
             two instances on one Trainer different names (equal names raise at setup).
+        overhead_budget: share of the epoch that recording may add: evenly spread batches, the same on every rank
+            and for every callback (:mod:`~lightning_attn.callbacks.budget`); ``None``: every batch.
+        min_batches: with a budget, never fewer recorded batches per epoch and dataloader (all when fewer).
+        exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise;
+            see :class:`~lightning_attn.AttentionRecorder`).
     """
 
     namespace = NAMESPACE
@@ -164,8 +170,13 @@ class ModuleProbe(StreamingCallback):
         log_figures: bool = True,
         save_dir: str | None = None,
         name: str | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
+        min_batches: int = DEFAULT_MIN_BATCHES,
+        exact_outputs: bool = True,
     ) -> None:
         super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name)
+        self._set_budget(overhead_budget, min_batches)
+        self.exact_outputs = exact_outputs
         self.specs: list[ProbeSpec] = parse_probes(probes)
         self.probes = {spec.name: (spec.pattern, spec.kind) for spec in self.specs}
         check_min(1, histogram_bins=histogram_bins, max_channels=max_channels, top_k=top_k, max_positions=max_positions)
@@ -255,7 +266,7 @@ class ModuleProbe(StreamingCallback):
         dataloader_idx: int,
         stage: str,
     ) -> None:
-        if not self._sampled(batch_idx):
+        if not self._records(stage, dataloader_idx, batch_idx):
             return
         self._close_batch()
         self._active = self._state_for(stage, dataloader_idx, pl_module.device)
@@ -269,7 +280,9 @@ class ModuleProbe(StreamingCallback):
                 self._samples = ProbeSamples(count, self.max_positions)
                 self._taking_samples = True
         if self.histogram_sites:
-            self._recorder = open_recorder(pl_module, self._on_capture, self.histogram_sites)
+            self._recorder = open_recorder(
+                pl_module, self._on_capture, self.histogram_sites, exact_outputs=self.exact_outputs
+            )
 
     def eval_batch_end(
         self,
