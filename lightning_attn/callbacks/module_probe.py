@@ -24,13 +24,8 @@ from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, 
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.attention import key_mask_for
-from lightning_attn.metrics.probes import (
-    ProbeResults,
-    ProbeSamples,
-    ProbeStatistics,
-    activation_view,
-    top_weight_positions,
-)
+from lightning_attn.metrics.probe_results import ProbeResults, top_weight_positions
+from lightning_attn.metrics.probes import ProbeSamples, ProbeStatistics, activation_view
 from lightning_attn.plots import attention as attention_plots
 from lightning_attn.plots import probes as plots
 
@@ -103,7 +98,7 @@ class ModuleProbe(StreamingCallback):
     samples) and the top positions (``<probe>/top_positions``); the per-head histograms (``histograms``); a
     summary table; and always the JSON file ``<stage>/statistics_epoch<E>_step<S>.json``.
     ``callback.results[<stage>]`` holds the last epoch's
-    :class:`~lightning_attn.metrics.probes.ProbeResults` (probe samples' outputs under ``samples``).
+    :class:`~lightning_attn.metrics.probe_results.ProbeResults` (probe samples' outputs under ``samples``).
 
     Probe samples are the AttentionLogger's: the first ``probe_samples`` samples of the first batch of
     dataloader 0 on global rank zero, so gates, pooling and attention figures show the same samples.

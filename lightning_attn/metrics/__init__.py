@@ -16,9 +16,9 @@ from lightning_attn.metrics.heads import (
     ProbeHeadMaps,
     head_statistics_reducers,
 )
+from lightning_attn.metrics.probe_results import ProbeResults
 from lightning_attn.metrics.probes import (
     ActivationStatistics,
-    ProbeResults,
     ProbeStatistics,
     WeightHistogram,
 )
