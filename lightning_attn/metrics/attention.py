@@ -50,6 +50,7 @@ from lightning_attn.functional.attention import (
     sparsity,
 )
 from lightning_attn.metrics._sites import SiteSums
+from lightning_attn.metrics.engine import DISTANCE, ENGINE, ENTROPY, FIRST_TOKEN, MAX_WEIGHT, RECEIVED, RowValues, Stat
 
 __all__ = [
     "AttentionPositions",
@@ -112,12 +113,16 @@ def key_mask_for(attention: AttentionCapture | Tensor, probs_chunk: Tensor) -> T
 
 # -- reducers -------------------------------------------------------------------------------------------
 # Module-level classes rather than lambdas: picklable (checkpoints, ddp_spawn), with readable reprs.
-# Each is the function of lightning_attn.functional of the same name; entropy and sparsity take a cheaper
-# route with the same result when every key is valid (no mask expansion), tested against it.
+# Each is the function of lightning_attn.functional of the same name, applied to probability tensors; its
+# ``statistic`` names the same measure in the statistics engine, which computes it for whole captures (once per
+# call for every consumer, from the scores). Entropy and sparsity take a cheaper route with the same result when
+# every key is valid (no mask expansion), tested against it.
 
 
 class EntropyReducer:
     """Normalized row entropy ``H_i / log(n_i)`` (:func:`~lightning_attn.functional.normalized_entropy`)."""
+
+    statistic = ENTROPY
 
     def __call__(self, probs: Tensor, query_offset: int, key_mask: Tensor | None = None) -> Tensor:
         if key_mask is not None or probs.shape[-1] < 2:
@@ -134,6 +139,8 @@ class EntropyReducer:
 class MaxWeightReducer:
     """Largest weight of each row (:func:`~lightning_attn.functional.max_weight`): head confidence."""
 
+    statistic = MAX_WEIGHT
+
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return max_weight(probs)
 
@@ -146,6 +153,7 @@ class SparsityReducer:
 
     def __init__(self, threshold: float = 0.01) -> None:
         self.threshold = float(threshold)
+        self.statistic = Stat.sparsity(self.threshold)
 
     def __call__(self, probs: Tensor, query_offset: int, key_mask: Tensor | None = None) -> Tensor:
         if key_mask is not None:
@@ -162,6 +170,8 @@ class DistanceReducer:
     """Mean attention distance ``sum_j A_ij |i - j|`` in tokens
     (:func:`~lightning_attn.functional.mean_attention_distance`), query chunks offset-aware."""
 
+    statistic = DISTANCE
+
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return mean_attention_distance(probs, query_offset)
 
@@ -171,6 +181,8 @@ class DistanceReducer:
 
 class FirstTokenReducer:
     """Weight on key 0 (:func:`~lightning_attn.functional.first_token_mass`): [CLS]/BOS sink mass."""
+
+    statistic = FIRST_TOKEN
 
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return first_token_mass(probs).float()
@@ -251,6 +263,11 @@ class AttentionStatistics(SiteSums):
         self.names = list(self.reducers)
         self.chunk_size = chunk_size
         self._masked = {name: _takes_key_mask(fn) for name, fn in self.reducers.items()}
+        #: name -> engine statistic, when every reducer has one (then captures go through the engine)
+        self.statistics: dict[str, Stat] | None = None
+        if all(isinstance(getattr(fn, "statistic", None), Stat) for fn in self.reducers.values()):
+            self.statistics = {name: fn.statistic for name, fn in self.reducers.items()}
+            ENGINE.subscribe(self, self.statistics.values())
 
     def _state(self, site: str, num_heads: int, device: torch.device) -> Tensor:
         return self._site_state(site, (2 * len(self.names) + 1, num_heads), device, size=num_heads)
@@ -272,7 +289,9 @@ class AttentionStatistics(SiteSums):
             key_mask: ``True`` (default) derives the valid keys with :func:`key_mask_for`; ``None`` says every
                 key is valid; a bool tensor broadcastable to the chunk gives them.
         """
-        if isinstance(attention, AttentionCapture):
+        if isinstance(attention, AttentionCapture) and key_mask is True and self.statistics is not None:
+            self.add_rows(site, self.rows_of(ENGINE.rows(attention, self.statistics.values(), self.chunk_size)))
+        elif isinstance(attention, AttentionCapture):
             for offset, chunk in attention.chunks(self.chunk_size):
                 mask = key_mask_for(attention, chunk) if key_mask is True else key_mask
                 self._update_chunk(site, chunk, offset, mask)
@@ -287,6 +306,24 @@ class AttentionStatistics(SiteSums):
             probs = as_bhqk(attention)
             mask = key_mask_for(probs, probs) if key_mask is True else key_mask
             self._update_chunk(site, probs, query_offset, mask)
+
+    def rows_of(self, rows: RowValues) -> dict[str, Tensor]:
+        """This metric's statistics, by name, out of the engine's rows of a call (``[B, H, Q]`` each), plus
+        ``"_valid"``: the rows with a valid key."""
+        assert self.statistics is not None
+        return {**{name: rows.values[stat] for name, stat in self.statistics.items()}, "_valid": rows.valid}
+
+    def add_rows(self, site: str, values: Mapping[str, Tensor], row_weight: Tensor | None = None) -> None:
+        """Add whole per-row values: ``values[name]`` ``[B, H, Q]`` for every name and ``values["_valid"]``
+        (``[B, H, Q]`` bool, the rows that count); ``row_weight`` (``[B, Q]``, 0/1) leaves more rows out."""
+        valid = values["_valid"]
+        state = self._state(site, valid.shape[1], valid.device)
+        weight = valid.to(state.dtype)
+        if row_weight is not None:
+            weight = weight * row_weight.to(state.dtype)[:, None, :]
+        stacked = torch.stack([torch.where(valid, values[name], 0) for name in self.names]).to(state.dtype) * weight
+        rows = weight.sum((0, 2))[None]
+        state += torch.cat([stacked.sum((1, 3)), stacked.square().sum((1, 3)), rows])
 
     def _update_chunk(self, site: str, probs: Tensor, query_offset: int, key_mask: Tensor | bool | None) -> None:
         state = self._state(site, probs.shape[1], probs.device)
@@ -352,6 +389,7 @@ class AttentionPositions(SiteSums):
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.max_positions = int(max_positions)
+        ENGINE.subscribe(self, self.STATISTICS)
 
     @property
     def kinds(self) -> dict[str, str]:
@@ -375,16 +413,35 @@ class AttentionPositions(SiteSums):
         ``row_valid`` (``[B, H, q]`` bool) leaves rows without a valid key out; ``None`` counts every row.
         """
         probs = as_bhqk(probs)
-        state = self._state(site, "self" if self_attention else "cross", probs.device)
-        batch, heads, num_queries, num_keys = probs.shape
-        keys = min(num_keys, self.max_positions)
+        given = diagonal_mass(probs, 0, query_offset).neg_().add_(1) if self_attention else max_weight(probs)
+        self._add(site, self_attention, probs.sum((0, 1, 2)), given, query_offset, row_valid)
+
+    #: What :meth:`add_rows` reads from the statistics engine.
+    STATISTICS = (RECEIVED, Stat.diagonal(0), MAX_WEIGHT)
+
+    def add_rows(self, site: str, rows: RowValues, self_attention: bool = True) -> None:
+        """Add a whole call from the engine's rows (:data:`STATISTICS`)."""
+        received = rows.values[RECEIVED].sum((0, 1))
+        given = 1 - rows.values[Stat.diagonal(0)] if self_attention else rows.values[MAX_WEIGHT]
+        self._add(site, self_attention, received, given, 0, rows.valid)
+
+    def _add(
+        self,
+        site: str,
+        self_attention: bool,
+        received: Tensor,
+        given: Tensor,
+        query_offset: int,
+        row_valid: Tensor | None,
+    ) -> None:
+        """``received`` ``[K]`` (summed over samples, heads and rows), ``given`` ``[B, H, q]``."""
+        state = self._state(site, "self" if self_attention else "cross", given.device)
+        batch, heads, num_queries = given.shape
+        keys = min(received.shape[-1], self.max_positions)
         first, last = min(query_offset, self.max_positions), min(query_offset + num_queries, self.max_positions)
         queries = last - first
-        received = probs.sum((0, 1, 2)).to(state.dtype)
-        if self_attention:
-            given = diagonal_mass(probs, 0, query_offset).to(state.dtype).neg_().add_(1)
-        else:
-            given = max_weight(probs).to(state.dtype)
+        received = received.to(state.dtype)
+        given = given.to(state.dtype)
         if row_valid is None:
             rows = torch.full((), batch * heads * num_queries, dtype=state.dtype, device=state.device)
             pairs = torch.full((queries,), batch * heads, dtype=state.dtype, device=state.device)

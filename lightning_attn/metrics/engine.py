@@ -46,7 +46,18 @@ from lightning_attn.functional.fused import (
     sparsity_from_counts,
 )
 
-__all__ = ["DISTANCE", "ENGINE", "ENTROPY", "FIRST_TOKEN", "MAX_WEIGHT", "RowValues", "Stat", "StatisticsEngine"]
+__all__ = [
+    "COLUMN_STATISTICS",
+    "DISTANCE",
+    "ENGINE",
+    "ENTROPY",
+    "FIRST_TOKEN",
+    "MAX_WEIGHT",
+    "RECEIVED",
+    "RowValues",
+    "Stat",
+    "StatisticsEngine",
+]
 
 #: Below this window a local mass is the sum of its ``2w + 1`` diagonals (gathers), above it a masked reduce.
 _NARROW_WINDOW = 8
@@ -58,7 +69,8 @@ class Stat(NamedTuple):
 
     Kinds: ``entropy`` (normalized, ``H_i / log n_i``), ``max_weight`` (``max_j A_ij``), ``sparsity`` (fraction of
     valid keys below ``param``), ``distance`` (``sum_j A_ij |i - j|``), ``first_token`` (``A_i0``), ``diagonal``
-    (``A_{i, i + param}``), ``local`` (``sum_{|i - j| <= param} A_ij``).
+    (``A_{i, i + param}``), ``local`` (``sum_{|i - j| <= param} A_ij``); and one column statistic,
+    ``received`` (``sum_i A_ij``, the attention key ``j`` receives from the rows).
     """
 
     kind: str
@@ -81,12 +93,16 @@ ENTROPY = Stat("entropy")
 MAX_WEIGHT = Stat("max_weight")
 DISTANCE = Stat("distance")
 FIRST_TOKEN = Stat("first_token")
+RECEIVED = Stat("received")
+#: Statistics of the keys (``[B, H, K]``, summed over query rows) rather than of the rows.
+COLUMN_STATISTICS = frozenset({RECEIVED})
 
 
 @dataclass
 class RowValues:
-    """Per-row values of one captured call: ``values[stat]`` is ``[B, H, Q]`` float32; ``valid`` ``[B, H, Q]`` bool
-    marks the rows with at least one valid key (rows without one hold meaningless values)."""
+    """Per-row values of one captured call: ``values[stat]`` is ``[B, H, Q]`` float32 (``[B, H, K]`` for the
+    :data:`COLUMN_STATISTICS`); ``valid`` ``[B, H, Q]`` bool marks the rows with at least one valid key (rows
+    without one hold meaningless values)."""
 
     values: dict[Stat, Tensor]
     valid: Tensor
@@ -101,15 +117,19 @@ class StatisticsEngine:
 
     def __init__(self, key_block: int | None = 4096) -> None:
         self.key_block = key_block
-        self._demand: weakref.WeakKeyDictionary[object, frozenset[Stat]] = weakref.WeakKeyDictionary()
+        # by id: metrics' hashes change as they grow states, so a WeakKeyDictionary would lose them
+        self._demand: dict[int, tuple[weakref.ref[object], frozenset[Stat]]] = {}
 
     def subscribe(self, consumer: object, stats: Iterable[Stat]) -> None:
         """Declare what ``consumer`` needs; held while the consumer lives (a weak reference)."""
-        self._demand[consumer] = frozenset(stats)
+        self._demand[id(consumer)] = (weakref.ref(consumer), frozenset(stats))
 
     def demand(self) -> frozenset[Stat]:
         """The union of what every live subscriber needs."""
-        return frozenset().union(*self._demand.values())
+        for key, (ref, _) in list(self._demand.items()):
+            if ref() is None:
+                del self._demand[key]
+        return frozenset().union(*(stats for _, stats in self._demand.values()))
 
     def rows(self, attention: AttentionCapture | Tensor, stats: Iterable[Stat], chunk_size: int | None) -> RowValues:
         """The rows of ``stats`` for a capture (memoized on the call, shared by its captures) or a tensor of
@@ -161,7 +181,10 @@ class StatisticsEngine:
                 else:
                     values = self._from_scores(capture, rows, counts, stats, whole=step >= num_queries)
             for stat in stats:
-                parts[stat].append(torch.broadcast_to(values[stat], shape))
+                if stat in COLUMN_STATISTICS:  # keys: summed over the query chunks
+                    parts[stat] = [values[stat] if not parts[stat] else parts[stat][0] + values[stat]]
+                else:
+                    parts[stat].append(torch.broadcast_to(values[stat], shape))
             valid_parts.append(counts > 0)
         return RowValues(
             values={stat: torch.cat(chunks, -1) for stat, chunks in parts.items()},
@@ -229,7 +252,12 @@ class StatisticsEngine:
             scores = self._masked_scores(capture, rows, slice(start, start + block))
             probs = (scores - lse[..., None]).exp_().mul_(valid[..., None])
             for stat, value in _block_sums(probs, scores, stats - {MAX_WEIGHT}, rows.start, start).items():
-                sums[stat] = value if stat not in sums else sums[stat] + value
+                if stat not in sums:
+                    sums[stat] = value
+                elif stat in COLUMN_STATISTICS:  # keys: one block after the other
+                    sums[stat] = torch.cat([sums[stat], value], -1)
+                else:
+                    sums[stat] = sums[stat] + value
         if MAX_WEIGHT in stats:
             sums[MAX_WEIGHT] = (row_max - lse).exp() * valid  # max_j p_j = exp(max_j s_j - lse)
         return _finish(sums, stats, lse, counts, num_keys)
@@ -266,6 +294,8 @@ def _block_sums(
             sums[stat] = below.to(probs.dtype)
         elif kind == "distance":
             sums[stat] = mean_attention_distance(probs, offset)
+        elif kind == "received":
+            sums[stat] = probs.sum(-2)
         elif kind == "first_token":
             sums[stat] = probs[..., 0] if key_offset == 0 else probs.new_zeros(probs.shape[:-1])
         elif kind == "diagonal":
