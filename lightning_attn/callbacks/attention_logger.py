@@ -25,6 +25,7 @@ from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
 from lightning_attn.metrics.attention import (
+    STATISTICS_OF_POSITIONS,
     AttentionPositions,
     AttentionResults,
     AttentionStatistics,
@@ -303,9 +304,7 @@ class AttentionLogger(StreamingCallback):
         self_attention = info.kind == "self"
         # every statistic of the call, computed once by the engine (shared with other callbacks)
         acc.stats.update(site, capture)
-        acc.positions.add_rows(
-            site, ENGINE.rows(capture, AttentionPositions.STATISTICS, self.chunk_size), self_attention
-        )
+        acc.positions.update(site, ENGINE.rows(capture, STATISTICS_OF_POSITIONS, self.chunk_size), 0, self_attention)
         chunks = capture.chunks(self.chunk_size) if probe is not None or roles else ()
         for offset, chunk in chunks:
             if probe is not None:
@@ -317,6 +316,7 @@ class AttentionLogger(StreamingCallback):
         if probe is not None:
             probe.end_site(site)
         for pair, role in roles:
+            assert acc.pairs is not None and head_mean is not None  # roles come from the pairs, maps from chunks
             both = acc.pairs.add(pair, role, head_mean)
             if both is not None:
                 acc.agreement.update(pair, *both)

@@ -265,8 +265,9 @@ class AttentionStatistics(SiteSums):
         self._masked = {name: _takes_key_mask(fn) for name, fn in self.reducers.items()}
         #: name -> engine statistic, when every reducer has one (then captures go through the engine)
         self.statistics: dict[str, Stat] | None = None
-        if all(isinstance(getattr(fn, "statistic", None), Stat) for fn in self.reducers.values()):
-            self.statistics = {name: fn.statistic for name, fn in self.reducers.items()}
+        statistics = {name: getattr(fn, "statistic", None) for name, fn in self.reducers.items()}
+        if all(isinstance(stat, Stat) for stat in statistics.values()):
+            self.statistics = {name: stat for name, stat in statistics.items() if isinstance(stat, Stat)}
             ENGINE.subscribe(self, self.statistics.values())
 
     def _state(self, site: str, num_heads: int, device: torch.device) -> Tensor:
@@ -275,11 +276,12 @@ class AttentionStatistics(SiteSums):
     def update(
         self,
         site: str,
-        attention: AttentionCapture | Tensor,
+        attention: AttentionCapture | Tensor | Mapping[str, Tensor],
         query_offset: int = 0,
         key_mask: Tensor | bool | None = True,
+        row_weight: Tensor | None = None,
     ) -> None:
-        """Add the rows of one map, one capture, or one query chunk of a map.
+        """Add the rows of one map, one capture, one query chunk of a map, or whole per-row values.
 
         Args:
             site: site name (a state is created on first sight).
@@ -288,9 +290,12 @@ class AttentionStatistics(SiteSums):
             query_offset: index of the first query row of a chunk ``attention`` (tensors only).
             key_mask: ``True`` (default) derives the valid keys with :func:`key_mask_for`; ``None`` says every
                 key is valid; a bool tensor broadcastable to the chunk gives them.
+            row_weight: with per-row values only (see :meth:`_add_rows`).
         """
-        if isinstance(attention, AttentionCapture) and key_mask is True and self.statistics is not None:
-            self.add_rows(site, self.rows_of(ENGINE.rows(attention, self.statistics.values(), self.chunk_size)))
+        if isinstance(attention, Mapping):
+            self._add_rows(site, attention, row_weight)
+        elif isinstance(attention, AttentionCapture) and key_mask is True and self.statistics is not None:
+            self._add_rows(site, self.rows_of(ENGINE.rows(attention, self.statistics.values(), self.chunk_size)))
         elif isinstance(attention, AttentionCapture):
             for offset, chunk in attention.chunks(self.chunk_size):
                 mask = key_mask_for(attention, chunk) if key_mask is True else key_mask
@@ -313,9 +318,10 @@ class AttentionStatistics(SiteSums):
         assert self.statistics is not None
         return {**{name: rows.values[stat] for name, stat in self.statistics.items()}, "_valid": rows.valid}
 
-    def add_rows(self, site: str, values: Mapping[str, Tensor], row_weight: Tensor | None = None) -> None:
+    def _add_rows(self, site: str, values: Mapping[str, Tensor], row_weight: Tensor | None = None) -> None:
         """Add whole per-row values: ``values[name]`` ``[B, H, Q]`` for every name and ``values["_valid"]``
-        (``[B, H, Q]`` bool, the rows that count); ``row_weight`` (``[B, Q]``, 0/1) leaves more rows out."""
+        (``[B, H, Q]`` bool, the rows that count); ``row_weight`` (``[B, Q]``, 0/1) leaves more rows out.
+        Called by :meth:`update` (given a mapping), which marks the metric updated."""
         valid = values["_valid"]
         state = self._state(site, valid.shape[1], valid.device)
         weight = valid.to(state.dtype)
@@ -367,6 +373,10 @@ class AttentionStatistics(SiteSums):
 # -- positions ------------------------------------------------------------------------------------------
 
 
+#: What :class:`AttentionPositions` reads from the statistics engine.
+STATISTICS_OF_POSITIONS = (RECEIVED, Stat.diagonal(0), MAX_WEIGHT)
+
+
 class AttentionPositions(SiteSums):
     """Which positions receive attention and which give it, per site, streamed.
 
@@ -389,7 +399,7 @@ class AttentionPositions(SiteSums):
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.max_positions = int(max_positions)
-        ENGINE.subscribe(self, self.STATISTICS)
+        ENGINE.subscribe(self, STATISTICS_OF_POSITIONS)
 
     @property
     def kinds(self) -> dict[str, str]:
@@ -403,27 +413,24 @@ class AttentionPositions(SiteSums):
     def update(
         self,
         site: str,
-        probs: Tensor,
+        probs: Tensor | RowValues,
         query_offset: int = 0,
         self_attention: bool = True,
         row_valid: Tensor | None = None,
     ) -> None:
-        """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``.
+        """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``, or a whole call
+        from the statistics engine's rows (:data:`STATISTICS`).
 
         ``row_valid`` (``[B, H, q]`` bool) leaves rows without a valid key out; ``None`` counts every row.
         """
+        if isinstance(probs, RowValues):
+            received = probs.values[RECEIVED].sum((0, 1))
+            given = 1 - probs.values[Stat.diagonal(0)] if self_attention else probs.values[MAX_WEIGHT]
+            self._add(site, self_attention, received, given, 0, probs.valid)
+            return
         probs = as_bhqk(probs)
         given = diagonal_mass(probs, 0, query_offset).neg_().add_(1) if self_attention else max_weight(probs)
         self._add(site, self_attention, probs.sum((0, 1, 2)), given, query_offset, row_valid)
-
-    #: What :meth:`add_rows` reads from the statistics engine.
-    STATISTICS = (RECEIVED, Stat.diagonal(0), MAX_WEIGHT)
-
-    def add_rows(self, site: str, rows: RowValues, self_attention: bool = True) -> None:
-        """Add a whole call from the engine's rows (:data:`STATISTICS`)."""
-        received = rows.values[RECEIVED].sum((0, 1))
-        given = 1 - rows.values[Stat.diagonal(0)] if self_attention else rows.values[MAX_WEIGHT]
-        self._add(site, self_attention, received, given, 0, rows.valid)
 
     def _add(
         self,
@@ -483,7 +490,7 @@ class ModalityAgreement(SiteSums):
     and the sample count, per pair.
     """
 
-    higher_is_better = True
+    higher_is_better = True  # type: ignore[assignment]  # SiteSums leaves it None (most sums have no direction)
 
     @property
     def pairs(self) -> list[str]:
@@ -540,8 +547,8 @@ class PairBuffer:
         """Store one direction; return ``(a_to_b, b_to_a)`` once both are there."""
         pending = self._pending.setdefault(pair, [None, None])
         pending[role] = head_mean
-        if pending[0] is not None and pending[1] is not None:
-            a_to_b, b_to_a = pending
+        a_to_b, b_to_a = pending
+        if a_to_b is not None and b_to_a is not None:
             del self._pending[pair]
             if a_to_b.shape[0] != b_to_a.shape[0] or a_to_b.shape[1:] != b_to_a.shape[1:][::-1]:
                 raise ValueError(
@@ -643,7 +650,7 @@ class ProbeMaps:
         """Host copies: ``{"mean", "heads", "shapes", "kinds", "rollout", "rollout_sites"}`` (a host sync)."""
         mean, heads = {}, {}
         for site, (num_queries, _) in self.shapes.items():
-            scale = 1.0
+            scale: Tensor | float = 1.0
             if num_queries > self.max_tokens:
                 index = torch.arange(num_queries) * self.max_tokens // num_queries
                 scale = 1.0 / torch.bincount(index, minlength=self.max_tokens).to(torch.float32)[:, None]

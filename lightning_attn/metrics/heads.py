@@ -33,16 +33,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_attn.capture.record import AttentionCapture, as_bhqk
-from lightning_attn.functional.attention import diagonal_mass, local_window_mass, normalized_entropy
+from lightning_attn.capture.record import AttentionCapture, SiteInfo, as_bhqk
+from lightning_attn.functional.attention import diagonal_mass, local_window_mass
 from lightning_attn.metrics._sites import SiteSums
 from lightning_attn.metrics.attention import (
     AttentionStatistics,
     DistanceReducer,
     EntropyReducer,
     FirstTokenReducer,
-    key_mask_for,
 )
+from lightning_attn.metrics.engine import ENGINE, MAX_WEIGHT, Stat
 
 __all__ = [
     "DEFAULT_FEATURE_LABELS",
@@ -164,6 +164,16 @@ class ConfidenceReducer:
             self._masks[cache_key] = mask
         return mask
 
+    @property
+    def statistic(self) -> Stat | None:
+        """The engine's ``max_weight`` when no position is excluded (the per-batch exclusion is the caller's)."""
+        return None if self.exclude_positions else MAX_WEIGHT
+
+    def excludes(self, batch: int, num_keys: int) -> bool:
+        """Whether a map of ``batch`` samples and ``num_keys`` keys has keys left out of the max."""
+        exclude = self.batch_exclude
+        return bool(self.exclude_positions) or (exclude is not None and tuple(exclude.shape) == (batch, num_keys))
+
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         excluded = self._positions(probs.shape[-1], probs.device)
         batch = self.batch_exclude
@@ -189,6 +199,7 @@ class DiagonalReducer:
 
     def __init__(self, offset: int) -> None:
         self.offset = int(offset)
+        self.statistic = Stat.diagonal(self.offset)
 
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return diagonal_mass(probs, self.offset, query_offset).float()
@@ -202,6 +213,7 @@ class LocalWindowReducer:
 
     def __init__(self, window: int) -> None:
         self.window = int(window)
+        self.statistic = Stat.local(self.window)
 
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         if self.window > 8:
@@ -307,6 +319,11 @@ class HeadTypeScores(SiteSums):
         self.exclude_bos = bool(exclude_bos)
         self.exclude_current_token = bool(exclude_current_token)
 
+    @property
+    def excludes(self) -> bool:
+        """Whether keys are zeroed before the sums (then scores are read off the maps, not the engine's rows)."""
+        return self.exclude_bos or self.exclude_current_token
+
     def register(self, site: str, num_heads: int, device: torch.device) -> Tensor:
         """The state of ``site`` (created on first sight)."""
         return self._site_state(site, (2, len(TYPE_SCORES), num_heads), device, size=num_heads)
@@ -328,8 +345,7 @@ class HeadTypeScores(SiteSums):
             valid: ``[B, L]`` bool, True = real token: padding positions never match a token pattern.
         """
         probs = as_bhqk(probs)
-        _batch, heads, rows, keys = probs.shape
-        state = self.register(site, heads, probs.device)
+        rows, keys = probs.shape[-2:]
         attn = probs.float()
         if self.exclude_bos or self.exclude_current_token:
             drop = torch.zeros(rows, keys, dtype=torch.bool, device=probs.device)
@@ -345,18 +361,40 @@ class HeadTypeScores(SiteSums):
         previous = diagonal_mass(attn, -1, query_offset)
         if weight is not None:
             total, previous = total * weight, previous * weight
-        total, previous = total.sum(-1), previous.sum(-1)  # [B, H]
+        self.add_sums(
+            site, previous.sum(-1), total.sum(-1), self.pattern_sums(attn, query_offset, tokens, row_weight, valid)
+        )
+
+    @staticmethod
+    def pattern_sums(
+        probs: Tensor,
+        query_offset: int,
+        tokens: Tensor | None,
+        row_weight: Tensor | None = None,
+        valid: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor] | None:
+        """``sum_{i, j} A_ij P_ij`` per sample and head (``[B, H]`` each) of a chunk ``[B, H, q, L]`` for the
+        duplicate-token and induction patterns (:func:`token_patterns`); ``None`` without ``tokens``."""
+        if tokens is None:
+            return None
+        attn = probs.float()
+        duplicate, induction = token_patterns(tokens, query_offset, attn.shape[-2], valid)
+        on_pattern = []
+        for pattern in (duplicate, induction):
+            pattern = pattern.to(attn.dtype)
+            if row_weight is not None:
+                pattern = pattern * row_weight.to(attn.dtype)[:, :, None]
+            # an elementwise product and a sum: faster than einsum's batched matrix-vector product on CPU
+            on_pattern.append((attn * pattern[:, None]).sum((2, 3)))
+        return on_pattern[0], on_pattern[1]
+
+    def add_sums(self, site: str, previous: Tensor, total: Tensor, patterns: tuple[Tensor, Tensor] | None) -> None:
+        """Add per-sample sums ``[B, H]``: the previous-token mass, the total mass (``sum A``) and
+        :meth:`pattern_sums` (``None``: no token ids, the token patterns are skipped)."""
+        state = self.register(site, total.shape[1], total.device)
         zeros = torch.zeros_like(total)
-        if tokens is not None:
-            duplicate, induction = token_patterns(tokens, query_offset, rows, valid)
-            on_pattern = []
-            for pattern in (duplicate, induction):
-                pattern = pattern.to(attn.dtype)
-                if row_weight is not None:
-                    pattern = pattern * row_weight.to(attn.dtype)[:, :, None]
-                # an elementwise product and a sum: faster than einsum's batched matrix-vector product on CPU
-                on_pattern.append((attn * pattern[:, None]).sum((2, 3)))
-            numerators, denominators = [previous, *on_pattern], [total, total, total]
+        if patterns is not None:
+            numerators, denominators = [previous, *patterns], [total, total, total]
         else:
             numerators, denominators = [previous, zeros, zeros], [total, zeros, zeros]
         # per-sample float32 values, summed over samples in the state's float64
@@ -602,6 +640,20 @@ class BatchContext:
     probe: bool = False
 
 
+@dataclass(frozen=True)
+class _MapReads:
+    """Which measures of a call need its maps (query chunks) rather than the engine's rows."""
+
+    confidence: bool
+    types: bool
+    summaries: bool
+    probe: bool
+
+    @property
+    def any(self) -> bool:
+        return self.confidence or self.types or self.summaries or self.probe
+
+
 def _fits(tensor: Tensor | None, *shape: int) -> bool:
     return tensor is not None and tuple(tensor.shape) == shape
 
@@ -645,6 +697,11 @@ class HeadSpecializationMetrics:
         self.chunk_size = chunk_size
         self.reducers = head_statistics_reducers(local_window, confidence_exclude_positions)
         self.statistics = AttentionStatistics(self.reducers, chunk_size=None)
+        # the engine's statistics of the reducers; confidence read off the maps where keys are excluded
+        self._row_statistics = {
+            name: MAX_WEIGHT if name == "confidence" else reducer.statistic for name, reducer in self.reducers.items()
+        }
+        ENGINE.subscribe(self, self._row_statistics.values())
         self.types = HeadTypeScores(exclude_bos, exclude_current_token)
         self.correlation = FeatureCorrelation(self.features) if self.features else None
         self.probe_samples = probe_samples
@@ -672,89 +729,129 @@ class HeadSpecializationMetrics:
         return self.statistics.update_called
 
     def update(self, capture: AttentionCapture | Tensor, context: BatchContext, site: str | None = None) -> None:
-        """Add one captured call (or a probability tensor ``[B, H, Q, K]`` named ``site``)."""
+        """Add one captured call (or a probability tensor ``[B, H, Q, K]`` named ``site``, read as captured weights).
+
+        The row statistics come from the statistics engine (:mod:`lightning_attn.metrics.engine`, computed once per
+        call for every consumer); the call's maps are read in query chunks only for what needs them: token
+        patterns, excluded confidence keys, mass and per-token summaries, probe maps.
+        """
         if isinstance(capture, Tensor):
-            probs = as_bhqk(capture)
             if site is None:
                 raise ValueError("site is required with a tensor")
+            probs = as_bhqk(capture)
             kind = "self" if probs.shape[-1] == probs.shape[-2] else "cross"
-            num_heads, num_queries, num_keys = probs.shape[1:]
-            chunks = (
-                (s, probs[:, :, s : s + (self.chunk_size or num_queries)])
-                for s in range(0, num_queries, self.chunk_size or max(num_queries, 1))
-            )
-        else:
-            info = capture.info
-            site, kind, num_heads, num_queries, num_keys = (
-                info.name,
-                info.kind,
-                info.num_heads,
-                info.num_queries,
-                info.num_keys,
-            )
-            chunks = capture.chunks(self.chunk_size)
+            heads, queries, keys = probs.shape[1:]
+            info = SiteInfo(site, "self" if kind == "self" else "cross", heads, queries, keys, "Tensor", "weights")
+            capture = AttentionCapture(info, weights=probs)
+        info = capture.info
+        site, num_queries, num_keys = info.name, info.num_queries, info.num_keys
         if site not in self.site_info:
             self.site_info[site] = {
-                "kind": kind,
-                "num_heads": num_heads,
+                "kind": info.kind,
+                "num_heads": info.num_heads,
                 "num_queries": num_queries,
                 "num_keys": num_keys,
             }
-        square = kind == "self" and num_queries == num_keys
+        rows = ENGINE.rows(capture, self._row_statistics.values(), self.chunk_size)
+        values = {name: rows.values[stat] for name, stat in self._row_statistics.items()}
+        values["_valid"] = rows.valid
+        batch, num_heads = rows.valid.shape[:2]
+        device = rows.valid.device
+        square = info.kind == "self" and num_queries == num_keys
+        row_valid = context.valid if _fits(context.valid, batch, num_queries) else None
+        row_weight = None if row_valid is None else row_valid.to(torch.float32)  # [B, Q]
         confidence: ConfidenceReducer = self.reducers["confidence"]
-        device = None
-        plan: list[tuple[str, str, Tensor | None]] = []  # (feature, summary kind, mask)
-        summaries: dict[Any, Tensor] = {}
-        row_count: Tensor | None = None
-        batch = None
-        first = True
-        for offset, chunk in chunks:
-            if first:
-                first = False
-                batch, device = chunk.shape[0], chunk.device
-                if context.probe and self.probe_samples and self.probe is None:
-                    self.probe = ProbeHeadMaps(self.probe_samples, self.probe_max_tokens)
-                valid = context.valid if _fits(context.valid, batch, num_keys) and square else None
-                row_valid = context.valid if _fits(context.valid, batch, num_queries) else None
-                tokens = context.tokens if square and _fits(context.tokens, batch, num_keys) else None
-                confidence.batch_exclude = context.confidence_exclude
-                plan = self._plan(context, batch, num_keys)
-                self.types.register(site, num_heads, device)
-                if self.correlation is not None:
-                    self.correlation.register(site, num_heads, device)
-            rows = chunk.shape[-2]
-            row_weight = None if row_valid is None else row_valid[:, offset : offset + rows].to(torch.float32)
-            key_mask = key_mask_for(capture, chunk)
-            if row_weight is not None:
-                row_keep = row_weight.to(torch.bool)[:, None, :, None]
-                key_mask = row_keep if key_mask is None else (key_mask & row_keep)
-            self.statistics.update(site, chunk, query_offset=offset, key_mask=key_mask)
-            if square:
-                self.types.update(site, chunk, offset, tokens, row_weight, valid)
-            if plan:
-                weight = (
-                    torch.ones(batch, rows, dtype=torch.float32, device=device) if row_weight is None else row_weight
-                )
-                count = weight.sum(-1)
-                row_count = count if row_count is None else row_count + count
-                self._summarize(summaries, plan, chunk, offset, weight, key_mask)
-            if self.probe is not None and context.probe:
-                self.probe.add(site, chunk, offset, num_queries, num_keys)
+        confidence.batch_exclude = context.confidence_exclude
+        plan = self._plan(context, batch, num_keys)
+        self.types.register(site, num_heads, device)
+        if self.correlation is not None:
+            self.correlation.register(site, num_heads, device)
+        if context.probe and self.probe_samples and self.probe is None:
+            self.probe = ProbeHeadMaps(self.probe_samples, self.probe_max_tokens)
+        maps = _MapReads(
+            confidence=confidence.excludes(batch, num_keys),
+            types=square and (self.types.excludes or _fits(context.tokens, batch, num_keys)),
+            summaries=any(kind in ("mass", "received") for _, kind, _ in plan),
+            probe=self.probe is not None and context.probe,
+        )
+        summaries: dict[Any, Any] = {}
+        if maps.any:
+            self._read_maps(capture, context, maps, plan, row_weight, summaries, values)
         confidence.batch_exclude = None
-        if first or not plan or self.correlation is None:
+        self.statistics.update(site, values, row_weight=row_weight)
+        if square and not self.types.excludes:
+            weight = rows.valid if row_valid is None else rows.valid & row_valid[:, None, :]
+            weight = weight.to(torch.float32)
+            previous = (torch.where(rows.valid, values["previous"], 0) * weight).sum(-1)
+            self.types.add_sums(site, previous, weight.sum(-1), summaries.pop("patterns", None))
+        if not plan or self.correlation is None:
             return
-        assert row_count is not None
+        weight = torch.ones(batch, num_queries, device=device) if row_weight is None else row_weight
+        for kind in ("max_weight", "entropy"):
+            name = "confidence" if kind == "max_weight" else kind
+            summaries[kind] = (torch.where(values["_valid"], values[name], 0) * weight[:, None, :]).sum(-1)
+        row_count = weight.sum(-1)
         has_rows = row_count > 0
         denominator = row_count.clamp_min(1)
         for feature, kind_, mask in plan:
             y = context.features[feature]
             if kind_ == "received":
                 x = summaries["received"] / denominator[:, None, None]
-                weight = has_rows[:, None] if mask is None else (has_rows[:, None] & mask)
+                feature_weight = has_rows[:, None] if mask is None else (has_rows[:, None] & mask)
             else:
                 x = summaries[(kind_, feature) if kind_ == "mass" else kind_] / denominator[:, None]
-                weight = has_rows
-            self.correlation.update(site, feature, x, y, weight)
+                feature_weight = has_rows
+            self.correlation.update(site, feature, x, y, feature_weight)
+
+    def _read_maps(
+        self,
+        capture: AttentionCapture,
+        context: BatchContext,
+        maps: _MapReads,
+        plan: list[tuple[str, str, Tensor | None]],
+        row_weight: Tensor | None,
+        summaries: dict[Any, Any],
+        values: dict[str, Tensor],
+    ) -> None:
+        """One pass over the call's query chunks for what the engine's rows cannot give."""
+        info = capture.info
+        site = info.name
+        confidence_rows = []
+        tokens = valid = None
+        if maps.types:
+            tokens = context.tokens if _fits(context.tokens, values["_valid"].shape[0], info.num_keys) else None
+            valid = context.valid if _fits(context.valid, values["_valid"].shape[0], info.num_keys) else None
+
+        def add(key: Any, value: Tensor) -> None:
+            summaries[key] = value if key not in summaries else summaries[key] + value
+
+        for offset, chunk in capture.chunks(self.chunk_size):
+            rows = chunk.shape[-2]
+            weight = None if row_weight is None else row_weight[:, offset : offset + rows]
+            if maps.confidence:
+                confidence_rows.append(self.reducers["confidence"](chunk, offset))
+            if maps.types and self.types.excludes:
+                self.types.update(site, chunk, offset, tokens, weight, valid)
+            elif maps.types:
+                patterns = self.types.pattern_sums(chunk, offset, tokens, weight, valid)
+                if patterns is not None:
+                    add("patterns", torch.stack(patterns))
+            if maps.summaries:
+                probs = chunk.float()
+                weight = torch.ones(chunk.shape[0], rows, device=chunk.device) if weight is None else weight
+                for feature, kind, mask in plan:
+                    if kind == "mass":
+                        assert mask is not None
+                        per_row = (probs * mask.to(probs.dtype)[:, None, None, :]).sum(-1)
+                        add((kind, feature), (per_row * weight[:, None]).sum(-1))
+                if any(kind == "received" for _, kind, _ in plan):
+                    add("received", (probs * weight[:, None, :, None]).sum(2))
+            if maps.probe and self.probe is not None:
+                self.probe.add(site, chunk, offset, info.num_queries, info.num_keys)
+        if confidence_rows:
+            values["confidence"] = torch.cat(confidence_rows, -1)
+        if "patterns" in summaries:
+            summaries["patterns"] = tuple(summaries["patterns"].unbind(0))
 
     def _plan(self, context: BatchContext, batch: int, num_keys: int) -> list[tuple[str, str, Tensor | None]]:
         plan = []
@@ -775,33 +872,6 @@ class HeadSpecializationMetrics:
                 continue
             plan.append((feature, kind, mask))
         return plan
-
-    def _summarize(
-        self,
-        summaries: dict[Any, Tensor],
-        plan: list[tuple[str, str, Tensor | None]],
-        chunk: Tensor,
-        offset: int,
-        weight: Tensor,
-        key_mask: Tensor | None,
-    ) -> None:
-        def add(key: Any, value: Tensor) -> None:
-            summaries[key] = value if key not in summaries else summaries[key] + value
-
-        probs = chunk.float()
-        for feature, kind, mask in plan:
-            if kind == "mass":
-                per_row = (probs * mask.to(probs.dtype)[:, None, None, :]).sum(-1)
-                add((kind, feature), (per_row * weight[:, None]).sum(-1))
-        kinds = {kind for _, kind, _ in plan}
-        if "max_weight" in kinds:
-            per_row = self.reducers["confidence"](probs, offset)
-            add("max_weight", (per_row * weight[:, None]).sum(-1))
-        if "entropy" in kinds:
-            per_row = normalized_entropy(probs, key_mask)
-            add("entropy", (per_row * weight[:, None]).sum(-1))
-        if "received" in kinds:
-            add("received", (probs * weight[:, None, :, None]).sum(2))
 
     def compute(self, threshold: float = 0.05) -> dict[str, Any]:
         """Sync and reduce (a collective: every rank), then host values.
@@ -847,7 +917,8 @@ class HeadSpecializationMetrics:
 
 
 def _floats(values: Tensor) -> list[float]:
-    return [float(v) for v in values.detach().double().cpu().tolist()]
+    # reshape: a single-head site's values may arrive as a 0-d tensor, whose tolist() is a bare float
+    return [float(v) for v in values.detach().double().cpu().reshape(-1).tolist()]
 
 
 # -- analysis: HSI, labels, registry -----------------------------------------------------------------------
