@@ -902,6 +902,8 @@ class HeadSpecializationMetrics:
                 for i, name in enumerate(TYPE_SCORES)
             }
             corr = correlations.get(site)
+            if corr is not None:  # torchmetrics squeezes a one-element result (one feature, one head) to 0-d
+                corr = corr.reshape(len(self.features), heads)
             entry["correlations"][site] = {
                 f: _floats(corr[i]) if corr is not None else [math.nan] * heads for i, f in enumerate(self.features)
             }
