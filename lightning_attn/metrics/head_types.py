@@ -136,15 +136,14 @@ class HeadTypeScores(SiteSums):
         if tokens is None:
             return None
         attn = probs.float()
-        duplicate, induction = token_patterns(tokens, query_offset, attn.shape[-2], valid)
-        on_pattern = []
-        for pattern in (duplicate, induction):
-            pattern = pattern.to(attn.dtype)
-            if row_weight is not None:
-                pattern = pattern * row_weight.to(attn.dtype)[:, :, None]
-            # an elementwise product and a sum: faster than einsum's batched matrix-vector product on CPU
-            on_pattern.append((attn * pattern[:, None]).sum((2, 3)))
-        return on_pattern[0], on_pattern[1]
+        batch, heads = attn.shape[:2]
+        patterns = torch.stack(token_patterns(tokens, query_offset, attn.shape[-2], valid), 1).to(attn.dtype)
+        if row_weight is not None:
+            patterns = patterns * row_weight.to(attn.dtype)[:, None, :, None]
+        # one batched matrix product [H, q L] @ [q L, 2] per sample reads the map once for both patterns
+        # (several times faster on CPU than a masked product and sum per pattern)
+        on_pattern = torch.bmm(attn.reshape(batch, heads, -1), patterns.reshape(batch, 2, -1).transpose(1, 2))
+        return on_pattern[..., 0], on_pattern[..., 1]
 
     def add_sums(self, site: str, previous: Tensor, total: Tensor, patterns: tuple[Tensor, Tensor] | None) -> None:
         """Add per-sample sums ``[B, H]``: the previous-token mass, the total mass (``sum A``) and
