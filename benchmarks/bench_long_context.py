@@ -9,8 +9,8 @@ sequence, one forward pass under ``torch.no_grad``, one intra-op thread. Variant
   window, received attention), query chunks of 256 rows, key blocks of ``--key-block`` (the exact online path);
 - ``engine, whole rows``: the same with every key of a chunk at once (``O(chunk x L)`` per head).
 
-Each run is its own process, so that its peak resident memory (``ru_maxrss``) is its own; "extra" is the peak
-minus the plain run's at the same length.
+Each run is its own process, so that its peak resident memory (``ru_maxrss``, with glibc returning large blocks to
+the system when freed) is its own; "extra" is the peak minus the plain run's at the same length.
 
     python benchmarks/bench_long_context.py [--lengths 4096,8192,16384] [--key-block 2048]
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -88,12 +89,15 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(int(args.child[0]), args.child[1], args.key_block)))
         return
+    # large blocks straight from mmap and back to the system when freed: the peak resident size then follows the
+    # live tensors instead of glibc's heap high-water mark
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     print(f"{'tokens':>7} | {'variant':<20} | {'CPU s':>7} | {'peak MiB':>8} | {'extra MiB':>9}")
     for length in (int(n) for n in args.lengths.split(",")):
         plain_peak = None
         for variant in VARIANTS:
             command = [sys.executable, __file__, "--key-block", str(args.key_block), "--child", str(length), variant]
-            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout)
             if plain_peak is None:
                 plain_peak = result["peak_mib"]
             extra = result["peak_mib"] - plain_peak
