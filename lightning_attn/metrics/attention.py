@@ -238,6 +238,10 @@ class AttentionStatistics(SiteSums):
     standard deviation ``sqrt(E[f^2] - E[f]^2)`` of each head. Rows with no valid key (all-zero rows of
     fully masked queries, padded rows of nested fast-path maps) are left out when a ``key_mask`` is given.
 
+    A capture (not a tensor) goes through the statistics engine (:mod:`lightning_attn.metrics.engine`) when every
+    reducer names an engine ``statistic`` (the reducers here do): its rows are computed once per call from the
+    scores, for every consumer of the call, and this metric sums them. Other reducers read query chunks of the map.
+
     Reusable with any reducers, e.g. head-type scores::
 
         stats = AttentionStatistics({"prev": lambda p, off: diagonal_mass(p, -1, off)}, chunk_size=256)
