@@ -18,10 +18,16 @@ Variants of the same epoch:
 - ``recorder alone``: an ``AttentionRecorder`` computing every probability chunk and nothing else;
 - ``AttentionLogger`` / ``HeadSpecializationTracker`` / ``CalibrationMonitor``: one callback at its defaults,
   figures off;
-- ``all three, figures off`` / ``all three, figures on``: the three callbacks together at their defaults;
+- ``all three, figures off`` / ``all three, figures on``: the three callbacks together at their defaults (the
+  attention callbacks within their default recording budget, ``overhead_budget=0.2``);
+- ``all three, every batch, bitwise``: ``overhead_budget=None`` (every batch recorded, outputs bitwise);
+- ``all three, every batch, exact_outputs=False``: every batch, SDPA computed once as ``P v`` and ``P`` read;
 - ``keep every map``: the seeds' way, every map of every batch kept and the statistics computed at epoch end.
 
+The ``recorded`` column is the AttentionLogger's coverage: batches recorded / batches of the epoch.
+
     python benchmarks/bench_real.py [--repeats 2] [--models minilm,vit,llama] [--llama-batches 8] [--quick]
+        [--variants "all three, figures off;all three, every batch, bitwise"]
 """
 
 from __future__ import annotations
@@ -159,11 +165,13 @@ def llama_case(batches: int, batch_size: int = 4, length: int = 512) -> tuple[Ev
     return EvalModule(LlamaModel(config), _last_valid, 256), _loader(columns, batch_size)
 
 
-def _three(root: str, figures: bool) -> list[Callback]:
+def _three(root: str, figures: bool, **recording: Any) -> list[Callback]:
+    """The three callbacks at their defaults; ``recording``: ``overhead_budget``/``exact_outputs`` of the two
+    attention-reading ones."""
     return [
-        AttentionLogger(log_figures=figures, save_dir=root),
+        AttentionLogger(log_figures=figures, save_dir=root, **recording),
         CalibrationMonitor(plot=figures, save_dir=root),
-        HeadSpecializationTracker(log_figures=figures, save_dir=root),
+        HeadSpecializationTracker(log_figures=figures, save_dir=root, **recording),
     ]
 
 
@@ -177,6 +185,10 @@ VARIANTS: dict[str, Callable[[str], list[Callback]]] = {
     "CalibrationMonitor, figures off": lambda root: [CalibrationMonitor(plot=False, save_dir=root)],
     "all three, figures off": lambda root: _three(root, figures=False),
     "all three, figures on": lambda root: _three(root, figures=True),
+    "all three, every batch, bitwise": lambda root: _three(root, figures=False, overhead_budget=None),
+    "all three, every batch, exact_outputs=False": lambda root: _three(
+        root, figures=False, overhead_budget=None, exact_outputs=False
+    ),
     "keep every map (seeds' way)": lambda root: [NaiveAttentionStats()],
 }
 
@@ -199,20 +211,35 @@ def run_epoch(module: EvalModule, loader: Any, batches: int, callbacks: list[Cal
     return meter
 
 
-def time_case(name: str, module: EvalModule, loader: Any, batches: int, repeats: int, root: str) -> list[str]:
+def _recorded(callbacks: list[Callback]) -> str:
+    """The AttentionLogger's coverage of the epoch: ``recorded/seen`` batches (``-`` without one)."""
+    logger = next((c for c in callbacks if isinstance(c, AttentionLogger)), None)
+    if logger is None or "val" not in logger.coverage:
+        return "-"
+    return f"{logger.coverage['val']['batches']}/{logger.coverage['val']['batches_seen']}"
+
+
+def time_case(
+    name: str, module: EvalModule, loader: Any, batches: int, repeats: int, root: str, variants: list[str]
+) -> list[str]:
     module.eval()
     run_epoch(module, loader, 1, [], root)  # warm-up: lazy initialisation, allocator, fonts
     run_epoch(module, loader, 1, _three(root, figures=True), root)
-    cpu: dict[str, list[float]] = {key: [] for key in VARIANTS}
+    cpu: dict[str, list[float]] = {key: [] for key in variants}
+    recorded: dict[str, str] = {}
     for _ in range(repeats):
-        for key, make in VARIANTS.items():
-            callbacks = make(root)
+        for key in variants:
+            callbacks = VARIANTS[key](root)
             meter = run_epoch(module, loader, batches, callbacks, root)
             cpu[key].append(meter.cpu)
+            recorded[key] = _recorded(callbacks)
             del callbacks
             gc.collect()
     plain = min(cpu["plain"])
-    return [f"| {name} | {key} | {batches} | {min(v):.2f} | {min(v) / plain:.2f} |" for key, v in cpu.items()]
+    return [
+        f"| {name} | {key} | {batches} | {recorded[key]} | {min(v):.2f} | {min(v) / plain:.2f} |"
+        for key, v in cpu.items()
+    ]
 
 
 def main() -> None:
@@ -222,7 +249,9 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,vit,llama")
     parser.add_argument("--llama-batches", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="tiny runs: a smoke test, not a measurement")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="variant names separated by ;")
     args = parser.parse_args()
+    variants = ["plain", *(v for v in args.variants.split(";") if v != "plain")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -240,15 +269,15 @@ def main() -> None:
             title, build = cases[key]
             batches = sizes[key]
             module, loader = build(batches)
-            rows += time_case(title, module, loader, batches, args.repeats, root)
+            rows += time_case(title, module, loader, batches, args.repeats, root, variants)
     print()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), CPU time; min over {args.repeats} "
         f"interleaved repeats; total {time.perf_counter() - started:.0f} s."
     )
     print()
-    print("| model | variant | batches | CPU s | x plain |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | variant | batches | recorded | CPU s | x plain |")
+    print("|---|---|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

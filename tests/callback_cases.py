@@ -17,7 +17,9 @@ from lightning_attn import AttentionLogger, HeadSpecializationTracker, ModulePro
 #: name -> a new callback (figures off: the life-cycle tests compare states, not pixels).
 FACTORIES: dict[str, Callable[[], Any]] = {
     "attn": lambda: AttentionLogger(probe_samples=1, log_figures=False, log_per_head=True),
-    "heads": lambda: HeadSpecializationTracker(probe_samples=2, log_figures=False, export_registry=False),
+    "heads": lambda: HeadSpecializationTracker(
+        probe_samples=2, log_figures=False, export_registry=False, log_per_head=True
+    ),
     "probe": lambda: ModuleProbe(
         probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=1, log_figures=False
     ),

@@ -19,7 +19,8 @@ same batches.
 
 Uneven shards (:func:`run_uneven`): three validation loaders split without repeating a sample, 37 samples in
 batches of 2 and 11 in batches of 3 (rank 0 gets 19 and 6 samples, rank 1 18 and 5: different numbers of batches)
-and 1 sample (rank 1 gets no batch of that loader), against one process over the same loaders.
+and 1 sample (rank 1 gets no batch of that loader), against one process over the same loaders; with a
+CalibrationMonitor too (rank 1 joins the one-sample loader's reduction with an empty metric).
 
 Not collected by pytest (no ``test_`` prefix).
 """
@@ -43,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from lightning_attn import AttentionLogger, HeadSpecializationTracker, ModuleProbe  # noqa: E402
+from lightning_attn import AttentionLogger, CalibrationMonitor, HeadSpecializationTracker, ModuleProbe  # noqa: E402
 
 SAMPLES, BATCH, LENGTH, DIM = 16, 4, 5, 8
 UNFLAGGED = {"skip": {0, 2, 4, 6}, "one_rank": set(range(SAMPLES)) - {5, 9}}
@@ -90,13 +91,22 @@ class FlaggedData(torch.utils.data.Dataset):
 
 
 def callbacks() -> list[Any]:
+    # overhead_budget=None: the one process runs both ranks' batches, compared over all of them
     return [
-        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
+        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False, overhead_budget=None),
         HeadSpecializationTracker(
-            features={"feature": "feature"}, probe_samples=0, log_figures=False, export_registry=False
+            features={"feature": "feature"},
+            probe_samples=0,
+            log_figures=False,
+            export_registry=False,
+            overhead_budget=None,
         ),
         ModuleProbe(
-            probes={"gate": ("*.gate", "activation")}, histogram_sites=["*"], probe_samples=0, log_figures=False
+            probes={"gate": ("*.gate", "activation")},
+            histogram_sites=["*"],
+            probe_samples=0,
+            log_figures=False,
+            overhead_budget=None,
         ),
     ]
 
@@ -164,6 +174,10 @@ class Shard(torch.utils.data.IterableDataset):
 
 
 class ThreeLoaderModule(models.CrossModalModule):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        eeg, spec, y = batch
+        return {"logits": self(eeg, spec), "target": y}  # for the CalibrationMonitor
+
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
         return [
             torch.utils.data.DataLoader(Shard(models.dataset(samples, seed), samples), batch_size=batch_size)
@@ -174,20 +188,28 @@ class ThreeLoaderModule(models.CrossModalModule):
 def run_uneven(devices: int, strategy: str = "auto", root: str | None = None) -> tuple[pl.Trainer, dict[str, Any]]:
     reproducible()
     module = ThreeLoaderModule()
+    # overhead_budget=None: uneven shards, the one process has other batch counts than the ranks
     callbacks: list[Any] = [
-        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False),
-        HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False),
-        ModuleProbe(probes={"ff": ("encoder.layers.*.linear1", "activation")}, probe_samples=0, log_figures=False),
+        AttentionLogger(chunk_size=2, probe_samples=0, log_figures=False, overhead_budget=None),
+        HeadSpecializationTracker(probe_samples=0, log_figures=False, export_registry=False, overhead_budget=None),
+        ModuleProbe(
+            probes={"ff": ("encoder.layers.*.linear1", "activation")},
+            probe_samples=0,
+            log_figures=False,
+            overhead_budget=None,
+        ),
+        CalibrationMonitor(task="multiclass", num_classes=3, n_bins=5, bootstrap=0, plot=False),
     ]
     options = trainer_options(root, devices=devices, strategy=strategy, use_distributed_sampler=False)
     trainer = pl.Trainer(callbacks=callbacks, **options)
     trainer.validate(module, verbose=False)
-    attention, heads, probe = callbacks
+    attention, heads, probe, calibration = callbacks
     stages = ("val", "val_dl1", "val_dl2")
     return trainer, {
         "attn": {key: attention.results[key].to_dict() for key in stages},
         "heads": {key: heads.history_for(key)[-1] for key in stages},
         "probe": {key: probe.results[key].to_dict() for key in stages},
+        "calibration": {key: calibration.results[key]["metrics"] for key in stages},
     }
 
 

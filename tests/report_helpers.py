@@ -196,7 +196,12 @@ class FakeHeadSpecializationTracker(pl.Callback):
     def registry(self, stage: str = "val") -> dict[str, Any]:
         return {
             "stage": stage,
-            "layers": [{"site": "encoder.layers.0.self_attn", "heads": [{"head": 0, "function": "previous-token"}]}],
+            "layers": [
+                {
+                    "site": "encoder.layers.0.self_attn",
+                    "heads": [{"head": 0, "label": "previous-token", "types": ["previous_token"], "hsi": 0.5}],
+                }
+            ],
         }
 
 

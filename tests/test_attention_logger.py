@@ -359,13 +359,13 @@ def test_results_to_dict_is_json_and_files_written(tmp_path: Path) -> None:
     assert list(data["sites"]) == SITES
     assert set(data["sites"]["eeg_to_spec"]["statistics"]) == set(STATS)
     assert len(data["sites"]["encoder.layers.0.self_attn"]["statistics"]["entropy"]["per_head_mean"]) == 4
-    directory = tmp_path / "lightning_attn_logs" / "attn"
-    names = {p.name for p in directory.iterdir()}
-    assert "val_epoch0.json" in names and "val_head_statistics_step0.csv" in names
+    directory = tmp_path / "lightning_attn_logs" / "version_0" / "attn" / "val"
+    names = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    assert "statistics_epoch0_step0.json" in names and "head_statistics_epoch0_step0.csv" in names
     pngs = sorted(n for n in names if n.endswith(".png"))
     # bounded: 4 summary figures, 2 sites x (maps + heads), rollout, 1 pair
     assert len(pngs) == 4 + 2 * 2 + 1 + 1, pngs
-    assert "val_pairs_eeg<->spec_step0.png" in names and "val_rollout_step0.png" in names
+    assert "pairs/eeg<->spec_epoch0_step0.png" in names and "rollout_epoch0_step0.png" in names
 
 
 # -- state, checkpoints ------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def _state_sizes(callback: AttentionLogger) -> dict[str, int]:
 def test_state_does_not_grow_with_batches(tmp_path: Path) -> None:
     sizes = []
     for batches in (10, 100):
-        callback = AttentionLogger(modality_pairs=models.PAIRS, log_figures=False)
+        callback = AttentionLogger(modality_pairs=models.PAIRS, log_figures=False, overhead_budget=None)
         trainer(tmp_path, [callback]).validate(models.CrossModalModule(), models.loader(batches * 2, 2), verbose=False)
         assert callback.results["val"].rows[0, 0] == batches * 2 * models.EEG_LEN
         assert callback._probe is None and callback._probe_input is None and callback._recorder is None

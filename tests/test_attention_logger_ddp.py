@@ -38,5 +38,5 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
             got, want = ddp[field][site], single[field][site]
             np.testing.assert_allclose([v for _, v in got], [v for _, v in want], atol=1e-6)
     # figures and files from rank zero only, once
-    pngs = list((tmp_path / "ddp" / "lightning_attn_logs" / "attn").glob("val_head_statistics_step0.png"))
+    pngs = list((tmp_path / "ddp" / "lightning_attn_logs").glob("version_*/attn/val/head_statistics_epoch0_step0.png"))
     assert len(pngs) == 1

@@ -76,6 +76,7 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path: Path) -> None:
     assert f"attn/val/{SITE}/entropy" in tags["scalars"] and "attn/val/eeg<->spec/agreement" in tags["scalars"]
     images = tags["images"]
     assert "attn/val/head_statistics" in images and "attn/val/layer_evolution" in images
+    assert tags["tensors"] == ["attn/val/head_statistics_table/text_summary"]  # the table, Markdown, its own key
     assert f"attn/val/maps/{SITE}" in images and "attn/val/pairs/eeg<->spec" in images
     image = events.Images("attn/val/head_statistics")[0]
     assert image.width > 100 and image.height > 100 and image.encoded_image_string.startswith(b"\x89PNG")
@@ -87,16 +88,17 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path: Path) -> None:
 def test_csv_logger_and_no_logger_write_png_and_json(tmp_path: Path, kind: str) -> None:
     logger = CSVLogger(str(tmp_path), name="csv") if kind == "csv" else False
     callback = run_validation(logger, tmp_path)
-    directory = (
-        Path(logger.log_dir) / "lightning_attn" / "attn" if kind == "csv" else tmp_path / "lightning_attn_logs" / "attn"
-    )
-    pngs = sorted(p.name for p in directory.glob("*.png"))
-    assert "val_head_statistics_step0.png" in pngs and "val_pairs_eeg<->spec_step0.png" in pngs
-    data = json.loads((directory / "val_epoch0.json").read_text())
+    run = Path(logger.log_dir) / "lightning_attn" if kind == "csv" else tmp_path / "lightning_attn_logs" / "version_0"
+    directory = run / "attn" / "val"  # <run>/<callback>/<stage>/<name>_epoch<E>_step<S>
+    pngs = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.png"))
+    assert "head_statistics_epoch0_step0.png" in pngs and "pairs/eeg<->spec_epoch0_step0.png" in pngs
+    data = json.loads((directory / "statistics_epoch0_step0.json").read_text())
     assert data["sites"][SITE]["statistics"]["entropy"]["mean"] == pytest.approx(
         float(callback.results["val"].site_mean("entropy")[0])
     )
-    assert (directory / "val_head_statistics_step0.csv").read_text().startswith("site,head,entropy_mean")
+    assert (directory / "head_statistics_epoch0_step0.csv").read_text().startswith("site,head,entropy_mean")
+    provenance = json.loads((directory / "provenance.json").read_text())
+    assert provenance == {"run_dir": str(run), "epoch": 0, "step": 0, "checkpoint": None}
     if kind == "csv":
         metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
         assert f"attn/val/{SITE}/entropy" in metrics
@@ -107,5 +109,5 @@ def test_explicit_save_dir_gets_files_even_with_dashboard(tmp_path: Path) -> Non
     run_validation(
         TensorBoardLogger(str(tmp_path), name="tb"), tmp_path, save_dir=str(tmp_path / "out"), log_figures=True
     )
-    assert (tmp_path / "out" / "attn" / "val_epoch0.json").exists()
-    assert list((tmp_path / "out" / "attn").glob("val_rollout_step0.png"))
+    assert (tmp_path / "out" / "attn" / "val" / "statistics_epoch0_step0.json").exists()
+    assert (tmp_path / "out" / "attn" / "val" / "rollout_epoch0_step0.png").exists()

@@ -274,8 +274,8 @@ def test_monitor_logs_intervals_and_keys_repeated_validate_calls_by_evaluation(t
     np.testing.assert_allclose(low, expected["bin_accuracy_ci_low"].numpy())
     np.testing.assert_allclose(high, expected["bin_accuracy_ci_high"].numpy())
     # the trend over the repeated evaluations is drawn (one per call from the second on)
-    assert len(list((tmp_path / "out" / "calibration" / "val").glob("trend_step*.png"))) == 1
-    summary = json.loads((tmp_path / "out" / "calibration" / "val.json").read_text())
+    assert len(list((tmp_path / "out" / "calibration" / "val").glob("trend_epoch0_step*.png"))) == 1
+    summary = json.loads((tmp_path / "out" / "calibration" / "val" / "summary_epoch0_step0.json").read_text())
     assert [h["evaluation"] for h in summary["history"]] == [0, 1, 2]
     restored = CalibrationMonitor()
     restored.load_state_dict(callback.state_dict())

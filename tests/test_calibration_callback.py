@@ -92,15 +92,15 @@ def test_no_logger_writes_png_and_json(tmp_path: Path) -> None:
     for name in ("ece", "mce", "rmsce", "adaptive_ece", "classwise_ece", "brier", "nll", "accuracy"):
         # batching only changes float32 rounding of the per-class column sums (bin 0 of the classwise ECE)
         assert got[name] == pytest.approx(float(expected[name]), abs=1e-8), name
-    out = tmp_path / "lightning_attn_logs" / "calibration"
+    out = tmp_path / "lightning_attn_logs" / "version_0" / "calibration"
     for name in FIGURES:
-        assert (out / "val" / f"{name}_step0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((out / "val.json").read_text())
+        assert (out / "val" / f"{name}_epoch0_step0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "val" / "summary_epoch0_step0.json").read_text())
     assert summary["metrics"]["ece"] == pytest.approx(got["ece"])
     assert len(summary["bins"]["count"]) == 15 and sum(summary["bins"]["count"]) == len(y)
     assert summary["history"][0]["stage"] == "val"
     assert np.array_equal(cb.results["val"]["bins"]["count"], expected["bin_count"].numpy())
-    with (out / "val" / "bins_step0.csv").open() as handle:
+    with (out / "val" / "bins_epoch0_step0.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 15 and sum(int(r["count"]) for r in rows) == len(y)
     # logged for checkpoint/early stopping
@@ -122,8 +122,8 @@ def test_csv_logger_and_monitoring_during_fit(tmp_path: Path) -> None:
     assert checkpoint.best_model_path and checkpoint.best_model_score is not None
     assert float(checkpoint.best_model_score) == pytest.approx(min(h["ece"] for h in cb.history), rel=1e-6)
     pngs = sorted(p.name for p in (Path(logger.log_dir) / "lightning_attn" / "calibration" / "val").glob("*.png"))
-    assert {f"{n}_step{s}.png" for n in FIGURES for s in (4, 8, 12)} <= set(pngs)
-    assert {"trend_step8.png", "trend_step12.png"} <= set(pngs)
+    assert {f"{n}_epoch{e}_step{4 * (e + 1)}.png" for n in FIGURES for e in (0, 1, 2)} <= set(pngs)
+    assert {"trend_epoch1_step8.png", "trend_epoch2_step12.png"} <= set(pngs)
     # the per-epoch history is in the checkpoint and comes back
     ckpt = torch.load(checkpoint.best_model_path, weights_only=False)
     state = ckpt["callbacks"][cb.state_key]
@@ -155,7 +155,7 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path: Path) -> None:
     assert len(acc.Images("calibration/val/trend")) == 1  # from the second epoch on
     # a dashboard logger is attached: no PNG copies on disk (the JSON summary is still written)
     out = Path(logger.log_dir) / "lightning_attn" / "calibration"
-    assert not list((out / "val").glob("*.png")) and (out / "val.json").exists()
+    assert not list((out / "val").glob("*.png")) and list((out / "val").glob("summary_epoch*_step*.json"))
 
 
 class _ProjectTensorBoard(TensorBoardLogger):
@@ -186,7 +186,7 @@ def test_wandb_offline_run_has_metrics_and_images(tmp_path: Path, monkeypatch: p
     images = [p.relative_to(media).as_posix() for p in media.rglob("*.png")]
     for name in FIGURES:
         assert any(f"calibration/val/{name}" in p for p in images), (name, images)
-    assert any("calibration/val/bins" in p.as_posix() for p in (media / "table").rglob("*.json"))
+    assert any("calibration/val/bins_table" in p.as_posix() for p in (media / "table").rglob("*.json"))
     assert summary["calibration/val/ece"] == pytest.approx(cb.results["val"]["metrics"]["ece"], rel=1e-6)
     # offline runs keep history and summary in the binary .wandb record log (no wandb-summary.json)
     record_log = next(runs[0].glob("*.wandb")).read_bytes()

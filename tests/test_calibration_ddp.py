@@ -57,4 +57,5 @@ def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     assert ranks[0]["temperature"] == pytest.approx(2.5, abs=0.25)
     # figures and JSON written once (rank zero)
     outputs = ddp / "outputs" / "calibration"
-    assert (outputs / "val.json").exists() and len(list((outputs / "val").glob("reliability_step*.png"))) == 1
+    assert list((outputs / "val").glob("summary_epoch0_step*.json"))
+    assert len(list((outputs / "val").glob("reliability_epoch0_step*.png"))) == 1

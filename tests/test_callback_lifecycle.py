@@ -138,6 +138,11 @@ class Gauge(Callback):
         self.descriptors: list[int] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the epoch's figures are written in the callbacks' background publishers: wait for them, so that a file
+        # open in the worker at this moment is not counted (a leak would stay open after the wait)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if hasattr(callback, "publisher"):
+                callback.publisher.wait()
         gc.collect()
         with open("/proc/self/statm") as handle:
             self.memory.append(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)

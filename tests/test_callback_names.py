@@ -37,12 +37,18 @@ def test_two_attention_loggers_keep_files_keys_and_states_apart(tmp_path: Path) 
         logged = {key for key in trainer.callback_metrics if key.startswith(f"{callback.name}/")}
         assert logged == {
             f"{callback.name}/val/{site}/{stat}" for site in sites for stat in callback.results["val"].statistics
-        }
-        folder = tmp_path / "lightning_attn_logs" / callback.name
+        } | {f"{callback.name}/val/batches", f"{callback.name}/val/batches_seen"}
+        folder = tmp_path / "lightning_attn_logs" / "version_0" / callback.name / "val"
         names = {path.name for path in folder.iterdir()}
-        assert {"val_epoch0.json", "val_head_statistics_step1.csv", "val_head_statistics_step1.png"} <= names, names
-        assert list(json.loads((folder / "val_epoch0.json").read_text())["sites"]) == sites  # its own sites only
-    assert not (tmp_path / "lightning_attn_logs" / "attn").exists()
+        expected = {
+            "statistics_epoch0_step1.json",
+            "head_statistics_epoch0_step1.csv",
+            "head_statistics_epoch0_step1.png",
+        }
+        assert expected <= names, names
+        statistics = json.loads((folder / "statistics_epoch0_step1.json").read_text())
+        assert list(statistics["sites"]) == sites  # its own sites only
+    assert not (tmp_path / "lightning_attn_logs" / "version_0" / "attn").exists()
     states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
     assert encoder.state_key != cross.state_key and {encoder.state_key, cross.state_key} <= states.keys()
 
@@ -70,12 +76,12 @@ def test_default_names_and_named_instances(tmp_path: Path) -> None:
     for prefix in ("heads_a/val/", "heads_b/val/", "p1/val/", "p2/val/"):
         assert any(key.startswith(prefix) for key in trainer.callback_metrics), prefix
     for folder in (
-        "heads_a/val/head_functions.json",
-        "heads_b/val/head_functions.json",
-        "p1/val_epoch0.json",
-        "p2/val_epoch0.json",
+        "heads_a/val/head_functions_epoch0_step0.json",
+        "heads_b/val/head_functions_epoch0_step0.json",
+        "p1/val/statistics_epoch0_step0.json",
+        "p2/val/statistics_epoch0_step0.json",
     ):
-        assert (tmp_path / "lightning_attn_logs" / folder).exists(), folder
+        assert (tmp_path / "lightning_attn_logs" / "version_0" / folder).exists(), folder
     assert json.dumps(first.history_for("val"), default=repr) == json.dumps(second.history_for("val"), default=repr)
 
 

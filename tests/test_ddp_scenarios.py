@@ -64,4 +64,5 @@ def test_uneven_shards_over_two_loaders_equal_one_process(ddp: dict[str, Any], t
     assert rows == [37 * scenarios.models.EEG_LEN] * 4  # every sample once
     assert single["heads"]["val_dl1"]["rows"]["encoder.layers.0.self_attn"] == [11 * scenarios.models.EEG_LEN] * 4
     assert single["probe"]["val_dl2"]["sites"]  # the one-sample loader has results (rank 1 joined with zeros)
+    assert [single["calibration"][key]["n_samples"] for key in ("val", "val_dl1", "val_dl2")] == [37, 11, 1]
     assert_close(ddp["uneven"], single, "uneven")

@@ -122,15 +122,15 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
     assert (version / "config.yaml").is_file()
 
     attn = out / "lightning_attn" / "attn"
-    assert sorted(attn.glob("val_*.png")) and sorted(attn.glob("test_*.png")), "AttentionLogger PNGs"
-    stats = json.loads(_one(sorted(attn.glob("test_epoch*.json")), "AttentionLogger JSON").read_text())
+    assert sorted(attn.glob("val/*.png")) and sorted(attn.glob("test/*.png")), "AttentionLogger PNGs"
+    stats = json.loads(_one(sorted(attn.glob("test/statistics_epoch*.json")), "AttentionLogger JSON").read_text())
     assert stats, "empty AttentionLogger JSON"
     calibration = out / "lightning_attn" / "calibration"
-    assert (calibration / "test.json").is_file() and sorted(calibration.glob("test/*.png")), (
+    assert sorted(calibration.glob("test/summary_epoch*.json")) and sorted(calibration.glob("test/*.png")), (
         "CalibrationMonitor outputs"
     )
     heads = out / "lightning_attn" / "heads"
-    registry = json.loads((heads / "test" / "head_functions.json").read_text())
+    registry = json.loads(_one(sorted(heads.glob("test/head_functions_epoch*.json")), "registry").read_text())
     assert registry, "empty head-function registry"
     assert sorted(heads.glob("test/*.png")), "HeadSpecializationTracker PNGs"
     report = out / "report"
@@ -191,7 +191,7 @@ def test_digits_config_under_two_process_ddp(tmp_path: Path) -> None:
     out = tmp_path / "outputs" / "digits_vit"
     assert [p.name for p in (out / "tensorboard").iterdir()] == ["version_0"], "one TensorBoard run (rank zero's)"
     _one(sorted((out / "tensorboard" / "version_0").glob("checkpoints/*.ckpt")), "checkpoint")
-    assert (out / "lightning_attn" / "calibration" / "test.json").is_file()
+    assert sorted((out / "lightning_attn" / "calibration").glob("test/summary_epoch*.json"))
     report = json.loads((out / "report" / "report.json").read_text())
     _, header, rows = read_csv(out / "report" / "samples.csv")
     ranks = [row[header.index("rank")] for row in rows]

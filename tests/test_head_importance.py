@@ -153,11 +153,11 @@ def test_normalization_registry_table_and_figure(validated: dict[str, Any]) -> N
     heads = {h["id"]: h for layer in registry["layers"] for h in layer["heads"]}
     assert heads["model.sdpa/h0"]["importance"]["raw"] == pytest.approx(record["importance"]["model.sdpa"][0])
     out = callback.save_dir / "heads" / "val"  # type: ignore[operator]
-    rows = (out / "prunable_heads_step0.csv").read_text().splitlines()
+    rows = (out / "prunable_heads_epoch0_step0.csv").read_text().splitlines()
     assert rows[0] == "rank,head,label,importance,normalized,cumulative_share"
     assert rows[1].split(",")[1] == min(heads, key=lambda h: heads[h]["importance"]["normalized"])
     assert float(rows[-1].split(",")[-1]) == pytest.approx(1.0)
-    assert (out / "importance_step0.png").exists()
+    assert (out / "importance_epoch0_step0.png").exists()
     figure = callback.figures("val")["importance"]
     assert isinstance(figure, Figure)
     shown = figure.axes[0].images[0].get_array()

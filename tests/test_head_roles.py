@@ -111,7 +111,7 @@ def test_registry_lists_label_history(run: dict[str, Any]) -> None:
 def test_tensorboard_event_file_holds_the_events_table(run: dict[str, Any]) -> None:
     accumulator = EventAccumulator(str(run["logdir"]), size_guidance={"tensors": 0})
     accumulator.Reload()
-    tag = "heads/val/role_events/text_summary"
+    tag = "heads/val/role_events_table/text_summary"
     assert tag in accumulator.Tags()["tensors"]
     texts = {event.step: event.tensor_proto.string_val[0].decode() for event in accumulator.Tensors(tag)}
     steps = [r["global_step"] for r in run["tracker"].history_for("val")]

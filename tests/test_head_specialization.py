@@ -394,7 +394,10 @@ def test_labels_follow_hsi_types_and_signs() -> None:
 def planted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("planted")
     plain = HeadSpecializationTracker(
-        features=FEATURES, save_dir=str(root / "out"), logged_scores=("entropy", "hsi", "previous_token")
+        features=FEATURES,
+        save_dir=str(root / "out"),
+        logged_scores=("entropy", "hsi", "previous_token"),
+        log_per_head=True,
     )
     masked = HeadSpecializationTracker(
         features={"ttc": "ttc"},
@@ -448,7 +451,7 @@ def test_planted_heads_are_labelled(planted_run: dict[str, Any]) -> None:
 def test_registry_json_round_trips_and_validates(planted_run: dict[str, Any], tmp_path: Path) -> None:
     tracker: HeadSpecializationTracker = planted_run["plain"]
     out = planted_run["root"] / "out" / "heads" / "val"
-    path = out / "head_functions.json"
+    path = out / "head_functions_epoch0_step0.json"
     written = json.loads(path.read_text())
     registry = tracker.registry("val")
     assert written == registry
@@ -467,9 +470,9 @@ def test_registry_json_round_trips_and_validates(planted_run: dict[str, Any], tm
         "expected_sign": -1,
     }
     # figures and the table went to disk (no dashboard logger)
-    names = {p.name.split("_step")[0] for p in out.glob("*.png")}
+    names = {p.name.split("_epoch")[0] for p in out.glob("*.png")}
     assert names == {"hsi", "feature_correlation", "type_scores", "redundancy", "evolution", "timeline"}
-    assert (out / "registry_step0.csv").exists()
+    assert (out / "registry_epoch0_step0.csv").exists()
 
 
 def test_resume_continues_history_without_gap_or_duplicate(tmp_path: Path) -> None:

@@ -348,15 +348,15 @@ def test_figures_files_and_shared_probe_samples(tmp_path: Path, monkeypatch: pyt
     assert [name for name, ref in figures.items() if ref() is not None] == []
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
-    out = tmp_path / "out" / "probe"
-    assert len(list(out.glob("val_*_step0.png"))) == len(figures)
-    saved = json.loads((out / "val_epoch0.json").read_text())
+    out = tmp_path / "out" / "probe" / "val"
+    assert len(list(out.rglob("*_epoch0_step0.png"))) == len(figures)
+    saved = json.loads((out / "statistics_epoch0_step0.json").read_text())
     assert saved["probes"]["gate"] == {
         "pattern": "layers.*.gate",
         "kind": "activation",
         "sites": ["layers.0.gate", "layers.1.gate"],
     }
-    assert (out / "val_summary_step0.csv").read_text().count("\n") == 1 + 4
+    assert (out / "summary_epoch0_step0.csv").read_text().count("\n") == 1 + 4
 
 
 def test_cli_ready_arguments() -> None:

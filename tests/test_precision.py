@@ -163,12 +163,18 @@ def test_every_precision_gives_the_float32_numbers(
     for key, want in float32_run.items():
         got = logged[key]
         assert math.isfinite(got) == math.isfinite(want), key
-        if math.isfinite(want):
+        if "_ci_" in key:
+            # a bootstrap bound is a percentile over replicates whose weights hash each sample's logit bits: another
+            # precision draws other replicates (the bound moves by its Monte Carlo error on this small set, not by
+            # rounding), so only its order is checked here; test_calibration_bootstrap.py checks the intervals
+            low, high = logged[key.replace("_ci_high", "_ci_low")], logged[key.replace("_ci_low", "_ci_high")]
+            assert low <= high, key
+        elif math.isfinite(want):
             assert abs(got - want) <= TOLERANCE, f"{precision}: {key} = {got}, float32 run {want}"
 
     # every figure was drawn (the rollout crashed the figures under autocast), from float32/float64 data
-    logs = tmp_path / "lightning_attn_logs"
-    assert list((logs / "attn").glob("val_rollout_step*.png"))
+    logs = tmp_path / "lightning_attn_logs" / "version_0"
+    assert list((logs / "attn" / "val").glob("rollout_epoch0_step*.png"))
     report_dir = logs / "report" / "val_epoch0"
     assert (report_dir / "figures" / "rollout.png").is_file() and (report_dir / "report.html").is_file()
     for values in (*logger.results["val"].mean.values(), *logger.results["val"].std.values()):

@@ -27,8 +27,6 @@ from lightning_attn import AttentionRecorder, ExplainabilityReport, build_report
 from lightning_attn.report import ReportError, StreamHasher, hash_config, hash_state_dict, load_schema
 from lightning_attn.report.explain import compute_saliency, default_forward
 
-PROVENANCE_PREFIX = "# lightning_attn report provenance: "
-
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -36,11 +34,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def read_csv(path: Path) -> tuple[dict, list[str], list[list[str]]]:
-    """(provenance, header, rows) of a report CSV."""
+    """(provenance, header, rows) of a report CSV: the CSV starts with its header, its provenance is the
+    ``provenance.json`` beside it."""
+    provenance = json.loads((path.parent / "provenance.json").read_text(encoding="utf-8"))
     with path.open(newline="", encoding="utf-8") as handle:
-        first = handle.readline()
-        assert first.startswith(PROVENANCE_PREFIX), first[:80]
-        provenance = json.loads(first[len(PROVENANCE_PREFIX) :])
         reader = csv.reader(handle)
         header = next(reader)
         return provenance, header, list(reader)

@@ -127,7 +127,7 @@ def test_end_to_end_from_checkpoint_and_config(checkpoint: str, tmp_path: Path) 
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "report"]
     rows = (out / "samples.csv").read_text().splitlines()
-    assert len(rows) == 1 + 1 + 40  # provenance line, header, one row per sample
+    assert len(rows) == 1 + 40  # header, one row per sample
     assert (out / "report.html").stat().st_size > 10_000
 
 

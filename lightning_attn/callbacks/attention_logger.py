@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -21,6 +21,7 @@ from lightning_attn.callbacks.base import (
     open_recorder,
     probe_batch,
 )
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
@@ -105,8 +106,8 @@ class AttentionLogger(StreamingCallback):
     ``max_figure_sites`` sites (evenly spaced over depth, first and last included), the attention rollout
     (self-attention sites of equal length, in forward order) and, per modality pair, A->B, B->A transposed
     and their difference with the agreement score. A JSON file of the epoch's statistics
-    (``<stage>_epoch<E>.json``) is always written to disk. ``callback.results[<stage>]`` holds the last
-    epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
+    (``<stage>/statistics_epoch<E>_step<S>.json``) is always written to disk. ``callback.results[<stage>]`` holds
+    the last epoch's :class:`~lightning_attn.metrics.attention.AttentionResults`.
 
     Probe samples: the first ``probe_samples`` samples of the first batch of dataloader 0 on global rank zero
     (under DDP, the first samples of rank zero's shard). They are the same samples every epoch as long as
@@ -130,17 +131,23 @@ class AttentionLogger(StreamingCallback):
         token_names: labels of positions for heatmap axes and top-position lists: a list labels every axis
             of the same length; a mapping labels sites by glob pattern, ``"<glob>:queries"`` or
             ``"<glob>:keys"`` for one axis of cross-attention sites (e.g. feature or sensor names).
-        log_per_head: also log per-head scalars ``attn/<stage>/<site>/h<k>/<stat>``.
+        log_per_head: also log per-head scalars ``attn/<stage>/<site>/h<k>/<stat>`` (one TensorBoard custom-scalars
+            chart per site and statistic); off by default: a 12 x 12-head model would log 144 scalars per statistic.
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
         max_figure_sites: at most this many sites get per-site map figures and head-contribution bars.
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: replaces ``attn`` in the logged keys, published names and the output folder; default ``attn``, or
             ``attn-<include patterns>`` with ``include`` (e.g. ``attn-encoder`` for ``["encoder.*"]``), so that two
             instances on one Trainer keep their outputs, keys and checkpoint states apart (equal names raise at setup).
+        overhead_budget: share of the epoch that recording may add: evenly spread batches, the same on every rank
+            and for every callback (:mod:`~lightning_attn.callbacks.budget`); ``None``: every batch.
+        min_batches: with a budget, never fewer recorded batches per epoch and dataloader (all when fewer).
+        exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise;
+            see :class:`~lightning_attn.AttentionRecorder`).
     """
 
     namespace = NAMESPACE
@@ -166,10 +173,15 @@ class AttentionLogger(StreamingCallback):
         max_positions: int = 4096,
         save_dir: str | None = None,
         name: str | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
+        min_batches: int = DEFAULT_MIN_BATCHES,
+        exact_outputs: bool = True,
     ) -> None:
         super().__init__(
             stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name, include=include
         )
+        self._set_budget(overhead_budget, min_batches)
+        self.exact_outputs = exact_outputs
         check_min(0, probe_samples=probe_samples)
         check_min(1, max_map_tokens=max_map_tokens, top_k=top_k, max_positions=max_positions)
         check_min(1, optional=True, chunk_size=chunk_size)
@@ -220,10 +232,9 @@ class AttentionLogger(StreamingCallback):
         super().load_state_dict(state_dict)
         saved = state_dict.get("probe_samples", self.probe_samples)
         if saved != self.probe_samples:
-            warnings.warn(
+            rank_zero_warn(
                 f"AttentionLogger: checkpoint used probe_samples={saved}, now {self.probe_samples}",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
             self._probe_fingerprints = {}
         else:
@@ -258,14 +269,14 @@ class AttentionLogger(StreamingCallback):
         dataloader_idx: int,
         stage: str,
     ) -> None:
-        if not self._sampled(batch_idx):
+        if not self._records(stage, dataloader_idx, batch_idx):
             return
         self._close_recorder()
         self._active = self._state_for(stage, dataloader_idx, pl_module.device)
         if self.probe_samples and probe_batch(trainer, batch_idx, dataloader_idx):
             self._probe = ProbeMaps(self.probe_samples, self.max_map_tokens) if self.log_figures else None
             self._probe_input = _slice_batch(batch, self.probe_samples)
-        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
+        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude, self.exact_outputs)
 
     def eval_batch_end(
         self,
@@ -316,7 +327,7 @@ class AttentionLogger(StreamingCallback):
         if probe is not None:
             probe.end_site(site)
         for pair, role in roles:
-            assert acc.pairs is not None and head_mean is not None  # roles come from the pairs, maps from chunks
+            assert acc.pairs is not None and head_mean is not None  # roles come from declared pairs, after the chunks
             both = acc.pairs.add(pair, role, head_mean)
             if both is not None:
                 acc.agreement.update(pair, *both)
@@ -419,11 +430,10 @@ class AttentionLogger(StreamingCallback):
         self._probe_input = None
         previous = self._probe_fingerprints.get(stage)
         if previous is not None and fingerprint != previous:
-            warnings.warn(
+            rank_zero_warn(
                 "AttentionLogger: the probe samples (first samples of the first batch of dataloader 0) changed since "
                 "the last epoch; is that dataloader shuffled? Figures of different epochs show different samples.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
         self._probe_fingerprints[stage] = fingerprint
 
@@ -467,7 +477,7 @@ class AttentionLogger(StreamingCallback):
                 results.mean["max_weight"][rows],
                 results.std["max_weight"][rows],
                 statistic="max_weight",
-                title=f"Head confidence: mean max weight per head ({key}, {epoch}; error bars: std over rows)",
+                title=f"Head contributions: mean max weight per head ({key}, {epoch}; error bars: std over rows)",
             )
         attended = {s: results.top_attended[s] for s in chosen if results.top_attended.get(s)}
         if attended:

@@ -22,8 +22,11 @@ from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 
 from lightning_attn import sinks
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, BatchBudget, coverage_scalars
+from lightning_attn.callbacks.publisher import Publisher
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
 
 #: torchmetrics' warning when ``compute`` runs on states that saw no ``update``.
 _COMPUTE_BEFORE_UPDATE = r"The ``compute`` method of metric \w+ was called before the ``update`` method"
@@ -37,6 +40,9 @@ STAGE_KEYS: dict[str, str] = {"validate": "val", "test": "test"}
 class EvaluationCallback(Callback):
     """Base of the evaluation-time callbacks.
 
+    Publishing (figures, tables, files) runs in a background :class:`~lightning_attn.callbacks.publisher.Publisher`
+    (``background_publishing = False`` on an instance: inline); ``fit``/``validate``/``test`` wait for it at the end.
+
     Args:
         stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
         every_n_epochs: run on validation epochs whose index is a multiple of this (test always runs).
@@ -47,17 +53,42 @@ class EvaluationCallback(Callback):
         self, stages: Sequence[Stage] = ("validate",), every_n_epochs: int = 1, save_dir: str | None = None
     ) -> None:
         super().__init__()
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        unknown = [s for s in stages if s not in STAGE_KEYS]
+        chosen: tuple[str, ...] = (stages,) if isinstance(stages, str) else tuple(stages)
+        unknown = [s for s in chosen if s not in STAGE_KEYS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}: choose from {sorted(STAGE_KEYS)}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.stages: tuple[str, ...] = stages
+        self.stages = chosen
         self.every_n_epochs = every_n_epochs
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
         self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
+        self._budget: BatchBudget | None = None  # the recording budget of the attention-reading callbacks
+        self._publisher_of_run: Publisher | None = None
+
+    #: Whether epoch-end publishing runs in a background thread (off the training thread).
+    background_publishing: bool = True
+
+    @property
+    def publisher(self) -> Publisher:
+        """This callback's :class:`~lightning_attn.callbacks.publisher.Publisher`, created on first use."""
+        if self._publisher_of_run is None:
+            self._publisher_of_run = Publisher(background=self.background_publishing)
+        return self._publisher_of_run
+
+    def _finish_publishing(self, raise_errors: bool = True) -> None:
+        if self._publisher_of_run is not None:
+            self._publisher_of_run.wait(raise_errors=raise_errors)
+            self._publisher_of_run = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The end of ``fit``/``validate``/``test`` (before Lightning finalizes the loggers): publish everything."""
+        self._finish_publishing()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._publisher_of_run is not None:
+            self._publisher_of_run.replay()
 
     # -- models ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -75,6 +106,27 @@ class EvaluationCallback(Callback):
                 f"two {type(self).__name__} callbacks are named {name!r} on one Trainer: they would write "
                 "the same files and logged keys; give each its own name="
             )
+        publish_config(trainer, self.output_name, self)
+
+    @property
+    def output_name(self) -> str:
+        """The callback's folder under the run folder and its prefix in the run config: :attr:`name` when it has one,
+        else its namespace."""
+        return str(getattr(self, "name", None) or getattr(self, "namespace", type(self).__name__))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._announce(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._announce(trainer)
+
+    def _announce(self, trainer: pl.Trainer, report: Path | None = None) -> None:
+        """One console line: where this callback's outputs went (when it wrote any)."""
+        if not trainer.is_global_zero:
+            return
+        directory = sinks.output_dir(trainer, self.output_name, self.save_dir)
+        if directory.is_dir():
+            announce_outputs(trainer, self.output_name, directory, report)
 
     def forget_model(self) -> None:
         """Drop every state that belongs to a model (metric states, results, history); subclasses extend it."""
@@ -94,6 +146,7 @@ class EvaluationCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_model"] = None  # a weak reference does not pickle (ddp_spawn pickles the callbacks)
+        state["_publisher_of_run"] = None  # nor does a thread
         return state
 
     # -- gating ---------------------------------------------------------------------------------
@@ -137,8 +190,12 @@ class EvaluationCallback(Callback):
 
     # -- routing --------------------------------------------------------------------------------
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the last epoch's jobs read this callback's states, which this epoch changes: let them finish first
+        self._finish_publishing()
         self._running = stage if self._should_run(trainer, stage) else None
         if self._running:
+            if self._budget is not None:
+                self._budget.start(trainer, stage)
             self.eval_epoch_start(trainer, pl_module, stage)
 
     def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
@@ -152,6 +209,8 @@ class EvaluationCallback(Callback):
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._running == stage:
             self._running = None
+            if self._budget is not None:
+                self._budget.end()
             self.eval_epoch_end(trainer, pl_module, stage)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -200,7 +259,10 @@ class EvaluationCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._running = None
+        if self._budget is not None:
+            self._budget.abort()
         self.eval_abort()
+        self._finish_publishing(raise_errors=False)  # what was rendered still reaches the loggers and the disk
 
 
 def callback_name(namespace: str, name: str | None, include: Sequence[str] | None = None) -> str:
@@ -235,6 +297,17 @@ def used_on_any_rank(used: set[int]) -> list[int]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, sorted(used))
     return sorted({index for indices in gathered for index in indices})
+
+
+def finish_dataloaders(used: set[int], finish: Callable[[int], None]) -> None:
+    """The callbacks' epoch-end loop: ``finish(dataloader_idx)`` (compute, a collective: every rank; log; publish)
+    for every dataloader that some rank used this epoch (:func:`used_on_any_rank`), in order, with torchmetrics'
+    "compute before update" warning silenced: a rank that saw no batch of a loader (no attention in its batches, an
+    empty shard) still joins the reduction with its zeros, as expected."""
+    for dataloader_idx in used_on_any_rank(used):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
+            finish(dataloader_idx)
 
 
 def log_scalars(pl_module: pl.LightningModule, values: dict[str, Any]) -> None:
@@ -280,11 +353,14 @@ def open_recorder(
     on_capture: Callable[[AttentionCapture], None],
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    exact_outputs: bool = True,
 ) -> AttentionRecorder:
     """An entered streaming :class:`~lightning_attn.AttentionRecorder` (nothing kept: ``on_capture`` gets every
     capture) on the attention sites of ``module`` matched by ``include``/``exclude``; close it with
     :func:`close_recorder`."""
-    recorder = AttentionRecorder(module, include=include, exclude=exclude, keep=False, on_capture=on_capture)
+    recorder = AttentionRecorder(
+        module, include=include, exclude=exclude, keep=False, on_capture=on_capture, exact_outputs=exact_outputs
+    )
     recorder.__enter__()
     return recorder
 
@@ -328,8 +404,8 @@ class StreamingCallback(EvaluationCallback):
         max_batches: analyse at most this many batches per dataloader and epoch (``None``: all).
         every_n_batches: analyse only batches whose index is a multiple of this.
         max_figure_sites: at most this many sites per figure (evenly spaced over depth, first and last kept).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: first component of every logged key and published name, and the output folder (:func:`callback_name`).
         include: the subclass's site patterns, which the default name mentions.
     """
@@ -354,6 +430,9 @@ class StreamingCallback(EvaluationCallback):
         check_min(1, optional=True, max_batches=max_batches)
         self.max_batches = max_batches
         self.every_n_batches = every_n_batches
+        self._set_budget(None, DEFAULT_MIN_BATCHES)
+        #: Batches recorded and seen (over ranks) by stage key, last evaluated epoch.
+        self.coverage: dict[str, dict[str, int]] = {}
         self.max_figure_sites = max_figure_sites
         self.results: dict[str, Any] = StageResults()
         self._states: dict[tuple[str, int], Any] = {}
@@ -379,6 +458,19 @@ class StreamingCallback(EvaluationCallback):
         if batch_idx % self.every_n_batches:
             return False
         return self.max_batches is None or batch_idx // self.every_n_batches < self.max_batches
+
+    def _set_budget(self, overhead_budget: float | None, min_batches: int) -> None:
+        """Record within ``overhead_budget`` (:mod:`lightning_attn.callbacks.budget`; ``None``: every batch). An
+        explicit ``max_batches`` or ``every_n_batches`` is a sampling of its own: the budget then does not apply."""
+        self.overhead_budget = overhead_budget
+        self.min_batches = min_batches
+        own_sampling = self.max_batches is not None or self.every_n_batches != 1
+        self._budget = BatchBudget(None if own_sampling else overhead_budget, min_batches)
+
+    def _records(self, stage: str, dataloader_idx: int, batch_idx: int) -> bool:
+        """Whether this batch is recorded: the callback's own sampling and the shared budget's decision."""
+        assert self._budget is not None
+        return self._budget.records(stage, dataloader_idx, batch_idx, sampled=self._sampled(batch_idx))
 
     def _new_state(self) -> Any:
         """The metric states of one (stage, dataloader) pair."""
@@ -414,20 +506,24 @@ class StreamingCallback(EvaluationCallback):
         rank), reset, keep in :attr:`results`, log :meth:`_scalars` and, on global rank zero,
         ``publish(results, dataloader_idx)``."""
         self._epochs_run[stage] = self._epochs_run.get(stage, 0) + 1
-        for dataloader_idx in used_on_any_rank(self._used):
+        used, self._used = used_on_any_rank(self._used), set()
+        assert self._budget is not None
+        coverage = self._budget.coverage(trainer, stage, used)  # a collective: every rank
+
+        def finish(dataloader_idx: int) -> None:
             state = self._state_for(stage, dataloader_idx, pl_module.device)
             key = stage_key(stage, dataloader_idx)
-            with warnings.catch_warnings():
-                # a state no batch of this rank updated is expected (no attention in its batches; under DDP its zeros
-                # still join the sum): torchmetrics' "compute before update" warning would only confuse the user
-                warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
-                results = compute(state, key, dataloader_idx)
+            results = compute(state, key, dataloader_idx)
             state.reset()
             self.results[key] = results
-            log_scalars(pl_module, self._scalars(results))
+            self.coverage[key] = coverage[dataloader_idx]
+            scalars = self._scalars(results)
+            log_scalars(pl_module, {**scalars, **coverage_scalars(self.name, key, coverage[dataloader_idx])})
             if trainer.is_global_zero:
+                publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
                 publish(results, dataloader_idx)
-        self._used = set()
+
+        finish_dataloaders(set(used), finish)
 
     def _scalars(self, results: Any) -> dict[str, float]:
         """The scalars to log for one computed epoch: ``<name>/<stage key>/...``."""
@@ -446,22 +542,26 @@ class StreamingCallback(EvaluationCallback):
         rows: list[list[Any]],
         figures: Callable[[], dict[str, Figure]] | None,
     ) -> None:
-        """The table ``<stage key>/<table>``, the JSON file ``<stage key>_epoch<E>`` of ``results.to_dict()`` and the
-        figures drawn by ``figures`` (``None``: none), then the figures are let go."""
+        """The table ``<stage key>/<table>``, the JSON file ``<stage key>/statistics`` of ``results.to_dict()`` and the
+        figures drawn by ``figures`` (``None``: none), then the figures are let go; all in the :attr:`publisher`."""
         step = int(trainer.global_step)
         namespace = self.name
-        sinks.publish_table(
-            trainer, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
-        )
-        sinks.publish_json(
-            trainer,
-            f"{results.stage}_epoch{results.epoch}",
-            results.to_dict(),
-            namespace=namespace,
-            save_dir=self.save_dir,
-        )
-        if figures is None:
-            return
-        drawn = figures()
-        sinks.publish_figures(trainer, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
-        drawn.clear()
+
+        def publish(view: Any) -> None:
+            sinks.publish_table(
+                view, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
+            )
+            sinks.publish_json(
+                view,
+                f"{results.stage}/statistics",
+                results.to_dict(),
+                namespace=namespace,
+                save_dir=self.save_dir,
+            )
+            if figures is None:
+                return
+            drawn = figures()
+            sinks.publish_figures(view, drawn, namespace=namespace, step=step, save_dir=self.save_dir)
+            drawn.clear()
+
+        self.publisher.submit(trainer, publish)

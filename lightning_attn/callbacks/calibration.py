@@ -47,32 +47,23 @@ well-calibrated model (true ECE near 0) the ECE interval lies above the point es
 Figures (``calibration/<stage>/<name>`` in W&B and TensorBoard, PNG files when no dashboard logger
 is attached or ``save_dir`` is given): ``reliability``, ``confidence_histogram``, ``classwise_reliability``,
 ``trend``. A JSON summary with the latest values, per-bin arrays and the history is written to
-``<output_dir>/calibration/<stage>.json``, and the per-bin table to a CSV (and W&B table).
+``<run folder>/calibration/<stage>/summary_epoch<E>_step<S>.json``, and the per-bin table to a CSV (and W&B table).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, log_scalars, stage_key
+from lightning_attn.callbacks.base import EvaluationCallback, Stage, finish_dataloaders, log_scalars, stage_key
+from lightning_attn.callbacks.calibration_outputs import epoch_result, publish_calibration
 from lightning_attn.functional.calibration import apply_temperature, fit_temperature
 from lightning_attn.metrics.calibration import CalibrationMetric
 from lightning_attn.metrics.reservoir import LogitReservoir
-from lightning_attn.plots.calibration import (
-    plot_calibration_trend,
-    plot_classwise_reliability,
-    plot_confidence_histogram,
-    plot_reliability_diagram,
-)
-from lightning_attn.sinks import publish_figures, publish_json, publish_table
 
 __all__ = ["INTERVALS", "SCALARS", "CalibrationMonitor"]
 
@@ -175,6 +166,8 @@ class CalibrationMonitor(EvaluationCallback):
             the epoch), so the global RNG stream, hence training, is untouched.
     """
 
+    namespace = NAMESPACE
+
     def __init__(
         self,
         task: Literal["binary", "multiclass"] | None = None,
@@ -246,6 +239,7 @@ class CalibrationMonitor(EvaluationCallback):
         self._reservoirs: dict[tuple[str, int], LogitReservoir] = {}
         self._resolved: tuple[str, int] | None = None  # (task, num_classes) once known
         self._score_type_seen: str | None = None
+        self._used: set[int] = set()  # dataloaders of this epoch's batches
 
     @property
     def state_key(self) -> str:
@@ -329,31 +323,54 @@ class CalibrationMonitor(EvaluationCallback):
                 f"CalibrationMonitor: scores switched from {metric.score_type!r} to {score_type!r} between batches"
             )
         if metric is None:
-            task, num_classes = self._resolve(scores, target)
-            metric = CalibrationMetric(
-                task,  # type: ignore[arg-type]
-                num_classes,
-                score_type=score_type,  # type: ignore[arg-type]
-                n_bins=self.n_bins,
-                adaptive_bins=self.adaptive_bins,
-                classwise_bins=self.classwise_bins,
-                fine_bins=self.fine_bins,
-                ignore_index=self.ignore_index,
-                bootstrap=self.bootstrap,
-            )
             if scores.device.type == "mps":
                 raise NotImplementedError(
                     "CalibrationMonitor keeps float64 sums, which MPS lacks: move the scores to the CPU in extract= "
                     "(e.g. extract=lambda out, batch: (out['logits'].cpu(), out['target'].cpu()), score_type='logits')"
                 )
-            metric = metric.to(scores.device)
-            self._metrics[key] = metric
+            metric = self._metrics[key] = self._new_metric(self._resolve(scores, target), score_type, scores.device)
+        return metric
+
+    def _new_metric(self, resolved: tuple[str, int], score_type: str, device: torch.device) -> CalibrationMetric:
+        task, num_classes = resolved
+        return CalibrationMetric(
+            task,  # type: ignore[arg-type]
+            num_classes,
+            score_type=score_type,  # type: ignore[arg-type]
+            n_bins=self.n_bins,
+            adaptive_bins=self.adaptive_bins,
+            classwise_bins=self.classwise_bins,
+            fine_bins=self.fine_bins,
+            ignore_index=self.ignore_index,
+            bootstrap=self.bootstrap,
+        ).to(device)
+
+    def _epoch_metric(self, stage: str, dataloader_idx: int, device: torch.device) -> CalibrationMetric:
+        """The metric of a dataloader at the epoch end; on a rank that saw none of its batches (DDP) an empty one,
+        so that the rank still joins the reduction."""
+        metric = self._metrics.get((stage, dataloader_idx))
+        if metric is not None:
+            return metric
+        resolved = self._resolved
+        if resolved is None and self.task == "binary":
+            resolved = ("binary", 2)
+        elif resolved is None and self.task == "multiclass" and self.num_classes is not None:
+            resolved = ("multiclass", self.num_classes)
+        if resolved is None:
+            raise RuntimeError(
+                f"CalibrationMonitor: this rank saw no batch of dataloader {dataloader_idx} while another did, and "
+                "cannot size its (empty) share of the reduction: pass task= (and num_classes= for multiclass)"
+            )
+        metric = self._metrics[(stage, dataloader_idx)] = self._new_metric(
+            resolved, self.score_type or "logits", device
+        )
         return metric
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A new ``fit``/``validate``/``test`` call: fresh metrics (the model may differ); the history
         and the fitted temperature are kept."""
+        super().setup(trainer, pl_module, stage)
         self._metrics.clear()
         self._reservoirs.clear()
         self._resolved = None
@@ -368,6 +385,7 @@ class CalibrationMonitor(EvaluationCallback):
         for metric in self._metrics.values():
             metric.reset()
         self._reservoirs.clear()
+        self._used = set()
 
     def eval_batch_end(
         self,
@@ -382,6 +400,7 @@ class CalibrationMonitor(EvaluationCallback):
         scores, target, score_type = self._read(outputs, batch)
         metric = self._metric(stage, dataloader_idx, scores, target, score_type)
         metric.update(scores, target)
+        self._used.add(dataloader_idx)
         if self.fit_temperature and (stage == "validate" or self.temperature is not None):
             self._offer(trainer, stage, dataloader_idx, metric, scores, target, score_type)
 
@@ -396,7 +415,7 @@ class CalibrationMonitor(EvaluationCallback):
         score_type: str,
     ) -> None:
         """Offer a batch to the reservoir (no synchronisation)."""
-        x, t = metric._flatten(scores, target)
+        x, t = metric.flatten(scores, target)
         if score_type == "probs":  # log-probabilities (log-odds for binary) stand in for logits
             x = x.clamp(1e-12, 1.0)
             x = x.log() - torch.log1p(-x.clamp_max(1 - 1e-7)) if metric.task == "binary" else x.log()
@@ -419,38 +438,41 @@ class CalibrationMonitor(EvaluationCallback):
         return (self.seed * 1_000_003 + trainer.current_epoch * 1009 + trainer.global_rank) % (2**62)
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for (s, dataloader_idx), metric in sorted(self._metrics.items(), key=lambda item: item[0][1]):
-            if s != stage or metric.update_count == 0:
-                continue
-            key = stage_key(stage, dataloader_idx)
-            values = metric.compute()  # collective under DDP: every rank
-            metric.reset()
-            names = SCALARS + (INTERVALS if self.bootstrap else ())
-            scalars = {name: float(values[name]) for name in names}
-            scaling = None
-            if self.fit_temperature and (stage == "validate" or self.temperature is not None):
-                scaling = self._temperature_epoch(trainer, stage, dataloader_idx, metric)
-            logged = {f"{NAMESPACE}/{key}/{name}": values[name].float() for name in names}
-            if scaling is not None:
-                for name in ("temperature", "ece_scaled", "nll_scaled"):
-                    logged[f"{NAMESPACE}/{key}/{name}"] = torch.tensor(
-                        scaling[name], dtype=torch.float32, device=values["ece"].device
-                    )
-                scalars.update({name: scaling[name] for name in ("temperature", "ece_scaled", "nll_scaled")})
-            log_scalars(pl_module, logged)
-            evaluation = sum(h["stage"] == key for h in self.history)
-            self.history.append(
-                {
-                    "stage": key,
-                    "evaluation": evaluation,
-                    "epoch": trainer.current_epoch,
-                    "step": trainer.global_step,
-                    **scalars,
-                }
-            )
-            self.results[key] = self._result(trainer, stage, metric, values, scalars, scaling)
-            if trainer.is_global_zero:
-                self._publish(trainer, key, metric)
+        used, self._used = self._used, set()
+        finish_dataloaders(used, lambda dataloader_idx: self._finish(trainer, pl_module, stage, dataloader_idx))
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int) -> None:
+        """Compute (a collective: every rank), log, record and publish one dataloader's epoch."""
+        metric = self._epoch_metric(stage, dataloader_idx, pl_module.device)
+        key = stage_key(stage, dataloader_idx)
+        values = metric.compute()  # collective under DDP: every rank
+        metric.reset()
+        names = SCALARS + (INTERVALS if self.bootstrap else ())
+        scalars = {name: float(values[name]) for name in names}
+        scaling = None
+        if self.fit_temperature and (stage == "validate" or self.temperature is not None):
+            scaling = self._temperature_epoch(trainer, stage, dataloader_idx, metric)
+        logged = {f"{NAMESPACE}/{key}/{name}": values[name].float() for name in names}
+        if scaling is not None:
+            for name in ("temperature", "ece_scaled", "nll_scaled"):
+                logged[f"{NAMESPACE}/{key}/{name}"] = torch.tensor(
+                    scaling[name], dtype=torch.float32, device=values["ece"].device
+                )
+            scalars.update({name: scaling[name] for name in ("temperature", "ece_scaled", "nll_scaled")})
+        log_scalars(pl_module, logged)
+        evaluation = sum(h["stage"] == key for h in self.history)
+        self.history.append(
+            {
+                "stage": key,
+                "evaluation": evaluation,
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                **scalars,
+            }
+        )
+        self.results[key] = self._result(trainer, stage, metric, values, scalars, scaling)
+        if trainer.is_global_zero:
+            self._publish(trainer, key, metric)
 
     # -- temperature ----------------------------------------------------------------------------
     def _temperature_epoch(
@@ -459,11 +481,8 @@ class CalibrationMonitor(EvaluationCallback):
         reservoir = self._reservoirs.pop((stage, dataloader_idx), None)
         if reservoir is None:
             reservoir = LogitReservoir(self.reservoir_size, seed=self._reservoir_seed(trainer))
-        if reservoir.keys is None:  # this rank saw no batch: an empty reservoir, so the gather still matches
-            shape = (0,) if metric.task == "binary" else (0, metric.num_classes)
-            reservoir._allocate(torch.zeros(shape, device=metric.n_samples.device))
-        keys, logits, target = reservoir.keys, reservoir.logits, reservoir.target
-        assert keys is not None and logits is not None and target is not None
+        shape = (0,) if metric.task == "binary" else (0, metric.num_classes)
+        keys, logits, target = reservoir.contents(torch.zeros(shape, device=metric.n_samples.device))
         if trainer.world_size > 1:
             strategy = trainer.strategy
             keys = strategy.all_gather(keys).reshape(-1)
@@ -530,116 +549,43 @@ class CalibrationMonitor(EvaluationCallback):
         scalars: dict[str, float],
         scaling: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        def arr(name: str) -> np.ndarray:
-            return values[name].detach().cpu().numpy()
-
-        result: dict[str, Any] = {
-            "stage": stage,
-            "task": metric.task,
-            "num_classes": metric.num_classes,
-            "evaluation": self.history[-1]["evaluation"],
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "metrics": scalars,
-            "bins": {
-                "edges": arr("bin_edges"),
-                "count": arr("bin_count"),
-                "accuracy": arr("bin_accuracy"),
-                "confidence": arr("bin_confidence"),
-            },
-            "adaptive_bins": {
-                "edges": arr("adaptive_edges"),
-                "count": arr("adaptive_count"),
-                "accuracy": arr("adaptive_accuracy"),
-                "confidence": arr("adaptive_confidence"),
-            },
-            "classwise_bins": {
-                "edges": arr("class_edges"),
-                "count": arr("class_count"),
-                "accuracy": arr("class_accuracy"),
-                "confidence": arr("class_confidence"),
-            },
-            "confidence_histogram": {
-                "edges": arr("hist_edges"),
-                "correct": arr("hist_correct"),
-                "incorrect": arr("hist_incorrect"),
-            },
-            "n_at_one": float(values["n_at_one"]),
-            "n_ignored": float(values["n_ignored"]),
-        }
-        if self.bootstrap:
-            result["bins"]["accuracy_ci_low"] = arr("bin_accuracy_ci_low")
-            result["bins"]["accuracy_ci_high"] = arr("bin_accuracy_ci_high")
-        if scaling is not None:
-            result["temperature_scaling"] = scaling
-        return result
+        return epoch_result(
+            values,
+            scalars,
+            stage=stage,
+            task=metric.task,
+            num_classes=metric.num_classes,
+            evaluation=self.history[-1]["evaluation"],
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            bootstrap=bool(self.bootstrap),
+            scaling=scaling,
+        )
 
     def _publish(self, trainer: pl.Trainer, key: str, metric: CalibrationMetric) -> None:
+        """Figures, the bin table and the JSON summary of ``key``'s epoch, in the :attr:`publisher` (a background
+        job, given what it draws now: a later dataloader of this epoch extends the history)."""
         result = self.results[key]
-        namespace = f"{NAMESPACE}/{key}"
-        step = trainer.global_step
         label = f"{key} epoch {trainer.current_epoch}"
         if any(h["stage"] == key and h["epoch"] == result["epoch"] for h in self.history[:-1]):  # repeated validate
             label += f" (evaluation {result['evaluation']})"
-        if self.plot:
-            bins, scalars = result["bins"], result["metrics"]
-            classwise = result["classwise_bins"]
-            hist = result["confidence_histogram"]
-            figures = {
-                "reliability": plot_reliability_diagram(
-                    bins["edges"],
-                    bins["accuracy"],
-                    bins["confidence"],
-                    bins["count"],
-                    ece=scalars["ece"],
-                    title=label,
-                    binary=metric.task == "binary",
-                    accuracy_low=bins.get("accuracy_ci_low"),
-                    accuracy_high=bins.get("accuracy_ci_high"),
-                    ece_interval=(scalars["ece_ci_low"], scalars["ece_ci_high"]) if self.bootstrap else None,
-                ),
-                "confidence_histogram": plot_confidence_histogram(
-                    hist["edges"],
-                    hist["correct"],
-                    hist["incorrect"],
-                    accuracy=scalars["accuracy"],
-                    confidence=scalars["confidence"],
-                    title=label,
-                ),
-                "classwise_reliability": plot_classwise_reliability(
-                    classwise["edges"],
-                    classwise["accuracy"],
-                    classwise["confidence"],
-                    classwise["count"],
-                    class_names=self.class_names,
-                    max_classes=self.plot_classes,
-                    title=label,
-                ),
-            }
-            history = [h for h in self.history if h["stage"] == key]
-            if len(history) >= 2:
-                epochs = [h["epoch"] for h in history]
-                x = "epoch" if all(a < b for a, b in itertools.pairwise(epochs)) else "evaluation"
-                figures["trend"] = plot_calibration_trend(history, x=x, title=f"{key}: calibration over {x}s")
-            publish_figures(trainer, figures, namespace=namespace, step=step, save_dir=self.save_dir)
-        bins = result["bins"]
-        rows = [
-            [float(lo), float(hi), int(n), _finite(acc), _finite(conf), _finite(conf - acc)]
-            for lo, hi, n, acc, conf in zip(
-                bins["edges"][:-1], bins["edges"][1:], bins["count"], bins["accuracy"], bins["confidence"], strict=False
-            )
-        ]
-        publish_table(
+        history = [h for h in self.history if h["stage"] == key]
+        binary = metric.task == "binary"
+        self.publisher.submit(
             trainer,
-            "bins",
-            ["lower", "upper", "count", "accuracy", "confidence", "gap"],
-            rows,
-            namespace=namespace,
-            step=step,
-            save_dir=self.save_dir,
+            lambda view: publish_calibration(
+                view,
+                f"{NAMESPACE}/{key}",
+                result,
+                history,
+                label=label,
+                binary=binary,
+                plot=self.plot,
+                class_names=self.class_names,
+                plot_classes=self.plot_classes,
+                save_dir=self.save_dir,
+            ),
         )
-        summary = {**result, "history": [h for h in self.history if h["stage"] == key]}
-        publish_json(trainer, key, summary, namespace=NAMESPACE, save_dir=self.save_dir)
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -648,8 +594,3 @@ class CalibrationMonitor(EvaluationCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.temperature = state_dict.get("temperature")
-
-
-def _finite(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None

@@ -24,6 +24,7 @@ from lightning_attn.callbacks.base import (
     stage_key,
     used_on_any_rank,
 )
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET, BatchBudget, coverage_scalars
 from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -59,6 +60,7 @@ from lightning_attn.plots.heads import (
     plot_hsi,
 )
 from lightning_attn.sinks import publish_figures, publish_json, publish_table
+from lightning_attn.sinks.dashboards import per_head_charts, publish_scalar_layout
 
 __all__ = ["HeadSpecializationTracker"]
 
@@ -116,8 +118,10 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     **Outputs**, per evaluated epoch and stage (``val``, ``test``, ``val_dl1`` ...):
 
-    - scalars ``heads/<stage>/<site>/h<k>/<score>`` for each score of ``logged_scores`` (default: entropy,
-      confidence, hsi), and ``heads/<stage>/specialized`` (heads with ``HSI >= hsi_threshold``) and
+    - scalars ``heads/<stage>/<score>`` (mean over every head of the model) for each score of ``logged_scores``
+      (default: entropy, confidence, hsi), per head ``heads/<stage>/<site>/h<k>/<score>`` with ``log_per_head=True``
+      (one TensorBoard chart per site and score), and ``heads/<stage>/specialized`` (heads with
+      ``HSI >= hsi_threshold``) and
       ``heads/<stage>/general`` (heads labelled *General context*);
     - figures (W&B, TensorBoard, else PNG files; through :mod:`lightning_attn.sinks`) under ``heads/<stage>/``:
       ``hsi``, ``feature_correlation``, ``type_scores``, ``redundancy``, ``evolution`` (entropy and HSI per head
@@ -179,7 +183,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         redundancy_threshold: JS divergence (nats, in ``[0, log 2]``) at or below which two heads are
             near-duplicates.
         logged_scores: per-head scalars to log, from the row statistics, ``previous_token``,
-            ``duplicate_token``, ``induction``, ``sink``, ``broad`` and ``hsi``; empty: none per head.
+            ``duplicate_token``, ``induction``, ``sink``, ``broad`` and ``hsi``; empty: none.
+        log_per_head: log ``logged_scores`` per head too (a 12 x 12-head model: 144 scalars per score); per-head
+            values are always in the registry table and the figures.
         log_figures: publish the figures.
         export_registry: write ``head_functions.json`` and the registry table each evaluated epoch.
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn``.
@@ -188,6 +194,11 @@ class HeadSpecializationTracker(EvaluationCallback):
             keys and checkpoint states apart (equal names raise at setup).
         head_importance: also score every head's importance by the gradient of the step's loss with respect to a
             gate on its output (one extra forward and backward per evaluated batch, about 3x the step's cost).
+        overhead_budget: share of the epoch that recording may add: evenly spread batches, the same on every rank
+            and for every callback (:mod:`~lightning_attn.callbacks.budget`); ``None``: every batch.
+        min_batches: with a budget, never fewer recorded batches per epoch and dataloader (all when fewer).
+        exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise;
+            see :class:`~lightning_attn.AttentionRecorder`).
 
     Raises:
         ValueError: with ``head_importance``, at the first batch, when the evaluation step returns neither its loss
@@ -225,14 +236,23 @@ class HeadSpecializationTracker(EvaluationCallback):
         probe_max_tokens: int = 128,
         redundancy_threshold: float = 0.05,
         logged_scores: Sequence[str] = ("entropy", "confidence", "hsi"),
+        log_per_head: bool = False,
         log_figures: bool = True,
         export_registry: bool = True,
         save_dir: str | None = None,
         head_importance: bool = False,
         name: str | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
+        min_batches: int = DEFAULT_MIN_BATCHES,
+        exact_outputs: bool = True,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
         self._set_name(self.namespace, name, include)
+        self.overhead_budget = overhead_budget
+        self.min_batches = min_batches
+        self.exact_outputs = exact_outputs
+        self._budget = BatchBudget(overhead_budget, min_batches)
+        self._recording = False  # whether the running batch is recorded (head importance follows it)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
         if summary not in ("auto", "mass", "max_weight", "entropy"):
@@ -278,6 +298,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         self.probe_max_tokens = probe_max_tokens
         self.redundancy_threshold = float(redundancy_threshold)
         self.logged_scores = tuple(logged_scores)
+        self.log_per_head = log_per_head
         self.log_figures = log_figures
         self.export_registry = export_registry
         self.head_importance = head_importance
@@ -406,11 +427,15 @@ class HeadSpecializationTracker(EvaluationCallback):
         stage: str,
     ) -> None:
         self._close_recorder()
+        assert self._budget is not None
+        self._recording = self._budget.records(stage, dataloader_idx, batch_idx)
+        if not self._recording:
+            return
         device = pl_module.device
         self._target = self._metrics_for(stage, dataloader_idx, device)
         probe = self.probe_samples > 0 and probe_batch(trainer, batch_idx, dataloader_idx)
         self._context = self._batch_context(batch, device, probe)
-        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude)
+        self._recorder = open_recorder(pl_module, self._on_capture, self.include, self.exclude, self.exact_outputs)
 
     def eval_batch_end(
         self,
@@ -423,7 +448,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         stage: str,
     ) -> None:
         self._close_recorder()
-        if self.head_importance:
+        if self.head_importance and self._recording:
             importance = self._importance.setdefault((stage, dataloader_idx), HeadImportance()).to(pl_module.device)
             sites = (self.include, self.exclude)
             gradients = head_gradients(trainer, pl_module, batch, batch_idx, dataloader_idx, stage, *sites)
@@ -480,13 +505,17 @@ class HeadSpecializationTracker(EvaluationCallback):
         used = {
             index for (key_stage, index), metrics in self._metrics.items() if key_stage == stage and metrics.updated
         }
-        for dataloader_idx in used_on_any_rank(used):
+        dataloaders = used_on_any_rank(used)
+        assert self._budget is not None
+        coverage = self._budget.coverage(trainer, stage, dataloaders)  # a collective: every rank
+        for dataloader_idx in dataloaders:
             metrics = self._metrics_for(stage, dataloader_idx, pl_module.device)
             entry = metrics.compute(self.redundancy_threshold)  # a collective: every rank
             metrics.reset()
             key = stage_key(stage, dataloader_idx)
             redundancy = entry.pop("redundancy", None)
             entry.update(stage=key, epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
+            entry["coverage"] = coverage[dataloader_idx]
             entry["clusters"] = list(redundancy["clusters"]) if redundancy else []
             analyze_heads(
                 entry, hsi_threshold=self.hsi_threshold, thresholds=self.thresholds, feature_labels=self.feature_labels
@@ -500,8 +529,10 @@ class HeadSpecializationTracker(EvaluationCallback):
             self._record(entry)
             if redundancy:
                 self.last_redundancy[key] = redundancy
-            log_scalars(pl_module, self._scalars(entry))
+            scalars = self._scalars(entry)
+            log_scalars(pl_module, {**scalars, **coverage_scalars(self.name, key, entry["coverage"])})
             if trainer.is_global_zero:
+                publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
                 self._publish(trainer, entry, redundancy)
 
     def _record(self, entry: dict[str, Any]) -> None:
@@ -515,6 +546,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         scalars: dict[str, float] = {}
         stage = entry["stage"]
         specialized = general = 0
+        # without per-head scalars, one mean over every head of the model: the per-site view of the same measures is
+        # AttentionLogger's (site-level scalars), the per-head one the registry table and figures
+        per_score: dict[str, list[float]] = {score: [] for score in self.logged_scores}
         for site_info in entry["sites"]:
             site = site_info["name"]
             for h in range(site_info["num_heads"]):
@@ -524,7 +558,12 @@ class HeadSpecializationTracker(EvaluationCallback):
                 for score in self.logged_scores:
                     value = self._score(entry, site, h, score)
                     if value is not None and math.isfinite(value):
-                        scalars[f"{self.name}/{stage}/{site}/h{h}/{score}"] = float(value)
+                        per_score[score].append(float(value))
+                        if self.log_per_head:
+                            scalars[f"{self.name}/{stage}/{site}/h{h}/{score}"] = float(value)
+        for score, values in per_score.items():
+            if values:
+                scalars[f"{self.name}/{stage}/{score}"] = sum(values) / len(values)
         if self.features:
             scalars[f"{self.name}/{stage}/specialized"] = float(specialized)
         scalars[f"{self.name}/{stage}/general"] = float(general)
@@ -540,19 +579,27 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     # -- outputs (rank zero) ----------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, entry: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
+        """The registry, the tables and the figures of ``entry``, in the :attr:`publisher` (a background job)."""
+        self.publisher.submit(trainer, lambda view: self._publish_now(view, entry, redundancy))
+
+    def _publish_now(self, trainer: Any, entry: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
         key, step = entry["stage"], int(trainer.global_step)
         namespace = f"{self.name}/{key}"
         if self.export_registry:
             registry = self.registry(key)
             publish_json(trainer, "head_functions", registry, namespace=namespace, save_dir=self.save_dir)
+            # one row per head, every column sortable in W&B: who it is, what it does, and its statistics
+            statistics = list(registry["layers"][0]["heads"][0]["statistics"]) if registry["layers"] else []
             rows = [
                 [
-                    head["id"],
+                    layer["site"],
+                    head["head"],
                     head["label"],
+                    ", ".join(head["types"]),
                     head["hsi"],
                     head["primary_feature"],
                     head["correlation"],
-                    ", ".join(head["types"]),
+                    *(head["statistics"].get(name) for name in statistics),
                 ]
                 for layer in registry["layers"]
                 for head in layer["heads"]
@@ -560,7 +607,7 @@ class HeadSpecializationTracker(EvaluationCallback):
             publish_table(
                 trainer,
                 "registry",
-                ["head", "label", "hsi", "primary_feature", "correlation", "types"],
+                ["site", "head", "label", "types", "hsi", "primary_feature", "correlation", *statistics],
                 rows,
                 namespace=namespace,
                 step=step,

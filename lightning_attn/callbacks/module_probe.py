@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -19,6 +19,7 @@ from lightning_attn.callbacks.base import (
     open_recorder,
     probe_batch,
 )
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
@@ -100,8 +101,8 @@ class ModuleProbe(StreamingCallback):
     probe, the weights over time (``<probe>/over_time``: mean and std across samples per head, the probe samples'
     own lines), the attention measures (``<probe>/statistics``: bars per site and head, error bars std over
     samples) and the top positions (``<probe>/top_positions``); the per-head histograms (``histograms``); a
-    summary table; and always the JSON file ``<stage>_epoch<E>.json``. ``callback.results[<stage>]`` holds the last
-    epoch's
+    summary table; and always the JSON file ``<stage>/statistics_epoch<E>_step<S>.json``.
+    ``callback.results[<stage>]`` holds the last epoch's
     :class:`~lightning_attn.metrics.probes.ProbeResults` (probe samples' outputs under ``samples``).
 
     Probe samples are the AttentionLogger's: the first ``probe_samples`` samples of the first batch of
@@ -134,10 +135,15 @@ class ModuleProbe(StreamingCallback):
             outputs without a position axis are unaffected, other lengths raise an error. (``"weights"`` outputs
             need no mask: a masked softmax gives padded positions weight 0, and zero weights are left out.)
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>``
-            (``<default_root_dir>/lightning_attn_logs/<name>`` with no logger).
+        save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn/<name>/<stage>``
+            (``<default_root_dir>/lightning_attn_logs/version_<n>/<name>/<stage>`` with no logger).
         name: replaces ``probe`` in the logged keys, published names and the output folder (default ``probe``): give
             two instances on one Trainer different names (equal names raise at setup).
+        overhead_budget: share of the epoch that recording may add: evenly spread batches, the same on every rank
+            and for every callback (:mod:`~lightning_attn.callbacks.budget`); ``None``: every batch.
+        min_batches: with a budget, never fewer recorded batches per epoch and dataloader (all when fewer).
+        exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise;
+            see :class:`~lightning_attn.AttentionRecorder`).
     """
 
     namespace = NAMESPACE
@@ -164,8 +170,13 @@ class ModuleProbe(StreamingCallback):
         log_figures: bool = True,
         save_dir: str | None = None,
         name: str | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
+        min_batches: int = DEFAULT_MIN_BATCHES,
+        exact_outputs: bool = True,
     ) -> None:
         super().__init__(stages, every_n_epochs, max_batches, every_n_batches, max_figure_sites, save_dir, name=name)
+        self._set_budget(overhead_budget, min_batches)
+        self.exact_outputs = exact_outputs
         self.specs: list[ProbeSpec] = parse_probes(probes)
         self.probes = {spec.name: (spec.pattern, spec.kind) for spec in self.specs}
         check_min(1, histogram_bins=histogram_bins, max_channels=max_channels, top_k=top_k, max_positions=max_positions)
@@ -220,6 +231,7 @@ class ModuleProbe(StreamingCallback):
         self._warned_histograms = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._release()
 
     def _num_samples(self, trainer: pl.Trainer) -> int:
@@ -227,7 +239,7 @@ class ModuleProbe(StreamingCallback):
             return self.probe_samples
         from lightning_attn.callbacks.attention_logger import AttentionLogger
 
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Trainer.callbacks is a property of the mixin
             if isinstance(callback, AttentionLogger):
                 return int(callback.probe_samples)
         return 2
@@ -254,7 +266,7 @@ class ModuleProbe(StreamingCallback):
         dataloader_idx: int,
         stage: str,
     ) -> None:
-        if not self._sampled(batch_idx):
+        if not self._records(stage, dataloader_idx, batch_idx):
             return
         self._close_batch()
         self._active = self._state_for(stage, dataloader_idx, pl_module.device)
@@ -268,7 +280,9 @@ class ModuleProbe(StreamingCallback):
                 self._samples = ProbeSamples(count, self.max_positions)
                 self._taking_samples = True
         if self.histogram_sites:
-            self._recorder = open_recorder(pl_module, self._on_capture, self.histogram_sites)
+            self._recorder = open_recorder(
+                pl_module, self._on_capture, self.histogram_sites, exact_outputs=self.exact_outputs
+            )
 
     def eval_batch_end(
         self,
@@ -342,11 +356,10 @@ class ModuleProbe(StreamingCallback):
         )
         if self.histogram_sites and analysed and not self._attention_sites and not self._warned_histograms:
             self._warned_histograms = True
-            warnings.warn(
+            rank_zero_warn(
                 f"ModuleProbe: histogram_sites {self.histogram_sites} matched no attention site of "
                 f"{type(pl_module).__name__}",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
 
     # -- epoch end -------------------------------------------------------------------------------------
@@ -504,11 +517,17 @@ class ModuleProbe(StreamingCallback):
             if summary is None:  # a [B, H, Q, K] map: no position view
                 continue
             values = results.samples.get(site)  # [n, H, L]
-            heads = 1 if summary.joint_mean is None else summary.joint_mean.shape[1]
+            joint_mean, joint_std = summary.joint_mean, summary.joint_std
+            if joint_mean is None or joint_std is None:
+                means[site], stds[site] = summary.position_mean, summary.position_std
+                if values is not None:
+                    samples[site] = values[:, 0]
+                continue
+            heads = joint_mean.shape[1]
             for head in range(heads):
                 panel = site if heads == 1 else f"{site} h{head}"
-                means[panel] = summary.position_mean if heads == 1 else summary.joint_mean[:, head]
-                stds[panel] = summary.position_std if heads == 1 else summary.joint_std[:, head]
+                means[panel] = summary.position_mean if heads == 1 else joint_mean[:, head]
+                stds[panel] = summary.position_std if heads == 1 else joint_std[:, head]
                 if values is not None:
                     samples[panel] = values[:, head]
         if means:

@@ -341,15 +341,24 @@ class _Interceptor:
 
     # -- scaled_dot_product_attention -------------------------------------------------------
     def _sdpa(self, *args: Any, **kwargs: Any) -> Tensor:
-        if self.differentiable and torch.is_grad_enabled() and self._innermost() is not None and not self.state.quiet:
+        if self._innermost() is not None and not self.state.quiet and self._through_probs(args, kwargs):
             return self._sdpa_through_probs(args, kwargs)
         out = self.original(F, "scaled_dot_product_attention")(*args, **kwargs)
         self._record_sdpa(args, kwargs)
         return self._gated(out)
 
+    def _through_probs(self, args: tuple, kwargs: dict) -> bool:
+        """Compute this SDPA call as ``probs @ v``: differentiable mode with grad, or no recorder wants it exact."""
+        if self.differentiable and torch.is_grad_enabled():
+            return True
+        exact = [getattr(sink, "exact_outputs", True) for sink in self.sinks if hasattr(sink, "record")]
+        query = args[0] if args else kwargs.get("query")
+        dense = isinstance(query, Tensor) and not query.is_nested and not is_fake(query)
+        return bool(exact) and not any(exact) and dense and not torch.compiler.is_compiling()
+
     def _sdpa_through_probs(self, args: tuple, kwargs: dict) -> Tensor:
-        """Differentiable mode: compute ``probs @ v`` eagerly so that the captured probabilities are the
-        ones in the autograd graph (gradient-weighted rollout needs d output / d attention). Equal to the
+        """``probs @ v`` eagerly, capturing the probabilities used: the autograd graph's in the differentiable mode
+        (d output / d attention), or, with ``exact_outputs=False``, probabilities computed once. Equal to the
         kernel's output up to float rounding, not bitwise; only used when a recorder asks for it."""
         bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -363,7 +372,7 @@ class _Interceptor:
         module = self._innermost()
         assert module is not None
         factor = packed_head_factor(module, query, key, bool(a["is_causal"]))
-        weights = as_bhqk(probs)
+        weights = as_bhqk(probs if self.differentiable else probs.detach())
         if factor > 1:  # rows of the folded query axis are (head in group, query): unfold them to heads
             weights = weights.reshape(weights.shape[0], weights.shape[1] * factor, -1, weights.shape[-1])
         kind = self._sdpa_kind(module, query, key)

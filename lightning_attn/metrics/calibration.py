@@ -94,7 +94,7 @@ class CalibrationMetric(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
-    # states (declared with add_state in __init__)
+    # the states, declared with add_state in __init__ (the bootstrap ones when bootstrap > 0)
     n_samples: Tensor
     n_correct: Tensor
     n_nan: Tensor
@@ -114,7 +114,6 @@ class CalibrationMetric(Metric):
     class_count: Tensor
     class_conf: Tensor
     class_hits: Tensor
-    # bootstrap states (declared with add_state in __init__ when bootstrap > 0)
     boot_count: Tensor
     boot_conf: Tensor
     boot_hits: Tensor
@@ -218,7 +217,9 @@ class CalibrationMetric(Metric):
         index += array >= padded[index + 1]
         return index
 
-    def _flatten(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def flatten(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch as :meth:`update` reads it: shapes checked, scores ``[N, K]`` (``[N]`` binary; class dimension 1
+        of ``[N, K, ...]`` moved last), targets ``[N]``, detached, low precision raised to float32."""
         check_shapes(scores, target, self.task, self.num_classes if self.task == "multiclass" else None)
         scores = scores.detach()
         target = target.detach()
@@ -240,7 +241,7 @@ class CalibrationMetric(Metric):
         same sums (``sparse_on_cpu = False`` forces the static path).
         """
         half = scores.dtype in _LOW_PRECISION
-        x, t = self._flatten(scores, target)
+        x, t = self.flatten(scores, target)
         # CPU fast path: data-dependent shapes (no device to synchronise with); multiclass only
         self._eager = self.sparse_on_cpu and self.task == "multiclass" and x.device.type == "cpu"
         if x.shape[0] == 0:

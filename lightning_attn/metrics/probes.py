@@ -451,6 +451,7 @@ class ProbeStatistics:
         ``[B, H, Q, K]`` view."""
         probs = weights_view(output.detach()).float()
         key_mask = key_mask_for(probs, probs)
+        assert key_mask is not None  # a plain tensor's mask is always its non-zero entries
         self.weights.update(site, probs, key_mask=key_mask)
         queries, keys = probs.shape[-2:]
         self.positions.update(site, probs, self_attention=queries == keys and queries > 1, row_valid=key_mask.any(-1))

@@ -47,6 +47,15 @@ class LogitReservoir:
         self.logits = torch.zeros((self.size, *like.shape[1:]), dtype=torch.float32, device=device)
         self.target = torch.zeros(self.size, dtype=torch.long, device=device)
 
+    def contents(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, logits and targets of every slot (unfilled slots have an infinite key, which :meth:`merge` drops);
+        allocated for logits shaped like ``like`` when nothing was offered yet, so that a rank that saw no batch
+        still joins a gather with tensors of the others' shapes."""
+        if self.keys is None:
+            self._allocate(like)
+        assert self.keys is not None and self.logits is not None and self.target is not None
+        return self.keys, self.logits, self.target
+
     def update(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
         """Offer a batch: ``logits [n, K]`` (or ``[n]`` binary), ``target [n]``, ``valid [n]`` (others never enter)."""
         if logits.shape[0] == 0:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_array"]
+__all__ = ["MAX_LINES", "as_array", "distinct_colours", "say_no_data"]
 
 
 def as_array(values: Any, none_as_nan: bool = False) -> np.ndarray:
@@ -20,3 +20,35 @@ def as_array(values: Any, none_as_nan: bool = False) -> np.ndarray:
         # numpy's stubs reject a None operand; on an object array it compares elementwise (== None)
         values = np.where(np.equal(array, None), np.nan, array)  # type: ignore[call-overload]
     return np.asarray(values, dtype=np.float64)
+
+
+#: Most lines one axes holds before a figure switches to small multiples or a labelled heatmap: beyond it the
+#: qualitative palettes repeat or their shades become indistinguishable.
+MAX_LINES = 10
+
+
+def distinct_colours(count: int) -> list[tuple[float, float, float, float]]:
+    """``count`` colours, none repeated: tab10 up to 10, tab20 up to 20, then evenly spaced samples of turbo."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](k) for k in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](k) for k in range(count)]
+    return [colormaps["turbo"](k / (count - 1)) for k in range(count)]
+
+
+def say_no_data(ax: Any, reason: str) -> None:
+    """Write why a panel is empty in its middle (a blank panel otherwise reads as "all zero" or a bug)."""
+    ax.text(
+        0.5,
+        0.5,
+        reason,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="dimgray",
+        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "lightgray"},
+        gid="no-data",
+    )

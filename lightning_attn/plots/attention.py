@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_attn.plots._common import as_array
+from lightning_attn.plots._common import as_array, distinct_colours
 
 __all__ = [
     "plot_attention_heads",
@@ -153,9 +153,9 @@ def plot_attention_heads(
     heads = data.shape[0]
     columns = min(max_columns, heads)
     rows = math.ceil(heads / columns)
-    fig = Figure(figsize=(2.6 * columns + 1.2, 2.4 * rows + 0.8))
+    # constrained layout reserves the suptitle's height (fixed margins let it overlap the head titles of one row)
+    fig = Figure(figsize=(2.6 * columns + 1.2, 2.4 * rows + 0.8), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
-    fig.subplots_adjust(left=0.08, right=0.88, bottom=0.1, top=0.9, wspace=0.15, hspace=0.3)
     vmax = float(np.nanmax(data)) if data.size else 1.0
     image = None
     for index, ax in enumerate(axes.flat):
@@ -173,7 +173,7 @@ def plot_attention_heads(
         else:
             ax.set_yticks([])
     if image is not None:
-        fig.colorbar(image, cax=fig.add_axes((0.9, 0.1, 0.015, 0.8)))
+        fig.colorbar(image, ax=[ax for ax in axes.flat if ax.get_visible()], fraction=0.03, pad=0.02)
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -222,12 +222,12 @@ def plot_layer_evolution(
     ax = fig.subplots()
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.32, top=0.9)
     depth = np.arange(len(sites))
-    for name, values in means.items():
+    for (name, values), colour in zip(means.items(), distinct_colours(len(means)), strict=True):
         y = as_array(values)
-        ax.plot(depth, y, marker="o", label=name)
+        ax.plot(depth, y, marker="o", label=name, color=colour)
         if spreads is not None and name in spreads:
             s = as_array(spreads[name])
-            ax.fill_between(depth, y - s, y + s, alpha=0.2)
+            ax.fill_between(depth, y - s, y + s, alpha=0.2, color=colour)
     ax.set_xticks(depth)
     ax.set_xticklabels(short_site_names(sites), rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("site (forward order)", fontsize=8)
@@ -248,7 +248,8 @@ def plot_head_contributions(
     columns = min(count, 2)
     rows = max(1, math.ceil(count / columns))
     fig = Figure(figsize=(5.0 * columns, 2.6 * rows + 0.6))
-    axes = fig.subplots(rows, columns, squeeze=False)
+    # one y scale for every site: bars of different layers are compared by height
+    axes = fig.subplots(rows, columns, squeeze=False, sharey=True)
     fig.subplots_adjust(
         left=0.1,
         right=0.98,
@@ -358,7 +359,8 @@ def plot_top_positions(
     longest = max((len(pairs) for pairs in entries.values()), default=1)
     height = (0.22 * longest + 1.0) * rows + 0.5
     fig = Figure(figsize=(5.0 * columns, height))
-    axes = fig.subplots(rows, columns, squeeze=False)
+    # one value scale for every site (bars compared across layers); labels differ per site, so y stays free
+    axes = fig.subplots(rows, columns, squeeze=False, sharex=True)
     label_width = max((len(str(label)) for pairs in entries.values() for label, _ in pairs), default=3)
     fig.subplots_adjust(
         left=min(0.35, (0.07 * label_width + 0.3) / (5.0 * columns)),

@@ -85,6 +85,7 @@ def plot_head_timeline(
         vmax=max(len(names), 1) - 0.5,
         aspect="auto",
         interpolation="nearest",
+        gid="categorical",  # colours name labels (legend), not values: no colour bar
     )
     column_of = {e: c for c, e in enumerate(epochs)}
     row_of = {h: n for n, h in enumerate(heads)}
@@ -98,5 +99,7 @@ def plot_head_timeline(
     ax.set_xlabel("epoch", fontsize=8)
     handles = [Patch(color=palette[k], label=label) for k, label in enumerate(names)]
     ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(title or "Head roles over epochs (dots: role changes)", fontsize=10)
+    title = title or "Head roles over epochs (dots: role changes)"
+    # one column is a snapshot, not a timeline: say so rather than pose as a history
+    ax.set_title(f"{title}: epoch {epochs[0]} only" if len(epochs) == 1 else title, fontsize=10)
     return fig

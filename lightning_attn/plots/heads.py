@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lightning_attn.plots._common import as_array
+from lightning_attn.plots._common import MAX_LINES, as_array, distinct_colours, say_no_data
 
 __all__ = [
     "plot_feature_correlations",
@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 MAX_TICK_LABELS = 64
+#: Why a head-type panel is empty when none of its scores is defined: these types compare token identities.
+NO_DATA_REASONS: dict[str, str] = {"duplicate_token": "needs token ids", "induction": "needs token ids"}
 
 
 def short_head_names(heads: Sequence[str]) -> list[str]:
@@ -114,10 +116,14 @@ def plot_feature_correlations(
     return fig
 
 
-def plot_head_type_scores(scores: Mapping[str, Any], sites: Sequence[str], title: str = "") -> Figure:
+def plot_head_type_scores(
+    scores: Mapping[str, Any], sites: Sequence[str], title: str = "", reasons: Mapping[str, str] | None = None
+) -> Figure:
     """One ``layers x heads`` heatmap per head type, ``scores[type]`` ``[sites, max_heads]`` in ``[0, 1]``
-    (blank where undefined: a head a site lacks, a cross-attention site, no token ids)."""
+    (blank where undefined: a head a site lacks, a cross-attention site, no token ids). A panel with no defined
+    score says why: ``reasons[type]``, by default "needs token ids" for the token-identity types."""
     names = list(scores)
+    why = {**NO_DATA_REASONS, **(reasons or {})}
     heads = max((as_array(v, none_as_nan=True).shape[1] for v in scores.values()), default=1)
     layer_names = short_head_names([f"{s}/h0" for s in sites])
     layer_names = (
@@ -129,6 +135,8 @@ def plot_head_type_scores(scores: Mapping[str, Any], sites: Sequence[str], title
     for ax, name in zip(axes, names, strict=False):
         data = np.ma.masked_invalid(as_array(scores[name], none_as_nan=True))
         image = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        if data.count() == 0:
+            say_no_data(ax, why.get(name, "no data"))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head", fontsize=8)
         _ticks(ax, [str(h) for h in range(heads)], "x")
@@ -171,9 +179,13 @@ def plot_head_evolution(
     epochs: Sequence[int], series: Mapping[str, Any], heads: Sequence[str], title: str = ""
 ) -> Figure:
     """Per-head values over epochs: one ``heads x epochs`` heatmap per series (``series[name]`` ``[E, N]``),
-    plus line plots when there are at most 12 heads."""
+    plus line plots when there are at most :data:`MAX_LINES` heads (beyond, colours would repeat). With one
+    epoch there is no evolution to show: bars of that epoch's values, titled so."""
+    title = title or "Per-head evolution over epochs"
+    if len(epochs) == 1:
+        return _plot_one_epoch(epochs[0], series, heads, title)
     names = list(series)
-    lines = len(heads) <= 12
+    lines = len(heads) <= MAX_LINES
     rows = 2 if lines else 1
     fig = Figure(
         figsize=(max(4.0 * len(names), 5.0), (3.0 if lines else 0.0) + max(2.5, min(0.2 * len(heads) + 1.5, 30.0))),
@@ -182,6 +194,7 @@ def plot_head_evolution(
     axes = fig.subplots(rows, max(len(names), 1), squeeze=False)
     labels = short_head_names(heads)
     epoch_labels = [str(e) for e in epochs]
+    colours = distinct_colours(len(heads))
     for column, name in enumerate(names):
         data = as_array(series[name], none_as_nan=True).reshape(len(epochs), len(heads))
         ax = axes[0, column]
@@ -196,7 +209,7 @@ def plot_head_evolution(
         if lines:
             ax = axes[1, column]
             for index, label in enumerate(labels):
-                ax.plot(list(epochs), data[:, index], marker="o", markersize=3, label=label)
+                ax.plot(list(epochs), data[:, index], marker="o", markersize=3, label=label, color=colours[index])
             ax.set_xlabel("epoch", fontsize=8)
             ax.set_ylabel(name, fontsize=8)
             ax.set_ylim(0, 1.05)
@@ -204,5 +217,22 @@ def plot_head_evolution(
             ax.grid(True, alpha=0.3)
             if column == len(names) - 1:
                 ax.legend(fontsize=6, ncol=2, loc="best")
-    fig.suptitle(title or "Per-head evolution over epochs", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _plot_one_epoch(epoch: int, series: Mapping[str, Any], heads: Sequence[str], title: str) -> Figure:
+    """Bars per head of each series at the only epoch (a one-column heatmap would pose as a trend)."""
+    names = list(series)
+    fig = Figure(figsize=(min(max(5.0, 0.3 * len(heads) + 2.0), 40.0), 2.6 * max(len(names), 1) + 0.6))
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(max(len(names), 1), 1, squeeze=False, sharex=True)[:, 0]
+    labels = short_head_names(heads)
+    for ax, name in zip(axes, names, strict=False):
+        values = as_array(series[name], none_as_nan=True).reshape(-1)
+        ax.bar(np.arange(len(heads)), np.nan_to_num(values, nan=0.0), color="tab:blue")
+        ax.set_ylabel(name, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    _ticks(axes[-1], labels, "x")
+    fig.suptitle(f"{title}: epoch {epoch} only (one evaluation, no evolution yet)", fontsize=10)
     return fig

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_attn.plots._common import as_array
-from lightning_attn.plots.attention import SEQUENTIAL, _heatmap, _ticks, short_site_names
+from lightning_attn.plots._common import MAX_LINES, as_array, distinct_colours
+from lightning_attn.plots.attention import _heatmap, _ticks, short_site_names
 
 __all__ = [
     "plot_channel_heatmaps",
@@ -115,18 +115,22 @@ def plot_over_time(
     title: str = "",
 ) -> Figure:
     """One line per site over positions (all overlaid, forward order = colour order), each ``[L]``, with an
-    optional band ``mean +- spread`` (e.g. the standard deviation over samples and channels)."""
+    optional band ``mean +- spread`` (e.g. the standard deviation over samples and channels). Beyond
+    :data:`MAX_LINES` sites: a site x position heatmap with the sites as row labels (lines would share colours)."""
     sites = list(means)
     length = max((as_array(v).shape[0] for v in means.values()), default=1)
+    if len(sites) > MAX_LINES:
+        return _over_time_heatmap(means, sites, length, position_labels, ylabel, ylim, title)
     width = max(6.0, 0.18 * length + 3.0)
     fig = Figure(figsize=(width, 4.0))
     ax = fig.subplots()
     fig.subplots_adjust(left=0.8 / width, right=1 - 1.6 / width, bottom=0.2, top=0.9)
     names = short_site_names(sites) if sites else []
+    colours = distinct_colours(len(sites))
     for index, site in enumerate(sites):
         y = as_array(means[site])
         x = np.arange(y.shape[0])
-        (line,) = ax.plot(x, y, marker="." if y.shape[0] <= 64 else None, label=names[index])
+        (line,) = ax.plot(x, y, marker="." if y.shape[0] <= 64 else None, label=names[index], color=colours[index])
         if spreads is not None and site in spreads:
             s = as_array(spreads[site])
             ax.fill_between(x, y - s, y + s, alpha=0.15, color=line.get_color())
@@ -139,6 +143,41 @@ def plot_over_time(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "Mean over time per site (band: std)", fontsize=10)
+    return fig
+
+
+def _over_time_heatmap(
+    means: Mapping[str, Any],
+    sites: Sequence[str],
+    length: int,
+    position_labels: Sequence[str] | None,
+    ylabel: str,
+    ylim: tuple[float, float] | None,
+    title: str,
+) -> Figure:
+    """:func:`plot_over_time` for many sites: row ``i`` is site ``i``'s mean over positions (NaN-padded)."""
+    grid = np.full((len(sites), length), np.nan)
+    for row, site in enumerate(sites):
+        values = as_array(means[site])
+        grid[row, : values.shape[0]] = values
+    width = max(6.0, 0.18 * length + 3.0)
+    fig = Figure(figsize=(width, max(3.0, 0.22 * len(sites) + 1.6)), layout="constrained")
+    ax = fig.subplots()
+    low, high = ylim if ylim is not None else (None, None)
+    _heatmap(
+        fig,
+        ax,
+        np.ma.masked_invalid(grid),
+        vmin=low,
+        vmax=high,
+        xlabels=position_labels,
+        ylabels=short_site_names(sites),
+        xlabel="position",
+        ylabel="site",
+        colorbar=False,
+    )
+    fig.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.04).set_label(ylabel, fontsize=8)
+    ax.set_title(title or f"{ylabel} over time per site", fontsize=10)
     return fig
 
 
@@ -161,7 +200,8 @@ def plot_weights_over_time(
     width = max(5.5, 0.14 * length + 3.0)
     height = 3.2 * rows + 0.6
     fig = Figure(figsize=(width * columns, height))
-    axes = fig.subplots(rows, columns, squeeze=False)
+    # one weight scale for every site: the panels are compared by height
+    axes = fig.subplots(rows, columns, squeeze=False, sharey=True)
     fig.subplots_adjust(
         left=0.7 / (width * columns),
         right=1 - 0.2 / (width * columns),
@@ -185,13 +225,12 @@ def plot_weights_over_time(
         if samples is not None and site in samples:
             values = as_array(samples[site])
             values = values[None] if values.ndim == 1 else values
-            for n, row in enumerate(values):
+            for n, (row, colour) in enumerate(zip(values, distinct_colours(len(values)), strict=True)):
                 label = sample_titles[n] if sample_titles is not None and n < len(sample_titles) else f"sample {n}"
-                ax.plot(np.arange(row.shape[0]), row, linewidth=0.9, alpha=0.8, label=label)
+                ax.plot(np.arange(row.shape[0]), row, linewidth=0.9, alpha=0.8, label=label, color=colour)
         if y.shape[0]:
             ax.axhline(1.0 / y.shape[0], color="gray", linestyle="--", linewidth=0.8, label="uniform 1/L")
         ax.set_xlim(-0.5, y.shape[0] - 0.5)
-        ax.set_ylim(bottom=0)
         _ticks(
             ax,
             position_labels if position_labels is not None and len(position_labels) == y.shape[0] else None,
@@ -203,6 +242,9 @@ def plot_weights_over_time(
         ax.set_ylabel("weight", fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
+    # set once for the shared axis: a per-panel limit would freeze the scale at the first panel's data
+    top = max((ax.dataLim.ymax for ax in axes.flat if ax.get_visible()), default=1.0)
+    axes[0, 0].set_ylim(0, 1.05 * top if math.isfinite(top) and top > 0 else 1.0)
     fig.suptitle(title or "Weights over positions (mean and spread across samples)", fontsize=10)
     return fig
 
@@ -216,7 +258,8 @@ def plot_weight_histograms(
 ) -> Figure:
     """Per-head histograms of attention weights, one panel per site: ``counts[site]`` is ``[H, bins]`` over the
     bin ``edges`` (``[bins + 1]`` on ``[0, 1]``), drawn as per-head step lines of the share of weights per bin
-    (each head's shares sum to 1), on a log scale by default (most weights of a long row are near 0)."""
+    (each head's shares sum to 1), on a log scale by default (most weights of a long row are near 0). A site with
+    more than :data:`MAX_LINES` heads is drawn as a head x bin heatmap of the shares instead."""
     sites = list(counts)
     edge = as_array(edges)
     count = max(1, len(sites))
@@ -224,7 +267,10 @@ def plot_weight_histograms(
     rows = math.ceil(count / columns)
     width, height = 5.2 * columns, 3.0 * rows + 0.6
     fig = Figure(figsize=(width, height))
-    axes = fig.subplots(rows, columns, squeeze=False)
+    # one share scale for every site: the layers' histograms are compared by height (heatmap panels have heads
+    # on y, so sharing holds only when every site is drawn as lines)
+    as_lines = all(as_array(values).reshape(-1, edge.size - 1).shape[0] <= MAX_LINES for values in counts.values())
+    axes = fig.subplots(rows, columns, squeeze=False, sharey=as_lines)
     fig.subplots_adjust(
         left=0.75 / width,
         right=1 - 0.2 / width,
@@ -234,7 +280,6 @@ def plot_weight_histograms(
         hspace=0.9 / 3.0,
     )
     names = short_site_names(sites) if sites else []
-    colors = None
     for index, ax in enumerate(axes.flat):
         if index >= len(sites):
             ax.set_visible(False)
@@ -243,13 +288,12 @@ def plot_weight_histograms(
         data = data[None] if data.ndim == 1 else data
         totals = data.sum(1, keepdims=True)
         shares = np.divide(data, totals, out=np.zeros_like(data), where=totals > 0)
-        if colors is None:
-            from matplotlib import colormaps
-
-            colors = colormaps[SEQUENTIAL if data.shape[0] > 10 else "tab10"]
-        for head, row in enumerate(shares):
-            color = colors(head / max(1, data.shape[0] - 1)) if data.shape[0] > 10 else colors(head % 10)
-            ax.stairs(row, edge, label=f"h{head}", color=color, linewidth=1.1)
+        if data.shape[0] > MAX_LINES:
+            _histogram_heatmap(fig, ax, shares, edge, log=log)
+            ax.set_title(names[index], fontsize=8)
+            continue
+        for head, (row, colour) in enumerate(zip(shares, distinct_colours(data.shape[0]), strict=True)):
+            ax.stairs(row, edge, label=f"h{head}", color=colour, linewidth=1.1)
         if log:
             ax.set_yscale("log")
         ax.set_xlim(0, 1)
@@ -257,10 +301,28 @@ def plot_weight_histograms(
         ax.set_xlabel("attention weight", fontsize=8)
         ax.set_ylabel("share of weights", fontsize=8)
         ax.grid(True, alpha=0.3)
-        if data.shape[0] <= 16:
-            ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=2)
     fig.suptitle(title or "Per-head histograms of attention weights", fontsize=10)
     return fig
+
+
+def _histogram_heatmap(fig: Figure, ax: Any, shares: np.ndarray, edges: np.ndarray, *, log: bool) -> None:
+    """Heads as rows, weight bins as columns, the share as colour (log-scaled like the lines it replaces)."""
+    from matplotlib.colors import LogNorm
+
+    positive = shares[shares > 0]
+    norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if log and positive.size else None
+    image = ax.pcolormesh(
+        edges, np.arange(shares.shape[0] + 1) - 0.5, np.ma.masked_less_equal(shares, 0), norm=norm, cmap="viridis"
+    )
+    ax.set_yticks(np.arange(shares.shape[0]))
+    ax.set_yticklabels([f"h{h}" for h in range(shares.shape[0])], fontsize=5 if shares.shape[0] > 24 else 7)
+    ax.tick_params(axis="y", labelleft=True)  # sharey hides the labels of a right-hand column
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("attention weight", fontsize=8)
+    ax.set_ylabel("head", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of weights")
 
 
 def plot_weight_statistics(
@@ -282,9 +344,7 @@ def plot_weight_statistics(
     names = short_site_names(sites) if sites else []
     heads = max((int(as_array(means[s][statistics[0]]).size) for s in sites), default=1) if statistics else 1
     width = 0.8 / max(1, heads)
-    from matplotlib import colormaps
-
-    colors = colormaps["tab10"]
+    colors = distinct_colours(heads)
     for ax, statistic in zip(axes, statistics, strict=False):
         for index, site in enumerate(sites):
             values = as_array(means[site][statistic]).reshape(-1)
@@ -296,7 +356,7 @@ def plot_weight_statistics(
                     width=width,
                     yerr=None if errors is None else errors[head],
                     capsize=2,
-                    color=colors(head % 10),
+                    color=colors[head],
                     label=f"h{head}" if index == 0 and len(values) > 1 else None,
                 )
         ax.set_xticks(np.arange(len(sites)))

@@ -17,12 +17,10 @@ __all__ = [
     "names_or_indices",
     "plot_batch_accuracy",
     "plot_classwise",
-    "plot_confidence_histogram",
     "plot_effect_sizes",
     "plot_feature_saliency",
     "plot_head_matrix",
     "plot_position_saliency",
-    "plot_reliability",
     "plot_rollout_relevance",
 ]
 
@@ -31,70 +29,6 @@ MAX_LABELS = 40
 
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
-
-
-def plot_reliability(
-    lower: Sequence[float],
-    upper: Sequence[float],
-    accuracy: Sequence[float | None],
-    confidence: Sequence[float | None],
-    counts: Sequence[int],
-    *,
-    ece: float | None = None,
-    title: str = "Reliability",
-) -> Figure:
-    """Reliability diagram (accuracy per confidence bin, the diagonal is perfect calibration) over a
-    histogram of the bins' sample counts."""
-    fig = Figure(figsize=(5.5, 5.5), layout="constrained")
-    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-    lo, hi = as_array(lower), as_array(upper)
-    acc = as_array(accuracy, none_as_nan=True)
-    conf = as_array(confidence, none_as_nan=True)
-    centers, widths = (lo + hi) / 2, hi - lo
-    top.bar(centers, np.nan_to_num(acc), width=widths * 0.95, color="#4c72b0", edgecolor="#1f3d6b", label="accuracy")
-    gap = np.where(np.isnan(acc) | np.isnan(conf), 0.0, conf - acc)
-    top.bar(
-        centers,
-        gap,
-        bottom=np.nan_to_num(acc),
-        width=widths * 0.95,
-        color="#dd8452",
-        alpha=0.45,
-        label="gap to confidence",
-    )
-    top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.legend(loc="upper left", fontsize=8)
-    top.set_title(title + ("" if ece is None else f" (ECE {ece:.4f})"), fontsize=10)
-    bottom.bar(centers, as_array(counts), width=widths * 0.95, color="#55a868")
-    bottom.set_xlim(0, 1)
-    bottom.set_xlabel("confidence")
-    bottom.set_ylabel("samples")
-    return fig
-
-
-def plot_confidence_histogram(
-    lower: Sequence[float],
-    upper: Sequence[float],
-    correct: Sequence[int],
-    incorrect: Sequence[int],
-    title: str = "Confidence of correct and incorrect predictions",
-) -> Figure:
-    """Stacked histogram of the confidence of correct and incorrect predictions."""
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
-    ax = fig.subplots()
-    lo, hi = as_array(lower), as_array(upper)
-    centers, widths = (lo + hi) / 2, (hi - lo) * 0.95
-    ok, bad = as_array(correct), as_array(incorrect)
-    ax.bar(centers, ok, width=widths, color="#55a868", label="correct")
-    ax.bar(centers, bad, width=widths, bottom=ok, color="#c44e52", label="incorrect")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("confidence (max class probability)")
-    ax.set_ylabel("samples")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return fig
 
 
 def plot_effect_sizes(

@@ -21,10 +21,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_attn import sinks
 from lightning_attn.callbacks.base import (
@@ -36,54 +35,24 @@ from lightning_attn.callbacks.base import (
     stage_key,
 )
 from lightning_attn.capture.recorder import AttentionRecorder
-from lightning_attn.report.attribution import AttributionSettings, compute_attributions, record_attributions
+from lightning_attn.report.attribution import AttributionSettings
+from lightning_attn.report.batches import BatchProcessing, ReportModule, target_module
 from lightning_attn.report.distributed import gather_shards
 from lightning_attn.report.explain import (
-    TARGET_KEYS,
     BatchAttention,
     ReportError,
-    as_logits,
-    batch_device,
-    class_targets,
-    compute_saliency,
     default_forward,
-    exclusive_recording,
-    extract_targets,
-    model_inputs,
-    probabilities,
-    slice_batch,
 )
-from lightning_attn.report.provenance import hash_state_dict, sample_hashes, utc_now
-from lightning_attn.report.run import NAMESPACE, ReportRun, add_batch, keep_finite_rows, record_probes, scalars
+from lightning_attn.report.provenance import hash_state_dict, utc_now
+from lightning_attn.report.run import NAMESPACE, ReportRun, scalars
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
 from lightning_attn.report.write import INCOMPLETE, OutputSettings, incomplete_dir, report_destination, write_report
+from lightning_attn.sinks.dashboards import publish_report
 
 __all__ = ["SCHEMA_VERSION", "ExplainabilityReport", "ReportModule"]
 
 
-class ReportModule(pl.LightningModule):
-    """Wraps a plain ``nn.Module`` (or a LightningModule without the needed step) for :func:`build_report`;
-    the report explains ``self.model`` (site names and hashes are those of the wrapped model)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        return None
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        return None
-
-
-def _target_module(pl_module: nn.Module) -> nn.Module:
-    return pl_module.model if isinstance(pl_module, ReportModule) else pl_module
-
-
-class ExplainabilityReport(EvaluationCallback):
+class ExplainabilityReport(BatchProcessing, EvaluationCallback):
     """Post-hoc explainability report of a classifier from the test loop (validation when asked).
 
     For **every evaluated sample** one row is streamed to ``samples.csv`` as its batch ends (nothing per
@@ -137,8 +106,8 @@ class ExplainabilityReport(EvaluationCallback):
     - ``report.json``: every number, ``schema_version`` ``1.0``, valid against the packaged
       ``lightning_attn/report/report.schema.json``; lists every other file with its SHA-256;
     - ``samples.csv`` (one row per sample), ``per_head.csv``, ``classwise.csv``, ``batches.csv``,
-      ``saliency.csv``; the first line of each is ``# lightning_attn report provenance: {json}``
-      (skip it: ``pandas.read_csv(path, skiprows=1)``);
+      ``saliency.csv``, each starting with its header (``pandas.read_csv(path)``, ``csv.DictReader``), and
+      ``provenance.json`` beside them;
     - ``summary.md``; ``figures/*.png`` (provenance in the PNG text chunk ``lightning_attn_provenance``).
 
     Provenance in every output: SHA-256 of the model's ``state_dict`` (tensor bytes in sorted key order), of
@@ -219,6 +188,8 @@ class ExplainabilityReport(EvaluationCallback):
         ReportError: at the first batch: no targets, not a classifier output, an ``embedding`` or ``gradcam_layer``
             that names no fitting module.
     """
+
+    namespace = NAMESPACE
 
     def __init__(
         self,
@@ -388,7 +359,7 @@ class ExplainabilityReport(EvaluationCallback):
     def _new_run(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloader_idx: int
     ) -> ReportRun:
-        model = _target_module(pl_module)
+        model = target_module(pl_module)
         if not trainer.is_global_zero:
             # a shard of a distributed report: rank-local scratch space, sent to rank zero at the end of the epoch
             rank = int(trainer.global_rank)
@@ -418,7 +389,8 @@ class ExplainabilityReport(EvaluationCallback):
                 stage=stage,
                 key=stage_key(stage, dataloader_idx),
                 dataloader_idx=dataloader_idx,
-                epoch=int(trainer.current_epoch),
+                epoch=sinks.position(trainer).epoch,
+                checkpoint=sinks.position(trainer).checkpoint,
                 final_dir=final_dir,
                 tmp_dir=tmp_dir,
                 started=started,
@@ -446,11 +418,10 @@ class ExplainabilityReport(EvaluationCallback):
         )
         if trainer.world_size > 1 and not self._distributed and not self._warned_ddp:
             self._warned_ddp = True
-            warnings.warn(
+            rank_zero_warn(
                 "ExplainabilityReport: this distributed strategy has no initialized torch.distributed process group to "
                 "gather the ranks' samples through, so the report covers rank zero's shard of the data.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
 
     def _covers(self, trainer: pl.Trainer) -> bool:
@@ -525,6 +496,11 @@ class ExplainabilityReport(EvaluationCallback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finalize_pending(trainer)
+        super().on_test_end(trainer, pl_module)
+
+    def _announce(self, trainer: pl.Trainer, report: Path | None = None) -> None:
+        last = max(self.results.values(), key=lambda document: document["provenance"]["finished_utc"], default=None)
+        super()._announce(trainer, Path(last["directory"]) if last else None)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._abandon(f"{type(exception).__name__}: {exception}")
@@ -537,7 +513,7 @@ class ExplainabilityReport(EvaluationCallback):
     def _open_recorder(self, pl_module: nn.Module, hook: bool = False) -> None:
         sites = [s for pair in self.modality_pairs.values() for s in pair]
         self._attention = BatchAttention(self.chunk_size, self.pair_sites, sites, self.top_k)
-        module = _target_module(pl_module)
+        module = target_module(pl_module)
         self._recorder = open_recorder(module, self._attention, self.include, self.exclude)
         if hook:
             # the output of the module's forward inside the step: the logits when the step returns none
@@ -569,158 +545,6 @@ class ExplainabilityReport(EvaluationCallback):
                 )
         self._runs = {}
         self._pending = []
-
-    # -- per batch ---------------------------------------------------------------------------------------------
-    def _logits_from_outputs(self, outputs: Any) -> Tensor | None:
-        if isinstance(outputs, Mapping):
-            return as_logits(outputs, self.logits_key)
-        if isinstance(outputs, Tensor) and outputs.dim() == 2:
-            return outputs
-        return None
-
-    def _targets(self, outputs: Any, batch: Any) -> Any:
-        if self.target_fn is not None:
-            return self.target_fn(batch)
-        if isinstance(outputs, Mapping):
-            keys = (self.target_key,) if self.target_key else TARGET_KEYS
-            for key in keys:
-                if isinstance(outputs.get(key), Tensor):
-                    return outputs[key]
-        return extract_targets(batch, self.target_key)
-
-    def _process(
-        self,
-        run: ReportRun,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        attention: BatchAttention | None,
-        step_output: Any = None,
-    ) -> None:
-        module = _target_module(pl_module)
-        raw_targets = self._targets(outputs, batch)
-        if raw_targets is None:
-            raise ReportError(
-                "the dataloader's batches carry no targets: expected a (inputs, target) tuple, or a mapping with "
-                "one of "
-                f"the keys {', '.join(TARGET_KEYS)} (or pass target_key= / target_fn=)"
-            )
-        expected = int(raw_targets.shape[0]) if isinstance(raw_targets, Tensor) and raw_targets.dim() else None
-        logits = None
-        if attention is not None:
-            # logits of the step itself: returned by it, else the output of the module's forward inside it
-            hooked = as_logits(step_output, self.logits_key) if self.forward_fn is None else None
-            for candidate in (self._logits_from_outputs(outputs), hooked):
-                if (
-                    candidate is not None
-                    and candidate.dim() >= 1
-                    and (expected is None or candidate.shape[0] == expected)
-                ):
-                    logits = candidate
-                    break
-        if logits is None:
-            # One forward pass of our own, recorded for this report only; later batches skip the step recording.
-            self._record_in_step = False
-            self._open_recorder(pl_module)
-            attention = self._attention
-            assert self._recorder is not None  # set by _open_recorder
-            try:
-                with exclusive_recording(self._recorder):
-                    logits = as_logits(self._forward()(module, batch), self.logits_key)
-            finally:
-                self._close_recorder()
-            if logits is None:
-                raise ReportError(
-                    "forward_fn returned no logits tensor (a tensor, a mapping with 'logits', .logits or a tuple)"
-                )
-        probs = probabilities(logits, self.outputs_are_probabilities)
-        batch_size, num_classes = probs.shape
-        target = class_targets(raw_targets, batch_size, num_classes).to(probs.device)
-        kept, probs, target, note = keep_finite_rows(run, batch_idx, probs, target, attention)
-        if note is not None and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(f"ExplainabilityReport ({run.key}): {note}", category=UserWarning)
-        if not kept:
-            run.hasher.update(batch)  # evaluated all the same: part of the inputs hash
-            return
-        first_index = run.count
-        hashes = sample_hashes(model_inputs(batch, self.target_key), batch_size)
-        host = add_batch(
-            run,
-            probs,
-            target,
-            batch,
-            batch_idx,
-            attention,
-            calibration_bins=self.calibration_bins,
-            class_names=self.class_names,
-            modality_pairs=self.modality_pairs,
-            input_hashes=[hashes[row] for row in kept],
-        )
-
-        # probes (rank zero only: the first samples of its shard are the first rows of a distributed report)
-        wanted = self._probe_positions(first_index, len(kept)) if not run.shard else []
-        if wanted:
-            self._saliency(run, module, batch, wanted, first_index, batch_idx, host, [kept[p] for p in wanted])
-
-    def _probe_positions(self, first_index: int, batch_size: int) -> list[int]:
-        if self.probe_indices is not None:
-            return [i - first_index for i in self.probe_indices if first_index <= i < first_index + batch_size]
-        return list(range(0, max(0, min(batch_size, self.probe_samples - first_index))))
-
-    def _saliency(
-        self,
-        run: ReportRun,
-        module: nn.Module,
-        batch: Any,
-        positions: list[int],
-        first_index: int,
-        batch_idx: int,
-        host: Mapping[str, Tensor],
-        batch_rows: list[int],
-    ) -> None:
-        """Saliency of the kept samples at ``positions`` (of ``host``), rows ``batch_rows`` of ``batch``."""
-        index = torch.tensor(positions, dtype=torch.long)
-        device = batch_device(batch)
-        in_batch = torch.tensor(batch_rows, dtype=torch.long)
-        sub = slice_batch(batch, in_batch.to(device) if device is not None else in_batch)
-        source = host["predicted"] if self.saliency_target == "predicted" else host["target"]
-        explain = source[index]
-        try:
-            result = compute_saliency(
-                module,
-                sub,
-                self._forward(),
-                explain=explain,
-                target_key=self.target_key,
-                logits_key=self.logits_key,
-                include=self.include,
-                exclude=self.exclude,
-                max_positions=self.max_positions,
-            )
-            result.update(
-                compute_attributions(
-                    module,
-                    sub,
-                    self._forward(),
-                    explain=explain,
-                    settings=self.attribution,
-                    target_key=self.target_key,
-                    logits_key=self.logits_key,
-                )
-            )
-        except ReportError:
-            raise
-        except Exception as error:  # the report stays useful without saliency; the failure is in it
-            message = (
-                f"saliency failed for samples {[first_index + p for p in positions]}: {type(error).__name__}: {error}"
-            )
-            run.notes.append(message)
-            warnings.warn(f"ExplainabilityReport: {message}", UserWarning, stacklevel=2)
-            return
-        record_probes(run, result, positions, first_index, batch_idx, host, self.feature_names)
-        record_attributions(run, result, positions, self.attribution)
 
     # -- distributed -------------------------------------------------------------------------------------------------
     def _warn_padding(self, run: ReportRun, note: str) -> None:
@@ -758,5 +582,6 @@ class ExplainabilityReport(EvaluationCallback):
             figure_dpi=self.figure_dpi,
         )
         self.results[run.key] = write_report(
-            run, config, sections, global_step=int(trainer.global_step), settings=settings
+            run, config, sections, global_step=sinks.position(trainer).step, settings=settings
         )
+        publish_report(trainer, run.final_dir, run.key, int(trainer.global_step))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_attn.report import compare_page
+from lightning_attn.report.page_data import head_importance, registry_heads
 from lightning_attn.report.provenance import utc_now
 from lightning_attn.report.summary import jsonable
 
@@ -88,7 +89,6 @@ def load_report(path: str | Path, label: str | None = None) -> LoadedReport:
     if not samples.is_file():
         raise CompareError(f"{folder} has no samples.csv")
     with samples.open(newline="", encoding="utf-8") as handle:
-        handle.readline()  # provenance line
         reader = csv.reader(handle)
         columns = next(reader)
         rows = list(reader)
@@ -164,29 +164,11 @@ def _ece_interval(document: dict[str, Any]) -> tuple[float, float] | None:
     return None
 
 
-def _registry_heads(document: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    registry = document.get("sections", {}).get("head_specialization", {}).get("registry")
-    heads: dict[tuple[str, int], dict[str, Any]] = {}
-    if isinstance(registry, dict):
-        for layer in registry.get("layers", []):
-            for head in layer.get("heads", []):
-                heads[(str(layer.get("site")), int(head["head"]))] = head
-    return heads
-
-
-def _importance(head: dict[str, Any]) -> tuple[float | None, float | None]:
-    """``(raw, normalized)`` head importance of a registry head (Michel et al. 2019: ``{"raw", "normalized"}``)."""
-    value = head.get("importance")
-    if isinstance(value, dict):
-        return value.get("raw"), value.get("normalized")
-    return value, None
-
-
 def _heads(reports: Sequence[LoadedReport]) -> list[dict[str, Any]]:
     """Per (site, head) of the first report: entropy, label, normalized and raw importance in each report (``None``
     where absent)."""
     entropy = [{s["name"]: s.get("entropy_mean") for s in r.document["attention"]["sites"]} for r in reports]
-    registries = [_registry_heads(r.document) for r in reports]
+    registries = [registry_heads(r.document) for r in reports]
     rows = []
     for site, values in entropy[0].items():
         for head in range(len(values or [])):
@@ -200,8 +182,8 @@ def _heads(reports: Sequence[LoadedReport]) -> list[dict[str, Any]]:
                     "entropy_mean": [v[head] if v is not None and head < len(v) else None for v in per],
                     "label": labels,
                     "label_changed": len(set(known)) > 1,
-                    "importance": [_importance(reg.get((site, head), {}))[1] for reg in registries],
-                    "importance_raw": [_importance(reg.get((site, head), {}))[0] for reg in registries],
+                    "importance": [head_importance(reg.get((site, head), {}))[1] for reg in registries],
+                    "importance_raw": [head_importance(reg.get((site, head), {}))[0] for reg in registries],
                 }
             )
     return rows

@@ -1,25 +1,30 @@
 """The human-readable parts of a finished report: its figures (matplotlib), ``summary.md`` and the self-contained
-``report.html`` (laid out by :mod:`lightning_attn.report.html`), all drawn from the summary
-(:func:`~lightning_attn.report.summary.summarize`) and the run.
+``report.html`` (the Jinja2 template ``templates/report.html.j2``, :mod:`lightning_attn.report.html`), all drawn
+from the summary (:func:`~lightning_attn.report.summary.summarize`) and the run.
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from lightning_attn.plots import report as plots
-from lightning_attn.report import attribution_view
+from lightning_attn.plots._common import as_array
+from lightning_attn.plots.calibration import plot_confidence_histogram, plot_reliability_diagram
+from lightning_attn.report import attribution_view, page_data
 from lightning_attn.report import html as page
+from lightning_attn.report.explorer import explorer_context
 from lightning_attn.report.run import ReportRun
-from lightning_attn.report.summary import SCHEMA_VERSION, tables
+from lightning_attn.report.summary import SCHEMA_VERSION, jsonable, tables
 
 __all__ = ["figures", "markdown", "write_html"]
 
@@ -31,20 +36,21 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
     out: list[tuple[str, str, str, Figure]] = []
     cal = summary["calibration"]
     bins = cal["bins"]
-    lower, upper = [b["lower"] for b in bins], [b["upper"] for b in bins]
+    edges = [b["lower"] for b in bins] + [bins[-1]["upper"]]
+    dataset = summary["dataset"]
     out.append(
         (
             "reliability",
             "Reliability diagram",
             f"accuracy per equal-width confidence bin ({cal['n_bins']} bins); ECE {_f(cal['ece'])}, MCE "
             f"{_f(cal['mce'])}",
-            plots.plot_reliability(
-                lower,
-                upper,
-                [b["accuracy"] for b in bins],
-                [b["confidence"] for b in bins],
+            plot_reliability_diagram(  # the CalibrationMonitor's diagram: one style for the monitor and the report
+                edges,
+                as_array([b["accuracy"] for b in bins], none_as_nan=True),
+                as_array([b["confidence"] for b in bins], none_as_nan=True),
                 [b["count"] for b in bins],
                 ece=cal["ece"],
+                title="Reliability",
             ),
         )
     )
@@ -53,7 +59,14 @@ def figures(run: ReportRun, summary: dict[str, Any]) -> list[tuple[str, str, str
             "confidence",
             "Confidence histogram",
             "confidence of correct and incorrect predictions",
-            plots.plot_confidence_histogram(lower, upper, [b["correct"] for b in bins], [b["incorrect"] for b in bins]),
+            plot_confidence_histogram(
+                edges,
+                [b["correct"] for b in bins],
+                [b["incorrect"] for b in bins],
+                accuracy=dataset.get("accuracy"),
+                confidence=dataset.get("mean_confidence"),
+                title="Confidence of correct and incorrect predictions",
+            ),
         )
     )
     group = summary["correct_vs_incorrect"]
@@ -309,231 +322,176 @@ def write_html(
     run: ReportRun,
     summary: dict[str, Any],
     provenance: dict[str, Any],
-    pngs: list[tuple[str, str, bytes]],
+    pngs: list[tuple[str, str, str, bytes]],
     *,
     title: str,
     html_max_rows: int | None,
-) -> None:
-    """Write ``report.html`` to ``path``: the summary's sections, the rendered figures ``pngs`` (title, caption, PNG)
-    and the first ``html_max_rows`` rows (``None``: all) of the run's ``samples.csv``, streamed."""
+    files: Sequence[str] = (),
+) -> dict[str, Any] | None:
+    """Write ``report.html`` to ``path`` from ``templates/report.html.j2``: overview, the per-sample table (the
+    first ``html_max_rows`` rows of the run's ``samples.csv``, ``None``: all, streamed), the drill-down, calibration,
+    heads, attention with the explorer, saliency and provenance; ``pngs`` are the rendered figures (file name, title,
+    caption, PNG), ``files`` the report's other files (linked). Returns the explorer's data
+    (:func:`~lightning_attn.report.explorer.explorer_data`; ``None`` when no probe sample has attention maps)."""
     d = summary["dataset"]
-    blocks: list[str] = []
-    cards = [
-        ("samples", d["num_samples"]),
-        ("accuracy", d["accuracy"]),
-        ("mean confidence", d["mean_confidence"]),
-        ("ECE", d["ece"]),
-        ("NLL", d["nll"]),
-        ("Brier", d["brier"]),
-        ("attention sites", len(summary["attention"]["sites"])),
-        ("probe samples", summary["saliency"]["num_probes"]),
-    ]
-    notes = "".join(f'<p class="warn">{page.esc(n)}</p>' for n in summary["notes"])
-    blocks.append(
-        '<section id="overview"><h2>Overview</h2><div class="cards">'
-        + "".join(
-            f'<div class="card"><div class="v">{page.esc(_f(v))}</div><div class="k">{page.esc(k)}</div></div>'
-            for k, v in cards
-        )
-        + f"</div>{notes}</section>"
-    )
-    blocks.append(
-        '<section id="figures"><h2>Figures</h2>'
-        + "".join(page.figure_html(t, png, c) for t, c, png in pngs)
-        + "</section>"
-    )
-    group = summary["correct_vs_incorrect"]
-    rows = [
-        [
-            name,
-            g["correct"]["n"],
-            g["correct"]["mean"],
-            g["correct"]["std"],
-            g["incorrect"]["n"],
-            g["incorrect"]["mean"],
-            g["incorrect"]["std"],
-            g["difference"],
-            g["effect_size"],
-        ]
-        for name, g in group.items()
-    ]
-    blocks.append(
-        '<section id="correct-vs-incorrect"><h2>Correct vs. incorrect predictions</h2>'
-        + page.table_html(
-            [
-                "measure",
-                "n correct",
-                "mean correct",
-                "std correct",
-                "n incorrect",
-                "mean incorrect",
-                "std incorrect",
-                "difference",
-                "effect size",
-            ],
-            rows,
-        )
-        + "</section>"
-    )
-    class_columns = [
-        "class",
-        "name",
-        "support",
-        "predicted",
-        "correct",
-        "precision",
-        "recall",
-        "f1",
-        "mean_confidence_true",
-        "mean_confidence_predicted",
-        "mean_attention_entropy",
-    ]
-    blocks.append(
-        '<section id="classwise"><h2>Class-wise</h2>'
-        + page.table_html(class_columns, [[c[k] for k in class_columns] for c in summary["classwise"]])
-        + "</section>"
-    )
-    head_columns, head_rows = tables(summary)["per_head.csv"]
-    attention_block = '<section id="heads"><h2>Attention heads</h2>'
-    if head_rows:
-        attention_block += (
-            '<p class="note">Per site and head: mean normalized entropy over samples, for correct and incorrect '
-            "predictions, how often the head is a sample's most focused one, and its gradient-weighted relevance "
-            "(probe samples).</p>" + page.table_html(head_columns, head_rows)
-        )
-    else:
-        attention_block += '<p class="note">No attention was captured.</p>'
-    for pair, entry in summary["attention"]["modality_pairs"].items():
-        attention_block += (
-            f"<p>Modality agreement <code>{page.esc(pair)}</code> ({page.esc(entry['sites'][0])} vs. "
-            f"{page.esc(entry['sites'][1])}): mean {_f(entry['all']['mean'])}, correct {_f(entry['correct']['mean'])}, "
-            f"incorrect {_f(entry['incorrect']['mean'])}.</p>"
-        )
-    blocks.append(attention_block + "</section>")
+    placed = {"reliability", "confidence", "classwise", "correct_vs_incorrect", "head_entropy", "head_relevance"}
+    placed.add("rollout")
+    figures = {name: Markup(page.figure_html(t, png, c)) for name, t, c, png in pngs}
+    saliency_names = [n for n, *_ in pngs if n.startswith(("saliency", "gradcam"))]
     sal = summary["saliency"]
-    sal_block = '<section id="saliency"><h2>Saliency</h2>'
-    if sal["num_probes"]:
-        sal_block += (
-            f'<p class="note">{sal["num_probes"]} probe samples, explaining the {page.esc(sal["target"])} class. '
-            f"{page.esc(sal['method']['inputs'])}. Rollout: {page.esc(sal['method']['rollout'])}.</p>"
-        )
-        rows = []
-        for p in sal["probes"]:
-            for name, entry in p["inputs"].items():
-                rows.append(
-                    [
-                        p["sample"],
-                        p["target"],
-                        p["predicted"],
-                        p["explained_class"],
-                        name,
-                        ", ".join(f"{f} ({v:.3f})" for f, v in entry["top"][:5]),
-                    ]
-                )
-            if p["rollout"] is not None:
-                relevance = np.asarray(p["rollout"]["mean_row"])
-                order = np.argsort(-relevance)[:5]
-                rows.append(
-                    [
-                        p["sample"],
-                        p["target"],
-                        p["predicted"],
-                        p["explained_class"],
-                        "rollout tokens",
-                        ", ".join(f"{i} ({relevance[i]:.3f})" for i in order),
-                    ]
-                )
-        sal_block += page.table_html(
-            ["sample", "target", "predicted", "explained class", "input", "top features (share)"], rows
-        )
-        sal_block += attribution_view.token_view_html(summary)
-    else:
-        sal_block += '<p class="note">No probe samples (probe_samples=0).</p>'
-    blocks.append(sal_block + "</section>")
-    batch_rows = summary["batches"]["rows"]
-    blocks.append(
-        '<section id="batches"><h2>Batches</h2>'
-        + page.table_html(summary["batches"]["columns"], batch_rows[:500])
-        + (
-            f'<p class="note">first 500 of {len(batch_rows)} batches; all in batches.csv</p>'
-            if len(batch_rows) > 500
-            else ""
-        )
-        + "</section>"
-    )
+    head_table = page_data.head_rows(summary)
+    per_head_columns, per_head_rows = tables(summary)["per_head.csv"]
+    bins = summary["calibration"]["bins"]
+    group = summary["correct_vs_incorrect"]
+    class_columns = ["class", "name", "support", "predicted", "correct", "precision", "recall", "f1"]
+    class_columns += ["mean_confidence_true", "mean_confidence_predicted", "mean_attention_entropy"]
     sections = summary["sections"]
-    for key in ("calibration", "head_specialization"):
-        heading = key.replace("_", " ").capitalize()
-        if key in sections:
-            blocks.append(
-                f'<section id="{key}"><h2>{heading}</h2><p class="note">from '
-                f"<code>{page.esc(sections[key]['callback'])}</code> "
-                "of the same Trainer</p>" + _section_html(sections[key]) + "</section>"
-            )
-        else:
-            blocks.append(
-                f'<section id="{key}"><h2>{heading}</h2><p class="note">No {heading.lower()} callback ran in this '
-                "Trainer.</p></section>"
-            )
-    for key, entry in sections.items():
-        if key in ("calibration", "head_specialization"):
-            continue
-        blocks.append(
-            f'<section id="{page.esc(key)}"><h2>{page.esc(key)}</h2><p class="note">from '
-            f"<code>{page.esc(entry['callback'])}</code>"
-            "</p>" + _section_html(entry) + "</section>"
-        )
-    prov_rows = [[k, v] for k, v in provenance.items() if k != "versions"] + [
-        [f"version: {k}", v] for k, v in provenance["versions"].items()
-    ]
-    blocks.append(
-        '<section id="provenance"><h2>Provenance</h2>'
-        + page.table_html(["item", "value"], prov_rows, sortable=False)
-        + "<h3>Configuration</h3>"
-        + page.nested_html(summary["config"])
-        + "</section>"
-    )
+    explorer = page_data.probe_explorer(run, summary)
     shown = run.count if html_max_rows is None else min(run.count, html_max_rows)
-    nav = [
-        ("overview", "Overview"),
-        ("figures", "Figures"),
-        ("correct-vs-incorrect", "Correct vs. incorrect"),
-        ("classwise", "Class-wise"),
-        ("heads", "Heads"),
-        ("saliency", "Saliency"),
-        ("calibration", "Calibration"),
-        ("head_specialization", "Head specialization"),
-        ("provenance", "Provenance"),
-        ("per-sample", "Per-sample"),
-    ]
-    meta = {
-        "generator": "lightning_attn ExplainabilityReport",
-        "lightning-attn-schema-version": SCHEMA_VERSION,
-        **{
-            f"lightning-attn-{k.replace('_', '-')}": str(provenance[k])
-            for k in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "finished_utc")
+    context: dict[str, Any] = {
+        "title": title,
+        "subtitle": f"{summary['stage_key']} · {d['num_samples']} samples · model {provenance['model_class']} · "
+        f"report sha256 {provenance['report_sha256'][:16]}… · {provenance['finished_utc']}",
+        "meta": {
+            "generator": "lightning_attn ExplainabilityReport",
+            "lightning-attn-schema-version": SCHEMA_VERSION,
+            **{
+                f"lightning-attn-{k.replace('_', '-')}": str(provenance[k])
+                for k in ("report_sha256", "model_sha256", "inputs_sha256", "config_sha256", "finished_utc")
+            },
         },
+        "style": page.asset("style.css"),
+        "sortable_js": page.asset("sortable.js"),
+        "report_js": page.asset("report.js"),
+        "nav": [
+            ("overview", "Overview"),
+            ("per-sample", "Per-sample"),
+            ("drill", "Drill-down"),
+            ("calibration", "Calibration"),
+            ("heads", "Heads"),
+            ("attention", "Attention"),
+            ("explorer", "Explorer"),
+            ("saliency", "Saliency"),
+            ("provenance", "Provenance"),
+        ],
+        "cards": [
+            (k, _f(v))
+            for k, v in (
+                ("samples", d["num_samples"]),
+                ("accuracy", d["accuracy"]),
+                ("wrong", d["num_incorrect"]),
+                ("mean confidence", d["mean_confidence"]),
+                ("ECE", d["ece"]),
+                ("NLL", d["nll"]),
+                ("Brier", d["brier"]),
+                ("attention sites", len(summary["attention"]["sites"])),
+                ("probe samples", sal["num_probes"]),
+            )
+        ],
+        "notes": summary["notes"],
+        "shown": shown,
+        "total": run.count,
+        "classes": [(c["class"], c["name"]) for c in summary["classwise"]],
+        "probes_json": page.script_json(jsonable(page_data.probe_views(run, summary))),
+        "figures": figures,
+        "bins_table": Markup(
+            page.table_html(
+                ["bin", "lower", "upper", "count", "accuracy", "confidence", "gap", "correct", "incorrect"],
+                [
+                    [
+                        i,
+                        b["lower"],
+                        b["upper"],
+                        b["count"],
+                        b["accuracy"],
+                        b["confidence"],
+                        None if b["accuracy"] is None else b["accuracy"] - b["confidence"],
+                        b["correct"],
+                        b["incorrect"],
+                    ]
+                    for i, b in enumerate(bins)
+                ],
+            )
+        ),
+        "calibration_section": sections.get("calibration", {}).get("callback"),
+        "classwise_table": Markup(
+            page.table_html(class_columns, [[c[k] for k in class_columns] for c in summary["classwise"]])
+        ),
+        "groups_table": Markup(
+            page.table_html(
+                ["measure", "n correct", "mean correct", "n incorrect", "mean incorrect", "difference", "effect size"],
+                [
+                    [
+                        name,
+                        g["correct"]["n"],
+                        g["correct"]["mean"],
+                        g["incorrect"]["n"],
+                        g["incorrect"]["mean"],
+                        g["difference"],
+                        g["effect_size"],
+                    ]
+                    for name, g in group.items()
+                ],
+            )
+        ),
+        "heads_note": "Label, types, HSI and primary feature from the head-specialization callback "
+        + (
+            f"({sections['head_specialization']['callback']})"
+            if "head_specialization" in sections
+            else "(none ran: empty)"
+        )
+        + "; entropy: mean normalized entropy over the report's samples; importance: normalized head importance "
+        "(Michel et al. 2019) when measured; relevance share: gradient-weighted, probe samples.",
+        "heads_table": Markup(page.table_html(page_data.HEAD_COLUMNS, head_table)) if head_table else "",
+        "per_head_table": Markup(page.table_html(per_head_columns, per_head_rows)) if per_head_rows else "",
+        "modality": [
+            f"Modality agreement {pair} ({entry['sites'][0]} vs. {entry['sites'][1]}): mean {_f(entry['all']['mean'])}"
+            f", correct {_f(entry['correct']['mean'])}, incorrect {_f(entry['incorrect']['mean'])}."
+            for pair, entry in summary["attention"]["modality_pairs"].items()
+        ],
+        "saliency_note": (
+            f"{sal['num_probes']} probe samples, explaining the {sal['target']} class. {sal['method']['inputs']}. "
+            f"Rollout: {sal['method']['rollout']}."
+            if sal["num_probes"]
+            else "No probe samples (probe_samples=0)."
+        ),
+        "saliency_figures": [figures[n] for n in saliency_names],
+        "saliency_html": Markup(attribution_view.token_view_html(summary)),
+        "files": [*files, *(["explorer.html"] if explorer is not None else []), "report.json"],
+        "provenance_table": Markup(
+            page.table_html(
+                ["item", "value"],
+                [[k, v] for k, v in provenance.items() if k != "versions"]
+                + [[f"version: {k}", v] for k, v in provenance["versions"].items()],
+                sortable=False,
+            )
+        ),
+        "config_table": Markup(
+            page.table_html(
+                ["argument", "value"],
+                [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in summary["config"].items()],
+                sortable=False,
+            )
+        ),
+        "other_figures": [f for n, f in figures.items() if n not in placed and n not in saliency_names],
     }
+    if explorer is not None:
+        context.update(explorer_context(explorer))
+    probes = {int(p["sample"]) for p in sal["probes"]}
+    template = page.environment().get_template("report.html.j2")
     with (
         path.open("w", encoding="utf-8") as handle,
         (run.tmp_dir / "samples.csv").open(encoding="utf-8", newline="") as samples,
     ):
-        samples.readline()  # provenance line
         reader = csv.reader(samples)
         columns = next(reader)
-        page.write_page(
-            handle,
-            title=title,
-            subtitle=f"{summary['stage_key']} · {d['num_samples']} samples · model {provenance['model_class']} · "
-            f"report sha256 {provenance['report_sha256'][:16]}… · {provenance['finished_utc']}",
-            meta=meta,
-            nav=nav,
-            blocks=blocks,
-            samples_columns=columns,
-            samples_rows=_limited(reader, shown),
-            expected_rows=shown,
-            total_rows=run.count,
-        )
+        if columns and columns[0].startswith("#"):  # a provenance line before the header
+            columns = next(reader)
+        context["columns"] = columns
+        context["rows"] = page_data.sample_rows(columns, reader, shown, probes)
+        for chunk in template.generate(**context):
+            handle.write(chunk)
+    return explorer
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -549,20 +507,3 @@ def _f(value: Any) -> str:
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_") or "input"
-
-
-def _limited(rows: Iterator[list[str]], count: int) -> Iterator[list[str]]:
-    for index, row in enumerate(rows):
-        if index >= count:
-            return
-        yield row
-
-
-def _section_html(entry: Mapping[str, Any]) -> str:
-    parts = []
-    if "error" in entry:
-        parts.append(f'<p class="warn">Reading this callback failed: {page.esc(entry["error"])}</p>')
-    for key in ("results", "registry"):
-        if key in entry:
-            parts.append(f"<h3>{key}</h3>" + page.nested_html(entry[key]))
-    return "".join(parts)

@@ -25,11 +25,11 @@ from lightning_attn.functional.calibration import equal_width_bin_index
 from lightning_attn.plots import report as plots
 from lightning_attn.report.explain import (
     BatchAttention,
-    GroupStatistics,
     ReportError,
     pair_agreement,
     resolve_modality_pairs,
 )
+from lightning_attn.report.group_statistics import GroupStatistics
 from lightning_attn.report.provenance import StreamHasher
 
 __all__ = [
@@ -48,6 +48,9 @@ __all__ = [
 
 #: Namespace of the report: the prefix of its logged scalars and the folder of its default output directory.
 NAMESPACE = "report"
+#: Attention weights of the probe samples kept for the explorer, in all (BERT-base, 4 probes at 128 tokens: 9.4 M);
+#: the maps of later probes beyond it are left out (a note says so), which bounds host memory and the page's size.
+MAX_PROBE_MAP_VALUES = 10_000_000
 
 
 @dataclass
@@ -116,8 +119,11 @@ class ReportRun:
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_positions: dict[str, list[tuple[int, np.ndarray, bool]]] = field(default_factory=dict)
     probe_images: dict[int, np.ndarray] = field(default_factory=dict)  # input images of Grad-CAM probes, by sample
+    probe_maps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: site -> [H, Q, K]
+    probe_inputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: input name -> values
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
+    checkpoint: str | None = None  # the evaluated checkpoint file (``trainer.test(ckpt_path=...)``), else None
     finished: bool = False
     rank: int = 0
     shard: bool = False
@@ -474,6 +480,7 @@ def record_probes(
                 "signed": entry["signed"][row].double().tolist(),
                 "top": [[features[i], float(share[i])] for i in order],
             }
+            run.probe_inputs.setdefault(first_index + position, {})[name] = entry["values"][row].numpy()
             if "positions" in entry:
                 run.probe_positions.setdefault(name, []).append(
                     (first_index + position, entry["positions"][row].numpy(), bool(entry["positions_pooled"]))
@@ -485,6 +492,15 @@ def record_probes(
                 "mean_row": rollout["mean_row"][row].double().tolist(),
                 "row0": rollout["row0"][row].double().tolist(),
             }
+        maps = {site: site_maps[row].numpy() for site, site_maps in result.get("attention", {}).items()}
+        kept = sum(m.size for sample_maps in run.probe_maps.values() for m in sample_maps.values())
+        if kept + sum(m.size for m in maps.values()) <= MAX_PROBE_MAP_VALUES:
+            run.probe_maps[first_index + position] = maps
+        elif not any(n.startswith("attention maps of probe sample") for n in run.notes):
+            run.notes.append(
+                f"attention maps of probe sample {first_index + position} and later ones not kept for the explorer: "
+                f"over {MAX_PROBE_MAP_VALUES} weights in all"
+            )
         run.probes.append(probe)
 
 

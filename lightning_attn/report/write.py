@@ -8,8 +8,9 @@ file listing what the report wrote); otherwise to the first free sibling ``<dir>
 (:func:`report_destination`), so that a user's folder or file at the path is never deleted or overwritten.
 
 Files: ``samples.csv``, ``per_head.csv``, ``classwise.csv``, ``batches.csv``, ``saliency.csv`` (each starting with
-the provenance line), ``figures/*.png`` (provenance in a PNG text chunk), ``summary.md``, ``report.html`` and
-``report.json``, which lists every other file with its SHA-256.
+its header, so that ``csv.DictReader`` and ``pandas.read_csv`` open them with no options), ``provenance.json`` beside
+them, ``figures/*.png`` (provenance in a PNG text chunk), ``summary.md``, ``report.html`` and ``report.json``
+(provenance included), which lists every other file with its SHA-256. JSON is written with ``allow_nan=False``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_attn.report import render
+from lightning_attn.report.explorer import write_explorer
 from lightning_attn.report.provenance import combine_input_hashes, hash_config, library_versions, report_hash, utc_now
 from lightning_attn.report.run import ReportRun, csv_cell
 from lightning_attn.report.summary import jsonable, summarize, tables
@@ -39,7 +41,6 @@ from lightning_attn.report.summary import jsonable, summarize, tables
 __all__ = [
     "INCOMPLETE",
     "MARKER",
-    "PROVENANCE_PREFIX",
     "OutputSettings",
     "incomplete_dir",
     "is_own_report",
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 INCOMPLETE = "INCOMPLETE"
-PROVENANCE_PREFIX = "# lightning_attn report provenance: "
 #: The file that marks a directory as a finished report of this library: its first line says so, every other line
 #: names one file or folder the report wrote (relative, ``/``-separated). Only such a directory is ever replaced.
 MARKER = ".lightning_attn_report"
@@ -149,6 +149,7 @@ def write_report(
         "dataloader_idx": run.dataloader_idx,
         "epoch": run.epoch,
         "global_step": global_step,
+        "checkpoint": run.checkpoint,
         "started_utc": run.started,
         "finished_utc": utc_now(),
         "versions": library_versions(),
@@ -163,35 +164,32 @@ def write_report(
     )
     tmp = run.tmp_dir
     files: dict[str, dict[str, Any]] = {}
-    line = PROVENANCE_PREFIX + json.dumps(jsonable(provenance), sort_keys=True, separators=(",", ":")) + "\n"
-
-    # CSVs: the provenance line, then the table (the per-sample body is copied, never loaded)
-    with (
-        (tmp / "samples.csv").open("w", newline="", encoding="utf-8") as out,
-        (tmp / "samples.csv.part").open(encoding="utf-8") as body,
-    ):
-        out.write(line)
-        shutil.copyfileobj(body, out)
-    (tmp / "samples.csv.part").unlink()
+    # CSVs start with their header (a comment line above it would be read as the header by csv and pandas): the
+    # provenance goes to provenance.json beside them; the per-sample body already streamed is renamed, never loaded
+    (tmp / "samples.csv.part").rename(tmp / "samples.csv")
     files["samples.csv"] = {"rows": run.count, "kind": "per-sample"}
     for name, (columns, rows) in tables(summary).items():
-        _write_csv(tmp / name, line, columns, rows)
+        _write_csv(tmp / name, columns, rows)
         files[name] = {"rows": len(rows), "kind": name[:-4]}
+    (tmp / "provenance.json").write_text(
+        json.dumps(jsonable(provenance), indent=2, sort_keys=True, allow_nan=False), encoding="utf-8"
+    )
+    files["provenance.json"] = {"kind": "provenance"}
 
     # figures
     (tmp / "figures").mkdir()
     figures = render.figures(run, summary) if settings.figures else []
-    rendered: list[tuple[str, str, bytes]] = []
+    rendered: list[tuple[str, str, str, bytes]] = []
     png_meta = {
         "Software": f"lightning_attn {provenance['versions'].get('lightning_attn', '')}".strip(),
-        "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True),
+        "lightning_attn_provenance": json.dumps(jsonable(provenance), sort_keys=True, allow_nan=False),
     }
     for name, title, caption, figure in figures:
         png = _render_png(figure, settings.figure_dpi, png_meta)
         path = f"figures/{name}.png"
         (tmp / path).write_bytes(png)
         files[path] = {"kind": "figure", "title": title}
-        rendered.append((title, caption, png))
+        rendered.append((name, title, caption, png))
     figures.clear()
 
     # Markdown and HTML
@@ -200,7 +198,7 @@ def write_report(
         encoding="utf-8",
     )
     files["summary.md"] = {"kind": "summary"}
-    render.write_html(
+    explorer = render.write_html(
         tmp / "report.html",
         run,
         summary,
@@ -208,8 +206,12 @@ def write_report(
         rendered,
         title=settings.title,
         html_max_rows=settings.html_max_rows,
+        files=[*sorted(files)],
     )
     files["report.html"] = {"kind": "html"}
+    if explorer is not None:  # the explorer alone too: one small page for W&B (wandb.Html) or a browser
+        write_explorer(tmp / "explorer.html", explorer, title=f"{settings.title}: attention explorer")
+        files["explorer.html"] = {"kind": "html"}
     for name, entry in files.items():
         entry["sha256"] = _file_sha256(tmp / name)
         entry["bytes"] = (tmp / name).stat().st_size
@@ -238,9 +240,8 @@ def write_report(
     return document
 
 
-def _write_csv(path: Path, provenance_line: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
-        handle.write(provenance_line)
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
