@@ -259,14 +259,14 @@ def test_long_sequence_is_reduced_in_query_chunks(tmp_path: Path, monkeypatch: p
     module = LongModule()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(1, 2048, 32)), batch_size=1)
     rows_per_call: list[int] = []
-    original = record_module.attention_probs
+    original = record_module.attention_scores
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         rows_per_call.append(out.shape[-2])
         return out
 
-    monkeypatch.setattr(record_module, "attention_probs", spy)
+    monkeypatch.setattr(record_module, "attention_scores", spy)
     chunked = AttentionLogger(chunk_size=256, log_figures=False, max_positions=2048)
     trainer(tmp_path, [chunked]).validate(module, data, verbose=False)
     assert rows_per_call and max(rows_per_call) == 256 and len(rows_per_call) == 2 * 2048 // 256

@@ -26,6 +26,7 @@ from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder, matches
 from lightning_attn.functional.attention import modality_agreement, top_positions
 from lightning_attn.metrics.attention import (
+    STATISTICS_OF_POSITIONS,
     AttentionPositions,
     AttentionResults,
     AttentionStatistics,
@@ -33,8 +34,8 @@ from lightning_attn.metrics.attention import (
     PairBuffer,
     ProbeMaps,
     default_reducers,
-    key_mask_for,
 )
+from lightning_attn.metrics.engine import ENGINE
 from lightning_attn.plots import attention as plots
 
 __all__ = ["AttentionLogger"]
@@ -242,7 +243,7 @@ class AttentionLogger(StreamingCallback):
     # -- states ----------------------------------------------------------------------------------------
     def _new_state(self) -> _Accumulators:
         return _Accumulators(
-            stats=AttentionStatistics(default_reducers(self.sparsity_threshold)),
+            stats=AttentionStatistics(default_reducers(self.sparsity_threshold), chunk_size=self.chunk_size),
             positions=AttentionPositions(self.max_positions),
             agreement=ModalityAgreement(),
             pairs=PairBuffer(self.modality_pairs) if self.modality_pairs else None,
@@ -312,16 +313,11 @@ class AttentionLogger(StreamingCallback):
         probe = self._probe
         head_mean: Tensor | None = None
         self_attention = info.kind == "self"
-        for offset, chunk in capture.chunks(self.chunk_size):
-            key_mask = key_mask_for(capture, chunk)
-            acc.stats.update(site, chunk, offset, key_mask=key_mask)
-            acc.positions.update(
-                site,
-                chunk,
-                offset,
-                self_attention=self_attention,
-                row_valid=None if key_mask is None else key_mask.any(-1),
-            )
+        # every statistic of the call, computed once by the engine (shared with other callbacks)
+        acc.stats.update(site, capture)
+        acc.positions.update(site, ENGINE.rows(capture, STATISTICS_OF_POSITIONS, self.chunk_size), 0, self_attention)
+        chunks = capture.chunks(self.chunk_size) if probe is not None or roles else ()
+        for offset, chunk in chunks:
             if probe is not None:
                 probe.add(site, info.kind, info.num_queries, info.num_keys, chunk, offset)
             if roles:

@@ -81,35 +81,79 @@ def _probs(
     query_slice: slice | None,
     mask_true_means_masked: bool,
 ) -> Tensor:
+    scores = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, query_slice, None, mask_true_means_masked)
+    probs = _softmax(scores, dim=-1)
+    if attn_mask is not None or is_causal:
+        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    return probs
+
+
+def attention_scores(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    query_slice: slice | None = None,
+    key_slice: slice | None = None,
+    mask_true_means_masked: bool = False,
+) -> Tensor:
+    """The masked, scaled scores ``q k^T * scale + mask`` (``-inf`` where a key is masked) whose row softmax
+    :func:`attention_probs` returns, for the rows ``query_slice`` and the keys ``key_slice`` (a key block of the
+    long-context statistics); float32 with autocast off. Same arguments as :func:`attention_probs`."""
+    with autocast_off(query):
+        return _scores(
+            query, key, attn_mask, is_causal, scale, enable_gqa, query_slice, key_slice, mask_true_means_masked
+        )
+
+
+def _scores(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    query_slice: slice | None,
+    key_slice: slice | None,
+    mask_true_means_masked: bool,
+) -> Tensor:
     q = query.float()
     k = key.float()
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     rows = query_slice if query_slice is not None else slice(0, num_queries)
+    cols = key_slice if key_slice is not None else slice(0, num_keys)
     q = q[..., rows, :]
+    k = k[..., cols, :]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
 
     additive, allowed = _additive_or_bool_mask(attn_mask, true_means_masked=mask_true_means_masked)
     if additive is not None:
-        scores = scores + _rows(additive, rows, num_queries)
+        scores = scores + _cols(_rows(additive, rows, num_queries), cols, num_keys)
     if allowed is not None:
-        scores = scores.masked_fill(~_rows(allowed, rows, num_queries), float("-inf"))
+        scores = scores.masked_fill(~_cols(_rows(allowed, rows, num_queries), cols, num_keys), float("-inf"))
     if is_causal:
         query_index = torch.arange(num_queries, device=scores.device)[rows, None]
-        key_index = torch.arange(num_keys, device=scores.device)[None, :]
+        key_index = torch.arange(num_keys, device=scores.device)[None, cols]
         scores = scores.masked_fill(key_index > query_index, float("-inf"))
-    probs = _softmax(scores, dim=-1)
-    if additive is not None or allowed is not None or is_causal:
-        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-    return probs
+    return scores
 
 
 def _rows(mask: Tensor, rows: slice, num_queries: int) -> Tensor:
     """Slice the query dimension of a broadcastable mask (size-1 query dims stay as they are)."""
     if mask.dim() >= 2 and mask.shape[-2] == num_queries and num_queries != 1:
         return mask[..., rows, :]
+    return mask
+
+
+def _cols(mask: Tensor, cols: slice, num_keys: int) -> Tensor:
+    """Slice the key dimension of a broadcastable mask (a size-1 key dim stays as it is)."""
+    if mask.dim() >= 1 and mask.shape[-1] == num_keys and num_keys != 1:
+        return mask[..., cols]
     return mask
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_attn.capture.probs import attention_probs
+from lightning_attn.capture.probs import attention_probs, attention_scores
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class AttentionCapture:
     enable_gqa: bool = False
     mask_true_means_masked: bool = False
     _cache: Tensor | None = field(default=None, repr=False)
+    #: Results computed from this call, shared by every capture of the same call (the statistics engine's
+    #: per-row statistics), so that several callbacks recording one forward compute them once.
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def site(self) -> str:
@@ -100,8 +103,34 @@ class AttentionCapture:
         )
         return as_bhqk(probs)
 
+    def scores(self, rows: slice | None = None, cols: slice | None = None) -> Tensor | None:
+        """The masked, scaled scores ``[batch, heads, rows, cols]`` (``-inf`` where masked) whose row softmax over
+        all keys gives :meth:`probs`; ``None`` when the capture holds weights (no scores exist)."""
+        if self.query is None or self.key is None:
+            return None
+        scores = attention_scores(
+            self.query,
+            self.key,
+            self.attn_mask,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.enable_gqa,
+            query_slice=rows,
+            key_slice=cols,
+            mask_true_means_masked=self.mask_true_means_masked,
+        )
+        return as_bhqk(scores)
+
+    def adopt_probs(self, probs: Tensor) -> None:
+        """Cache all probabilities ``[batch, heads, queries, keys]`` a consumer computed from :meth:`scores` (the
+        statistics engine's softmax), so that :meth:`probs` and :meth:`chunks` do not compute them again."""
+        if self._cache is None:
+            self._cache = probs
+
     def share_cache_from(self, others: list[AttentionCapture]) -> None:
-        """Adopt probabilities another capture of the same call already computed."""
+        """Adopt probabilities another capture of the same call already computed, and the call's memo."""
+        if others:
+            self.memo = others[0].memo
         cached = next((other._cache for other in others if other._cache is not None), None)
         if cached is not None and self._cache is None:
             self._cache = cached
@@ -109,6 +138,7 @@ class AttentionCapture:
     def release(self) -> None:
         """Drop every tensor reference (the recorder calls this after the consumer returns)."""
         self.weights = self.query = self.key = self.attn_mask = self._cache = None
+        self.memo = {}
 
 
 def as_bhqk(probs: Tensor) -> Tensor:

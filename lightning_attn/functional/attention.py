@@ -139,7 +139,8 @@ def mean_attention_distance(probs: Tensor, query_offset: int = 0) -> Tensor:
     Reference: Dosovitskiy et al. 2021 (ViT, "mean attention distance"), here in token units.
     """
     probs = _float(probs)
-    return (probs * _query_minus_key(probs, query_offset).abs().to(probs.dtype)).sum(-1)
+    # one fused multiply-reduce against the [Q, K] distance matrix (broadcast over batch and heads)
+    return torch.linalg.vecdot(probs, _query_minus_key(probs, query_offset).abs().to(probs.dtype))
 
 
 def diagonal_mass(probs: Tensor, offset: int = 0, query_offset: int = 0) -> Tensor:

@@ -25,14 +25,16 @@ Three metrics:
   transposed), averaged over samples; :class:`PairBuffer` pairs the two sites within a forward pass.
 
 Plus :class:`ProbeMaps` (the maps of a few fixed samples for figures, one batch per epoch, not a metric)
-and :class:`AttentionResults` (one epoch's statistics as host tensors, ``to_dict()`` for JSON).
+and :class:`AttentionResults` (one epoch's statistics as host tensors, ``to_dict()`` for JSON). The agreement
+classes live in :mod:`lightning_attn.metrics.agreement`, the maps and results in
+:mod:`lightning_attn.metrics.attention_results`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +47,13 @@ from lightning_attn.functional.attention import (
     first_token_mass,
     max_weight,
     mean_attention_distance,
-    modality_agreement,
     normalized_entropy,
     sparsity,
 )
 from lightning_attn.metrics._sites import SiteSums
+from lightning_attn.metrics.agreement import ModalityAgreement, PairBuffer
+from lightning_attn.metrics.attention_results import AttentionResults, ProbeMaps
+from lightning_attn.metrics.engine import DISTANCE, ENGINE, ENTROPY, FIRST_TOKEN, MAX_WEIGHT, RECEIVED, RowValues, Stat
 
 __all__ = [
     "AttentionPositions",
@@ -112,12 +116,16 @@ def key_mask_for(attention: AttentionCapture | Tensor, probs_chunk: Tensor) -> T
 
 # -- reducers -------------------------------------------------------------------------------------------
 # Module-level classes rather than lambdas: picklable (checkpoints, ddp_spawn), with readable reprs.
-# Each is the function of lightning_attn.functional of the same name; entropy and sparsity take a cheaper
-# route with the same result when every key is valid (no mask expansion), tested against it.
+# Each is the function of lightning_attn.functional of the same name, applied to probability tensors; its
+# ``statistic`` names the same measure in the statistics engine, which computes it for whole captures (once per
+# call for every consumer, from the scores). Entropy and sparsity take a cheaper route with the same result when
+# every key is valid (no mask expansion), tested against it.
 
 
 class EntropyReducer:
     """Normalized row entropy ``H_i / log(n_i)`` (:func:`~lightning_attn.functional.normalized_entropy`)."""
+
+    statistic = ENTROPY
 
     def __call__(self, probs: Tensor, query_offset: int, key_mask: Tensor | None = None) -> Tensor:
         if key_mask is not None or probs.shape[-1] < 2:
@@ -134,6 +142,8 @@ class EntropyReducer:
 class MaxWeightReducer:
     """Largest weight of each row (:func:`~lightning_attn.functional.max_weight`): head confidence."""
 
+    statistic = MAX_WEIGHT
+
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return max_weight(probs)
 
@@ -146,6 +156,7 @@ class SparsityReducer:
 
     def __init__(self, threshold: float = 0.01) -> None:
         self.threshold = float(threshold)
+        self.statistic = Stat.sparsity(self.threshold)
 
     def __call__(self, probs: Tensor, query_offset: int, key_mask: Tensor | None = None) -> Tensor:
         if key_mask is not None:
@@ -162,6 +173,8 @@ class DistanceReducer:
     """Mean attention distance ``sum_j A_ij |i - j|`` in tokens
     (:func:`~lightning_attn.functional.mean_attention_distance`), query chunks offset-aware."""
 
+    statistic = DISTANCE
+
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return mean_attention_distance(probs, query_offset)
 
@@ -171,6 +184,8 @@ class DistanceReducer:
 
 class FirstTokenReducer:
     """Weight on key 0 (:func:`~lightning_attn.functional.first_token_mass`): [CLS]/BOS sink mass."""
+
+    statistic = FIRST_TOKEN
 
     def __call__(self, probs: Tensor, query_offset: int) -> Tensor:
         return first_token_mass(probs).float()
@@ -226,6 +241,10 @@ class AttentionStatistics(SiteSums):
     standard deviation ``sqrt(E[f^2] - E[f]^2)`` of each head. Rows with no valid key (all-zero rows of
     fully masked queries, padded rows of nested fast-path maps) are left out when a ``key_mask`` is given.
 
+    A capture (not a tensor) goes through the statistics engine (:mod:`lightning_attn.metrics.engine`) when every
+    reducer names an engine ``statistic`` (the reducers here do): its rows are computed once per call from the
+    scores, for every consumer of the call, and this metric sums them. Other reducers read query chunks of the map.
+
     Reusable with any reducers, e.g. head-type scores::
 
         stats = AttentionStatistics({"prev": lambda p, off: diagonal_mass(p, -1, off)}, chunk_size=256)
@@ -251,6 +270,12 @@ class AttentionStatistics(SiteSums):
         self.names = list(self.reducers)
         self.chunk_size = chunk_size
         self._masked = {name: _takes_key_mask(fn) for name, fn in self.reducers.items()}
+        #: name -> engine statistic, when every reducer has one (then captures go through the engine)
+        self.statistics: dict[str, Stat] | None = None
+        statistics = {name: getattr(fn, "statistic", None) for name, fn in self.reducers.items()}
+        if all(isinstance(stat, Stat) for stat in statistics.values()):
+            self.statistics = {name: stat for name, stat in statistics.items() if isinstance(stat, Stat)}
+            ENGINE.subscribe(self, self.statistics.values())
 
     def _state(self, site: str, num_heads: int, device: torch.device) -> Tensor:
         return self._site_state(site, (2 * len(self.names) + 1, num_heads), device, size=num_heads)
@@ -258,11 +283,12 @@ class AttentionStatistics(SiteSums):
     def update(
         self,
         site: str,
-        attention: AttentionCapture | Tensor,
+        attention: AttentionCapture | Tensor | Mapping[str, Tensor],
         query_offset: int = 0,
         key_mask: Tensor | bool | None = True,
+        row_weight: Tensor | None = None,
     ) -> None:
-        """Add the rows of one map, one capture, or one query chunk of a map.
+        """Add the rows of one map, one capture, one query chunk of a map, or whole per-row values.
 
         Args:
             site: site name (a state is created on first sight).
@@ -271,8 +297,13 @@ class AttentionStatistics(SiteSums):
             query_offset: index of the first query row of a chunk ``attention`` (tensors only).
             key_mask: ``True`` (default) derives the valid keys with :func:`key_mask_for`; ``None`` says every
                 key is valid; a bool tensor broadcastable to the chunk gives them.
+            row_weight: with per-row values only (see :meth:`_add_rows`).
         """
-        if isinstance(attention, AttentionCapture):
+        if isinstance(attention, Mapping):
+            self._add_rows(site, attention, row_weight)
+        elif isinstance(attention, AttentionCapture) and key_mask is True and self.statistics is not None:
+            self._add_rows(site, self.rows_of(ENGINE.rows(attention, self.statistics.values(), self.chunk_size)))
+        elif isinstance(attention, AttentionCapture):
             for offset, chunk in attention.chunks(self.chunk_size):
                 mask = key_mask_for(attention, chunk) if key_mask is True else key_mask
                 self._update_chunk(site, chunk, offset, mask)
@@ -287,6 +318,25 @@ class AttentionStatistics(SiteSums):
             probs = as_bhqk(attention)
             mask = key_mask_for(probs, probs) if key_mask is True else key_mask
             self._update_chunk(site, probs, query_offset, mask)
+
+    def rows_of(self, rows: RowValues) -> dict[str, Tensor]:
+        """This metric's statistics, by name, out of the engine's rows of a call (``[B, H, Q]`` each), plus
+        ``"_valid"``: the rows with a valid key."""
+        assert self.statistics is not None
+        return {**{name: rows.values[stat] for name, stat in self.statistics.items()}, "_valid": rows.valid}
+
+    def _add_rows(self, site: str, values: Mapping[str, Tensor], row_weight: Tensor | None = None) -> None:
+        """Add whole per-row values: ``values[name]`` ``[B, H, Q]`` for every name and ``values["_valid"]``
+        (``[B, H, Q]`` bool, the rows that count); ``row_weight`` (``[B, Q]``, 0/1) leaves more rows out.
+        Called by :meth:`update` (given a mapping), which marks the metric updated."""
+        valid = values["_valid"]
+        state = self._state(site, valid.shape[1], valid.device)
+        weight = valid.to(state.dtype)
+        if row_weight is not None:
+            weight = weight * row_weight.to(state.dtype)[:, None, :]
+        stacked = torch.stack([torch.where(valid, values[name], 0) for name in self.names]).to(state.dtype) * weight
+        rows = weight.sum((0, 2))[None]
+        state += torch.cat([stacked.sum((1, 3)), stacked.square().sum((1, 3)), rows])
 
     def _update_chunk(self, site: str, probs: Tensor, query_offset: int, key_mask: Tensor | bool | None) -> None:
         state = self._state(site, probs.shape[1], probs.device)
@@ -330,6 +380,10 @@ class AttentionStatistics(SiteSums):
 # -- positions ------------------------------------------------------------------------------------------
 
 
+#: What :class:`AttentionPositions` reads from the statistics engine.
+STATISTICS_OF_POSITIONS = (RECEIVED, Stat.diagonal(0), MAX_WEIGHT)
+
+
 class AttentionPositions(SiteSums):
     """Which positions receive attention and which give it, per site, streamed.
 
@@ -352,6 +406,7 @@ class AttentionPositions(SiteSums):
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.max_positions = int(max_positions)
+        ENGINE.subscribe(self, STATISTICS_OF_POSITIONS)
 
     @property
     def kinds(self) -> dict[str, str]:
@@ -365,26 +420,42 @@ class AttentionPositions(SiteSums):
     def update(
         self,
         site: str,
-        probs: Tensor,
+        probs: Tensor | RowValues,
         query_offset: int = 0,
         self_attention: bool = True,
         row_valid: Tensor | None = None,
     ) -> None:
-        """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``.
+        """Add one map or query chunk ``[B, H, q, K]`` (rows ``query_offset ...``) of ``site``, or a whole call
+        from the statistics engine's rows (:data:`STATISTICS`).
 
         ``row_valid`` (``[B, H, q]`` bool) leaves rows without a valid key out; ``None`` counts every row.
         """
+        if isinstance(probs, RowValues):
+            received = probs.values[RECEIVED].sum((0, 1))
+            given = 1 - probs.values[Stat.diagonal(0)] if self_attention else probs.values[MAX_WEIGHT]
+            self._add(site, self_attention, received, given, 0, probs.valid)
+            return
         probs = as_bhqk(probs)
-        state = self._state(site, "self" if self_attention else "cross", probs.device)
-        batch, heads, num_queries, num_keys = probs.shape
-        keys = min(num_keys, self.max_positions)
+        given = diagonal_mass(probs, 0, query_offset).neg_().add_(1) if self_attention else max_weight(probs)
+        self._add(site, self_attention, probs.sum((0, 1, 2)), given, query_offset, row_valid)
+
+    def _add(
+        self,
+        site: str,
+        self_attention: bool,
+        received: Tensor,
+        given: Tensor,
+        query_offset: int,
+        row_valid: Tensor | None,
+    ) -> None:
+        """``received`` ``[K]`` (summed over samples, heads and rows), ``given`` ``[B, H, q]``."""
+        state = self._state(site, "self" if self_attention else "cross", given.device)
+        batch, heads, num_queries = given.shape
+        keys = min(received.shape[-1], self.max_positions)
         first, last = min(query_offset, self.max_positions), min(query_offset + num_queries, self.max_positions)
         queries = last - first
-        received = probs.sum((0, 1, 2)).to(state.dtype)
-        if self_attention:
-            given = diagonal_mass(probs, 0, query_offset).to(state.dtype).neg_().add_(1)
-        else:
-            given = max_weight(probs).to(state.dtype)
+        received = received.to(state.dtype)
+        given = given.to(state.dtype)
         if row_valid is None:
             rows = torch.full((), batch * heads * num_queries, dtype=state.dtype, device=state.device)
             pairs = torch.full((queries,), batch * heads, dtype=state.dtype, device=state.device)
@@ -412,274 +483,3 @@ class AttentionPositions(SiteSums):
 def _trim(values: Tensor, counts: Tensor) -> Tensor:
     seen = torch.nonzero(counts > 0)
     return values[: int(seen.max()) + 1] if seen.numel() else values[:0]
-
-
-# -- modality agreement ---------------------------------------------------------------------------------
-
-
-class ModalityAgreement(SiteSums):
-    """Mean per-sample agreement of declared cross-attention pairs, streamed.
-
-    For a pair ``(A->B, B->A)`` of head-averaged maps ``[B, La, Lb]`` and ``[B, Lb, La]``, each sample's
-    agreement is the Pearson correlation of ``A->B`` with ``(B->A)^T``
-    (:func:`~lightning_attn.functional.modality_agreement`, in ``[-1, 1]``); states are the sum over samples
-    and the sample count, per pair.
-    """
-
-    higher_is_better = True
-
-    @property
-    def pairs(self) -> list[str]:
-        return list(self._state_names)
-
-    def update(self, pair: str, a_to_b: Tensor, b_to_a: Tensor) -> None:
-        """Add the samples of one batch: ``a_to_b`` ``[B, La, Lb]``, ``b_to_a`` ``[B, Lb, La]`` (heads averaged)."""
-        state = self._site_state(pair, (2,), a_to_b.device, prefix="pair")
-        agreement = modality_agreement(a_to_b, b_to_a).to(state.dtype)  # [B]
-        state += torch.stack(
-            [agreement.sum(), torch.full((), agreement.numel(), dtype=state.dtype, device=state.device)]
-        )
-
-    def compute(self) -> dict[str, Tensor]:
-        """``{pair: mean agreement}`` (NaN for a pair with no sample)."""
-        return {pair: state[0] / state[1] for pair, state in self._site_states()}
-
-
-class PairBuffer:
-    """Holds the head-averaged map of one direction of a declared pair until the other direction arrives in
-    the same forward pass, then hands both over (and forgets them): at most one map per pair is held.
-
-    Args:
-        pairs: ``{pair_name: (a_to_b_site, b_to_a_site)}``; site names or glob patterns.
-    """
-
-    def __init__(self, pairs: Mapping[str, Sequence[str]]) -> None:
-        from lightning_attn.capture.recorder import matches
-
-        self._matches = matches
-        self.pairs = {name: (str(sites[0]), str(sites[1])) for name, sites in pairs.items()}
-        for name, sites in pairs.items():
-            if len(sites) != 2:
-                raise ValueError(f"modality pair {name!r} needs two sites (A->B, B->A), got {sites!r}")
-        self._roles: dict[str, list[tuple[str, int]]] = {}
-        self.resolved: dict[str, list[str | None]] = {name: [None, None] for name in self.pairs}
-        self._pending: dict[str, list[Tensor | None]] = {}
-
-    def roles(self, site: str) -> list[tuple[str, int]]:
-        """``[(pair, 0 for A->B | 1 for B->A)]`` of a site; a glob binds to the first site that matches."""
-        cached = self._roles.get(site)
-        if cached is None:
-            cached = []
-            for name, sites in self.pairs.items():
-                for role, pattern in enumerate(sites):
-                    bound = self.resolved[name][role]
-                    if bound == site or (bound is None and (pattern == site or self._matches(site, [pattern]))):
-                        self.resolved[name][role] = site
-                        cached.append((name, role))
-            self._roles[site] = cached
-        return cached
-
-    def add(self, pair: str, role: int, head_mean: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Store one direction; return ``(a_to_b, b_to_a)`` once both are there."""
-        pending = self._pending.setdefault(pair, [None, None])
-        pending[role] = head_mean
-        if pending[0] is not None and pending[1] is not None:
-            a_to_b, b_to_a = pending
-            del self._pending[pair]
-            if a_to_b.shape[0] != b_to_a.shape[0] or a_to_b.shape[1:] != b_to_a.shape[1:][::-1]:
-                raise ValueError(
-                    f"modality pair {pair!r}: A->B map {tuple(a_to_b.shape)} and B->A map {tuple(b_to_a.shape)} "
-                    "are not transposes of each other ([B, La, Lb] and [B, Lb, La])"
-                )
-            return a_to_b, b_to_a
-        return None
-
-    def clear(self) -> None:
-        """Forget unmatched maps (end of a batch)."""
-        self._pending.clear()
-
-
-# -- probe samples --------------------------------------------------------------------------------------
-
-
-class ProbeMaps:
-    """Attention maps of a few fixed samples, kept for figures (one batch per epoch, never a state).
-
-    Per site: the head-averaged map of every probe sample ``[n, Q', K']`` and the per-head maps of the first
-    ``[H, Q', K']``, block-pooled to at most ``max_tokens`` queries and keys: query blocks are averaged and
-    key blocks summed, so pooled rows still sum to 1. Also the attention rollout (Abnar & Zuidema 2020,
-    :func:`~lightning_attn.functional.attention_rollout`, head mean, residual 0.5) of the self-attention sites
-    whose length equals the first one's, folded layer by layer in forward order (``R_l @ ... @ R_1``), for
-    sequences of at most ``rollout_max_tokens``. Everything stays on the device until :meth:`finish`.
-
-    Feed it query chunks with :meth:`add` and call :meth:`end_site` after the last chunk of each capture;
-    a site seen again (a second forward pass in the same step) is ignored.
-    """
-
-    def __init__(self, num_samples: int, max_tokens: int = 128, rollout_max_tokens: int = 1024) -> None:
-        if num_samples < 1 or max_tokens < 1:
-            raise ValueError("num_samples and max_tokens must be >= 1")
-        self.num_samples = num_samples
-        self.max_tokens = max_tokens
-        self.rollout_max_tokens = rollout_max_tokens
-        self.mean: dict[str, Tensor] = {}
-        self.heads: dict[str, Tensor] = {}
-        self.shapes: dict[str, tuple[int, int]] = {}
-        self.kinds: dict[str, str] = {}
-        self.rollout: Tensor | None = None
-        self.rollout_sites: list[str] = []
-        self._rollout_length: int | None = None
-        self._full: Tensor | None = None
-        self._done: set[str] = set()
-
-    def _bins(self, length: int, device: torch.device) -> tuple[int, Tensor | None]:
-        if length <= self.max_tokens:
-            return length, None
-        return self.max_tokens, torch.arange(length, device=device) * self.max_tokens // length
-
-    def add(self, site: str, kind: str, num_queries: int, num_keys: int, chunk: Tensor, query_offset: int) -> None:
-        if site in self._done:  # a second forward pass in the same step: keep the first one's maps
-            return
-        x = chunk[: self.num_samples].float()  # [n, H, q, K]
-        n, heads, q, _ = x.shape
-        device = x.device
-        query_bins, query_index = self._bins(num_queries, device)
-        key_bins, key_index = self._bins(num_keys, device)
-        if site not in self.mean:
-            self.mean[site] = x.new_zeros(n, query_bins, key_bins)
-            self.heads[site] = x.new_zeros(heads, query_bins, key_bins)
-            self.shapes[site] = (num_queries, num_keys)
-            self.kinds[site] = kind
-            if kind == "self" and num_queries == num_keys and num_queries <= self.rollout_max_tokens:
-                if self._rollout_length is None:
-                    self._rollout_length = num_queries
-                if num_queries == self._rollout_length:
-                    self._full = x.new_zeros(n, num_queries, num_keys)
-        head_mean = x.mean(1)
-        if self._full is not None:
-            self._full[:, query_offset : query_offset + q] = head_mean
-        first = x[0]
-        if key_index is not None:
-            head_mean = head_mean.new_zeros(n, q, key_bins).index_add_(-1, key_index, head_mean)
-            first = first.new_zeros(heads, q, key_bins).index_add_(-1, key_index, first)
-        if query_index is None:
-            self.mean[site][:, query_offset : query_offset + q] = head_mean
-            self.heads[site][:, query_offset : query_offset + q] = first
-        else:
-            rows = query_index[query_offset : query_offset + q]
-            self.mean[site].index_add_(1, rows, head_mean)
-            self.heads[site].index_add_(1, rows, first)
-
-    def end_site(self, site: str) -> None:
-        """Close a capture: fold it into the rollout if it takes part."""
-        self._done.add(site)
-        if self._full is None:
-            return
-        from lightning_attn.functional.attention import attention_rollout, rollout_product
-
-        step = attention_rollout([self._full[:, None]], "mean", 0.0, 0.5)  # one layer: 0.5 I + 0.5 A, renormalized
-        self.rollout = rollout_product(step, self.rollout)
-        self.rollout_sites.append(site)
-        self._full = None
-
-    def finish(self) -> dict[str, Any]:
-        """Host copies: ``{"mean", "heads", "shapes", "kinds", "rollout", "rollout_sites"}`` (a host sync)."""
-        mean, heads = {}, {}
-        for site, (num_queries, _) in self.shapes.items():
-            scale = 1.0
-            if num_queries > self.max_tokens:
-                index = torch.arange(num_queries) * self.max_tokens // num_queries
-                scale = 1.0 / torch.bincount(index, minlength=self.max_tokens).to(torch.float32)[:, None]
-            mean[site] = self.mean[site].cpu() * scale
-            heads[site] = self.heads[site].cpu() * scale
-        rollout = None
-        if self.rollout is not None:
-            rollout = self.rollout.cpu()
-            length = rollout.shape[-1]
-            if length > self.max_tokens:  # display only: pooled like the maps
-                index = torch.arange(length) * self.max_tokens // length
-                counts = torch.bincount(index, minlength=self.max_tokens).to(torch.float32)
-                pooled = rollout.new_zeros(rollout.shape[0], length, self.max_tokens).index_add_(-1, index, rollout)
-                rollout = (
-                    pooled.new_zeros(rollout.shape[0], self.max_tokens, self.max_tokens).index_add_(1, index, pooled)
-                    / counts[:, None]
-                )
-        return {
-            "mean": mean,
-            "heads": heads,
-            "shapes": dict(self.shapes),
-            "kinds": dict(self.kinds),
-            "rollout": rollout,
-            "rollout_sites": list(self.rollout_sites),
-        }
-
-
-# -- results --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AttentionResults:
-    """One evaluation epoch's attention statistics (host tensors).
-
-    Attributes:
-        stage: ``val``/``test`` (``_dl<k>`` for the k-th dataloader, k >= 1).
-        epoch: ``trainer.current_epoch``; ``global_step``: ``trainer.global_step``.
-        sites: site names in forward order; ``kinds``: ``"self"``/``"cross"``; ``num_heads``: heads per site.
-        mean: statistic name to ``[sites, max_heads]`` per-head means (NaN beyond a site's heads).
-        std: the same for the per-head standard deviation over (sample, query) rows.
-        rows: ``[sites, max_heads]`` number of rows averaged.
-        top_attended: site to ``[(position name or index, mean share of a row's attention received)]``.
-        top_attending: site to ``[(position, attention given to other positions (self-attention) or peak
-            weight (cross-attention))]``.
-        agreement: modality pair name to mean per-sample agreement in ``[-1, 1]``.
-    """
-
-    stage: str
-    epoch: int
-    global_step: int
-    sites: list[str]
-    kinds: list[str]
-    num_heads: list[int]
-    mean: dict[str, Tensor]
-    std: dict[str, Tensor]
-    rows: Tensor
-    top_attended: dict[str, list[tuple[str | int, float]]]
-    top_attending: dict[str, list[tuple[str | int, float]]]
-    agreement: dict[str, float]
-
-    @property
-    def statistics(self) -> list[str]:
-        return list(self.mean)
-
-    def site_mean(self, statistic: str) -> Tensor:
-        """``[sites]``: the mean over heads of the per-head means (each head weighs the same)."""
-        return self.mean[statistic].nanmean(dim=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: per site, per statistic the site mean, per-head means and standard deviations."""
-        sites = {}
-        for index, site in enumerate(self.sites):
-            heads = self.num_heads[index]
-            sites[site] = {
-                "kind": self.kinds[index],
-                "num_heads": heads,
-                "rows_per_head": self.rows[index, :heads].tolist(),
-                "statistics": {
-                    name: {
-                        "mean": float(self.mean[name][index, :heads].mean()),
-                        "per_head_mean": self.mean[name][index, :heads].tolist(),
-                        "per_head_std": self.std[name][index, :heads].tolist(),
-                    }
-                    for name in self.mean
-                },
-                "top_attended": [[label, value] for label, value in self.top_attended.get(site, [])],
-                "top_attending": [[label, value] for label, value in self.top_attending.get(site, [])],
-            }
-        return {
-            "stage": self.stage,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "statistics": self.statistics,
-            "sites": sites,
-            "agreement": dict(self.agreement),
-        }
