@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers import trainer_options
 from lightning.pytorch.loggers import TensorBoardLogger
+from planted_heads import LAYER_PLANS, PlantedModule, make_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # type: ignore[import-untyped]
-from test_head_specialization import LAYER_PLANS, PlantedModule, make_loader
 
 from lightning_attn import HeadSpecializationTracker
 from lightning_attn.metrics.head_roles import role_events

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import lightning.pytorch as pl
     from lightning_attn import HeadSpecializationTracker
-    from test_head_specialization import FEATURES, make_loader, make_module, summarize, trainer_kwargs
+    from planted_heads import FEATURES, make_loader, make_module, summarize, trainer_kwargs
     from helpers import end_process_group
     from pathlib import Path
 
@@ -69,7 +69,7 @@ def test_ddp_equals_one_process(tmp_path: Path) -> None:
     assert ddp["world_size"] == 2
 
     sys.path.insert(0, str(TESTS))
-    from test_head_specialization import FEATURES, make_loader, make_module, summarize, trainer_kwargs
+    from planted_heads import FEATURES, make_loader, make_module, summarize, trainer_kwargs
 
     tracker = HeadSpecializationTracker(
         features=FEATURES, probe_samples=2, log_figures=False, export_registry=False, logged_scores=("entropy", "hsi")

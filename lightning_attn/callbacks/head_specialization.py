@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
-from torch import Tensor
 
 from lightning_attn.callbacks.base import (
     EvaluationCallback,
@@ -28,6 +27,7 @@ from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEA
 from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.metrics.batch_context import batch_context
 from lightning_attn.metrics.head_roles import (
     EVENT_COLUMNS,
     PRUNABLE_COLUMNS,
@@ -46,19 +46,11 @@ from lightning_attn.metrics.heads import (
     FeatureLabel,
     HeadSpecializationMetrics,
     analyze_heads,
-    as_device_tensor,
     build_registry,
-    lookup,
 )
 from lightning_attn.metrics.importance import HeadImportance
-from lightning_attn.plots.head_roles import plot_head_importance, plot_head_timeline
-from lightning_attn.plots.heads import (
-    plot_feature_correlations,
-    plot_head_evolution,
-    plot_head_redundancy,
-    plot_head_type_scores,
-    plot_hsi,
-)
+from lightning_attn.metrics.registry import registry_table
+from lightning_attn.plots.head_specialization import tracker_figures
 from lightning_attn.sinks import publish_figures, publish_json, publish_table
 from lightning_attn.sinks.dashboards import per_head_charts, publish_scalar_layout
 
@@ -470,35 +462,16 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def _batch_context(self, batch: Any, device: torch.device, probe: bool) -> BatchContext:
         """Everything taken from the batch, as tensors on ``device`` (no host synchronization)."""
-        context = BatchContext(probe=probe)
-        context.tokens = self._optional(batch, self.token_ids_key, device)
-        valid = self._optional(batch, self.padding_mask_key, device)
-        context.valid = None if valid is None else valid.to(torch.bool)
-        exclude = self._optional(batch, self.confidence_exclude_key, device)
-        context.confidence_exclude = None if exclude is None else exclude.to(torch.bool)
-        for name, source in self.features.items():
-            values = as_device_tensor(lookup(batch, source), device)
-            if values.dim() == 2 and values.shape[1] == 1:
-                values = values[:, 0]
-            if values.dim() not in (1, 2):
-                raise ValueError(f"feature {name!r} must be [B] or [B, K], got shape {tuple(values.shape)}")
-            context.features[name] = values if values.is_floating_point() else values.to(torch.float32)
-        for name, source in self.feature_masks.items():
-            context.masks[name] = as_device_tensor(lookup(batch, source), device).to(torch.bool)
-        return context
-
-    @staticmethod
-    def _optional(batch: Any, key: str | None, device: torch.device) -> Tensor | None:
-        if key is None:
-            return None
-        try:
-            value = lookup(batch, key)
-        except KeyError:
-            return None
-        if value is None:
-            return None
-        tensor = as_device_tensor(value, device)
-        return tensor if tensor.dim() == 2 else None
+        return batch_context(
+            batch,
+            device,
+            probe=probe,
+            token_ids_key=self.token_ids_key,
+            padding_mask_key=self.padding_mask_key,
+            confidence_exclude_key=self.confidence_exclude_key,
+            features=self.features,
+            feature_masks=self.feature_masks,
+        )
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_recorder()
@@ -588,30 +561,9 @@ class HeadSpecializationTracker(EvaluationCallback):
         if self.export_registry:
             registry = self.registry(key)
             publish_json(trainer, "head_functions", registry, namespace=namespace, save_dir=self.save_dir)
-            # one row per head, every column sortable in W&B: who it is, what it does, and its statistics
-            statistics = list(registry["layers"][0]["heads"][0]["statistics"]) if registry["layers"] else []
-            rows = [
-                [
-                    layer["site"],
-                    head["head"],
-                    head["label"],
-                    ", ".join(head["types"]),
-                    head["hsi"],
-                    head["primary_feature"],
-                    head["correlation"],
-                    *(head["statistics"].get(name) for name in statistics),
-                ]
-                for layer in registry["layers"]
-                for head in layer["heads"]
-            ]
+            head_columns, head_rows = registry_table(registry)
             publish_table(
-                trainer,
-                "registry",
-                ["site", "head", "label", "types", "hsi", "primary_feature", "correlation", *statistics],
-                rows,
-                namespace=namespace,
-                step=step,
-                save_dir=self.save_dir,
+                trainer, "registry", head_columns, head_rows, namespace=namespace, step=step, save_dir=self.save_dir
             )
         tables: dict[str, tuple[Sequence[str], list[list[Any]]]] = {}
         tables["role_events"] = (EVENT_COLUMNS, event_rows(entry["events"]))
@@ -629,79 +581,15 @@ class HeadSpecializationTracker(EvaluationCallback):
         ``feature_correlation`` (with features), ``type_scores``, ``redundancy`` (given the probe's result),
         ``evolution``, ``timeline`` (labels and role changes over the epochs), ``importance`` (with
         ``head_importance``)."""
-        records = self.history_for(stage)
-        if not records:
-            return {}
-        entry = records[-1]
-        sites = [s["name"] for s in entry["sites"]]
-        heads = [f"{s['name']}/h{h}" for s in entry["sites"] for h in range(s["num_heads"])]
-        per_head = lambda table: [value for site in sites for value in table[site]]  # noqa: E731
-        figures: dict[str, Figure] = {}
-        title = f"{stage}, epoch {entry['epoch']}"
-        if self.features:
-            figures["hsi"] = plot_hsi(
-                per_head(entry["hsi"]),
-                heads,
-                per_head(entry["labels"]),
-                self.hsi_threshold,
-                title=f"Head Specialization Index ({title})",
-            )
-            matrix = [
-                [entry["correlations"][site][f][h] for f in self.features]
-                for site in sites
-                for h in range(len(entry["hsi"][site]))
-            ]
-            figures["feature_correlation"] = plot_feature_correlations(
-                matrix, heads, list(self.features), title=f"Head x feature correlation ({title})"
-            )
-        width = max(s["num_heads"] for s in entry["sites"])
-        scores = {}
-        for name in (*TYPE_SCORES, "sink", "broad"):
-            table = [
-                list(entry["type_scores"][site][name]) + [math.nan] * (width - len(entry["type_scores"][site][name]))
-                for site in sites
-            ]
-            scores[name] = table
-        figures["type_scores"] = plot_head_type_scores(scores, sites, title=f"Head-type scores ({title})")
-        if redundancy is not None:
-            figures["redundancy"] = plot_head_redundancy(
-                redundancy["distance"],
-                redundancy["heads"],
-                redundancy["clusters"],
-                self.redundancy_threshold,
-                title=f"Head redundancy, JS divergence ({title})",
-            )
-        ordered = sorted(records, key=lambda r: r["epoch"])
-        epochs = [r["epoch"] for r in ordered]
-        series = {"entropy": [self._flat(r, heads, "entropy") for r in ordered]}
-        if self.features:
-            series["hsi"] = [self._flat(r, heads, "hsi") for r in ordered]
-        figures["evolution"] = plot_head_evolution(epochs, series, heads, title=f"Per-head evolution ({stage})")
-        labels = [[self._label_at(r, head) for head in heads] for r in ordered]
-        events = self.events(stage)
-        figures["timeline"] = plot_head_timeline(epochs, labels, heads, events, title=f"Head roles ({stage})")
-        if "importance" in entry:
-            normalized = entry["importance_normalized"]
-            table = [normalized[site] + [math.nan] * (width - len(normalized[site])) for site in sites]
-            figures["importance"] = plot_head_importance(table, sites, title=f"Head importance ({title})")
-        return figures
-
-    @staticmethod
-    def _label_at(record: dict[str, Any], head: str) -> str | None:
-        site, k = head.rsplit("/h", 1)
-        labels = record["labels"].get(site, [])
-        return labels[int(k)] if int(k) < len(labels) else None
-
-    @staticmethod
-    def _flat(record: dict[str, Any], heads: Sequence[str], what: str) -> list[float]:
-        """Per-head values of ``what`` (``"hsi"`` or a row statistic) in ``heads`` order, NaN where absent."""
-        out = []
-        for head in heads:
-            site, k = head.rsplit("/h", 1)
-            values = record["hsi"].get(site) if what == "hsi" else record["statistics"].get(site, {}).get(what)
-            value = values[int(k)] if values is not None and int(k) < len(values) else None
-            out.append(math.nan if value is None else float(value))
-        return out
+        return tracker_figures(
+            self.history_for(stage),
+            self.events(stage),
+            stage=stage,
+            features=list(self.features),
+            hsi_threshold=self.hsi_threshold,
+            redundancy_threshold=self.redundancy_threshold,
+            redundancy=redundancy,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -23,8 +23,8 @@ sight; no ``update`` synchronizes with the host.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from lightning_attn.metrics.attention import (
     EntropyReducer,
     FirstTokenReducer,
 )
+from lightning_attn.metrics.batch_context import BatchContext, as_device_tensor, lookup
 from lightning_attn.metrics.correlation import FeatureCorrelation, pearson_from_sums
 from lightning_attn.metrics.driving import DEFAULT_FEATURE_LABELS
 from lightning_attn.metrics.engine import ENGINE, MAX_WEIGHT, Stat
@@ -223,28 +224,6 @@ def head_statistics_reducers(local_window: int = 2, confidence_exclude_positions
 
 
 # -- one epoch, one dataloader -----------------------------------------------------------------------------
-
-
-@dataclass
-class BatchContext:
-    """What :class:`HeadSpecializationMetrics` takes from one batch (tensors already on the model's device).
-
-    Attributes:
-        tokens: ``[B, L]`` token ids, or ``None``.
-        valid: ``[B, L]`` bool, True = real (non-padding) token, or ``None`` (every position is real).
-        features: feature name to values ``[B]`` (per sample) or ``[B, K]`` (per key token).
-        masks: feature name to a ``[B, K]`` bool key-token mask (the tokens whose attention mass summarizes a
-            head for that feature).
-        confidence_exclude: ``[B, K]`` bool keys left out of the confidence max, or ``None``.
-        probe: whether this batch feeds the probe maps.
-    """
-
-    tokens: Tensor | None = None
-    valid: Tensor | None = None
-    features: dict[str, Tensor] = field(default_factory=dict)
-    masks: dict[str, Tensor] = field(default_factory=dict)
-    confidence_exclude: Tensor | None = None
-    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -528,33 +507,3 @@ class HeadSpecializationMetrics:
 def _floats(values: Tensor) -> list[float]:
     # reshape: a single-head site's values may arrive as a 0-d tensor, whose tolist() is a bare float
     return [float(v) for v in values.detach().double().cpu().reshape(-1).tolist()]
-
-
-def lookup(batch: Any, source: str | Callable[[Any], Any]) -> Any:
-    """``source(batch)`` for a callable; else ``batch[source]``, then the dotted path ``a.b.0`` through
-    mappings, sequences (integer parts) and attributes. Raises ``KeyError`` when absent."""
-    if callable(source):
-        return source(batch)
-    if isinstance(batch, Mapping) and source in batch:
-        return batch[source]
-    obj = batch
-    for part in source.split("."):
-        if isinstance(obj, Mapping) and part in obj:
-            obj = obj[part]
-        elif isinstance(obj, (list, tuple)) and part.lstrip("-").isdigit() and -len(obj) <= int(part) < len(obj):
-            obj = obj[int(part)]
-        elif not isinstance(obj, (Mapping, list, tuple, Tensor)) and hasattr(obj, part):
-            obj = getattr(obj, part)
-        else:
-            available = sorted(map(str, batch.keys())) if isinstance(batch, Mapping) else type(batch).__name__
-            raise KeyError(f"{source!r} not found in the batch (available: {available})")
-    return obj
-
-
-def as_device_tensor(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    """A tensor on ``device`` (non-blocking copy for host tensors); lists and arrays are converted."""
-    if not isinstance(value, Tensor):
-        value = torch.as_tensor(value)
-    if value.device != device:
-        value = value.to(device, non_blocking=True)
-    return value if dtype is None else value.to(dtype)

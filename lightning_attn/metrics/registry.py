@@ -115,3 +115,25 @@ def build_registry(
         "clusters": clusters,
     }
     return to_jsonable(registry)
+
+
+def registry_table(registry: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The registry as one row per head, every column sortable in a W&B table: who it is (site, head), what it does
+    (label, types, HSI, primary feature and its correlation) and its row statistics."""
+    statistics = list(registry["layers"][0]["heads"][0]["statistics"]) if registry["layers"] else []
+    columns = ["site", "head", "label", "types", "hsi", "primary_feature", "correlation", *statistics]
+    rows = [
+        [
+            layer["site"],
+            head["head"],
+            head["label"],
+            ", ".join(head["types"]),
+            head["hsi"],
+            head["primary_feature"],
+            head["correlation"],
+            *(head["statistics"].get(name) for name in statistics),
+        ]
+        for layer in registry["layers"]
+        for head in layer["heads"]
+    ]
+    return columns, rows

@@ -1,0 +1,111 @@
+"""What the HeadSpecializationTracker reads from a batch: token ids, the padding mask, features and feature masks,
+looked up by key, dotted path or callable and moved to the model's device without a host synchronisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["BatchContext", "as_device_tensor", "batch_context", "lookup"]
+
+
+@dataclass
+class BatchContext:
+    """What :class:`HeadSpecializationMetrics` takes from one batch (tensors already on the model's device).
+
+    Attributes:
+        tokens: ``[B, L]`` token ids, or ``None``.
+        valid: ``[B, L]`` bool, True = real (non-padding) token, or ``None`` (every position is real).
+        features: feature name to values ``[B]`` (per sample) or ``[B, K]`` (per key token).
+        masks: feature name to a ``[B, K]`` bool key-token mask (the tokens whose attention mass summarizes a
+            head for that feature).
+        confidence_exclude: ``[B, K]`` bool keys left out of the confidence max, or ``None``.
+        probe: whether this batch feeds the probe maps.
+    """
+
+    tokens: Tensor | None = None
+    valid: Tensor | None = None
+    features: dict[str, Tensor] = field(default_factory=dict)
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    confidence_exclude: Tensor | None = None
+    probe: bool = False
+
+
+def batch_context(
+    batch: Any,
+    device: torch.device,
+    *,
+    probe: bool,
+    token_ids_key: str | None,
+    padding_mask_key: str | None,
+    confidence_exclude_key: str | None,
+    features: Mapping[str, str | Callable[[Any], Any]],
+    feature_masks: Mapping[str, str | Callable[[Any], Any]],
+) -> BatchContext:
+    """Everything taken from ``batch``, as tensors on ``device`` (no host synchronization): ``[B, L]`` token ids,
+    padding mask and confidence exclusions where their keys are present, every feature (``[B]`` or ``[B, K]``,
+    float) and feature mask (bool). Raises ``KeyError`` for a missing feature, ``ValueError`` for a bad shape."""
+    context = BatchContext(probe=probe)
+    context.tokens = _optional(batch, token_ids_key, device)
+    valid = _optional(batch, padding_mask_key, device)
+    context.valid = None if valid is None else valid.to(torch.bool)
+    exclude = _optional(batch, confidence_exclude_key, device)
+    context.confidence_exclude = None if exclude is None else exclude.to(torch.bool)
+    for name, source in features.items():
+        values = as_device_tensor(lookup(batch, source), device)
+        if values.dim() == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.dim() not in (1, 2):
+            raise ValueError(f"feature {name!r} must be [B] or [B, K], got shape {tuple(values.shape)}")
+        context.features[name] = values if values.is_floating_point() else values.to(torch.float32)
+    for name, source in feature_masks.items():
+        context.masks[name] = as_device_tensor(lookup(batch, source), device).to(torch.bool)
+    return context
+
+
+def _optional(batch: Any, key: str | None, device: torch.device) -> Tensor | None:
+    """``[B, L]`` values under ``key`` on ``device``; ``None`` when there is no key, no value or another shape."""
+    if key is None:
+        return None
+    try:
+        value = lookup(batch, key)
+    except KeyError:
+        return None
+    if value is None:
+        return None
+    tensor = as_device_tensor(value, device)
+    return tensor if tensor.dim() == 2 else None
+
+
+def lookup(batch: Any, source: str | Callable[[Any], Any]) -> Any:
+    """``source(batch)`` for a callable; else ``batch[source]``, then the dotted path ``a.b.0`` through
+    mappings, sequences (integer parts) and attributes. Raises ``KeyError`` when absent."""
+    if callable(source):
+        return source(batch)
+    if isinstance(batch, Mapping) and source in batch:
+        return batch[source]
+    obj = batch
+    for part in source.split("."):
+        if isinstance(obj, Mapping) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, (list, tuple)) and part.lstrip("-").isdigit() and -len(obj) <= int(part) < len(obj):
+            obj = obj[int(part)]
+        elif not isinstance(obj, (Mapping, list, tuple, Tensor)) and hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            available = sorted(map(str, batch.keys())) if isinstance(batch, Mapping) else type(batch).__name__
+            raise KeyError(f"{source!r} not found in the batch (available: {available})")
+    return obj
+
+
+def as_device_tensor(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A tensor on ``device`` (non-blocking copy for host tensors); lists and arrays are converted."""
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(value)
+    if value.device != device:
+        value = value.to(device, non_blocking=True)
+    return value if dtype is None else value.to(dtype)
