@@ -8,6 +8,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -313,3 +314,35 @@ def test_sanity_check_is_skipped_and_state_resets_between_epochs(tmp_path: Path)
     assert [h["epoch"] for h in cb.history] == [0, 1]
     assert all(h["n_samples"] == 256 for h in cb.history)
     assert os.path.isdir(tmp_path / "lightning_attn_logs")
+
+
+def test_two_monitors_keep_keys_files_and_states_apart(tmp_path: Path) -> None:
+    """A second monitor on sharpened logits (as one per output head of a multi-task model would be), named apart,
+    logs its own keys and files and keeps its own checkpoint state; its numbers equal a monitor alone on them."""
+
+    def sharpened(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return outputs["logits"] * 4, outputs["target"]
+
+    x, y = data(256)
+    plain = CalibrationMonitor(bootstrap=0, plot=False)
+    sharp = CalibrationMonitor(bootstrap=0, plot=False, extract=sharpened, score_type="logits", name="calib-sharp")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    tr = trainer(tmp_path, [plain, sharp, checkpoint], max_epochs=1, enable_checkpointing=True)
+    module = FixedLogits()
+    tr.fit(module, loader(x, y), loader(x, y))
+    got_plain, got_sharp = plain.results["val"]["metrics"]["ece"], sharp.results["val"]["metrics"]["ece"]
+    assert got_plain != got_sharp
+    assert float(tr.callback_metrics["calibration/val/ece"]) == pytest.approx(got_plain, abs=1e-6)
+    assert float(tr.callback_metrics["calib-sharp/val/ece"]) == pytest.approx(got_sharp, abs=1e-6)
+    alone = CalibrationMonitor(bootstrap=0, plot=False, extract=sharpened, score_type="logits")
+    trainer(tmp_path / "alone", [alone]).validate(module, loader(x, y), verbose=False)  # the fitted weights
+    assert alone.results["val"]["metrics"]["ece"] == pytest.approx(got_sharp, abs=1e-9)
+    run = tmp_path / "lightning_attn_logs" / "version_0"
+    assert (run / "calibration" / "val").is_dir() and (run / "calib-sharp" / "val").is_dir()
+    states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    assert plain.state_key != sharp.state_key and {plain.state_key, sharp.state_key} <= states.keys()
+    # two unnamed monitors: Lightning refuses their equal state keys before our own check names the clash
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `CalibrationMonitor`"):
+        trainer(tmp_path / "twins", [CalibrationMonitor(), CalibrationMonitor()]).validate(
+            FixedLogits(), loader(x, y), verbose=False
+        )

@@ -164,6 +164,9 @@ class CalibrationMonitor(EvaluationCallback):
         save_dir: directory for PNG/JSON/CSV outputs; default ``<log_dir>/lightning_attn``.
         seed: seed of the reservoir's private random generator (combined with the global rank and
             the epoch), so the global RNG stream, hence training, is untouched.
+        name: replaces ``calibration`` in the logged keys, published names and output folder, so that two
+            monitors on one Trainer (say one per head of a multi-task model, with ``extract=``) keep their outputs,
+            keys and checkpoint states apart (equal names raise at setup).
     """
 
     namespace = NAMESPACE
@@ -192,8 +195,10 @@ class CalibrationMonitor(EvaluationCallback):
         every_n_epochs: int = 1,
         save_dir: str | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__(stages=stages, every_n_epochs=every_n_epochs, save_dir=save_dir)
+        self._set_name(NAMESPACE, name)
         if task not in (None, "binary", "multiclass"):
             raise ValueError(f"task must be 'binary', 'multiclass' or None (inferred), got {task!r}")
         if score_type not in (None, "logits", "probs"):
@@ -244,7 +249,11 @@ class CalibrationMonitor(EvaluationCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            task=self.task, n_bins=self.n_bins, score_key=self.score_key, stages=self.stages
+            task=self.task,
+            n_bins=self.n_bins,
+            score_key=self.score_key,
+            stages=self.stages,
+            **self._name_in_state_key(),
         )
 
     # -- temperature helpers ----------------------------------------------------------------------
@@ -452,10 +461,10 @@ class CalibrationMonitor(EvaluationCallback):
         scaling = None
         if self.fit_temperature and (stage == "validate" or self.temperature is not None):
             scaling = self._temperature_epoch(trainer, stage, dataloader_idx, metric)
-        logged = {f"{NAMESPACE}/{key}/{name}": values[name].float() for name in names}
+        logged = {f"{self.name}/{key}/{name}": values[name].float() for name in names}
         if scaling is not None:
             for name in ("temperature", "ece_scaled", "nll_scaled"):
-                logged[f"{NAMESPACE}/{key}/{name}"] = torch.tensor(
+                logged[f"{self.name}/{key}/{name}"] = torch.tensor(
                     scaling[name], dtype=torch.float32, device=values["ece"].device
                 )
             scalars.update({name: scaling[name] for name in ("temperature", "ece_scaled", "nll_scaled")})
@@ -575,7 +584,7 @@ class CalibrationMonitor(EvaluationCallback):
             trainer,
             lambda view: publish_calibration(
                 view,
-                f"{NAMESPACE}/{key}",
+                f"{self.name}/{key}",
                 result,
                 history,
                 label=label,
