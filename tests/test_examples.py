@@ -148,7 +148,7 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
         assert (report / "figures" / "gradcam.png").is_file(), "Grad-CAM over the digits"
 
     if example == "cross_modal":
-        assert sorted(attn.glob("*pairs_signal*.png")), "modality-pair figure"
+        assert sorted(attn.glob("*/pairs/*signal*.png")), "modality-pair figure"
         assert "signal<->spectrogram" in json.dumps(stats)
     if example == "stockformer":
         assert "volatility" in json.dumps(registry)

@@ -45,6 +45,6 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     _assert_close(ddp["histograms"], single["histograms"], "histograms")
     assert sum(map(sum, ddp["histograms"]["attn"]["per_head_counts"])) == 16 * 2 * models.LENGTH**2
     # figures and files from rank zero only, once
-    directory = tmp_path / "ddp" / "lightning_attn_logs" / "probe"
-    assert len(list(directory.glob("val_gate_over_time_step0.png"))) == 1
-    assert len(list(directory.glob("val_epoch0.json"))) == 1
+    directory = tmp_path / "ddp" / "lightning_attn_logs"
+    assert len(list(directory.glob("version_*/probe/val/gate/over_time_epoch0_step*.png"))) == 1
+    assert len(list(directory.glob("version_*/probe/val/statistics_epoch0_step*.json"))) == 1

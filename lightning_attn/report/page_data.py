@@ -121,7 +121,7 @@ def input_view(name: str, values: np.ndarray, feature_names: Sequence[str] | Non
     series = array.reshape(-1, 1) if array.ndim <= 1 else array.reshape(-1, array.shape[-1])
     stride = max(1, int(np.ceil(series.shape[0] / 512)))
     series = series[::stride, :MAX_SERIES_LINES]
-    names = list(feature_names) if named and feature_names is not None else [str(i) for i in range(array.shape[-1])]
+    names = list(feature_names) if named and feature_names is not None else [str(i) for i in range(series.shape[1])]
     view.update(
         kind="series",
         length=int(series.shape[0]),
