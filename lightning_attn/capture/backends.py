@@ -360,9 +360,7 @@ class _Interceptor:
         """``probs @ v`` eagerly, capturing the probabilities used: the autograd graph's in the differentiable mode
         (d output / d attention), or, with ``exact_outputs=False``, probabilities computed once. Equal to the
         kernel's output up to float rounding, not bitwise; only used when a recorder asks for it."""
-        bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+        a = _bound(_SDPA_SIGNATURE, args, kwargs)
         query, key, value = a["query"], a["key"], a["value"]
         probs = attention_probs(query, key, a["attn_mask"], bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"]))
         probs_used = F.dropout(probs, a["dropout_p"]) if a["dropout_p"] else probs
@@ -387,9 +385,7 @@ class _Interceptor:
         module = self._innermost()
         if module is None or self.state.quiet:
             return
-        bound = _SDPA_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+        a = _bound(_SDPA_SIGNATURE, args, kwargs)
         query, key = a["query"], a["key"]
         if query.is_nested or key.is_nested or is_fake(query):
             return
@@ -443,37 +439,12 @@ class _Interceptor:
             out = gates.gate_merged(out, a["num_heads"], *out_proj)
         return out, (weights.mean(dim=-3) if average else weights)
 
-    def _native_mha(
-        self,
-        query,
-        key,
-        value,
-        embed_dim,
-        num_heads,
-        qkv_weight,
-        qkv_bias,
-        proj_weight,
-        proj_bias,
-        mask=None,
-        need_weights=True,
-        average_attn_weights=True,
-        mask_type=None,
-    ):
-        out = self.original(torch, "_native_multi_head_attention")(
-            query,
-            key,
-            value,
-            embed_dim,
-            num_heads,
-            qkv_weight,
-            qkv_bias,
-            proj_weight,
-            proj_bias,
-            mask,
-            need_weights,
-            average_attn_weights,
-            mask_type,
-        )
+    def _native_mha(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.original(torch, "_native_multi_head_attention")(*args, **kwargs)
+        a = _bound(_NATIVE_MHA_SIGNATURE, args, kwargs)
+        query, key, num_heads = a["query"], a["key"], a["num_heads"]
+        qkv_weight, qkv_bias, mask, mask_type = a["qkv_weight"], a["qkv_bias"], a["mask"], a["mask_type"]
+        need_weights, average_attn_weights = a["need_weights"], a["average_attn_weights"]
         module = self._innermost()
         if module is None:
             return out
@@ -492,51 +463,12 @@ class _Interceptor:
             self._emit_fused(module, query, key, qkv_weight, qkv_bias, num_heads, mask, mask_type, "mha_fastpath", kind)
         return out
 
-    def _encoder_layer_fwd(
-        self,
-        src,
-        embed_dim,
-        num_heads,
-        qkv_weight,
-        qkv_bias,
-        proj_weight,
-        proj_bias,
-        use_gelu,
-        norm_first,
-        eps,
-        norm_weight_1,
-        norm_bias_1,
-        norm_weight_2,
-        norm_bias_2,
-        ffn_weight_1,
-        ffn_bias_1,
-        ffn_weight_2,
-        ffn_bias_2,
-        mask=None,
-        mask_type=None,
-    ):
-        out = self.original(torch, "_transformer_encoder_layer_fwd")(
-            src,
-            embed_dim,
-            num_heads,
-            qkv_weight,
-            qkv_bias,
-            proj_weight,
-            proj_bias,
-            use_gelu,
-            norm_first,
-            eps,
-            norm_weight_1,
-            norm_bias_1,
-            norm_weight_2,
-            norm_bias_2,
-            ffn_weight_1,
-            ffn_bias_1,
-            ffn_weight_2,
-            ffn_bias_2,
-            mask,
-            mask_type,
-        )
+    def _encoder_layer_fwd(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.original(torch, "_transformer_encoder_layer_fwd")(*args, **kwargs)
+        a = _bound(_ENCODER_LAYER_SIGNATURE, args, kwargs)
+        src, embed_dim, num_heads, eps, norm_first = a["src"], a["embed_dim"], a["num_heads"], a["eps"], a["norm_first"]
+        norm_weight_1, norm_bias_1 = a["norm_weight_1"], a["norm_bias_1"]
+        qkv_weight, qkv_bias, mask, mask_type = a["qkv_weight"], a["qkv_bias"], a["mask"], a["mask_type"]
         module = self._innermost()
         if module is not None:
             with autocast_off(src):
@@ -590,6 +522,37 @@ class _Interceptor:
 
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _signature(required: str, **optional: Any) -> inspect.Signature:
+    """A signature of positional-or-keyword parameters: the space-separated ``required`` ones, then ``optional``."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(name, kind) for name in required.split()]
+    parameters += [inspect.Parameter(name, kind, default=value) for name, value in optional.items()]
+    return inspect.Signature(parameters)
+
+
+# The private fused entry points' parameters (torch 2.13), for reading the caller's own arguments by name.
+_NATIVE_MHA_SIGNATURE = _signature(
+    "query key value embed_dim num_heads qkv_weight qkv_bias proj_weight proj_bias",
+    mask=None,
+    need_weights=True,
+    average_attn_weights=True,
+    mask_type=None,
+)
+_ENCODER_LAYER_SIGNATURE = _signature(
+    "src embed_dim num_heads qkv_weight qkv_bias proj_weight proj_bias use_gelu norm_first eps norm_weight_1 "
+    "norm_bias_1 norm_weight_2 norm_bias_2 ffn_weight_1 ffn_bias_1 ffn_weight_2 ffn_bias_2",
+    mask=None,
+    mask_type=None,
+)
+
+
+def _bound(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults filled in."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def weights_capture(weights: Tensor) -> Callable[[SiteInfo], AttentionCapture]:
