@@ -30,6 +30,7 @@ from lightning_attn.metrics.attention import (
     ProbeMaps,
     default_reducers,
 )
+from lightning_attn.metrics.engine import ENGINE
 
 STATS = ["entropy", "max_weight", "sparsity", "distance", "first_token"]
 SITES = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "eeg_to_spec", "spec_to_eeg"]
@@ -267,6 +268,7 @@ def test_long_sequence_is_reduced_in_query_chunks(tmp_path: Path, monkeypatch: p
         return out
 
     monkeypatch.setattr(record_module, "attention_scores", spy)
+    monkeypatch.setattr(ENGINE, "whole_map_bytes", 0)  # chunk however small the map
     chunked = AttentionLogger(chunk_size=256, log_figures=False, max_positions=2048)
     trainer(tmp_path, [chunked]).validate(module, data, verbose=False)
     assert rows_per_call and max(rows_per_call) == 256 and len(rows_per_call) == 2 * 2048 // 256

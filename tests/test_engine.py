@@ -23,6 +23,7 @@ from lightning_attn.functional.attention import (
 from lightning_attn.metrics.attention import AttentionStatistics, default_reducers
 from lightning_attn.metrics.engine import (
     DISTANCE,
+    ENGINE,
     ENTROPY,
     FIRST_TOKEN,
     MAX_WEIGHT,
@@ -153,7 +154,13 @@ class TwoLayerSdpa(nn.Module):
         return F.scaled_dot_product_attention(q, k, k, is_causal=True)
 
 
-def test_two_consumers_of_one_call_compute_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("whole_map_bytes", "passes"), [(0, 3), (ENGINE.whole_map_bytes, 1)])
+def test_two_consumers_of_one_call_compute_it_once(
+    monkeypatch: pytest.MonkeyPatch, whole_map_bytes: int, passes: int
+) -> None:
+    """Query chunks of 4 rows (3 for 10 queries) when the map is over ``whole_map_bytes``, one chunk when it fits;
+    either way the two consumers share the computation."""
+    monkeypatch.setattr(ENGINE, "whole_map_bytes", whole_map_bytes)
     calls: list[Any] = []
     original = record_module.attention_scores
 
@@ -171,7 +178,7 @@ def test_two_consumers_of_one_call_compute_it_once(monkeypatch: pytest.MonkeyPat
         AttentionRecorder(model, keep=False, on_capture=lambda c: second.update(c, BatchContext())),
     ):
         model(x)
-    assert len(calls) == 3  # one pass over the 3 query chunks, shared by both consumers
+    assert len(calls) == passes  # one pass over the call, shared by both consumers
     shared = first.compute()["TwoLayerSdpa"].mean["entropy"]
     assert torch.equal(shared, second.statistics.compute()["TwoLayerSdpa"].mean["entropy"])
 

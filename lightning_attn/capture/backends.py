@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
-from lightning_attn.capture.probs import attention_probs, autocast_off, in_projection_qk, native_mask
+from lightning_attn.capture.probs import (
+    LOWEST,
+    attention_probs,
+    autocast_off,
+    in_projection_qk,
+    native_mask,
+    scores_and_probs,
+)
 from lightning_attn.capture.record import AttentionCapture, SiteInfo, as_bhqk, float32_detached, pad_nested_probs
 from lightning_attn.capture.sites import (
     attention_kind,
@@ -358,23 +365,44 @@ class _Interceptor:
 
     def _sdpa_through_probs(self, args: tuple, kwargs: dict) -> Tensor:
         """``probs @ v`` eagerly, capturing the probabilities used: the autograd graph's in the differentiable mode
-        (d output / d attention), or, with ``exact_outputs=False``, probabilities computed once. Equal to the
-        kernel's output up to float rounding, not bitwise; only used when a recorder asks for it."""
+        (d output / d attention), or, with ``exact_outputs=False``, scores and probabilities computed once and kept
+        on the capture for the statistics. Equal to the kernel's output up to float rounding, not bitwise; only used
+        when a recorder asks for it."""
         a = _bound(_SDPA_SIGNATURE, args, kwargs)
         query, key, value = a["query"], a["key"], a["value"]
-        probs = attention_probs(query, key, a["attn_mask"], bool(a["is_causal"]), a["scale"], bool(a["enable_gqa"]))
-        probs_used = F.dropout(probs, a["dropout_p"]) if a["dropout_p"] else probs
-        if bool(a["enable_gqa"]) and value.shape[-3] != query.shape[-3]:
-            value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-        out = torch.matmul(probs_used, value.float()).to(query.dtype)
+        is_causal, enable_gqa = bool(a["is_causal"]), bool(a["enable_gqa"])
         module = self._innermost()
         assert module is not None
-        factor = packed_head_factor(module, query, key, bool(a["is_causal"]))
-        weights = as_bhqk(probs if self.differentiable else probs.detach())
-        if factor > 1:  # rows of the folded query axis are (head in group, query): unfold them to heads
-            weights = weights.reshape(weights.shape[0], weights.shape[1] * factor, -1, weights.shape[-1])
+        factor = packed_head_factor(module, query, key, is_causal)
+        # scores with finite masked entries: the statistics engine's form, the same probabilities
+        with autocast_off(query):
+            scores, probs = scores_and_probs(
+                query, key, a["attn_mask"], is_causal, a["scale"], enable_gqa, masked_score=LOWEST
+            )
+        probs_used = F.dropout(probs, a["dropout_p"]) if a["dropout_p"] else probs
+        if enable_gqa and value.shape[-3] != query.shape[-3]:
+            value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+        out = torch.matmul(probs_used, value.float()).to(query.dtype)
         kind = self._sdpa_kind(module, query, key)
-        self._emit(module, "sdpa", kind, lambda info: AttentionCapture(info, weights=weights), weights.shape)
+        build: Callable[[SiteInfo], AttentionCapture]
+        shape: tuple[int, ...] | torch.Size = (*query.shape[:-1], key.shape[-2])
+        if self.differentiable or factor > 1:
+            weights = as_bhqk(probs if self.differentiable else probs.detach())
+            if factor > 1:  # rows of the folded query axis are (head in group, query): unfold them to heads
+                weights = weights.reshape(weights.shape[0], weights.shape[1] * factor, -1, weights.shape[-1])
+            build, shape = weights_capture(weights), weights.shape
+        else:
+            q, k = query.detach(), key.detach()
+            mask = a["attn_mask"].detach() if isinstance(a["attn_mask"], Tensor) else None
+
+            def build(info: SiteInfo) -> AttentionCapture:
+                capture = AttentionCapture(
+                    info, query=q, key=k, attn_mask=mask, is_causal=is_causal, scale=a["scale"], enable_gqa=enable_gqa
+                )
+                capture.adopt_probs(as_bhqk(probs.detach()), as_bhqk(scores.detach()), LOWEST)
+                return capture
+
+        self._emit(module, "sdpa", kind, build, shape)
         return self._gated(out)
 
     def _sdpa_kind(self, module: nn.Module, query: Tensor, key: Tensor) -> Kind:

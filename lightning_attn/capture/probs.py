@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -17,6 +18,11 @@ from torch import Tensor
 # Bound at import, before any recorder replaces ``torch.softmax``: a recomputation is never taken for
 # hand-written attention of the model.
 _softmax = torch.softmax
+
+#: The score of a masked key where a finite one is needed (the statistics engine's ``p * s``, which must be 0 there,
+#: not ``0 * -inf``): far enough below any real score that its probability is exactly 0 in float32. Additive masks
+#: at or below ``LOWEST / 2`` mask their key.
+LOWEST = torch.finfo(torch.float32).min
 
 
 def autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager[None]:
@@ -81,11 +87,37 @@ def _probs(
     query_slice: slice | None,
     mask_true_means_masked: bool,
 ) -> Tensor:
-    scores = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, query_slice, None, mask_true_means_masked)
+    args = (attn_mask, is_causal, scale, enable_gqa, query_slice, mask_true_means_masked)
+    return scores_and_probs(query, key, *args, masked_score=float("-inf"))[1]
+
+
+def scores_and_probs(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    query_slice: slice | None = None,
+    mask_true_means_masked: bool = False,
+    masked_score: float = float("-inf"),
+) -> tuple[Tensor, Tensor]:
+    """The scores of :func:`attention_scores` and the probabilities of :func:`attention_probs` of the same rows,
+    computed together (one matmul, one softmax; the caller's autocast state applies). Same arguments as
+    :func:`attention_scores`."""
+    num_keys = key.shape[-2]
+    bias = _mask_bias(attn_mask, is_causal, query, num_keys, query_slice, None, mask_true_means_masked)
+    dead = None
+    if bias is not None:
+        # rows with no key left to attend are 0 (SDPA's math kernel), read off the small bias, not the scores
+        dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+        if masked_score != float("-inf"):
+            bias = bias.clamp_min(masked_score)
+    scores = _scores(query, key, bias, scale, enable_gqa, query_slice, None)
     probs = _softmax(scores, dim=-1)
-    if attn_mask is not None or is_causal:
-        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-    return probs
+    if dead is not None and (probs.device.type != "cpu" or dead.any()):  # the check syncs on an accelerator
+        probs = probs.masked_fill_(dead, 0.0)
+    return scores, probs
 
 
 def attention_scores(
@@ -98,49 +130,87 @@ def attention_scores(
     query_slice: slice | None = None,
     key_slice: slice | None = None,
     mask_true_means_masked: bool = False,
+    masked_score: float = float("-inf"),
+    out: Callable[[torch.Size, torch.device], Tensor] | None = None,
 ) -> Tensor:
-    """The masked, scaled scores ``q k^T * scale + mask`` (``-inf`` where a key is masked) whose row softmax
-    :func:`attention_probs` returns, for the rows ``query_slice`` and the keys ``key_slice`` (a key block of the
-    long-context statistics); float32 with autocast off. Same arguments as :func:`attention_probs`."""
+    """The masked, scaled scores ``q k^T * scale + mask`` whose row softmax :func:`attention_probs` returns, for the
+    rows ``query_slice`` and the keys ``key_slice`` (a key block of the long-context statistics); float32 with
+    autocast off. Same arguments as :func:`attention_probs`, and ``masked_score``: the score of a masked key
+    (``-inf``, or a finite floor such as :data:`LOWEST` so that ``p * s = 0`` there; additive mask values below it
+    are raised to it); ``out(shape, device)``: the float32 tensor to write the scores to (a reusable buffer)."""
     with autocast_off(query):
-        return _scores(
-            query, key, attn_mask, is_causal, scale, enable_gqa, query_slice, key_slice, mask_true_means_masked
+        bias = _mask_bias(
+            attn_mask, is_causal, query, key.shape[-2], query_slice, key_slice, mask_true_means_masked, masked_score
         )
+        return _scores(query, key, bias, scale, enable_gqa, query_slice, key_slice, out)
 
 
 def _scores(
     query: Tensor,
     key: Tensor,
-    attn_mask: Tensor | None,
-    is_causal: bool,
+    bias: Tensor | None,
     scale: float | None,
     enable_gqa: bool,
     query_slice: slice | None,
     key_slice: slice | None,
-    mask_true_means_masked: bool,
+    out: Callable[[torch.Size, torch.device], Tensor] | None = None,
 ) -> Tensor:
-    q = query.float()
-    k = key.float()
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-    num_queries, num_keys = q.shape[-2], k.shape[-2]
-    rows = query_slice if query_slice is not None else slice(0, num_queries)
-    cols = key_slice if key_slice is not None else slice(0, num_keys)
-    q = q[..., rows, :]
-    k = k[..., cols, :]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    """``q k^T * scale + bias`` for the rows and keys asked: one matmul and one in-place add (the scale is folded
+    into the queries, which are ``E / K`` times smaller than the scores), into ``out(shape, device)`` if given."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    q = query[..., query_slice or slice(None), :].float() * scale
+    k = key[..., key_slice or slice(None), :].float()
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    grouped = enable_gqa and kv_heads != heads
+    if grouped:  # grouped queries against their shared key head: [.., Hk, group * rows, E] @ [.., Hk, E, S]
+        q = q.reshape(*q.shape[:-3], kv_heads, (heads // kv_heads) * q.shape[-2], q.shape[-1])
+    if out is None:
+        scores = torch.matmul(q, k.transpose(-2, -1))
+    else:
+        shape = torch.Size((*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2]))
+        scores = torch.matmul(q, k.transpose(-2, -1), out=out(shape, q.device))
+    if grouped:
+        scores = scores.view(*scores.shape[:-3], heads, -1, scores.shape[-1])
+    if bias is None:
+        return scores
+    if torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape:
+        return scores.add_(bias)
+    return scores + bias
 
+
+def _mask_bias(
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    query: Tensor,
+    num_keys: int,
+    query_slice: slice | None,
+    key_slice: slice | None,
+    mask_true_means_masked: bool,
+    masked_score: float = float("-inf"),
+) -> Tensor | None:
+    """The call's masks as one additive float32 bias broadcastable to the scores of the rows and keys asked:
+    ``masked_score`` where a key is masked (bool mask, causal, an additive mask at or below it), the additive mask's
+    value elsewhere. It has the mask's size, not the scores' (no head dimension for padding masks)."""
+    num_queries = query.shape[-2]
+    rows = query_slice or slice(0, num_queries)
+    cols = key_slice or slice(0, num_keys)
     additive, allowed = _additive_or_bool_mask(attn_mask, true_means_masked=mask_true_means_masked)
-    if additive is not None:
-        scores = scores + _cols(_rows(additive, rows, num_queries), cols, num_keys)
     if allowed is not None:
-        scores = scores.masked_fill(~_cols(_rows(allowed, rows, num_queries), cols, num_keys), float("-inf"))
+        allowed = _cols(_rows(allowed, rows, num_queries), cols, num_keys)
     if is_causal:
-        query_index = torch.arange(num_queries, device=scores.device)[rows, None]
-        key_index = torch.arange(num_keys, device=scores.device)[None, cols]
-        scores = scores.masked_fill(key_index > query_index, float("-inf"))
-    return scores
+        query_index = torch.arange(num_queries, device=query.device)[rows, None]
+        key_index = torch.arange(num_keys, device=query.device)[None, cols]
+        causal = key_index <= query_index
+        allowed = causal if allowed is None else allowed & causal
+    if additive is None and allowed is None:
+        return None
+    if additive is not None:
+        additive = _cols(_rows(additive, rows, num_queries), cols, num_keys).clamp_min(masked_score)
+        if allowed is None:
+            return additive
+        return additive.masked_fill(~allowed, masked_score)
+    assert allowed is not None
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, masked_score)
 
 
 def _rows(mask: Tensor, rows: slice, num_queries: int) -> Tensor:

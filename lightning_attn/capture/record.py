@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,6 +59,8 @@ class AttentionCapture:
     enable_gqa: bool = False
     mask_true_means_masked: bool = False
     _cache: Tensor | None = field(default=None, repr=False)
+    _scores_cache: Tensor | None = field(default=None, repr=False)
+    _masked_score: float = field(default=float("-inf"), repr=False)
     #: Results computed from this call, shared by every capture of the same call (the statistics engine's
     #: per-row statistics), so that several callbacks recording one forward compute them once.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
@@ -103,9 +105,16 @@ class AttentionCapture:
         )
         return as_bhqk(probs)
 
-    def scores(self, rows: slice | None = None, cols: slice | None = None) -> Tensor | None:
-        """The masked, scaled scores ``[batch, heads, rows, cols]`` (``-inf`` where masked) whose row softmax over
-        all keys gives :meth:`probs`; ``None`` when the capture holds weights (no scores exist)."""
+    def scores(
+        self,
+        rows: slice | None = None,
+        cols: slice | None = None,
+        masked_score: float = float("-inf"),
+        out: Callable[[torch.Size, torch.device], Tensor] | None = None,
+    ) -> Tensor | None:
+        """The masked, scaled scores ``[batch, heads, rows, cols]`` (``masked_score`` where masked) whose row
+        softmax over all keys gives :meth:`probs`; ``None`` when the capture holds weights (no scores exist).
+        ``out(shape, device)`` gives the tensor to write them to (a reusable buffer)."""
         if self.query is None or self.key is None:
             return None
         scores = attention_scores(
@@ -118,26 +127,45 @@ class AttentionCapture:
             query_slice=rows,
             key_slice=cols,
             mask_true_means_masked=self.mask_true_means_masked,
+            masked_score=masked_score,
+            out=out,
         )
         return as_bhqk(scores)
 
-    def adopt_probs(self, probs: Tensor) -> None:
-        """Cache all probabilities ``[batch, heads, queries, keys]`` a consumer computed from :meth:`scores` (the
-        statistics engine's softmax), so that :meth:`probs` and :meth:`chunks` do not compute them again."""
+    def adopt_probs(self, probs: Tensor, scores: Tensor | None = None, masked_score: float = float("-inf")) -> None:
+        """Cache all probabilities ``[batch, heads, queries, keys]`` computed from :meth:`scores` (the statistics
+        engine's softmax, or the ``exact_outputs=False`` path's), so that :meth:`probs` and :meth:`chunks` do not
+        compute them again; ``scores`` (masked with ``masked_score``) likewise for :meth:`scores` of all rows."""
         if self._cache is None:
             self._cache = probs
+        if scores is not None and self._scores_cache is None:
+            self._scores_cache, self._masked_score = scores, masked_score
+
+    def take_scores(self, masked_score: float) -> Tensor | None:
+        """The scores of all rows cached by :meth:`adopt_probs` with this ``masked_score``, handed over: the cache
+        forgets them, so the caller may overwrite them."""
+        if self._scores_cache is None or self._masked_score != masked_score:
+            return None
+        scores, self._scores_cache = self._scores_cache, None
+        return scores
+
+    @property
+    def has_probs(self) -> bool:
+        """Whether all probabilities are at hand (weights, or cached) without computing anything."""
+        return self._cache is not None or self.weights is not None
 
     def share_cache_from(self, others: list[AttentionCapture]) -> None:
         """Adopt probabilities another capture of the same call already computed, and the call's memo."""
         if others:
             self.memo = others[0].memo
-        cached = next((other._cache for other in others if other._cache is not None), None)
+        cached = next((other for other in others if other._cache is not None), None)
         if cached is not None and self._cache is None:
-            self._cache = cached
+            self._cache = cached._cache
+            self._scores_cache, self._masked_score = cached._scores_cache, cached._masked_score
 
     def release(self) -> None:
         """Drop every tensor reference (the recorder calls this after the consumer returns)."""
-        self.weights = self.query = self.key = self.attn_mask = self._cache = None
+        self.weights = self.query = self.key = self.attn_mask = self._cache = self._scores_cache = None
         self.memo = {}
 
 

@@ -130,17 +130,23 @@ def first_token_mass(probs: Tensor) -> Tensor:
     return probs[..., 0]
 
 
-def mean_attention_distance(probs: Tensor, query_offset: int = 0) -> Tensor:
+def mean_attention_distance(probs: Tensor, query_offset: int = 0, scratch: Tensor | None = None) -> Tensor:
     """Expected key distance of each row, ``sum_j A_ij |i - j|`` with ``i = query_offset + row index``.
 
     ``query_offset`` lets query chunks (rows ``query_offset ...``) give the same values as the full map. For
     cross-attention (``Q != K``) the distance is still the index distance ``|i - j|``, which only means something
     when the two sequences are aligned. Rows are assumed normalized (all-zero rows give 0). Returns ``[..., Q]``.
-    Reference: Dosovitskiy et al. 2021 (ViT, "mean attention distance"), here in token units.
+    ``scratch``: an optional float tensor of ``probs``' shape the product is written to (its content is lost), so
+    that a caller reducing many maps allocates nothing of their size. Reference: Dosovitskiy et al. 2021 (ViT,
+    "mean attention distance"), here in token units.
+
+    Example:
+        >>> mean_attention_distance(torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+        tensor([0.5000, 1.0000])
     """
     probs = _float(probs)
-    # one fused multiply-reduce against the [Q, K] distance matrix (broadcast over batch and heads)
-    return torch.linalg.vecdot(probs, _query_minus_key(probs, query_offset).abs().to(probs.dtype))
+    # one multiply-reduce against the [Q, K] distance matrix (broadcast over batch and heads)
+    return _row_dot(probs, _query_minus_key(probs, query_offset).abs().to(probs.dtype), scratch)
 
 
 def diagonal_mass(probs: Tensor, offset: int = 0, query_offset: int = 0) -> Tensor:
@@ -157,15 +163,26 @@ def diagonal_mass(probs: Tensor, offset: int = 0, query_offset: int = 0) -> Tens
     return torch.where(exists, picked, torch.zeros_like(picked))
 
 
-def local_window_mass(probs: Tensor, window: int, query_offset: int = 0) -> Tensor:
+def local_window_mass(probs: Tensor, window: int, query_offset: int = 0, scratch: Tensor | None = None) -> Tensor:
     """Weight within ``window`` positions of the query: ``sum_{j: |i - j| <= window} A_ij`` (``[..., Q]``).
 
-    ``i = query_offset + row index``; index distance also for cross-attention. Local-attention measure as in
-    Kovaleva et al. 2019 and Vig & Belinkov 2019.
+    ``i = query_offset + row index``; index distance also for cross-attention. ``scratch`` as in
+    :func:`mean_attention_distance`. Local-attention measure as in Kovaleva et al. 2019 and Vig & Belinkov 2019.
+
+    Example:
+        >>> local_window_mass(torch.tensor([[0.2, 0.3, 0.5]]), window=1)
+        tensor([0.5000])
     """
     probs = _float(probs)
-    near = _query_minus_key(probs, query_offset).abs() <= window
-    return probs.masked_fill(~near, 0).sum(-1)
+    near = (_query_minus_key(probs, query_offset).abs() <= window).to(probs.dtype)
+    return _row_dot(probs, near, scratch)
+
+
+def _row_dot(probs: Tensor, weights: Tensor, scratch: Tensor | None) -> Tensor:
+    """``sum_j probs_ij weights_ij`` over the last dim, the product written to ``scratch`` when one is given."""
+    if scratch is None:
+        return torch.linalg.vecdot(probs, weights)
+    return torch.mul(probs, weights, out=scratch).sum(-1)
 
 
 def top_k_pairs(probs2d: Tensor, k: int) -> list[tuple[int, int, float]]:

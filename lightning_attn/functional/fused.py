@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_attn.capture.probs import LOWEST
+
 __all__ = [
     "LOWEST",
     "entropy_from_scores",
@@ -18,10 +20,6 @@ __all__ = [
     "normalize_entropy",
     "sparsity_from_counts",
 ]
-
-#: The score of a masked key: finite, so that ``0 * LOWEST = 0``, and far enough below any real score that its
-#: probability is exactly 0 in float32. Additive masks at or below ``LOWEST / 2`` mask their key.
-LOWEST = torch.finfo(torch.float32).min
 
 
 def entropy_from_scores(lse: Tensor, expected_score: Tensor) -> Tensor:
