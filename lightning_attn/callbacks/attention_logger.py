@@ -177,7 +177,7 @@ class AttentionLogger(StreamingCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.save_dir is not None:
-            check_output_dir(self.save_dir)
+            check_output_dir(self.save_dir, f"AttentionLogger(name={self.name!r}): save_dir")
         self._census.due = True
 
     def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
