@@ -308,7 +308,7 @@ def test_nothing_during_sanity_check_and_separate_dataloaders(tmp_path: Path) ->
 
     class Inspect(Callback):
         def on_sanity_check_end(self, trainer, pl_module) -> None:
-            seen["accumulators"] = dict(callback._accumulators)
+            seen["accumulators"] = dict(callback._states)
             seen["results"] = dict(callback.results)
 
     callback = AttentionLogger(log_figures=False)
@@ -437,7 +437,7 @@ def test_cli_ready_arguments(tmp_path: Path) -> None:
 # -- memory, hooks, figures --------------------------------------------------------------------------------
 def _state_sizes(callback: AttentionLogger) -> dict[str, int]:
     sizes = {}
-    for (stage, dl), acc in callback._accumulators.items():
+    for (stage, dl), acc in callback._states.items():
         for kind, metric in (("stats", acc.stats), ("positions", acc.positions), ("agreement", acc.agreement)):
             sizes[f"{stage}/{dl}/{kind}"] = sum(getattr(metric, n).numel() for n in metric._defaults)
     return sizes
@@ -449,7 +449,7 @@ def test_state_does_not_grow_with_batches(tmp_path: Path) -> None:
         callback = AttentionLogger(modality_pairs=models.PAIRS, log_figures=False, overhead_budget=None)
         trainer(tmp_path, [callback]).validate(models.CrossModalModule(), models.loader(batches * 2, 2), verbose=False)
         assert callback.results["val"].rows[0, 0] == batches * 2 * models.EEG_LEN
-        assert callback._probe is None and callback._probe_input is None and callback._recorder is None
+        assert callback._probe is None and callback._probe_inputs.batch is None and callback._recorder is None
         sizes.append(_state_sizes(callback))
     assert sizes[0] == sizes[1] and sum(sizes[0].values()) > 0
 

@@ -32,6 +32,13 @@ def matches(name: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
 
 
+def site_selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    """Whether ``include``/``exclude`` globs keep the site ``name``; a repeated call ``<site>#k`` is included with
+    its ``<site>``."""
+    included = not include or matches(name, include) or matches(name.partition("#")[0], include)
+    return included and not matches(name, exclude)
+
+
 class AttentionRecorder:
     """Record the post-softmax attention of every attention site of ``model``.
 
@@ -206,7 +213,7 @@ class AttentionRecorder:
         self._calls[base] = calls + 1
         name = base if calls == 0 else f"{base}#{calls}"
         self._seen.add(base)
-        if not self._selected(name, base):
+        if not site_selected(name, self.include, self.exclude):
             return
         capture = make(name)
         self._captures += 1
@@ -222,12 +229,8 @@ class AttentionRecorder:
 
     def missed(self, module: nn.Module) -> None:
         name = self._names[id(module)] or type(self.model).__name__
-        if self._selected(name, name):
+        if site_selected(name, self.include, self.exclude):
             self._missed.setdefault(name, type(module).__name__)
-
-    def _selected(self, name: str, base: str) -> bool:
-        included = not self.include or matches(name, self.include) or matches(base, self.include)
-        return included and not matches(name, self.exclude)
 
     # -- diagnostics --------------------------------------------------------------------------
     def _missed_list(self) -> str:

@@ -52,10 +52,10 @@ class PairBuffer:
         from lightning_attn.capture.recorder import matches
 
         self._matches = matches
-        self.pairs = {name: (str(sites[0]), str(sites[1])) for name, sites in pairs.items()}
         for name, sites in pairs.items():
             if len(sites) != 2:
                 raise ValueError(f"modality pair {name!r} needs two sites (A->B, B->A), got {sites!r}")
+        self.pairs = {str(name): (str(sites[0]), str(sites[1])) for name, sites in pairs.items()}
         self._roles: dict[str, list[tuple[str, int]]] = {}
         self.resolved: dict[str, list[str | None]] = {name: [None, None] for name in self.pairs}
         self._pending: dict[str, list[Tensor | None]] = {}
@@ -88,6 +88,10 @@ class PairBuffer:
                 )
             return a_to_b, b_to_a
         return None
+
+    def sites(self) -> dict[str, tuple[str, str]]:
+        """Each pair's two sites: the site each side bound to, else its declared name or pattern."""
+        return {name: (self.resolved[name][0] or a, self.resolved[name][1] or b) for name, (a, b) in self.pairs.items()}
 
     def clear(self) -> None:
         """Forget unmatched maps (end of a batch)."""

@@ -163,6 +163,38 @@ class AttentionResults:
         """``[sites]``: the mean over heads of the per-head means (each head weighs the same)."""
         return self.mean[statistic].nanmean(dim=1)
 
+    def head_spread(self, statistic: str) -> Tensor:
+        """``[sites]``: the standard deviation across heads of the per-head means (NaN heads left out)."""
+        values = self.mean[statistic]
+        return ((values - values.nanmean(dim=1, keepdim=True)) ** 2).nanmean(dim=1).sqrt()
+
+    def scalars(self, prefix: str, per_head: bool = False) -> dict[str, float]:
+        """The logged scalars ``<prefix>/<site>/<statistic>`` (mean over heads), with ``per_head`` also
+        ``<prefix>/<site>/h<k>/<statistic>``, and ``<prefix>/<pair>/agreement``."""
+        values: dict[str, float] = {}
+        for index, site in enumerate(self.sites):
+            for name in self.statistics:
+                values[f"{prefix}/{site}/{name}"] = float(self.mean[name][index, : self.num_heads[index]].mean())
+            if per_head:
+                for head in range(self.num_heads[index]):
+                    for name in self.statistics:
+                        values[f"{prefix}/{site}/h{head}/{name}"] = float(self.mean[name][index, head])
+        for pair, value in self.agreement.items():
+            values[f"{prefix}/{pair}/agreement"] = value
+        return values
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """``(columns, rows)``: a row per site and head, the mean and standard deviation of every statistic."""
+        columns = ["site", "head"] + [f"{n}_mean" for n in self.statistics] + [f"{n}_std" for n in self.statistics]
+        rows = [
+            [site, head]
+            + [float(self.mean[n][i, head]) for n in self.statistics]
+            + [float(self.std[n][i, head]) for n in self.statistics]
+            for i, site in enumerate(self.sites)
+            for head in range(self.num_heads[i])
+        ]
+        return columns, rows
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per site, per statistic the site mean, per-head means and standard deviations."""
         sites = {}

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Position", "output_dir", "output_path", "position", "run_dir", "write_provenance"]
+__all__ = ["Position", "check_output_dir", "output_dir", "output_path", "position", "run_dir", "write_provenance"]
 
 #: Run folder of each Trainer without a logger, chosen once (a new ``version_<n>`` per Trainer).
 _UNLOGGED_RUNS: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
@@ -67,6 +67,21 @@ def run_dir(trainer: Any) -> Path:
 def output_dir(trainer: Any, namespace: str, save_dir: str | Path | None = None) -> Path:
     """``save_dir/<namespace>`` when ``save_dir`` is given, else ``<run folder>/<namespace>``."""
     return (Path(save_dir) if save_dir is not None else run_dir(trainer)) / namespace
+
+
+def check_output_dir(directory: str | Path, argument: str = "save_dir") -> None:
+    """Raise ``ValueError`` when ``directory``, or the nearest of its parents that exists, is not a directory:
+    nothing could be written under it (checked when a run starts, not when the first file is written).
+
+    Raises:
+        ValueError: naming ``argument`` and the path that is a file.
+    """
+    directory = Path(directory)
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"{argument} {str(directory)!r}: {str(path)!r} exists and is not a directory")
+            return
 
 
 @dataclass(frozen=True)
