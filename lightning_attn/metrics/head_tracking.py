@@ -3,8 +3,8 @@ dataloader), the batch being recorded, and the history of analysed epochs, drive
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -22,49 +22,28 @@ Source = str | Callable[[Any], Any]
 
 
 class HeadSettings(Protocol):
-    """What the tracking reads of the tracker's arguments (see
-    :class:`~lightning_attn.HeadSpecializationTracker` for their meaning)."""
+    """What the tracking reads of the tracker's arguments (see :class:`~lightning_attn.HeadSpecializationTracker`)."""
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def features(self) -> Mapping[str, Source]: ...
-    @property
-    def feature_masks(self) -> Mapping[str, Source]: ...
-    @property
-    def feature_labels(self) -> Mapping[str, FeatureLabel]: ...
-    @property
-    def summary(self) -> str: ...
-    @property
-    def chunk_size(self) -> int | None: ...
-    @property
-    def local_window(self) -> int: ...
-    @property
-    def confidence_exclude_positions(self) -> Sequence[int]: ...
-    @property
-    def type_score_exclude_bos(self) -> bool: ...
-    @property
-    def type_score_exclude_current_token(self) -> bool: ...
-    @property
-    def probe_samples(self) -> int: ...
-    @property
-    def probe_max_tokens(self) -> int: ...
-    @property
-    def token_ids_key(self) -> str | None: ...
-    @property
-    def padding_mask_key(self) -> str | None: ...
-    @property
-    def confidence_exclude_key(self) -> str | None: ...
-    @property
-    def hsi_threshold(self) -> float: ...
-    @property
-    def thresholds(self) -> Mapping[str, float]: ...
-    @property
-    def redundancy_threshold(self) -> float: ...
-    @property
-    def logged_scores(self) -> Sequence[str]: ...
-    @property
-    def log_per_head(self) -> bool: ...
+    name: str
+    features: dict[str, Source]
+    feature_masks: dict[str, Source]
+    feature_labels: dict[str, FeatureLabel]
+    summary: Literal["auto", "mass", "max_weight", "entropy"]
+    chunk_size: int | None
+    local_window: int
+    confidence_exclude_positions: tuple[int, ...]
+    type_score_exclude_bos: bool
+    type_score_exclude_current_token: bool
+    probe_samples: int
+    probe_max_tokens: int
+    token_ids_key: str | None
+    padding_mask_key: str | None
+    confidence_exclude_key: str | None
+    hsi_threshold: float
+    thresholds: dict[str, float]
+    redundancy_threshold: float
+    logged_scores: tuple[str, ...]
+    log_per_head: bool
 
 
 def named_batch_keys(settings: HeadSettings) -> tuple[dict[str, str], dict[str, str]]:
