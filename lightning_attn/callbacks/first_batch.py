@@ -97,7 +97,7 @@ class FirstBatchCheck:
         ...     check.batch_start(nn.Identity(), {"idz": [[1, 2]]}, "validate")
         ... except ValueError as error:
         ...     print(str(error).split(": ", 1)[1].split(". ")[0])
-        token_ids_key='ids' is not in the batch (close batch keys: 'idz')
+        token_ids_key='ids' is not in the batch (close batch keys: 'idz', 'idz.0')
     """
 
     def __init__(
