@@ -434,7 +434,7 @@ def test_cli_signature_is_typed_and_documented() -> None:
 def test_batch_path_never_reads_tensor_values_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every per-batch step of the tracker (batch context, per-capture update) runs with the host-reading tensor
     methods disabled: on an accelerator none of them would synchronize."""
-    import lightning_attn.callbacks.head_specialization as module
+    import lightning_attn.metrics.head_tracking as module
 
     forbidden = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero")
     originals = {name: getattr(torch.Tensor, name) for name in forbidden}
@@ -465,9 +465,7 @@ def test_batch_path_never_reads_tensor_values_on_the_host(tmp_path: Path, monkey
         return original_update(self, *args, **kwargs)
 
     monkeypatch.setattr(module.HeadSpecializationMetrics, "update", guarded(counting_update))
-    monkeypatch.setattr(
-        module.HeadSpecializationTracker, "_batch_context", guarded(module.HeadSpecializationTracker._batch_context)
-    )
+    monkeypatch.setattr(module.HeadTracking, "batch_context", guarded(module.HeadTracking.batch_context))
     tracker = HeadSpecializationTracker(
         features=FEATURES,
         feature_masks={"distance": "agent_mask"},

@@ -10,7 +10,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BatchContext", "as_device_tensor", "batch_context", "lookup"]
+__all__ = [
+    "PADDING_MASK_KEY",
+    "TOKEN_IDS_KEY",
+    "BatchContext",
+    "as_device_tensor",
+    "batch_context",
+    "batch_paths",
+    "lookup",
+]
+
+#: The default batch key of the token ids (Hugging Face tokenizers' ``input_ids``): used where the batch has it.
+TOKEN_IDS_KEY = "input_ids"
+
+#: The default batch key of the padding mask (Hugging Face tokenizers' ``attention_mask``): used where the batch has
+#: it.
+PADDING_MASK_KEY = "attention_mask"
 
 
 @dataclass
@@ -100,6 +115,27 @@ def lookup(batch: Any, source: str | Callable[[Any], Any]) -> Any:
             available = sorted(map(str, batch.keys())) if isinstance(batch, Mapping) else type(batch).__name__
             raise KeyError(f"{source!r} not found in the batch (available: {available})")
     return obj
+
+
+def batch_paths(batch: Any) -> list[str]:
+    """The names :func:`lookup` finds in ``batch``, one level of nesting deep: mapping keys, sequence indices and
+    public attributes, and their children's (``"meta.dist"``, ``"0.ids"``).
+
+    >>> batch_paths({"ids": [1, 2], "meta": {"dist": 3.0}})
+    ['ids', 'meta', 'ids.0', 'ids.1', 'meta.dist']
+    """
+    top = _children(batch)
+    return [*top, *(f"{name}.{child}" for name, value in top.items() for child in _children(value))]
+
+
+def _children(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        return {str(key): value for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return {str(index): value for index, value in enumerate(obj)}
+    if not isinstance(obj, (Tensor, str, bytes)) and hasattr(obj, "__dict__"):
+        return {key: value for key, value in vars(obj).items() if not key.startswith("_")}
+    return {}
 
 
 def as_device_tensor(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
