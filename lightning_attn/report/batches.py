@@ -33,12 +33,14 @@ from lightning_attn.report.explain import (
 from lightning_attn.report.provenance import sample_hashes
 from lightning_attn.report.run import ReportRun, add_batch, keep_finite_rows, record_probes
 
-__all__ = ["BatchProcessing", "ReportModule", "target_module"]
+__all__ = ["BatchProcessing", "ReportModule", "ReportWrapper", "target_module"]
 
 
-class ReportModule(pl.LightningModule):
-    """Wraps a plain ``nn.Module`` (or a LightningModule without the needed step) for :func:`build_report`;
-    the report explains ``self.model`` (site names and hashes are those of the wrapped model)."""
+class ReportWrapper(nn.Module):
+    """The steps that wrap a plain ``nn.Module`` (or a LightningModule without the needed step) for
+    :func:`~lightning_attn.report.build.build_report`; the report explains ``self.model`` (site names and hashes are
+    those of the wrapped model). A mixin before the LightningModule of either package: :class:`ReportModule` for
+    ``lightning.pytorch``, ``build_report`` makes the ``pytorch_lightning`` one."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -54,8 +56,12 @@ class ReportModule(pl.LightningModule):
         return None
 
 
+class ReportModule(ReportWrapper, pl.LightningModule):
+    """:class:`ReportWrapper` as a ``lightning.pytorch`` LightningModule."""
+
+
 def target_module(pl_module: nn.Module) -> nn.Module:
-    return pl_module.model if isinstance(pl_module, ReportModule) else pl_module
+    return pl_module.model if isinstance(pl_module, ReportWrapper) else pl_module
 
 
 class BatchProcessing:

@@ -36,7 +36,7 @@ from lightning_attn.callbacks.base import (
 )
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.report.attribution import AttributionSettings
-from lightning_attn.report.batches import BatchProcessing, ReportModule, target_module
+from lightning_attn.report.batches import BatchProcessing, ReportModule, ReportWrapper, target_module
 from lightning_attn.report.distributed import gather_shards
 from lightning_attn.report.explain import (
     BatchAttention,
@@ -409,7 +409,7 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
         self._abandon("a new evaluation epoch started before the previous report was written")
         self._runs = {}
         self._model_sha256 = None
-        self._record_in_step = not isinstance(pl_module, ReportModule)
+        self._record_in_step = not isinstance(pl_module, ReportWrapper)
         self._distributed = (
             trainer.world_size > 1
             and dist.is_available()
