@@ -43,6 +43,7 @@ from lightning_attn.report.explain import (
     ReportError,
     default_forward,
 )
+from lightning_attn.report.map_history import ProbeMapHistory
 from lightning_attn.report.provenance import hash_state_dict, utc_now
 from lightning_attn.report.run import NAMESPACE, ReportRun, scalars
 from lightning_attn.report.summary import SCHEMA_VERSION, callable_name, jsonable, other_sections
@@ -284,6 +285,7 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
         #: ``results[<stage key>]``: the last report's summary (what report.json holds) and its directory.
         self.results: dict[str, dict[str, Any]] = {}
         self._runs: dict[int, ReportRun] = {}
+        self._map_history = ProbeMapHistory()
         self._pending: list[ReportRun] = []
         self._recorder: AttentionRecorder | None = None
         self._attention: BatchAttention | None = None
@@ -398,6 +400,7 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
                 model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                 world_size=int(trainer.world_size),
             )
+            run.earlier_maps = self._map_history.earlier(run.key, run.epoch)
         run.bins = {name: np.zeros(self.calibration_bins, dtype=np.float64) for name in ("count", "conf", "hits")}
         return run
 
@@ -546,6 +549,11 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
         self._runs = {}
         self._pending = []
 
+    def forget_model(self) -> None:
+        """Another model: its earlier epochs' probe maps are not this one's."""
+        super().forget_model()
+        self._map_history.clear()
+
     # -- distributed -------------------------------------------------------------------------------------------------
     def _warn_padding(self, run: ReportRun, note: str) -> None:
         """Warn (once per report) that the DistributedSampler padded a dataloader (``note``, already in the notes)."""
@@ -584,4 +592,5 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
         self.results[run.key] = write_report(
             run, config, sections, global_step=sinks.position(trainer).step, settings=settings
         )
+        self._map_history.add(run)
         publish_report(trainer, run.final_dir, run.key, int(trainer.global_step))

@@ -120,6 +120,8 @@ class ReportRun:
     probe_positions: dict[str, list[tuple[int, np.ndarray, bool]]] = field(default_factory=dict)
     probe_images: dict[int, np.ndarray] = field(default_factory=dict)  # input images of Grad-CAM probes, by sample
     probe_maps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: site -> [H, Q, K]
+    # the probe maps of this stage's earlier reports, by epoch (the explorer's epoch slider)
+    earlier_maps: dict[int, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     probe_inputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: input name -> values
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
