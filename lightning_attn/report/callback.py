@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -401,7 +400,6 @@ class ExplainabilityReport(BatchProcessing, EvaluationCallback):
                 world_size=int(trainer.world_size),
             )
             run.earlier_maps = self._map_history.earlier(run.key, run.epoch)
-        run.bins = {name: np.zeros(self.calibration_bins, dtype=np.float64) for name in ("count", "conf", "hits")}
         return run
 
     def _sampled(self, batch_idx: int) -> bool:

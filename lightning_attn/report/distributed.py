@@ -171,7 +171,7 @@ def _shard_payload(run: ReportRun) -> dict[str, Any]:
         "modality": run.modality,
         "stats": run.stats,
         "class_arrays": run.class_arrays,
-        "bins": run.bins,
+        "calibration_metric": run.calibration_metric,
         "heads": run.heads,
         "batch_rows": run.batch_rows,
         "notes": run.notes,
@@ -201,8 +201,10 @@ def _merge_shards(run: ReportRun, gathered: list[Any], scratch: Path) -> None:
         run.stats.merge(payload["stats"])
         for name, values in payload["class_arrays"].items():
             run.class_arrays[name] = run.class_arrays[name] + values
-        for name, values in payload["bins"].items():
-            run.bins[name] = run.bins[name] + values
+        if run.calibration_metric is None:
+            run.calibration_metric = payload["calibration_metric"]
+        else:
+            run.calibration_metric.merge_state(payload["calibration_metric"])
         for site, sums in payload["heads"].items():
             if site not in run.heads:
                 run.heads[site] = sums
