@@ -2,6 +2,20 @@
 the report's run (:mod:`~lightning_attn.report.run`) and, for probe samples, compute their saliency and attributions
 (:mod:`~lightning_attn.report.explain`, :mod:`~lightning_attn.report.attribution`); and :class:`ReportModule`, the
 LightningModule that wraps a plain model for :func:`~lightning_attn.report.build.build_report`.
+
+**How the model is called.** Logits are taken from what ``test_step``/``validation_step`` returned when it
+is a ``[B, C]`` tensor or a mapping with ``logits_key`` (targets from its ``target``/``y``/``labels`` key
+if present); else, without a ``forward_fn``, from the output of ``pl_module``'s own forward inside the
+step (a forward hook: no extra pass); attention is recorded during the step itself. Otherwise the
+callback calls ``forward_fn(pl_module, batch) -> logits`` once more per batch, recorded for the report
+only (other callbacks' recorders are suspended during the report's own passes, so their statistics
+never see them). The saliency pass always calls ``forward_fn``. The default ``forward_fn`` calls
+``pl_module(**inputs)`` for a mapping batch (the batch minus its target key), ``pl_module(*inputs)`` for a
+tuple/list batch (``pl_module(x)`` for ``(x, y)``) and ``pl_module(batch)`` for a tensor; its output
+may be logits, a mapping with ``"logits"``, an object with ``.logits`` or a tuple starting with them.
+Targets: ``target_fn(batch)``, else the batch's ``target_key`` (default: the first of ``target``,
+``targets``, ``label``, ``labels``, ``y``), else the last element of a tuple/list batch. A batch without
+targets is an error (:class:`~lightning_attn.report.explain.ReportError`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,23 @@ from those sums.
 
 Nothing here touches the model or the Trainer: :class:`~lightning_attn.report.callback.ExplainabilityReport` gets the
 probabilities, targets and attention of a batch and hands them to :func:`add_batch`.
+
+For **every evaluated sample** one row is streamed to ``samples.csv`` as its batch ends (nothing per
+sample is held in memory): predicted class, confidence (max probability), true class, correct, margin
+(top-1 minus top-2 probability), normalized predictive entropy, NLL, Brier score, its equal-width
+calibration bin; per attention site the mean normalized attention entropy over heads (each head's mean
+over valid query rows, Clark et al. 2019), the most focused head (lowest entropy) and its entropy; the
+top attention pairs (``query>key:weight`` of the head-averaged map) of the chosen ``pair_sites``; and the
+modality agreement of each declared pair (:func:`~lightning_attn.functional.modality_agreement`); the
+SHA-256 of its model inputs (``input_sha256``, 16 hex digits: ``lightning-attn compare`` matches samples by it);
+last, the global ``rank`` that evaluated it (0 in a single process).
+
+Streamed statistics: dataset-level accuracy, mean confidence, ECE/MCE over ``calibration_bins``
+equal-width bins (Guo et al. 2017; bins as torchmetrics and the calibration callback), NLL, Brier;
+per-batch rows; a correct-vs-incorrect comparison of every per-sample measure (n, mean, std per group,
+difference and effect size); a class-wise table (support, predictions, precision, recall, F1, mean
+confidence and attention entropy); per site and head the mean entropy, its correct/incorrect means and
+how often the head is the sample's most focused one.
 """
 
 from __future__ import annotations
