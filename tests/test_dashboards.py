@@ -316,6 +316,7 @@ def test_wandb_run_reads_back_with_one_type_per_key(tmp_path: Path, monkeypatch:
     assert stored["columns"][:7] == ["site", "head", "label", "types", "hsi", "primary_feature", "correlation"]
     assert {"entropy", "confidence"} <= set(stored["columns"]) and len(stored["data"]) == LAYERS * HEADS
     assert types["report/test"] == {"html-file"}
+    assert types["report/test/explorer"] == {"html-file"}
     image = run["history"]["attn/val/head_statistics"][0]
     assert image["captions"] == ["Per-head attention statistics (val, epoch 0) (epoch 0, step 2)"]
     assert ("explainability-report", "report-test") in run["artifacts"]

@@ -431,6 +431,40 @@ def test_bad_arguments() -> None:
         ExplainabilityReport(modality_pairs={"x": ("a",)})  # type: ignore[dict-item]
 
 
+def test_pytorch_lightning_modules_run_under_their_own_trainer(tmp_path: Path) -> None:
+    """A ``pytorch_lightning`` LightningModule keeps its own step, a ``pytorch_lightning`` datamodule feeds a plain
+    model (wrapped in that package's LightningModule); mixing the two packages is a clear error."""
+    standalone = pytest.importorskip("pytorch_lightning")
+    data = DataLoader(TensorDataset(torch.randn(8, 5, 8), torch.randint(0, 3, (8,))), batch_size=4)
+
+    class StandaloneClassifier(standalone.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+            self.steps = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(x, x, x)[0].mean(1))
+
+        def test_step(self, batch: tuple, batch_idx: int) -> dict:
+            self.steps += 1
+            return {"logits": self(batch[0]), "target": batch[1]}
+
+    class StandaloneData(standalone.LightningDataModule):
+        def test_dataloader(self) -> DataLoader:
+            return data
+
+    model = StandaloneClassifier()
+    out = build_report(model, data, tmp_path / "own_step", accelerator="cpu", progress=False, figures=False)
+    assert model.steps == 2 and (out / "report.json").is_file()
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(40, 3))
+    out = build_report(plain, StandaloneData(), tmp_path / "wrapped", accelerator="cpu", progress=False, figures=False)
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["dataset"]["num_samples"] == 8
+    with pytest.raises(ReportError, match="different Lightning packages"):
+        build_report(model, TinyData(), tmp_path / "mixed", progress=False)
+
+
 def test_dict_dataset_helper_is_deterministic() -> None:
     a, b = make_samples(3, 0), make_samples(3, 0)
     assert all(torch.equal(x["a"], y["a"]) for x, y in zip(a, b, strict=False))

@@ -127,6 +127,19 @@ def test_probe_maps_beyond_the_budget_are_left_out_with_a_note(tmp_path: Path, m
     assert [s["id"] for s in data["samples"]] == [0] and _unpack(data).size == per_sample
 
 
+def test_map_history_keeps_earlier_epochs_spread_within_its_budget() -> None:
+    from types import SimpleNamespace
+
+    from lightning_attn.report.map_history import ProbeMapHistory
+
+    history = ProbeMapHistory(budget=5 * 8)  # five epochs of one 2 x 2 x 2 map
+    for epoch in range(7):
+        history.add(SimpleNamespace(key="val", epoch=epoch, probe_maps={0: {"l": np.full((2, 2, 2), epoch)}}))
+    kept = history.earlier("val", 99)
+    assert sorted(kept) == [0, 2, 4, 5, 6] and sorted(history.earlier("val", 4)) == [0, 2]
+    assert history.earlier("test", 99) == {} and kept[4][0]["l"][0, 0, 0] == 4
+
+
 # -- the browser ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -166,9 +179,10 @@ def _ready(driver) -> None:
     driver.execute_async_script("const done = arguments[0]; window.lightningAttn.ready.then(() => done(true));")
 
 
-def _reference_maps(model: TinyClassifier, sample: int) -> dict[str, np.ndarray]:
-    """Every attention map of test sample ``sample`` from MultiheadAttention itself (need_weights, per head)."""
-    data = make_samples(NUM_TEST, TinyData().seed + 2)[sample]
+def _reference_maps(model: TinyClassifier, sample: int, split: int = 2) -> dict[str, np.ndarray]:
+    """Every attention map of sample ``sample`` of TinyData's test split (``split=1``: validation) from
+    MultiheadAttention itself (need_weights, per head)."""
+    data = make_samples(NUM_TEST, TinyData().seed + split)[sample]
     a, b = data["a"][None], data["b"][None]
     maps = {}
     with torch.no_grad():
@@ -288,6 +302,55 @@ def test_standalone_explorer_epoch_slider(tmp_path: Path, driver) -> None:
     assert np.abs(drawn - maps[1][0]["layer"][1]).max() < 1e-6
     labels = [d.text for d in driver.find_elements(By.CSS_SELECTOR, "#la-left div")]
     assert labels == ["[CLS]", "a", "b", "[SEP]"]
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@needs_browser
+def test_validation_report_epoch_slider(tmp_path: Path, driver) -> None:
+    """A validation report during fit shows its probes' maps of every validation epoch so far: each epoch draws the
+    map of that epoch's weights."""
+    import copy
+
+    import lightning.pytorch as pl
+    from selenium.webdriver.common.by import By
+
+    from lightning_attn import ExplainabilityReport
+
+    class Snapshots(pl.Callback):
+        def __init__(self) -> None:
+            self.models: dict[int, TinyClassifier] = {}
+
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.models[trainer.current_epoch] = copy.deepcopy(pl_module).eval()
+
+    torch.manual_seed(0)
+    report, snapshots = ExplainabilityReport(stages=("validate",), probe_samples=2, figures=False), Snapshots()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[report, snapshots],
+    )
+    trainer.fit(TinyClassifier(num_heads=4), datamodule=TinyData(num_train=32, num_test=NUM_TEST, batch_size=BATCH))
+    driver.get((Path(report.results["val"]["directory"]) / "report.html").as_uri())
+    _ready(driver)
+    assert driver.execute_script("return window.lightningAttn.epochs") == [0, 1]
+    assert driver.find_element(By.ID, "la-epoch").is_displayed()
+    sites = driver.execute_script("return window.lightningAttn.sites")
+    for epoch in (0, 1):
+        reference = _reference_maps(snapshots.models[epoch], 1, split=1)
+        state = driver.execute_script(
+            f"return window.lightningAttn.select({{layer: 1, head: 2, sample: 1, epoch: {epoch}}})"
+        )
+        assert state["epoch"] == epoch and state["heads"] == [2]
+        drawn = np.array(driver.execute_script("return window.lightningAttn.weights()"))
+        assert np.abs(drawn - reference[sites[1]][2]).max() < 1e-6, epoch
+    assert np.abs(drawn - _reference_maps(snapshots.models[0], 1, split=1)[sites[1]][2]).max() > 1e-4  # trained
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
 

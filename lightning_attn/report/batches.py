@@ -2,6 +2,20 @@
 the report's run (:mod:`~lightning_attn.report.run`) and, for probe samples, compute their saliency and attributions
 (:mod:`~lightning_attn.report.explain`, :mod:`~lightning_attn.report.attribution`); and :class:`ReportModule`, the
 LightningModule that wraps a plain model for :func:`~lightning_attn.report.build.build_report`.
+
+**How the model is called.** Logits are taken from what ``test_step``/``validation_step`` returned when it
+is a ``[B, C]`` tensor or a mapping with ``logits_key`` (targets from its ``target``/``y``/``labels`` key
+if present); else, without a ``forward_fn``, from the output of ``pl_module``'s own forward inside the
+step (a forward hook: no extra pass); attention is recorded during the step itself. Otherwise the
+callback calls ``forward_fn(pl_module, batch) -> logits`` once more per batch, recorded for the report
+only (other callbacks' recorders are suspended during the report's own passes, so their statistics
+never see them). The saliency pass always calls ``forward_fn``. The default ``forward_fn`` calls
+``pl_module(**inputs)`` for a mapping batch (the batch minus its target key), ``pl_module(*inputs)`` for a
+tuple/list batch (``pl_module(x)`` for ``(x, y)``) and ``pl_module(batch)`` for a tensor; its output
+may be logits, a mapping with ``"logits"``, an object with ``.logits`` or a tuple starting with them.
+Targets: ``target_fn(batch)``, else the batch's ``target_key`` (default: the first of ``target``,
+``targets``, ``label``, ``labels``, ``y``), else the last element of a tuple/list batch. A batch without
+targets is an error (:class:`~lightning_attn.report.explain.ReportError`).
 """
 
 from __future__ import annotations
@@ -33,12 +47,14 @@ from lightning_attn.report.explain import (
 from lightning_attn.report.provenance import sample_hashes
 from lightning_attn.report.run import ReportRun, add_batch, keep_finite_rows, record_probes
 
-__all__ = ["BatchProcessing", "ReportModule", "target_module"]
+__all__ = ["BatchProcessing", "ReportModule", "ReportWrapper", "target_module"]
 
 
-class ReportModule(pl.LightningModule):
-    """Wraps a plain ``nn.Module`` (or a LightningModule without the needed step) for :func:`build_report`;
-    the report explains ``self.model`` (site names and hashes are those of the wrapped model)."""
+class ReportWrapper(nn.Module):
+    """The steps that wrap a plain ``nn.Module`` (or a LightningModule without the needed step) for
+    :func:`~lightning_attn.report.build.build_report`; the report explains ``self.model`` (site names and hashes are
+    those of the wrapped model). A mixin before the LightningModule of either package: :class:`ReportModule` for
+    ``lightning.pytorch``, ``build_report`` makes the ``pytorch_lightning`` one."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -54,8 +70,12 @@ class ReportModule(pl.LightningModule):
         return None
 
 
+class ReportModule(ReportWrapper, pl.LightningModule):
+    """:class:`ReportWrapper` as a ``lightning.pytorch`` LightningModule."""
+
+
 def target_module(pl_module: nn.Module) -> nn.Module:
-    return pl_module.model if isinstance(pl_module, ReportModule) else pl_module
+    return pl_module.model if isinstance(pl_module, ReportWrapper) else pl_module
 
 
 class BatchProcessing:

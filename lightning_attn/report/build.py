@@ -5,30 +5,65 @@ script: a quiet Trainer runs the test (or validation) loop with an
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import nn
 
 from lightning_attn.callbacks.base import STAGE_KEYS
-from lightning_attn.report.callback import ExplainabilityReport, ReportModule
+from lightning_attn.report.batches import ReportModule, ReportWrapper
+from lightning_attn.report.callback import ExplainabilityReport
 from lightning_attn.report.explain import ReportError
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "lightning_namespace"]
 
 
-def _stderr_progress_bar() -> pl.Callback:
-    """Lightning's tqdm progress bar, drawn on stderr (Lightning's own draws on stdout, which a command keeps for
-    its result)."""
+def lightning_namespace(model: Any, data: Any) -> ModuleType:
+    """The Lightning package whose Trainer runs ``model`` on ``data``: ``pytorch_lightning`` when either is one of its
+    LightningModules or LightningDataModules (a Trainer accepts only its own package's), else ``lightning.pytorch``.
+
+    ``pytorch_lightning`` is looked up only among the imported modules: an object of its types means it was imported,
+    and an environment without it never imports it.
+
+    Raises:
+        ReportError: the model and the data are of the two different packages.
+    """
+    standalone = sys.modules.get("pytorch_lightning")
+    if standalone is None:
+        return pl
+    kinds = (standalone.LightningModule, standalone.LightningDataModule)
+    unified = (pl.LightningModule, pl.LightningDataModule)
+    packages = {isinstance(item, kinds) for item in (model, data) if isinstance(item, kinds + unified)}
+    if len(packages) == 2:
+        raise ReportError(
+            "the model and the data are of different Lightning packages (lightning.pytorch and pytorch_lightning): "
+            "one Trainer runs only its own package's modules"
+        )
+    return standalone if True in packages else pl
+
+
+@functools.cache
+def _report_module_class(namespace: ModuleType) -> type[ReportWrapper]:
+    """:class:`ReportWrapper` as a LightningModule of ``namespace`` (the library's :class:`ReportModule` for
+    ``lightning.pytorch``)."""
+    if namespace is pl:
+        return ReportModule
+    return type("ReportModule", (ReportWrapper, namespace.LightningModule), {"__module__": ReportWrapper.__module__})
+
+
+def _stderr_progress_bar(namespace: ModuleType) -> Any:
+    """Lightning's tqdm progress bar (of ``namespace``, the Trainer's package), drawn on stderr (Lightning's own draws
+    on stdout, which a command keeps for its result)."""
     import contextlib
-    import sys
 
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    class StderrTQDMProgressBar(TQDMProgressBar):
+    class StderrTQDMProgressBar(namespace.callbacks.TQDMProgressBar):  # type: ignore[name-defined]
         def init_sanity_tqdm(self) -> Any:
             with contextlib.redirect_stdout(sys.stderr):
                 return super().init_sanity_tqdm()
@@ -68,7 +103,8 @@ def build_report(
     Args:
         model: a LightningModule with a ``test_step`` (``validation_step``) or any ``nn.Module``; modules
             without the step are wrapped, and the report explains the module itself (its site names, its hash).
-        data: a DataLoader (or any iterable of batches), or a LightningDataModule.
+        data: a DataLoader (or any iterable of batches), or a LightningDataModule. ``lightning.pytorch`` and
+            ``pytorch_lightning`` modules both work: the Trainer is of their package (:func:`lightning_namespace`).
         out_dir: the report's directory; replaced on success when it holds a previous report of this library and
             nothing else, else the report goes to a sibling ``<out_dir>-1``, ... (see :class:`ExplainabilityReport`);
             untouched on failure (the partial output stays in a sibling ``.<name>.incomplete-*`` directory with an
@@ -89,15 +125,15 @@ def build_report(
     Raises:
         ReportError: bad inputs (no targets, not a classifier output, ...), with a one-line message.
     """
-    from lightning.pytorch.callbacks import ProgressBar
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
     if stage not in ("test", "validate"):
         raise ValueError(f"stage must be 'test' or 'validate', got {stage!r}")
     if not isinstance(model, nn.Module):
         raise ReportError(f"build_report needs an nn.Module, got {type(model).__name__}")
+    namespace = lightning_namespace(model, data)
     step = "test_step" if stage == "test" else "validation_step"
-    module = model if isinstance(model, pl.LightningModule) and is_overridden(step, model) else ReportModule(model)
+    is_overridden = importlib.import_module(f"{namespace.__name__}.utilities.model_helpers").is_overridden
+    own_step = isinstance(model, namespace.LightningModule) and is_overridden(step, model)
+    module = model if own_step else _report_module_class(namespace)(model)
     report = ExplainabilityReport(stages=(stage,), report_dir=str(out_dir), **report_kwargs)
     kwargs: dict[str, Any] = {
         "accelerator": accelerator,
@@ -113,11 +149,11 @@ def build_report(
         kwargs["limit_test_batches" if stage == "test" else "limit_val_batches"] = int(max_batches)
     kwargs.update(trainer_kwargs or {})
     extra = list(callbacks)
-    if kwargs.get("enable_progress_bar") and not any(isinstance(c, ProgressBar) for c in extra):
-        extra.append(_stderr_progress_bar())
-    trainer = pl.Trainer(callbacks=[report, *extra], **kwargs)
+    if kwargs.get("enable_progress_bar") and not any(isinstance(c, namespace.callbacks.ProgressBar) for c in extra):
+        extra.append(_stderr_progress_bar(namespace))
+    trainer = namespace.Trainer(callbacks=[report, *extra], **kwargs)
     run = trainer.test if stage == "test" else trainer.validate
-    if isinstance(data, pl.LightningDataModule):
+    if isinstance(data, namespace.LightningDataModule):
         run(module, datamodule=data, verbose=False)
     else:
         run(module, dataloaders=data, verbose=False)

@@ -4,6 +4,26 @@ to global rank zero and merged there into one report equal to that of one proces
 
 :func:`gather_shards` is the collective that every rank calls at the end of an evaluation epoch; rank zero then
 finalizes its merged runs as in one process.
+
+**Distributed runs** (DDP and any strategy on a ``torch.distributed`` process group): every rank evaluates its
+own batches into its own sums and streams its sample rows to a file in a rank-local temporary directory (no
+shared file system needed). At the end of the epoch each rank sends rank zero (``torch.distributed.gather_object``:
+gloo, and NCCL through the current CUDA device, which Lightning sets) its counts, correct-vs-incorrect moments,
+class-wise, calibration and per-head sums, per-batch rows, input hash and sample rows (raw CSV, in messages of at
+most :data:`~lightning_attn.report.distributed.GATHER_CHUNK_BYTES`). Rank zero appends the other ranks' rows to
+``samples.csv`` in rank order
+(``sample`` renumbered consecutively, rank zero's rows first; ``batch`` is the rank's own batch index), merges
+the sums and alone writes the report: its dataset-level numbers, class-wise and per-head tables equal those of
+one process over the same samples (up to float summation order). Per-batch rows follow each rank's batches (a
+``rank`` column says whose). Saliency runs on rank zero only, for the first ``probe_samples`` (or the
+``probe_indices``) of rank zero's shard, which are the first rows of ``samples.csv``. The inputs hash combines
+the per-rank hashes in rank order (:func:`~lightning_attn.report.provenance.combine_input_hashes`): it differs
+from a single-process hash of the same data, the model and configuration hashes do not; ``provenance``
+records the ``world_size``. The logged scalars are the merged values, broadcast to every rank. Lightning's
+``DistributedSampler`` pads data that does not split evenly over the ranks by repeating samples: the report
+then counts those repeats, as Lightning's metrics do (a note in the report and a warning say how many). One
+process gathers nothing. Under a strategy without an initialized ``torch.distributed`` group the report falls
+back to rank zero's shard (a warning says so).
 """
 
 from __future__ import annotations
@@ -171,7 +191,7 @@ def _shard_payload(run: ReportRun) -> dict[str, Any]:
         "modality": run.modality,
         "stats": run.stats,
         "class_arrays": run.class_arrays,
-        "bins": run.bins,
+        "calibration_metric": run.calibration_metric,
         "heads": run.heads,
         "batch_rows": run.batch_rows,
         "notes": run.notes,
@@ -201,8 +221,10 @@ def _merge_shards(run: ReportRun, gathered: list[Any], scratch: Path) -> None:
         run.stats.merge(payload["stats"])
         for name, values in payload["class_arrays"].items():
             run.class_arrays[name] = run.class_arrays[name] + values
-        for name, values in payload["bins"].items():
-            run.bins[name] = run.bins[name] + values
+        if run.calibration_metric is None:
+            run.calibration_metric = payload["calibration_metric"]
+        else:
+            run.calibration_metric.merge_state(payload["calibration_metric"])
         for site, sums in payload["heads"].items():
             if site not in run.heads:
                 run.heads[site] = sums

@@ -13,6 +13,17 @@ Batch conventions (all overridable through the report's arguments):
   first element is the logits.
 - **logits**: ``[B, C]`` class scores, or ``[B]`` / ``[B, 1]`` binary logits (probability of class 1 is the
   sigmoid); probabilities instead of logits with ``outputs_are_probabilities=True``.
+
+**Saliency** for a bounded set of probe samples (the first ``probe_samples``, or ``probe_indices``):
+gradient x input on every floating tensor input of the batch (per feature = last axis, named by
+``feature_names``), gradient-weighted attention rollout and per-head relevance from
+``d(score)/d(attention)`` with negatives clamped, maps and gradients paired by site name
+(:func:`~lightning_attn.report.explain.compute_saliency`). The loop runs under ``torch.inference_mode``;
+the saliency pass runs under ``torch.inference_mode(False)`` and ``torch.enable_grad()`` on clones of
+the batch made outside inference mode. Integer inputs (token ids) get token saliency instead: gradient x
+input (or integrated gradients, ``saliency=``) on the output of the input embedding layer, summed over its hidden
+axis, shown as coloured tokens; ``gradcam_layer`` adds Grad-CAM over the input image
+(:mod:`~lightning_attn.report.attribution`).
 """
 
 from __future__ import annotations

@@ -174,7 +174,8 @@ def probe_views(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any]:
 
 def probe_explorer(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any] | None:
     """The explorer payload (:func:`~lightning_attn.report.explorer.explorer_data`) of the probe samples' maps at the
-    report's epoch, labelled by their tokens where the probes have them; ``None`` without maps."""
+    report's epoch and at the earlier epochs of its stage (``run.earlier_maps``: the epoch slider), labelled by their
+    tokens where the probes have them; ``None`` without maps at the report's epoch."""
     maps = {sample: sites for sample, sites in run.probe_maps.items() if sites}
     if not maps:
         return None
@@ -188,7 +189,7 @@ def probe_explorer(run: ReportRun, summary: dict[str, Any]) -> dict[str, Any] | 
         )
         if probe.get("tokens"):
             tokens[sample] = probe["tokens"]["tokens"]
-    return explorer_data({run.epoch: maps}, titles=titles, tokens=tokens)
+    return explorer_data({**run.earlier_maps, run.epoch: maps}, titles=titles, tokens=tokens)
 
 
 def sample_rows(

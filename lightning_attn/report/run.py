@@ -5,6 +5,23 @@ from those sums.
 
 Nothing here touches the model or the Trainer: :class:`~lightning_attn.report.callback.ExplainabilityReport` gets the
 probabilities, targets and attention of a batch and hands them to :func:`add_batch`.
+
+For **every evaluated sample** one row is streamed to ``samples.csv`` as its batch ends (nothing per
+sample is held in memory): predicted class, confidence (max probability), true class, correct, margin
+(top-1 minus top-2 probability), normalized predictive entropy, NLL, Brier score, its equal-width
+calibration bin; per attention site the mean normalized attention entropy over heads (each head's mean
+over valid query rows, Clark et al. 2019), the most focused head (lowest entropy) and its entropy; the
+top attention pairs (``query>key:weight`` of the head-averaged map) of the chosen ``pair_sites``; and the
+modality agreement of each declared pair (:func:`~lightning_attn.functional.modality_agreement`); the
+SHA-256 of its model inputs (``input_sha256``, 16 hex digits: ``lightning-attn compare`` matches samples by it);
+last, the global ``rank`` that evaluated it (0 in a single process).
+
+Streamed statistics: dataset-level accuracy, mean confidence, ECE/MCE over ``calibration_bins``
+equal-width bins (Guo et al. 2017; bins as torchmetrics and the calibration callback), NLL, Brier;
+per-batch rows; a correct-vs-incorrect comparison of every per-sample measure (n, mean, std per group,
+difference and effect size); a class-wise table (support, predictions, precision, recall, F1, mean
+confidence and attention entropy); per site and head the mean entropy, its correct/incorrect means and
+how often the head is the sample's most focused one.
 """
 
 from __future__ import annotations
@@ -21,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_attn.functional.calibration import equal_width_bin_index
+from lightning_attn.functional.calibration import brier_score, equal_width_bin_index, negative_log_likelihood
+from lightning_attn.metrics import CalibrationMetric
 from lightning_attn.plots import report as plots
 from lightning_attn.report.explain import (
     BatchAttention,
@@ -37,7 +55,7 @@ __all__ = [
     "HeadSums",
     "ReportRun",
     "add_batch",
-    "calibration_errors",
+    "calibration",
     "class_name",
     "csv_cell",
     "keep_finite_rows",
@@ -112,7 +130,7 @@ class ReportRun:
     num_classes: int = 0
     stats: GroupStatistics = field(default_factory=GroupStatistics)
     class_arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    bins: dict[str, np.ndarray] = field(default_factory=dict)
+    calibration_metric: CalibrationMetric | None = None  # the dataset's calibration, the CalibrationMonitor's metric
     heads: dict[str, HeadSums] = field(default_factory=dict)
     batch_rows: list[list[Any]] = field(default_factory=list)
     hasher: StreamHasher = field(default_factory=StreamHasher)
@@ -120,6 +138,8 @@ class ReportRun:
     probe_positions: dict[str, list[tuple[int, np.ndarray, bool]]] = field(default_factory=dict)
     probe_images: dict[int, np.ndarray] = field(default_factory=dict)  # input images of Grad-CAM probes, by sample
     probe_maps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: site -> [H, Q, K]
+    # the probe maps of this stage's earlier reports, by epoch (the explorer's epoch slider)
+    earlier_maps: dict[int, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     probe_inputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by sample: input name -> values
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
@@ -193,14 +213,13 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
-def calibration_errors(bins: Mapping[str, np.ndarray]) -> dict[str, float | None]:
-    count = bins["count"]
-    n = count.sum()
-    if not n:
-        return {"ece": None, "mce": None}
-    filled = count > 0
-    gap = np.abs(bins["hits"][filled] / count[filled] - bins["conf"][filled] / count[filled])
-    return {"ece": float((gap * count[filled]).sum() / n), "mce": float(gap.max())}
+def calibration(run: ReportRun) -> dict[str, Tensor]:
+    """The dataset-level calibration of ``run`` (ECE, MCE, NLL, Brier, the reliability bins ``bin_*``: what
+    :meth:`~lightning_attn.metrics.CalibrationMetric.compute` gives, on the host), from the same metric as the
+    CalibrationMonitor."""
+    if run.calibration_metric is None:
+        raise ReportError(f"no samples were evaluated for the {run.key} report")
+    return {name: value.detach().cpu() for name, value in run.calibration_metric.compute().items()}
 
 
 def scalars(runs: Iterable[ReportRun]) -> dict[str, float]:
@@ -210,7 +229,7 @@ def scalars(runs: Iterable[ReportRun]) -> dict[str, float]:
         n = run.class_arrays.get("support", np.zeros(0)).sum()
         if n:
             logged[f"{NAMESPACE}/{run.key}/accuracy"] = float(run.class_arrays["tp"].sum() / n)
-            logged[f"{NAMESPACE}/{run.key}/ece"] = float(calibration_errors(run.bins)["ece"] or 0.0)
+            logged[f"{NAMESPACE}/{run.key}/ece"] = float(calibration(run)["ece"])
     return logged
 
 
@@ -255,8 +274,8 @@ def add_batch(
     margin = top2[:, 0] - (top2[:, 1] if num_classes > 1 else 0)
     log_probs = probs.clamp_min(1e-12).log()
     output_entropy = -(probs * log_probs).sum(1) / math.log(max(num_classes, 2))
-    nll = -log_probs.gather(1, target[:, None])[:, 0]
-    brier = (probs - torch.nn.functional.one_hot(target, num_classes).float()).pow(2).sum(1)
+    nll = negative_log_likelihood(probs, target, score_type="probs", reduction="none")
+    brier = brier_score(probs, target, reduction="none")
     bins = equal_width_bin_index(confidence.double().clamp(0, 1), calibration_bins).clamp(0, calibration_bins - 1)
 
     host = {
@@ -331,9 +350,11 @@ def add_batch(
         if math.isfinite(attention_entropy[i]):
             arrays["entropy_true"][t] += attention_entropy[i]
             arrays["entropy_count"][t] += 1
-    np.add.at(run.bins["count"], host["bins"].numpy(), 1)
-    np.add.at(run.bins["conf"], host["bins"].numpy(), host["confidence"].double().numpy())
-    np.add.at(run.bins["hits"], host["bins"].numpy(), host["correct"].double().numpy())
+    if run.calibration_metric is None:
+        run.calibration_metric = CalibrationMetric(
+            "multiclass", num_classes=num_classes, score_type="probs", n_bins=calibration_bins, sync_on_compute=False
+        )
+    run.calibration_metric.update(probs.detach().double().cpu(), target.detach().cpu())
 
     # rows
     first_index = run.count

@@ -17,7 +17,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_attn.callbacks.base import STAGE_KEYS
-from lightning_attn.report.run import ReportRun, calibration_errors, class_name
+from lightning_attn.report.run import ReportRun, calibration, class_name
 
 __all__ = ["SCHEMA_VERSION", "callable_name", "jsonable", "other_sections", "summarize", "tables"]
 
@@ -40,7 +40,7 @@ def summarize(
     arrays = run.class_arrays
     n = int(arrays["support"].sum())
     group = run.stats.summary()
-    calibration = calibration_errors(run.bins)
+    measures = calibration(run)
     dataset = {
         "num_samples": n,
         "num_batches": len(run.batch_rows),
@@ -49,10 +49,10 @@ def summarize(
         "mean_confidence": group["confidence"]["all"]["mean"],
         "mean_margin": group["margin"]["all"]["mean"],
         "mean_output_entropy": group["output_entropy"]["all"]["mean"],
-        "nll": group["nll"]["all"]["mean"],
-        "brier": group["brier"]["all"]["mean"],
-        "ece": calibration["ece"],
-        "mce": calibration["mce"],
+        "nll": float(measures["nll"]),
+        "brier": float(measures["brier"]),
+        "ece": float(measures["ece"]),
+        "mce": float(measures["mce"]),
         "num_correct": int(arrays["tp"].sum()),
         "num_incorrect": n - int(arrays["tp"].sum()),
     }
@@ -117,17 +117,17 @@ def summarize(
         pair: {"sites": [a, b], **group.get(f"agreement/{pair}", {"all": {"n": 0, "mean": None, "std": None}})}
         for pair, (a, b) in run.modality.items()
     }
-    bins = run.bins
-    edges = np.linspace(0.0, 1.0, calibration_bins + 1)
+    edges, counts = measures["bin_edges"].tolist(), measures["bin_count"].tolist()
+    accuracy, confidence = measures["bin_accuracy"].tolist(), measures["bin_confidence"].tolist()
     bin_rows = [
         {
-            "lower": float(edges[b]),
-            "upper": float(edges[b + 1]),
-            "count": int(bins["count"][b]),
-            "accuracy": float(bins["hits"][b] / bins["count"][b]) if bins["count"][b] else None,
-            "confidence": float(bins["conf"][b] / bins["count"][b]) if bins["count"][b] else None,
-            "correct": int(bins["hits"][b]),
-            "incorrect": int(bins["count"][b] - bins["hits"][b]),
+            "lower": edges[b],
+            "upper": edges[b + 1],
+            "count": int(counts[b]),
+            "accuracy": accuracy[b] if counts[b] else None,
+            "confidence": confidence[b] if counts[b] else None,
+            "correct": round(accuracy[b] * counts[b]) if counts[b] else 0,
+            "incorrect": int(counts[b]) - round(accuracy[b] * counts[b]) if counts[b] else 0,
         }
         for b in range(calibration_bins)
     ]
@@ -150,8 +150,8 @@ def summarize(
         "dataset": dataset,
         "calibration": {
             "n_bins": calibration_bins,
-            "ece": calibration["ece"],
-            "mce": calibration["mce"],
+            "ece": float(measures["ece"]),
+            "mce": float(measures["mce"]),
             "bins": bin_rows,
         },
         "batches": batches,

@@ -11,6 +11,28 @@ Files: ``samples.csv``, ``per_head.csv``, ``classwise.csv``, ``batches.csv``, ``
 its header, so that ``csv.DictReader`` and ``pandas.read_csv`` open them with no options), ``provenance.json`` beside
 them, ``figures/*.png`` (provenance in a PNG text chunk), ``summary.md``, ``report.html`` and ``report.json``
 (provenance included), which lists every other file with its SHA-256. JSON is written with ``allow_nan=False``.
+
+**Outputs**, written at the end of the loop (after every callback's epoch end, so that the sections of a
+calibration or head-specialization callback of the same Trainer, found in ``trainer.callbacks`` through
+their ``.results`` and ``registry()``, are included; their absence is fine) into a temporary directory
+with an ``INCOMPLETE`` marker, renamed to the final directory only on success:
+
+- ``report.html``: self-contained page (figures inline as base64 PNG, sortable tables, no network);
+- ``report.json``: every number, ``schema_version`` ``1.0``, valid against the packaged
+  ``lightning_attn/report/report.schema.json``; lists every other file with its SHA-256;
+- ``samples.csv`` (one row per sample), ``per_head.csv``, ``classwise.csv``, ``batches.csv``,
+  ``saliency.csv``, each starting with its header (``pandas.read_csv(path)``, ``csv.DictReader``), and
+  ``provenance.json`` beside them;
+- ``summary.md``; ``figures/*.png`` (provenance in the PNG text chunk ``lightning_attn_provenance``).
+
+Provenance in every output: SHA-256 of the model's ``state_dict`` (tensor bytes in sorted key order), of
+the evaluated batches (streamed), of the report configuration, their combination ``report_sha256``,
+library versions, start and end time (:mod:`lightning_attn.report.provenance`).
+
+Directory: ``report_dir`` if given (dataloader ``k >= 1`` gets ``<report_dir>_dl<k>``), else
+``<save_dir or log_dir/lightning_attn>/report/<test|val_epoch<E>>[_dl<k>]``. It is replaced only when it holds a
+previous report and nothing else (:func:`~lightning_attn.report.write.is_own_report`); a file or a folder with
+other files there is kept and the report goes to ``<dir>-1``, ``<dir>-2``, ... with a warning naming both.
 """
 
 from __future__ import annotations

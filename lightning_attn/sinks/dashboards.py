@@ -2,8 +2,9 @@
 
 - :func:`publish_config`: a callback's ``__init__`` arguments into the W&B run config, as
   ``lightning_attn/<callback name>/<argument>``, so that runs can be compared and filtered by them;
-- :func:`publish_report`: a finished explainability report as ``wandb.Html`` under ``report/<stage>`` and its
-  folder as a W&B artifact of type ``explainability-report``;
+- :func:`publish_report`: a finished explainability report as ``wandb.Html`` under ``report/<stage>``, its
+  attention explorer under ``report/<stage>/explorer`` and its folder as a W&B artifact of type
+  ``explainability-report``;
 - :func:`publish_scalar_layout`: a TensorBoard custom-scalars layout (one multiline chart per group of tags);
 - :func:`announce_outputs`: one console line saying where a callback's outputs went.
 """
@@ -67,8 +68,9 @@ def publish_config(trainer: Any, name: str, callback: Any) -> None:
 
 
 def publish_report(trainer: Any, directory: Path, stage: str, step: int) -> None:
-    """A finished report folder to W&B (rank zero): its ``report.html`` as ``wandb.Html`` under ``report/<stage>``
-    and the whole folder as an artifact ``report-<stage>`` of type :data:`REPORT_ARTIFACT_TYPE`."""
+    """A finished report folder to W&B (rank zero): its ``report.html`` as ``wandb.Html`` under ``report/<stage>``,
+    its ``explorer.html`` (when the probes had attention maps) under ``report/<stage>/explorer``, and the whole folder
+    (both pages included) as an artifact ``report-<stage>`` of type :data:`REPORT_ARTIFACT_TYPE`."""
     if not getattr(trainer, "is_global_zero", True):
         return
     loggers = [logger for logger in _loggers(trainer) if _is_wandb(logger)]
@@ -76,10 +78,17 @@ def publish_report(trainer: Any, directory: Path, stage: str, step: int) -> None
         return
     import wandb  # only with a W&B logger, which imported it already
 
-    html = directory / "report.html"
+    pages = {
+        key: wandb.Html(path.read_text(encoding="utf-8"))
+        for key, path in (
+            (f"report/{stage}", directory / "report.html"),
+            (f"report/{stage}/explorer", directory / "explorer.html"),
+        )
+        if path.is_file()
+    }
     for logger in loggers:
-        if html.is_file():  # through Lightning's log_metrics, which keeps W&B's step and trainer/global_step in order
-            logger.log_metrics({f"report/{stage}": wandb.Html(html.read_text(encoding="utf-8"))}, step=step)
+        if pages:  # through Lightning's log_metrics, which keeps W&B's step and trainer/global_step in order
+            logger.log_metrics(pages, step=step)
         artifact = wandb.Artifact(
             re.sub(r"[^A-Za-z0-9_.-]+", "-", f"report-{stage}"),
             type=REPORT_ARTIFACT_TYPE,
