@@ -200,19 +200,13 @@ class CalibrationMonitor(EvaluationCallback):
         self.states.clear()
 
     def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *args: Any
     ) -> None:
         if trainer.sanity_checking and "validate" in self.stages:  # wrong keys fail here, not after a training epoch
             scores, target, _ = self._read(outputs, batch)
             task, num_classes = self.states.resolve(scores, target)
             check_shapes(scores, target, task, num_classes if task == "multiclass" else None)
-        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args)
 
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.states.reset(stage)

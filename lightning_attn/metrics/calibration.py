@@ -326,23 +326,11 @@ class CalibrationMetric(Metric):
         self._histogram("fine", fine, value64, hits, valid, fb + 1)
         return index
 
-    def _update_bootstrap(
-        self,
-        x: Tensor,
-        t: Tensor,
-        index: Tensor,
-        valid: Tensor | None,
-        value64: Tensor,
-        hits: Tensor,
-        correct: Tensor,
-        brier: Tensor,
-    ) -> None:
-        """Add the batch to every replicate (:func:`bootstrap_sums`)."""
+    def _update_bootstrap(self, *samples: Any) -> None:
+        """Add the batch to every replicate; ``samples``: the per-sample arguments of :func:`bootstrap_sums`."""
         if not self.bootstrap:
             return
-        sums = bootstrap_sums(
-            x, t, index, valid, value64, hits, correct, brier, n_bins=self.n_bins, replicates=self.bootstrap
-        )
+        sums = bootstrap_sums(*samples, n_bins=self.n_bins, replicates=self.bootstrap)
         self.boot_count = self.boot_count + sums.count
         self.boot_hits = self.boot_hits + sums.hits
         self.boot_conf = self.boot_conf + sums.conf
