@@ -61,7 +61,7 @@ def run(out: Path, devices: int) -> dict:
     )
     trainer.validate(FixedLogits(), DataLoader(TensorDataset(x, y), batch_size=BATCH))
     result = callback.results["val"]
-    metric = next(iter(callback._metrics.values()))
+    metric = next(iter(callback.states.metrics.values()))
     # the shard DistributedSampler gives this rank (N splits evenly: no padding), in batches
     bare = CalibrationMetric("multiclass", K, bootstrap=200)
     shard = slice(trainer.global_rank, None, trainer.world_size)

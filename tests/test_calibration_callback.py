@@ -346,3 +346,66 @@ def test_two_monitors_keep_keys_files_and_states_apart(tmp_path: Path) -> None:
         trainer(tmp_path / "twins", [CalibrationMonitor(), CalibrationMonitor()]).validate(
             FixedLogits(), loader(x, y), verbose=False
         )
+
+
+class _Counting(FixedLogits):
+    """Counts its training and validation steps, to tell when an error came."""
+
+    def __init__(self, output_key: str = "logits") -> None:
+        super().__init__()
+        self.output_key = output_key
+        self.steps = {"train": 0, "val": 0}
+
+    def training_step(self, batch, batch_idx):
+        self.steps["train"] += 1
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.steps["val"] += 1
+        return {self.output_key: self(batch[0]), "target": batch[1]}
+
+
+def test_wrong_score_key_raises_at_the_sanity_checks_first_batch(tmp_path: Path) -> None:
+    x, y = data(256)
+    module = _Counting()
+    cb = CalibrationMonitor(score_key="logit", score_type="logits")
+    with pytest.raises(KeyError) as raised:
+        trainer(tmp_path, [cb], max_epochs=1, num_sanity_val_steps=2).fit(module, loader(x, y), loader(x, y))
+    message = str(raised.value)
+    assert message.startswith("CalibrationMonitor: score_key='logit' is not in the step's outputs")
+    assert "close keys: 'logits'" in message, message
+    assert module.steps == {"train": 0, "val": 1}  # the first sanity batch, before any training
+
+
+def test_wrong_target_key_raises_at_the_first_validation_batch(tmp_path: Path) -> None:
+    x, y = data(256)
+    module = _Counting()
+    with pytest.raises(KeyError) as raised:
+        trainer(tmp_path, [CalibrationMonitor(target_key="targets")]).validate(module, loader(x, y))
+    message = str(raised.value)
+    # an (x, y) batch does not stand in for a key that was asked for by name
+    assert "target_key='targets' is not in the step's outputs (keys: ['logits', 'target'])" in message, message
+    assert "close keys: 'target'" in message
+    assert module.steps["val"] == 1
+
+
+def test_default_keys_missing_name_the_close_ones(tmp_path: Path) -> None:
+    x, y = data(256)
+    module = _Counting(output_key="logit")
+    with pytest.raises(KeyError, match="no 'logits' or 'probs' in the step's outputs") as raised:
+        trainer(tmp_path, [CalibrationMonitor()], max_epochs=1).fit(module, loader(x, y), loader(x, y))
+    assert "close keys: 'logit'" in str(raised.value)
+    assert module.steps == {"train": 0, "val": 1}
+
+
+def test_save_dir_that_is_a_file_raises_at_setup(tmp_path: Path) -> None:
+    x, y = data(256)
+    taken = tmp_path / "outputs.txt"
+    taken.write_text("not a folder")
+    module = _Counting()
+    with pytest.raises(NotADirectoryError, match=r"save_dir: .*outputs\.txt exists and is a file") as raised:
+        trainer(tmp_path, [CalibrationMonitor(save_dir=str(taken))], max_epochs=1).fit(
+            module, loader(x, y), loader(x, y)
+        )
+    assert str(taken) in str(raised.value)
+    assert module.steps == {"train": 0, "val": 0}  # at setup, before any batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import itertools
 import warnings
 
@@ -516,3 +518,19 @@ def test_no_warning_on_clean_data() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         metric.compute()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lightning_attn.metrics.calibration_inputs",
+        "lightning_attn.metrics.calibration_sparse",
+        "lightning_attn.metrics.calibration_states",
+        "lightning_attn.metrics.calibration_temperature",
+        "lightning_attn.metrics.reservoir",
+        "lightning_attn.sinks.layout",
+    ],
+)
+def test_docstring_examples(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0

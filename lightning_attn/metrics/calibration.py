@@ -17,7 +17,6 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
-from lightning_attn.functional.bootstrap import poisson_bootstrap_weights, replicate_sums, sample_hash
 from lightning_attn.functional.calibration import (
     adaptive_calibration_error,
     bin_statistics,
@@ -31,7 +30,10 @@ from lightning_attn.functional.calibration import (
     fold_last_bin,
     smooth_calibration_error,
 )
-from lightning_attn.metrics.calibration_inputs import Task, check_shapes
+from lightning_attn.metrics.calibration_bootstrap import bootstrap_sums
+from lightning_attn.metrics.calibration_inputs import Task, check_counts, check_shapes
+from lightning_attn.metrics.calibration_sparse import sparse_multiclass_sums
+from lightning_attn.metrics.reservoir import reservoir_input
 
 __all__ = ["CalibrationMetric"]
 
@@ -203,19 +205,13 @@ class CalibrationMetric(Metric):
             self._edges_cache[key] = edges
         return edges
 
-    def _equal_width_index(self, values: Tensor) -> np.ndarray:
-        """``bucketize(values, edges, right=True) - 1`` (torchmetrics' boundaries, 1.0 -> ``n_bins``) for
-        CPU values in ``[0, 1]``: the floor of ``value * n_bins``, moved by one where rounding put it across
-        an edge (``bucketize`` itself costs several times more)."""
+    def _padded_edges_for(self, values: Tensor) -> np.ndarray:
+        """The reliability edges in ``values``' precision, then ``+inf`` (:func:`equal_width_index`'s input)."""
         padded = self._padded_edges.get(values.dtype)
-        if padded is None:  # the edges in the values' precision, then +inf so that index + 1 stays in range
+        if padded is None:
             padded = torch.cat([self._edges(values), values.new_full((1,), float("inf"))]).numpy()
             self._padded_edges[values.dtype] = padded
-        array = values.numpy()
-        index = (array * self.n_bins).astype(np.int64)
-        index -= array < padded[index]
-        index += array >= padded[index + 1]
-        return index
+        return padded
 
     def flatten(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """A batch as :meth:`update` reads it: shapes checked, scores ``[N, K]`` (``[N]`` binary; class dimension 1
@@ -230,6 +226,15 @@ class CalibrationMetric(Metric):
                 scores = scores.movedim(1, -1).reshape(-1, scores.shape[1])
             return scores, target.reshape(-1)
         return scores.reshape(-1), target.reshape(-1)
+
+    def reservoir_batch(self, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch as a :class:`~lightning_attn.metrics.LogitReservoir` takes it: ``(logits, target, valid)``
+        (:func:`~lightning_attn.metrics.reservoir.reservoir_input` of the :meth:`flatten`-ed batch)."""
+        x, t = self.flatten(scores, target)
+        binary, probs = self.task == "binary", self.score_type == "probs"
+        return reservoir_input(
+            x, t, binary=binary, num_classes=self.num_classes, probs=probs, ignore_index=self.ignore_index
+        )
 
     def update(self, scores: Tensor, target: Tensor) -> None:
         """Add a batch: ``scores`` (logits or probabilities, as ``score_type`` says) and integer ``target``.
@@ -303,10 +308,13 @@ class CalibrationMetric(Metric):
         if valid is not None:
             index = torch.where(valid, index, size)
         pairs = self._bincount(index * 2 + hits, 2 * size + 2)[: 2 * size].view(size, 2)
-        conf = self._bincount(index, size + 1, value64)[:size]
-        setattr(self, f"{prefix}_count", getattr(self, f"{prefix}_count") + pairs.sum(1))
+        self._add_histogram(prefix, pairs.sum(1), self._bincount(index, size + 1, value64)[:size], pairs[:, 1])
+
+    def _add_histogram(self, prefix: str, count: Tensor, conf: Tensor, hits: Tensor) -> None:
+        """Add a batch's count / value sum / hit count to the ``<prefix>_*`` states (``bin`` or ``fine``)."""
+        setattr(self, f"{prefix}_count", getattr(self, f"{prefix}_count") + count)
         setattr(self, f"{prefix}_conf", getattr(self, f"{prefix}_conf") + conf)
-        setattr(self, f"{prefix}_hits", getattr(self, f"{prefix}_hits") + pairs[:, 1])
+        setattr(self, f"{prefix}_hits", getattr(self, f"{prefix}_hits") + hits)
 
     def _update_reliability(self, value: Tensor, value64: Tensor, hits: Tensor, valid: Tensor | None) -> Tensor:
         """Equal-width and fine histograms of ``value`` (in ``[0, 1]`` where valid, 0 elsewhere);
@@ -318,32 +326,16 @@ class CalibrationMetric(Metric):
         self._histogram("fine", fine, value64, hits, valid, fb + 1)
         return index
 
-    def _update_bootstrap(
-        self,
-        x: Tensor,
-        t: Tensor,
-        index: Tensor,
-        valid: Tensor | None,
-        value64: Tensor,
-        hits: Tensor,
-        correct: Tensor,
-        brier: Tensor,
-    ) -> None:
-        """Add the batch to every replicate: reliability-bin ``index`` (1.0 -> ``n_bins``, folded here)
-        of ``value64``, ``hits``, ``correct`` and per-sample ``brier`` (0 for invalid samples)."""
+    def _update_bootstrap(self, *samples: Any) -> None:
+        """Add the batch to every replicate; ``samples``: the per-sample arguments of :func:`bootstrap_sums`."""
         if not self.bootstrap:
             return
-        b = self.n_bins
-        pair = index.clamp_max(b - 1) * 2 + hits  # count and hits from one histogram of (bin, hit) pairs
-        if valid is not None:
-            pair = torch.where(valid, pair, 2 * b)  # dropped by replicate_sums
-        weights = poisson_bootstrap_weights(sample_hash(x, t), self.bootstrap).double()
-        pairs = replicate_sums(weights, pair, 2 * b).view(self.bootstrap, b, 2)
-        self.boot_count = self.boot_count + pairs.sum(-1)
-        self.boot_hits = self.boot_hits + pairs[..., 1]
-        self.boot_conf = self.boot_conf + replicate_sums(weights, pair // 2, b, value64)
-        self.boot_correct = self.boot_correct + correct.double() @ weights
-        self.boot_brier = self.boot_brier + brier @ weights
+        sums = bootstrap_sums(*samples, n_bins=self.n_bins, replicates=self.bootstrap)
+        self.boot_count = self.boot_count + sums.count
+        self.boot_hits = self.boot_hits + sums.hits
+        self.boot_conf = self.boot_conf + sums.conf
+        self.boot_correct = self.boot_correct + sums.correct
+        self.boot_brier = self.boot_brier + sums.brier
 
     def _update_top_label(self, conf64: Tensor, correct: Tensor, n_valid: Tensor | int) -> None:
         """``conf64`` is 0 and ``correct`` False for invalid samples."""
@@ -384,92 +376,30 @@ class CalibrationMetric(Metric):
             self._update_multiclass_masked(x, probs, t, valid)
 
     def _update_multiclass_sparse(self, x: Tensor, probs: Tensor, t: Tensor, conf: Tensor) -> None:
-        """All rows valid, CPU tensors. Classwise bins from the entries ``p >= 1/classwise_bins``
-        (at most ``classwise_bins`` per row, since a row sums to 1); everything below is bin 0, whose
-        sums are the column sums minus the selected entries. The prediction comes from the same
-        entries. The work is on NumPy views of the tensors (no copies): at these sizes torch's
-        per-operator dispatch would cost more than the arithmetic."""
-        n, k = probs.shape
-        bc, b, fb = self.classwise_bins, self.n_bins, self.fine_bins
-        stride = bc + 1
-        p = probs.numpy()
-        p_max = conf.numpy()
-        target = t.numpy()
-        threshold = p.dtype.type((1.0 / bc) * (1 - 1e-6))  # a little below 1/bc: the exact bin is recomputed below
-        pos = np.flatnonzero(p.reshape(-1) >= threshold)
-        rows, cols = np.divmod(pos, k)
-        vals = p.reshape(-1)[pos]
-
-        # prediction: the first column holding the row maximum, as ``max(1)``; pos is row-major sorted
-        at_max = np.flatnonzero(vals == p_max[rows])
-        max_rows, max_cols = rows.take(at_max), cols.take(at_max)
-        first = np.ones(max_rows.shape[0], dtype=bool)
-        np.not_equal(max_rows[1:], max_rows[:-1], out=first[1:])
-        pred = np.full(n, -1, dtype=np.int64)
-        pred[max_rows[first]] = max_cols[first]
-        missing = pred < 0  # rows whose maximum is below the threshold (near-uniform rows)
-        if missing.any():
-            pred[missing] = p[missing].argmax(1)
-        row_start = np.arange(0, n * k, k)
-        correct = pred == target
-        conf64 = p_max.astype(np.float64)
-        p_y64 = p.reshape(-1).take(row_start + target).astype(np.float64)
-
-        # top label: equal-width bins with torchmetrics' boundaries (1.0 -> index b), fine bins by exact floor
-        bin_index = self._equal_width_index(conf)
-        fine_index = (conf64 * fb).astype(np.int64)
-
-        def histogram(index: np.ndarray, size: int) -> tuple[Tensor, Tensor, Tensor]:
-            counts = np.bincount(index, minlength=size)
-            weights = np.bincount(index, weights=conf64, minlength=size)
-            hit_counts = np.bincount(index[correct], minlength=size)
-            return torch.from_numpy(counts), torch.from_numpy(weights), torch.from_numpy(hit_counts)
-
-        # classwise: selected entries binned exactly, the rest of each column in bin 0
-        size = k * stride
-        class_index = cols * stride + (vals.astype(np.float64) * bc).astype(np.int64)
-        count = np.bincount(class_index, minlength=size).reshape(k, stride)
-        conf_sum = np.bincount(class_index, weights=vals, minlength=size).reshape(k, stride)
-        count[:, 0] += n - count.sum(1)
-        conf_sum[:, 0] += probs.sum(0).double().numpy() - conf_sum.sum(1)  # torch's column sums: cascaded, ~1e-7
-        hits = np.bincount(target * stride + (p_y64 * bc).astype(np.int64), minlength=size).reshape(k, stride)
-
-        sum_sq_rows = torch.linalg.vector_norm(probs, dim=1).double().square()
-        sum_sq = sum_sq_rows.sum().item()
-        if self.score_type == "logits":
-            # log p_y = z_y - logsumexp(z) and logsumexp(z) = z_pred - log p_pred: no second pass over [N, K]
-            z = x.numpy().reshape(-1)
-            nll = float(
-                (z.take(row_start + pred).astype(np.float64) - z.take(row_start + target) - np.log(conf64)).sum()
-            )
-        else:
-            nll = float(-np.log(np.maximum(p_y64, 1e-12)).sum())
-
-        self.n_samples = self.n_samples + n
-        self.n_correct = self.n_correct + int(correct.sum())
-        self.conf_sum = self.conf_sum + float(conf64.sum())
-        self.conf_correct_sum = self.conf_correct_sum + float(conf64[correct].sum())
-        for prefix, index, entries in (("bin", bin_index, b + 1), ("fine", fine_index, fb + 1)):
-            counts, weights, hit_counts = histogram(index, entries)
-            setattr(self, f"{prefix}_count", getattr(self, f"{prefix}_count") + counts)
-            setattr(self, f"{prefix}_conf", getattr(self, f"{prefix}_conf") + weights)
-            setattr(self, f"{prefix}_hits", getattr(self, f"{prefix}_hits") + hit_counts)
-        self.class_count = self.class_count + torch.from_numpy(count)
-        self.class_conf = self.class_conf + torch.from_numpy(conf_sum)
-        self.class_hits = self.class_hits + torch.from_numpy(hits)
-        self.brier_sum = self.brier_sum + (sum_sq - 2 * float(p_y64.sum()) + n)
-        self.nll_sum = self.nll_sum + nll
-        correct_t = torch.from_numpy(correct)
-        self._update_bootstrap(
+        """All rows valid, CPU tensors: the sums of :func:`sparse_multiclass_sums`."""
+        sums = sparse_multiclass_sums(
             x,
+            probs,
             t,
-            torch.from_numpy(bin_index),
-            None,
-            torch.from_numpy(conf64),
-            correct_t,
-            correct_t,
-            sum_sq_rows - 2 * torch.from_numpy(p_y64) + 1,
+            conf,
+            padded_edges=self._padded_edges_for(conf),
+            n_bins=self.n_bins,
+            fine_bins=self.fine_bins,
+            classwise_bins=self.classwise_bins,
+            logits=self.score_type == "logits",
         )
+        self.n_samples = self.n_samples + probs.shape[0]
+        self.n_correct = self.n_correct + sums.n_correct
+        self.conf_sum = self.conf_sum + sums.conf_sum
+        self.conf_correct_sum = self.conf_correct_sum + sums.conf_correct_sum
+        self._add_histogram("bin", *sums.bins)
+        self._add_histogram("fine", *sums.fine)
+        self.class_count = self.class_count + sums.class_count
+        self.class_conf = self.class_conf + sums.class_conf
+        self.class_hits = self.class_hits + sums.class_hits
+        self.brier_sum = self.brier_sum + sums.brier_sum
+        self.nll_sum = self.nll_sum + sums.nll_sum
+        self._update_bootstrap(x, t, sums.bin_index, None, sums.confidence, sums.correct, sums.correct, sums.brier)
 
     def _update_multiclass_masked(self, x: Tensor, probs: Tensor, t: Tensor, valid: Tensor | None) -> None:
         """Static shapes, no synchronisation (accelerators): invalid rows are zeroed and sent to a
@@ -550,28 +480,9 @@ class CalibrationMetric(Metric):
 
     # -- compute --------------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise for invalid input seen since the last reset; warn for skipped NaN samples."""
-        bad_target = int(self.n_bad_target)
-        if bad_target:
-            allowed = f"[0, {self.num_classes})" if self.task == "multiclass" else "{0, 1}"
-            extra = f" other than ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
-            raise ValueError(f"{bad_target} target(s) outside {allowed}{extra}: check the labels or num_classes")
-        bad_prob = int(self.n_bad_prob)
-        if bad_prob:
-            what = (
-                "rows not summing to 1 or values outside [0, 1]"
-                if self.task == "multiclass"
-                else "values outside [0, 1]"
-            )
-            raise ValueError(
-                f"{bad_prob} sample(s) declared as probabilities (score_type='probs') are not probabilities ({what}); "
-                "pass score_type='logits' if the model returns logits"
-            )
-        nan = int(self.n_nan)
-        if nan:
-            rank_zero_warn(
-                f"CalibrationMetric: {nan} sample(s) with NaN scores (or +inf logits) were skipped", UserWarning
-            )
+        """Raise for invalid input seen since the last reset; warn for skipped NaN samples (:func:`check_counts`)."""
+        bad = (int(self.n_bad_target), int(self.n_bad_prob), int(self.n_nan))
+        check_counts(*bad, task=self.task, num_classes=self.num_classes, ignore_index=self.ignore_index)
 
     def compute(self) -> dict[str, Tensor]:
         """All measures as a flat dict: 0-d float64 tensors for scalars, 1-d/2-d for per-bin arrays.

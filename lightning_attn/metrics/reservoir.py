@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LogitReservoir"]
+__all__ = ["LogitReservoir", "reservoir_input"]
 
 
 class LogitReservoir:
@@ -92,3 +92,32 @@ class LogitReservoir:
             idx = torch.topk(keys, size, largest=False, sorted=True).indices
             logits, target = logits[idx], target[idx]
         return logits, target
+
+
+def reservoir_input(
+    scores: Tensor, target: Tensor, *, binary: bool, num_classes: int, probs: bool, ignore_index: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits, target, valid)`` for :meth:`LogitReservoir.update` from a flattened batch (``scores [N, K]``, or
+    ``[N]`` binary; ``target [N]``): probabilities (``probs``) become log-probabilities (log-odds for ``binary``),
+    which stand in for logits; samples with non-finite scores, an ``ignore_index`` target or a target outside the
+    classes are not valid, and their target is set to 0.
+
+    >>> logits, target, valid = reservoir_input(
+    ...     torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([1, 0]),
+    ...     binary=False, num_classes=2, probs=False, ignore_index=None)
+    >>> valid.tolist(), target.tolist()
+    ([True, False], [1, 0])
+    """
+    x = scores
+    if probs:
+        x = x.clamp(1e-12, 1.0)
+        x = x.log() - torch.log1p(-x.clamp_max(1 - 1e-7)) if binary else x.log()
+    row_max = x if x.ndim == 1 else x.amax(1)
+    valid = torch.isfinite(row_max)
+    if ignore_index is not None:
+        valid &= target != ignore_index
+    if target.is_floating_point():
+        valid &= (target == 0) | (target == 1)
+    else:
+        valid &= (target >= 0) & (target < num_classes)
+    return x, torch.where(valid, target.long(), 0), valid

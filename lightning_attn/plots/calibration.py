@@ -5,7 +5,8 @@
   bin's accuracy as error bars;
 - :func:`plot_confidence_histogram`: top-label confidence, correct and incorrect stacked;
 - :func:`plot_classwise_reliability`: one small reliability diagram per class (the first ``max_classes``);
-- :func:`plot_calibration_trend`: chosen measures over epochs, with their bootstrap intervals as bands.
+- :func:`plot_calibration_trend`: chosen measures over epochs, with their bootstrap intervals as bands;
+- :func:`calibration_figures`: all of them for one epoch's record of the CalibrationMonitor.
 
 Inputs are arrays (NumPy, tensors or lists; empty bins as NaN) as produced by
 :class:`lightning_attn.metrics.CalibrationMetric`; nothing here computes statistics.
@@ -13,6 +14,7 @@ Inputs are arrays (NumPy, tensors or lists; empty bins as NaN) as produced by
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from lightning_attn.plots._common import as_array
 
 __all__ = [
+    "calibration_figures",
     "plot_calibration_trend",
     "plot_classwise_reliability",
     "plot_confidence_histogram",
@@ -254,3 +257,70 @@ def plot_calibration_trend(
     right.axhline(0.0, color="0.6", linewidth=0.8)
     fig.suptitle(title or "calibration over time", fontsize=9)
     return fig
+
+
+def calibration_figures(
+    result: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    stage_key: str,
+    *,
+    label: str,
+    binary: bool,
+    class_names: Sequence[str] | None,
+    plot_classes: int,
+) -> dict[str, Figure]:
+    """The figures of one epoch's ``result`` (:func:`~lightning_attn.metrics.calibration_results.epoch_result`).
+
+    Args:
+        result: the epoch's record: ``bins`` (with bootstrap bounds when it has them), ``classwise_bins``,
+            ``confidence_histogram`` and the ``metrics``.
+        history: one mapping per evaluation of this stage key, the latest last; from two on, a ``trend`` figure
+            over epochs (over evaluations when the epochs repeat).
+        stage_key: ``val``, ``test``, ``val_dl1``, ..., in the trend's title.
+        label: title of the epoch's figures.
+        binary: label the reliability diagram for ``P(y = 1)``.
+        class_names: names of the classes in the classwise grid.
+        plot_classes: classes shown in the classwise grid (the first ones).
+
+    Returns:
+        ``reliability``, ``confidence_histogram``, ``classwise_reliability`` and, from two evaluations, ``trend``.
+    """
+    bins, scalars = result["bins"], result["metrics"]
+    classwise = result["classwise_bins"]
+    hist = result["confidence_histogram"]
+    figures = {
+        "reliability": plot_reliability_diagram(
+            bins["edges"],
+            bins["accuracy"],
+            bins["confidence"],
+            bins["count"],
+            ece=scalars["ece"],
+            title=label,
+            binary=binary,
+            accuracy_low=bins.get("accuracy_ci_low"),
+            accuracy_high=bins.get("accuracy_ci_high"),
+            ece_interval=(scalars["ece_ci_low"], scalars["ece_ci_high"]) if "ece_ci_low" in scalars else None,
+        ),
+        "confidence_histogram": plot_confidence_histogram(
+            hist["edges"],
+            hist["correct"],
+            hist["incorrect"],
+            accuracy=scalars["accuracy"],
+            confidence=scalars["confidence"],
+            title=label,
+        ),
+        "classwise_reliability": plot_classwise_reliability(
+            classwise["edges"],
+            classwise["accuracy"],
+            classwise["confidence"],
+            classwise["count"],
+            class_names=class_names,
+            max_classes=plot_classes,
+            title=label,
+        ),
+    }
+    if len(history) >= 2:
+        epochs = [h["epoch"] for h in history]
+        x = "epoch" if all(a < b for a, b in itertools.pairwise(epochs)) else "evaluation"
+        figures["trend"] = plot_calibration_trend(history, x=x, title=f"{stage_key}: calibration over {x}s")
+    return figures

@@ -147,3 +147,22 @@ def write_provenance(trainer: Any, directory: Path, where: Position) -> None:
     text = json.dumps(record, indent=2, allow_nan=False)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
+
+
+def check_output_dir(directory: str | Path, argument: str) -> None:
+    """Raise ``NotADirectoryError`` when ``directory`` (or the nearest of its parents that exists) is not a folder, so
+    that an output path that cannot be written is reported when a run starts, not at its first epoch end.
+
+    >>> check_output_dir(Path(__file__).parent / "not_yet_made", "save_dir")
+    >>> check_output_dir(Path(__file__) / "sub", "save_dir")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    NotADirectoryError: save_dir: ... exists and is a file, not a folder: ...
+    """
+    path = Path(directory)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(
+            f"{argument}: {existing} exists and is a file, not a folder: outputs cannot be written under {path}; "
+            "pass another folder or remove the file"
+        )
