@@ -125,8 +125,8 @@ def test_save_dir_that_is_a_file_fails_at_setup(tmp_path: Path) -> None:
     target = tmp_path / "outputs"
     target.write_text("not a folder")
     counter = BatchCounter()
-    expected = f"AttentionLogger(name='attn'): save_dir '{target / 'attention'}': '{target}' exists and is not a dir"
-    with pytest.raises(ValueError, match=re.escape(expected)):
+    expected = f"AttentionLogger(name='attn'): save_dir: {target} exists and is a file"
+    with pytest.raises(NotADirectoryError, match=re.escape(expected)):
         trainer(tmp_path, [counter, AttentionLogger(save_dir=str(target / "attention"))]).validate(
             models.CrossModalModule(), models.loader(8, 4), verbose=False
         )

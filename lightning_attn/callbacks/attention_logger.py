@@ -83,7 +83,8 @@ class AttentionLogger(StreamingCallback):
         exact_outputs: ``False``: SDPA outputs computed from the recorded probabilities (within 1e-5, not bitwise).
 
     Raises:
-        ValueError: an argument out of range (construction); a ``save_dir`` that is a file (setup); a site name or glob
+        NotADirectoryError: at setup, a ``save_dir`` that is a file (or under one).
+        ValueError: an argument out of range (construction); a site name or glob
             that matches nothing, at the first evaluation batch, sanity check included (:func:`check_site_arguments`).
 
     Example::

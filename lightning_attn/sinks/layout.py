@@ -69,21 +69,6 @@ def output_dir(trainer: Any, namespace: str, save_dir: str | Path | None = None)
     return (Path(save_dir) if save_dir is not None else run_dir(trainer)) / namespace
 
 
-def check_output_dir(directory: str | Path, argument: str = "save_dir") -> None:
-    """Raise ``ValueError`` when ``directory``, or the nearest of its parents that exists, is not a directory:
-    nothing could be written under it (checked when a run starts, not when the first file is written).
-
-    Raises:
-        ValueError: naming ``argument`` and the path that is a file.
-    """
-    directory = Path(directory)
-    for path in (directory, *directory.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"{argument} {str(directory)!r}: {str(path)!r} exists and is not a directory")
-            return
-
-
 @dataclass(frozen=True)
 class Position:
     """The training position that outputs describe: the Trainer's, or the evaluated checkpoint's."""
