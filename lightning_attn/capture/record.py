@@ -61,6 +61,7 @@ class AttentionCapture:
     _cache: Tensor | None = field(default=None, repr=False)
     _scores_cache: Tensor | None = field(default=None, repr=False)
     _masked_score: float = field(default=float("-inf"), repr=False)
+    _borrowed: bool = field(default=False, repr=False)
     #: Results computed from this call, shared by every capture of the same call (the statistics engine's
     #: per-row statistics), so that several callbacks recording one forward compute them once.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
@@ -70,18 +71,25 @@ class AttentionCapture:
         return self.info.name
 
     def probs(self) -> Tensor:
-        """All probabilities, ``[batch, heads, queries, keys]`` float32 (computed once, then cached)."""
+        """All probabilities, ``[batch, heads, queries, keys]`` float32 (computed once, then cached); a tensor the
+        caller may keep."""
         if self._cache is None:
             self._cache = self.weights if self.weights is not None else self._compute(None)
+        elif self._borrowed:  # the statistics engine's buffer, reused at its next call: keep a copy from now on
+            self._cache, self._borrowed = self._cache.clone(), False
         return self._cache
 
     def chunks(self, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(first_query_index, probs[:, :, rows, :])`` for consecutive query chunks.
+        """Yield ``(first_query_index, probs[:, :, rows, :])`` for consecutive query chunks, valid while the consumer
+        handles this capture (copy what must outlive it).
 
         ``chunk_size=None`` (or a chunk at least as long as the queries) yields everything at once.
         """
         num_queries = self.info.num_queries
-        if chunk_size is None or chunk_size >= num_queries or self._cache is not None:
+        if self._cache is not None:
+            yield 0, self._cache
+            return
+        if chunk_size is None or chunk_size >= num_queries:
             yield 0, self.probs()
             return
         for start in range(0, num_queries, chunk_size):
@@ -132,12 +140,20 @@ class AttentionCapture:
         )
         return as_bhqk(scores)
 
-    def adopt_probs(self, probs: Tensor, scores: Tensor | None = None, masked_score: float = float("-inf")) -> None:
+    def adopt_probs(
+        self,
+        probs: Tensor,
+        scores: Tensor | None = None,
+        masked_score: float = float("-inf"),
+        borrowed: bool = False,
+    ) -> None:
         """Cache all probabilities ``[batch, heads, queries, keys]`` computed from :meth:`scores` (the statistics
         engine's softmax, or the ``exact_outputs=False`` path's), so that :meth:`probs` and :meth:`chunks` do not
-        compute them again; ``scores`` (masked with ``masked_score``) likewise for :meth:`scores` of all rows."""
+        compute them again; ``scores`` (masked with ``masked_score``) are handed on to :meth:`take_scores`.
+        ``borrowed``: ``probs`` is a buffer its owner reuses after this capture is released, so :meth:`probs` copies
+        it before handing it out (:meth:`chunks`, used during the call, does not)."""
         if self._cache is None:
-            self._cache = probs
+            self._cache, self._borrowed = probs, borrowed
         if scores is not None and self._scores_cache is None:
             self._scores_cache, self._masked_score = scores, masked_score
 
@@ -160,7 +176,7 @@ class AttentionCapture:
             self.memo = others[0].memo
         cached = next((other for other in others if other._cache is not None), None)
         if cached is not None and self._cache is None:
-            self._cache = cached._cache
+            self._cache, self._borrowed = cached._cache, cached._borrowed
             self._scores_cache, self._masked_score = cached._scores_cache, cached._masked_score
 
     def release(self) -> None:

@@ -259,13 +259,13 @@ class StatisticsEngine:
         if scores is None:
             scores = self._masked_scores(capture, rows, out=self._workspace.scores)
         if cached:
-            probs = capture.probs()
+            probs = next(iter(capture.chunks(None)))[1]
         else:
-            probs = torch.softmax(scores, dim=-1)  # a fresh tensor: the capture may keep it
+            probs = torch._softmax(scores, -1, False, out=self._workspace.probs(scores.shape, scores.device))
             if capture.attn_mask is not None:
                 probs = probs.mul_((counts > 0)[..., None])  # rows with no key to attend are 0, as attention_probs
             if whole:
-                capture.adopt_probs(probs)
+                capture.adopt_probs(probs, borrowed=True)  # copied only if a consumer keeps it
         row_max = scores.amax(-1) if ENTROPY in stats else None
         sums = _block_sums(probs, scores, stats, rows.start, 0, scratch=scores)  # the scores are spent on the sums
         peak = sums[MAX_WEIGHT] if MAX_WEIGHT in sums else probs.amax(-1)
