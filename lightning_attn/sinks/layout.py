@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Position", "output_dir", "output_path", "position", "run_dir", "write_provenance"]
+__all__ = ["Position", "check_save_dir", "output_dir", "output_path", "position", "run_dir", "write_provenance"]
 
 #: Run folder of each Trainer without a logger, chosen once (a new ``version_<n>`` per Trainer).
 _UNLOGGED_RUNS: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
@@ -132,3 +132,19 @@ def write_provenance(trainer: Any, directory: Path, where: Position) -> None:
     text = json.dumps(record, indent=2, allow_nan=False)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
+
+
+def check_save_dir(save_dir: str | Path | None, owner: str) -> None:
+    """Raise ``NotADirectoryError`` when ``save_dir`` (``None``: the run folder, nothing to check) or the nearest
+    existing folder above it is a file: no output could be written below it, and the publishing thread would only
+    fail at the end of the epoch. ``owner`` names the callback in the message."""
+    if save_dir is None:
+        return
+    path = Path(save_dir)
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"is below the file {str(existing)!r}"
+        raise NotADirectoryError(
+            f"{owner}: save_dir {str(path)!r} {where}, not a directory: outputs go to <save_dir>/<name>/<stage>/; "
+            "give a directory, or no save_dir for the run folder"
+        )
