@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
         if isinstance(cb, EvaluationCallback) and not isinstance(cb, ExplainabilityReport):
             directory = output_dir(trainer, cb.output_name, cb.save_dir)
             if directory.is_dir():
-                lines.append(f"  {type(cb).__name__} outputs (PNG, CSV, JSON): {_relative(directory)}")
+                lines.append(f"  {type(cb).__name__} files (CSV, JSON; figures in the loggers): {_relative(directory)}")
     report = _callback(trainer, "ExplainabilityReport")
     for document in report.results.values() if report is not None else []:
         lines.append(
