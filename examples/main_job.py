@@ -46,7 +46,10 @@ def main(argv: list[str]) -> int:
     args = ["fit", "--config", str(CONFIG)] + (["--config", str(WANDB_CONFIG)] if use_wandb else []) + rest
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    from lightning_attn.callbacks.base import EvaluationCallback
     from lightning_attn.cli import run_lightning
+    from lightning_attn.report.callback import ExplainabilityReport
+    from lightning_attn.sinks.layout import output_dir
 
     start = time.perf_counter()
     cli = run_lightning(args)
@@ -82,16 +85,16 @@ def main(argv: list[str]) -> int:
             else:
                 run_dir = Path(run.dir).parent if getattr(run, "dir", None) else Path(logger.save_dir) / "wandb"
                 lines.append(f"  W&B (offline): {_relative(run_dir)}   upload later: wandb sync {_relative(run_dir)}")
-    seen: set[str] = set()
-    for name in ("AttentionLogger", "CalibrationMonitor", "HeadSpecializationTracker"):
-        cb = _callback(trainer, name)
-        if cb is not None and cb.save_dir is not None and str(cb.save_dir) not in seen:
-            seen.add(str(cb.save_dir))
-            lines.append(f"  callback outputs (PNG, CSV, JSON): {_relative(cb.save_dir)}/{{attn,calibration,heads}}")
+    # where each callback wrote: its save_dir or, as in these configs, the run folder (lightning_attn.sinks.layout)
+    for cb in trainer.callbacks:
+        if isinstance(cb, EvaluationCallback) and not isinstance(cb, ExplainabilityReport):
+            directory = output_dir(trainer, cb.output_name, cb.save_dir)
+            if directory.is_dir():
+                lines.append(f"  {type(cb).__name__} files (CSV, JSON; figures in the loggers): {_relative(directory)}")
     report = _callback(trainer, "ExplainabilityReport")
-    if report is not None and report.report_dir is not None:
+    for document in report.results.values() if report is not None else []:
         lines.append(
-            f"  explainability report: {_relative(Path(report.report_dir) / 'report.html')}   (and report.json, "
+            f"  explainability report: {_relative(Path(document['directory']) / 'report.html')}   (and report.json, "
             "summary.md, CSV files)"
         )
     lines.append("=" * 100)

@@ -3,14 +3,15 @@
 Each slow test runs ``python -m lightning_attn.cli fit --config configs/<example>.yaml`` in a subprocess (as a
 user would, from a scratch working directory, so the configs' relative ``outputs/`` paths land there; two
 runs at a time) with two batches per loop, and checks what the run must leave behind: a checkpoint, the saved config,
-TensorBoard
-event files, the callbacks' PNG/CSV/JSON files and the explainability report.
+TensorBoard event files with the callbacks' figures, and, in the run folder where the callbacks announce it, their
+CSV/JSON files and the explainability report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,13 +75,39 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.Comp
     return result
 
 
-def run_example(example: str, cwd: Path) -> tuple[Path, str]:
-    """Fit ``configs/<example>.yaml`` for one short epoch in ``cwd``; returns ``cwd`` and the run's stderr."""
+#: The line each callback prints at the end of fit and test (:func:`lightning_attn.sinks.dashboards.announce_outputs`).
+ANNOUNCED = re.compile(r"^lightning_attn: (\S+) outputs in (.+?)(?:; report (.+))?$", re.MULTILINE)
+
+
+def announced(result: subprocess.CompletedProcess, cwd: Path) -> dict[str, Path]:
+    """Where the run's outputs went, as the callbacks announced them: each callback's folder by name, and the last
+    report's ``report.html`` under ``"report.html"``."""
+    where: dict[str, Path] = {}
+    for name, directory, report in ANNOUNCED.findall(result.stdout + result.stderr):
+        where[name] = cwd / directory
+        if report:
+            where["report.html"] = cwd / report
+    return where
+
+
+def tensorboard_images(run: Path) -> list[str]:
+    """The image tags of a TensorBoard run: the callbacks' figures (``<name>/<stage>/<figure>``), which go to the
+    dashboard logger and, with no ``save_dir``, not to PNG files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 1})
+    events.Reload()
+    return sorted(events.Tags()["images"])
+
+
+def run_example(example: str, cwd: Path) -> tuple[Path, str, dict[str, Path]]:
+    """Fit ``configs/<example>.yaml`` for one short epoch in ``cwd``; returns ``cwd``, the run's stderr and where its
+    outputs went (:func:`announced`)."""
     extra: list[str] = []
     if example == "stockformer":  # the logger variant: TensorBoard and W&B (offline: no key in this environment)
         extra = ["--config", str(CONFIGS / "loggers" / "tensorboard_wandb.yaml")]
     result = run_cli(["fit", "--config", str(CONFIGS / f"{example}.yaml"), *extra, *SHORT], cwd)
-    return cwd, result.stderr
+    return cwd, result.stderr, announced(result, cwd)
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +141,29 @@ def _one(paths: list[Path], what: str) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[str, Future]) -> None:
-    cwd, stderr = example_runs[example].result()
+    cwd, stderr, where = example_runs[example].result()
     out = cwd / "outputs" / example
     version = out / "tensorboard" / "version_0"
     _one(sorted(version.glob("checkpoints/*.ckpt")), "checkpoint")
     _one(sorted(version.glob("events.out.tfevents.*")), "TensorBoard event file")
     assert (version / "config.yaml").is_file()
+    # no save_dir in the configs: every callback writes into the run folder of the first logger
+    assert {where[name].parent.resolve() for name in ("attn", "calibration", "heads", "report")} == {
+        (version / "lightning_attn").resolve()
+    }, where
 
-    attn = out / "lightning_attn" / "attn"
-    assert sorted(attn.glob("val/*.png")) and sorted(attn.glob("test/*.png")), "AttentionLogger PNGs"
+    images = tensorboard_images(version)
+    for name in ("attn/val/", "attn/test/", "calibration/test/", "heads/test/"):
+        assert any(tag.startswith(name) for tag in images), f"no {name} figures in TensorBoard: {images}"
+    attn = where["attn"]
     stats = json.loads(_one(sorted(attn.glob("test/statistics_epoch*.json")), "AttentionLogger JSON").read_text())
     assert stats, "empty AttentionLogger JSON"
-    calibration = out / "lightning_attn" / "calibration"
-    assert sorted(calibration.glob("test/summary_epoch*.json")) and sorted(calibration.glob("test/*.png")), (
-        "CalibrationMonitor outputs"
-    )
-    heads = out / "lightning_attn" / "heads"
+    calibration = where["calibration"]
+    assert sorted(calibration.glob("test/summary_epoch*.json")), "CalibrationMonitor outputs"
+    heads = where["heads"]
     registry = json.loads(_one(sorted(heads.glob("test/head_functions_epoch*.json")), "registry").read_text())
     assert registry, "empty head-function registry"
-    assert sorted(heads.glob("test/*.png")), "HeadSpecializationTracker PNGs"
-    report = out / "report"
+    report = where["report.html"].parent
     assert (report / "report.html").is_file()
     assert json.loads((report / "report.json").read_text())["dataset"]["num_samples"] > 0
     assert "saliency failed" not in stderr, "the report could not call the model on the batch (forward_fn)"
@@ -148,16 +178,18 @@ def test_example_config_runs_one_short_epoch(example: str, example_runs: dict[st
         assert (report / "figures" / "gradcam.png").is_file(), "Grad-CAM over the digits"
 
     if example == "cross_modal":
-        assert sorted(attn.glob("*/pairs/*signal*.png")), "modality-pair figure"
+        assert any(tag.startswith("attn/") and "/pairs/" in tag and "signal" in tag for tag in images), "modality pair"
         assert "signal<->spectrogram" in json.dumps(stats)
     if example == "stockformer":
         assert "volatility" in json.dumps(registry)
+        assert sorted(where["probe"].glob("test/statistics_epoch*.json")), "ModuleProbe JSON"
+        assert any(tag.startswith("probe/test/") for tag in images), "ModuleProbe figures"
         _one(sorted((out / "wandb").glob("offline-run-*")), "offline W&B run")
 
 
 @pytest.mark.slow
 def test_report_subcommand_on_a_trained_checkpoint(example_runs: dict[str, Future], tmp_path: Path) -> None:
-    cwd, _ = example_runs["digits_vit"].result()
+    cwd, _, _ = example_runs["digits_vit"].result()
     checkpoint = _one(sorted((cwd / "outputs" / "digits_vit").rglob("*.ckpt")), "checkpoint")
     result = run_cli(
         [
@@ -187,13 +219,14 @@ def test_digits_config_under_two_process_ddp(tmp_path: Path) -> None:
     from test_report import read_csv
 
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    run_cli(["fit", "--config", str(CONFIGS / "digits_vit.yaml"), *SHORT, *ddp], tmp_path)
+    where = announced(run_cli(["fit", "--config", str(CONFIGS / "digits_vit.yaml"), *SHORT, *ddp], tmp_path), tmp_path)
     out = tmp_path / "outputs" / "digits_vit"
     assert [p.name for p in (out / "tensorboard").iterdir()] == ["version_0"], "one TensorBoard run (rank zero's)"
     _one(sorted((out / "tensorboard" / "version_0").glob("checkpoints/*.ckpt")), "checkpoint")
-    assert sorted((out / "lightning_attn" / "calibration").glob("test/summary_epoch*.json"))
-    report = json.loads((out / "report" / "report.json").read_text())
-    _, header, rows = read_csv(out / "report" / "samples.csv")
+    assert sorted(where["calibration"].glob("test/summary_epoch*.json"))
+    report_dir = where["report.html"].parent
+    report = json.loads((report_dir / "report.json").read_text())
+    _, header, rows = read_csv(report_dir / "samples.csv")
     ranks = [row[header.index("rank")] for row in rows]
     # 2 test batches of 64 per rank (limit_test_batches=2), rank zero's rows first
     assert report["dataset"]["num_samples"] == len(rows) == 256

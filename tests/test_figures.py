@@ -126,6 +126,17 @@ def test_one_epoch_is_no_evolution() -> None:
     assert len(figure.axes[0].patches) == 6
 
 
+def test_classwise_grid_counts_the_classes_it_leaves_out() -> None:
+    rng = np.random.default_rng(0)
+    edges, per_class = np.linspace(0, 1, 6), (12, 5)
+    values = [rng.uniform(0, 1, per_class), rng.uniform(0, 1, per_class), rng.integers(1, 9, per_class)]
+    grid = plots.plot_classwise_reliability(edges, *values, max_classes=9, title="test")
+    assert "+3 more" in grid._suptitle.get_text() and "first 9 of 12" in grid._suptitle.get_text()
+    assert sum(ax.axison for ax in grid.axes) == 9
+    every_class = plots.plot_classwise_reliability(edges, *values, max_classes=12)
+    assert "more" not in every_class._suptitle.get_text()
+
+
 def _line_colours(figure: Figure) -> list[list[tuple[float, ...]]]:
     return [[to_rgba(line.get_color()) for line in ax.lines if line.get_label()[0] != "_"] for ax in figure.axes]
 

@@ -23,6 +23,7 @@ from helpers import cpu_trainer as trainer
 
 from lightning_attn import AttentionLogger, AttentionRecorder, ModuleProbe, sinks
 from lightning_attn.capture.probes import ModuleHooks, ProbeMatchError, first_tensor, parse_probes, resolve_probes
+from lightning_attn.metrics.probe_stream import ProbeStream
 from lightning_attn.metrics.probes import (
     ActivationStatistics,
     ProbeStatistics,
@@ -195,7 +196,7 @@ def test_unmatched_probes_give_one_clear_error(tmp_path: Path) -> None:
     nothing_close = parse_probes({"x": ("zzzzqqqq", "activation")})
     with pytest.raises(ProbeMatchError, match="no module name is close"):
         resolve_probes(module, nothing_close)
-    # through the Trainer: one error at setup, before any batch
+    # through the Trainer: one error before the first batch (see test_unmatched_probes_fail_before_the_first_batch)
     callback = ModuleProbe({"gate": ("layer.*.gate", "activation")}, log_figures=False)
     with pytest.raises(
         ValueError, match=r"pattern 'layer\.\*\.gate' matches no module .*close module names: .*'layers\.0\.gate'"
@@ -211,6 +212,64 @@ def test_unmatched_probes_give_one_clear_error(tmp_path: Path) -> None:
             parse_probes({"g": ("layers.*.gate", "activation")})[0]
         ]
     ] == ["layers.0.gate", "layers.1.gate"]
+
+
+class _CountingModule(models.GatedPoolModule):
+    """Counts the training and validation steps that ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.steps += 1
+        super().validation_step(batch, batch_idx, dataloader_idx)
+
+
+class _ConfiguredGatesModule(models.GatedPoolModule):
+    """Builds its gated layers in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList()
+
+    def configure_model(self) -> None:
+        if not len(self.layers):
+            self.layers.extend(models.GateLayer() for _ in range(models.LAYERS))
+
+
+def test_unmatched_probes_fail_before_the_first_batch(tmp_path: Path) -> None:
+    unmatched = {"gate": ("layer.*.gate", "activation")}
+    message = r"probe 'gate': pattern 'layer\.\*\.gate' matches no module .*close module names: .*'layers\.0\.gate'"
+    module = _CountingModule()
+    with pytest.raises(ProbeMatchError, match=message):
+        trainer(tmp_path, [ModuleProbe(unmatched, log_figures=False)]).validate(module, models.loader(4, 4))
+    assert module.steps == 0 and all(not m._forward_hooks for m in module.modules())
+    # fit: in the sanity check (which the probe does not record), not after a training epoch
+    module = _CountingModule()
+    fit = trainer(tmp_path, [ModuleProbe(unmatched, log_figures=False)], max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(ProbeMatchError, match=message):
+        fit.fit(module, models.loader(4, 4), models.loader(4, 4))
+    assert module.steps == 0 and all(not m._forward_hooks for m in module.modules())
+    # modules built by configure_model (after setup) are matched
+    callback = ModuleProbe({"gate": ("layers.*.gate", "activation")}, log_figures=False)
+    trainer(tmp_path, [callback]).validate(_ConfiguredGatesModule(), models.loader(4, 4), verbose=False)
+    assert callback.results["val"].probes["gate"]["sites"] == ["layers.0.gate", "layers.1.gate"]
+
+
+def test_save_dir_that_is_a_file_fails_at_setup(tmp_path: Path) -> None:
+    path = tmp_path / "outputs"
+    path.write_text("")
+    for save_dir in (path, path / "probes"):
+        module = _CountingModule()
+        callback = ModuleProbe(models.PROBES, save_dir=str(save_dir))
+        with pytest.raises(NotADirectoryError, match=f"ModuleProbe save_dir: {path} exists and is a file"):
+            trainer(tmp_path, [callback]).validate(module, models.loader(4, 4), verbose=False)
+        assert module.steps == 0
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------------
@@ -288,18 +347,28 @@ def test_repeated_calls_and_module_hooks() -> None:
     assert _hooked(module) == {}
 
 
-def test_batch_hooks_never_sync_with_the_host(tmp_path: Path) -> None:
-    class Guarded(GuardedHooks, ModuleProbe):
-        outputs = 0
+def test_batch_hooks_never_sync_with_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"on_output": 0, "on_capture": 0}
 
-        def _on_output(self, *args) -> None:
-            Guarded.outputs += 1
+    def guarded(name: str) -> Any:
+        method = getattr(ProbeStream, name)
+
+        def run(self: ProbeStream, *args: Any) -> None:
+            calls[name] += 1
             with NoHostSync():
-                super()._on_output(*args)
+                method(self, *args)
+
+        return run
+
+    for name in calls:  # the module and attention hooks feed the callback's stream
+        monkeypatch.setattr(ProbeStream, name, guarded(name))
+
+    class Guarded(GuardedHooks, ModuleProbe):
+        pass
 
     callback = Guarded(models.PROBES, histogram_sites=["attn"], probe_samples=2, chunk_size=2, log_figures=False)
     trainer(tmp_path, [callback]).validate(models.GatedPoolModule(), models.loader(8, 4), verbose=False)
-    assert Guarded.outputs == 2 * 4 and Guarded.captures == 2
+    assert calls == {"on_output": 2 * 4, "on_capture": 2}
     assert set(callback.results["val"].samples) == {
         "layers.0.gate",
         "layers.1.gate",

@@ -1,5 +1,6 @@
-"""What the HeadSpecializationTracker reads from a batch: token ids, the padding mask, features and feature masks,
-looked up by key, dotted path or callable and moved to the model's device without a host synchronisation."""
+"""What the callbacks read from a batch: the HeadSpecializationTracker's token ids, padding mask, features and feature
+masks, looked up by key, dotted path or callable and moved to the model's device without a host synchronisation, and
+the ModuleProbe's position mask (:func:`batch_mask`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ __all__ = [
     "BatchContext",
     "as_device_tensor",
     "batch_context",
+    "batch_mask",
     "batch_paths",
     "lookup",
 ]
@@ -145,3 +147,26 @@ def as_device_tensor(value: Any, device: torch.device, dtype: torch.dtype | None
     if value.device != device:
         value = value.to(device, non_blocking=True)
     return value if dtype is None else value.to(dtype)
+
+
+def batch_mask(batch: Any, key: str | int) -> Tensor:
+    """The ``[batch, positions]`` mask at ``key`` of a mapping batch, or at index ``key`` of a tuple/list batch.
+
+    Raises:
+        KeyError: ``key`` selects nothing in the batch.
+        ValueError: what it selects is not a 2-D tensor.
+    """
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise KeyError(f"ModuleProbe: mask_key {key!r} is not in the batch (keys: {sorted(map(str, batch))})")
+        mask = batch[key]
+    elif isinstance(batch, (tuple, list)) and isinstance(key, int) and -len(batch) <= key < len(batch):
+        mask = batch[key]
+    else:
+        raise KeyError(f"ModuleProbe: mask_key {key!r} does not select an element of a {type(batch).__name__} batch")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(
+            f"ModuleProbe: mask_key {key!r} must select a [batch, positions] tensor, got "
+            f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+        )
+    return mask.bool()

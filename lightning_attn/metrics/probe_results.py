@@ -1,4 +1,5 @@
-"""The results of one ModuleProbe evaluation epoch (host tensors, JSON-ready) and the top attended positions."""
+"""The results of one ModuleProbe evaluation epoch (host tensors, JSON-ready): built from the streamed states
+(:func:`probe_results`), the top attended positions, the logged scalars and the summary table."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from torch import Tensor
 
 from lightning_attn.metrics.attention import SiteStatistics
-from lightning_attn.metrics.probes import ActivationSummary
+from lightning_attn.metrics.probes import ActivationSummary, ProbeStatistics
 
-__all__ = ["ProbeResults", "top_weight_positions"]
+__all__ = ["ProbeResults", "position_labels", "probe_results", "probe_scalars", "summary_table", "top_weight_positions"]
 
 
 @dataclass
@@ -47,6 +48,11 @@ class ProbeResults:
 
     def kind(self, site: str) -> str:
         return "weights" if site in self.weights else "activation" if site in self.activations else "attention"
+
+    def probe_of(self, site: str) -> str:
+        """The probe whose hook produced ``site`` (the first probe listing its module), ``""`` for attention sites."""
+        module = site.split("#", 1)[0]
+        return next((name for name, info in self.probes.items() if module in info["sites"]), "")
 
     def probe_sites(self, probe: str) -> list[str]:
         """The sites of a probe that produced statistics, ``#k`` repeated calls included, in forward order."""
@@ -107,3 +113,99 @@ def top_weight_positions(
     names = [str(label) for label in labels] if labels is not None and len(labels) == received.numel() else None
     values, index = torch.where(valid, received, -math.inf).topk(min(k, count))
     return [(i if names is None else names[i], float(v)) for i, v in zip(index.tolist(), values.tolist(), strict=False)]
+
+
+def position_labels(names: Sequence[str] | None, length: int) -> list[str] | None:
+    """``names`` when there is one per position of a ``length``-position axis, else ``None`` (plain indices)."""
+    return list(names) if names is not None and len(names) == length else None
+
+
+def probe_results(
+    statistics: ProbeStatistics,
+    *,
+    stage: str,
+    epoch: int,
+    global_step: int,
+    probes: dict[str, dict[str, Any]],
+    top_k: int,
+    position_names: Sequence[str] | None = None,
+    samples: dict[str, Tensor] | None = None,
+) -> ProbeResults:
+    """Compute ``statistics`` (a collective under DDP: every rank calls it) into host :class:`ProbeResults`, with the
+    ``top_k`` positions of every weights site by mean weight, named by ``position_names`` where the length matches.
+
+    Args:
+        statistics: the streamed states of one (stage, dataloader).
+        stage: the stage key (``val``, ``test``, ``val_dl1``, ...); ``epoch``, ``global_step``: the position.
+        probes: probe name to ``{"pattern", "kind", "sites"}``.
+        top_k: positions reported per weights site.
+        position_names: labels of the positions (time steps).
+        samples: the probe samples' outputs by site (host tensors).
+    """
+    activations, weights, positions, histograms = statistics.compute()
+    weights = {
+        site: type(s)(
+            mean={n: v.detach().to("cpu", torch.float64) for n, v in s.mean.items()},
+            std={n: v.detach().to("cpu", torch.float64) for n, v in s.std.items()},
+            rows=s.rows.detach().to("cpu", torch.float64),
+        )
+        for site, s in weights.items()
+    }
+    top = {}
+    for site in weights:
+        received = positions[site][0].detach().to("cpu", torch.float64)
+        top[site] = top_weight_positions(received, top_k, position_labels(position_names, received.numel()))
+    return ProbeResults(
+        stage=stage,
+        epoch=epoch,
+        global_step=global_step,
+        probes=probes,
+        activations=activations,
+        weights=weights,
+        top_positions=top,
+        histograms=histograms,
+        histogram_edges=statistics.histograms.edges,
+        samples=samples or {},
+    )
+
+
+def probe_scalars(results: ProbeResults, prefix: str) -> dict[str, float]:
+    """The logged scalars under ``prefix`` (``<name>/<stage>``): ``<site>/{mean,std,saturation_low,saturation_high}``
+    of activation sites and ``<site>/<statistic>`` (mean over heads) of weights sites."""
+    values: dict[str, float] = {}
+    for site, summary in results.activations.items():
+        if site in results.weights:
+            continue
+        values.update(
+            {
+                f"{prefix}/{site}/mean": summary.mean,
+                f"{prefix}/{site}/std": summary.std,
+                f"{prefix}/{site}/saturation_low": summary.saturation_low,
+                f"{prefix}/{site}/saturation_high": summary.saturation_high,
+            }
+        )
+    for site, stats in results.weights.items():
+        for name, per_head in stats.mean.items():
+            values[f"{prefix}/{site}/{name}"] = float(per_head.mean())
+    return values
+
+
+def summary_table(results: ProbeResults) -> tuple[list[str], list[list[Any]]]:
+    """The summary table's columns and one row per site: its probe, kind, activation summary (activation sites)
+    and the mean over heads of every attention measure (weights sites); ``None`` where a column does not apply."""
+    statistic_names = list(next(iter(results.weights.values())).mean) if results.weights else []
+    columns = ["probe", "site", "kind", "mean", "std", "saturation_low", "saturation_high", *statistic_names]
+    rows = []
+    for site in dict.fromkeys([*results.activations, *results.weights]):
+        kind = results.kind(site)
+        summary = results.activations.get(site)
+        row: list[Any] = [results.probe_of(site), site, kind]
+        row += (
+            [summary.mean, summary.std, summary.saturation_low, summary.saturation_high]
+            if summary is not None and kind == "activation"
+            else [None] * 4
+        )
+        stats = results.weights.get(site)
+        row += [float(stats.mean[n].mean()) if stats is not None else None for n in statistic_names]
+        rows.append(row)
+    return columns, rows

@@ -199,7 +199,8 @@ def plot_classwise_reliability(
     title: str | None = None,
 ) -> Figure:
     """Grid of per-class reliability diagrams (``p_k`` against the fraction with label ``k``) for
-    the first ``max_classes`` classes; ``accuracy``/``confidence``/``count`` are ``[K, n_bins]``."""
+    the first ``max_classes`` classes (the title says how many more there are); ``accuracy``/``confidence``/``count``
+    are ``[K, n_bins]``."""
     edges, accuracy, confidence, count = (as_array(a) for a in (edges, accuracy, confidence, count))
     shown = max(1, min(max_classes, accuracy.shape[0]))
     cols = min(3, shown) if shown <= 9 else math.ceil(math.sqrt(shown))
@@ -219,7 +220,8 @@ def plot_classwise_reliability(
         ax.tick_params(labelsize=7)
     fig.supxlabel("predicted probability of the class", fontsize=8)
     fig.supylabel("fraction with that label", fontsize=8)
-    suffix = f" (first {shown} of {accuracy.shape[0]})" if shown < accuracy.shape[0] else ""
+    hidden = accuracy.shape[0] - shown  # never dropped silently: the title counts them
+    suffix = f" (first {shown} of {accuracy.shape[0]}, +{hidden} more)" if hidden > 0 else ""
     fig.suptitle((title + " | " if title else "") + "classwise reliability" + suffix, fontsize=9)
     return fig
 

@@ -8,7 +8,9 @@
 - :func:`plot_weight_statistics`: entropy, max weight, ... of those distributions per site and head;
 - :func:`plot_weight_histograms`: per-head histograms of attention weights on ``[0, 1]``, per site (the
   distribution view of attention: mass piled at 0 with a tail towards 1 = a focused head, a bump near ``1/L``
-  = a uniform one).
+  = a uniform one);
+- :func:`probe_figures`: every figure of one :class:`~lightning_attn.metrics.probe_results.ProbeResults`, named
+  as :class:`~lightning_attn.ModuleProbe` publishes them.
 
 Inputs are host tensors or arrays; nothing here computes statistics.
 """
@@ -16,14 +18,17 @@ Inputs are host tensors or arrays; nothing here computes statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
+from torch import Tensor
 
+from lightning_attn.metrics.probe_results import ProbeResults, position_labels
 from lightning_attn.plots._common import MAX_LINES, as_array, distinct_colours
-from lightning_attn.plots.attention import _heatmap, _ticks, short_site_names
+from lightning_attn.plots.attention import _heatmap, _ticks, plot_top_positions, short_site_names
 
 __all__ = [
     "plot_channel_heatmaps",
@@ -31,6 +36,7 @@ __all__ = [
     "plot_weight_histograms",
     "plot_weight_statistics",
     "plot_weights_over_time",
+    "probe_figures",
 ]
 
 
@@ -367,3 +373,154 @@ def plot_weight_statistics(
             ax.legend(fontsize=6)
     fig.suptitle(title or "Attention measures of the weights (error bars: std over samples)", fontsize=10)
     return fig
+
+
+# -- one epoch's figures ----------------------------------------------------------------------------------------
+
+
+def probe_figures(
+    results: ProbeResults,
+    *,
+    figure_sites: Callable[[Sequence[str]], list[str]],
+    max_channels: int,
+    position_names: Sequence[str] | None = None,
+) -> dict[str, Figure]:
+    """The figures of one evaluation epoch by published name (``<stage>/<probe>/...``, ``<stage>/histograms``).
+
+    Per activation probe, the mean over time of every site overlaid (``over_time``, band: std) and a heatmap over
+    time of the ``max_channels`` channels with the largest std for each probe sample (``heatmap``); per weights
+    probe, the weights over time (``over_time``), the attention measures (``statistics``) and the top positions
+    (``top_positions``); the per-head histograms of every histogrammed site (``histograms``).
+
+    Args:
+        results: the epoch's results.
+        figure_sites: picks the sites drawn in one figure from a probe's sites (e.g. evenly spaced over depth).
+        max_channels: channels shown in the activation heatmaps.
+        position_names: labels of the positions, used where the length matches.
+    """
+    key, when = results.stage, f"{results.stage}, epoch {results.epoch}"
+    figures: dict[str, Figure] = {}
+    sample_titles = [f"probe {i}" for i in range(max((v.shape[0] for v in results.samples.values()), default=0))]
+    for probe, info in results.probes.items():
+        sites = figure_sites(results.probe_sites(probe))
+        if not sites:
+            continue
+        if info["kind"] == "activation":
+            figures.update(
+                _activation_figures(results, probe, sites, sample_titles, when, max_channels, position_names)
+            )
+        else:
+            figures.update(_weights_figures(results, probe, sites, sample_titles, when, position_names))
+    histogram_sites = figure_sites(list(results.histograms))
+    if histogram_sites:
+        figures[f"{key}/histograms"] = plot_weight_histograms(
+            {s: results.histograms[s] for s in histogram_sites},
+            results.histogram_edges,
+            title=f"Per-head histograms of attention weights ({key}, epoch {results.epoch})",
+        )
+    return figures
+
+
+def _activation_figures(
+    results: ProbeResults,
+    probe: str,
+    sites: list[str],
+    sample_titles: list[str],
+    when: str,
+    max_channels: int,
+    position_names: Sequence[str] | None,
+) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    summaries = {s: results.activations[s] for s in sites}
+    length = max(int(s.position_mean.numel()) for s in summaries.values())
+    unit = all(_within_unit(s.position_mean) for s in summaries.values()) and all(
+        _within_unit(results.samples[s]) for s in sites if s in results.samples
+    )
+    figures[f"{results.stage}/{probe}/over_time"] = plot_over_time(
+        {s: v.position_mean for s, v in summaries.items()},
+        {s: v.position_std for s, v in summaries.items()},
+        position_labels=position_labels(position_names, length),
+        ylabel=f"{probe}: mean over samples and channels",
+        ylim=(0.0, 1.0) if unit else None,
+        title=f"{probe}: mean over time per site ({when}; band: std)",
+    )
+    maps, labels = {}, {}
+    for site in sites:
+        values = results.samples.get(site)
+        if values is None:
+            continue
+        channel_std = torch.nan_to_num(summaries[site].channel_std, nan=-1.0)
+        chosen = channel_std.topk(min(max_channels, channel_std.numel())).indices
+        maps[site] = values[:, :, chosen].transpose(1, 2)  # [n, C', L]
+        labels[site] = [f"ch {int(c)}" for c in chosen]
+    if maps:
+        length = max(int(m.shape[-1]) for m in maps.values())
+        figures[f"{results.stage}/{probe}/heatmap"] = plot_channel_heatmaps(
+            maps,
+            channel_labels=labels,
+            position_labels=position_labels(position_names, length),
+            sample_titles=sample_titles,
+            vmin=0.0 if unit else None,
+            vmax=1.0 if unit else None,
+            title=f"{probe} over time, the {max(len(v) for v in labels.values())} channels of largest std ({when})",
+        )
+    return figures
+
+
+def _weights_figures(
+    results: ProbeResults,
+    probe: str,
+    sites: list[str],
+    sample_titles: list[str],
+    when: str,
+    position_names: Sequence[str] | None,
+) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    means, stds, samples = {}, {}, {}
+    for site in sites:
+        summary = results.activations.get(site)
+        if summary is None:  # a [B, H, Q, K] map: no position view
+            continue
+        values = results.samples.get(site)  # [n, H, L]
+        joint_mean, joint_std = summary.joint_mean, summary.joint_std
+        if joint_mean is None or joint_std is None:
+            means[site], stds[site] = summary.position_mean, summary.position_std
+            if values is not None:
+                samples[site] = values[:, 0]
+            continue
+        heads = joint_mean.shape[1]
+        for head in range(heads):
+            panel = site if heads == 1 else f"{site} h{head}"
+            means[panel] = summary.position_mean if heads == 1 else joint_mean[:, head]
+            stds[panel] = summary.position_std if heads == 1 else joint_std[:, head]
+            if values is not None:
+                samples[panel] = values[:, head]
+    if means:
+        length = max(int(m.numel()) for m in means.values())
+        figures[f"{results.stage}/{probe}/over_time"] = plot_weights_over_time(
+            means,
+            stds,
+            samples,
+            position_labels=position_labels(position_names, length),
+            sample_titles=sample_titles,
+            title=f"{probe}: weights over positions ({when}; band: std across samples)",
+        )
+    stats = {s: results.weights[s] for s in sites}
+    figures[f"{results.stage}/{probe}/statistics"] = plot_weight_statistics(
+        {s: v.mean for s, v in stats.items()},
+        {s: v.std for s, v in stats.items()},
+        labels={"distance": "distance (mean position)", "first_token": "first_token (weight on pos. 0)"},
+        title=f"{probe}: attention measures of the weights ({when}; error bars: std over samples)",
+    )
+    top = {s: results.top_positions[s] for s in sites if results.top_positions.get(s)}
+    if top:
+        figures[f"{results.stage}/{probe}/top_positions"] = plot_top_positions(
+            top, title=f"{probe}: top positions ({when})", xlabel="mean weight"
+        )
+    return figures
+
+
+def _within_unit(values: Tensor) -> bool:
+    """Whether every finite value lies in ``[0, 1]`` (a gate, a probability): such axes are pinned to ``[0, 1]``."""
+    finite = values[torch.isfinite(values)]
+    return bool(finite.numel() == 0 or (finite.min() >= 0 and finite.max() <= 1))
