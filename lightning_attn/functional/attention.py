@@ -54,12 +54,14 @@ def _float(tensor: Tensor) -> Tensor:
 def rollout_product(step: Tensor, previous: Tensor | None) -> Tensor:
     """One fold of a rollout: ``step @ previous`` (``step`` alone when there is no ``previous``), in float32 or
     wider with autocast off, because under ``bf16-mixed``/``16-mixed`` autocast would run the product in half
-    precision and each layer's rounding compounds (and a half-precision result reaches the figures).
+    precision and each layer's rounding compounds (and a half-precision result reaches the figures). One step of
+    :func:`attention_rollout` (Abnar & Zuidema 2020): ``R_l @ (R_{l-1} @ ... @ R_1)``.
 
-    >>> step = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]], dtype=torch.bfloat16)
-    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
-    ...     rollout_product(step, step).dtype
-    torch.float32
+    Example:
+        >>> step = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]], dtype=torch.bfloat16)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     rollout_product(step, step).dtype
+        torch.float32
     """
     step = _float(step)
     if previous is None:
@@ -95,6 +97,13 @@ def normalized_entropy(probs: Tensor, key_mask: Tensor | None = None, eps: float
 
     Returns:
         ``[..., Q]``.
+
+    Example:
+        >>> probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+        >>> torch.round(normalized_entropy(probs), decimals=4)  # log 4 / log 4, log 2 / log 4
+        tensor([1.0000, 0.5000])
+        >>> normalized_entropy(torch.tensor([[0.5, 0.5, 0.0]]), key_mask=torch.tensor([True, True, False]))
+        tensor([1.])
     """
     probs = _float(probs)
     mask, n = _valid_keys(probs, key_mask)
@@ -108,6 +117,10 @@ def max_weight(probs: Tensor) -> Tensor:
     """Largest weight of each row, ``max_j A_ij`` (``[..., Q]``).
 
     Its mean over rows is the "confidence" of a head in Voita et al. 2019, "Analyzing Multi-Head Self-Attention".
+
+    Example:
+        >>> max_weight(torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+        tensor([0.8000, 0.5000])
     """
     return probs.amax(-1)
 
@@ -117,6 +130,13 @@ def sparsity(probs: Tensor, threshold: float = 0.01, key_mask: Tensor | None = N
 
     Rows without valid keys give 0. Returns ``[..., Q]``. Softmax weights are never exactly 0, so this thresholds
     the exact-zero sparsity of Correia et al. 2019 ("Adaptively Sparse Transformers").
+
+    Example:
+        >>> probs = torch.tensor([[0.995, 0.005, 0.0], [0.5, 0.5, 0.0]])
+        >>> sparsity(probs)  # 2 of 3 and 1 of 3 keys below 0.01
+        tensor([0.6667, 0.3333])
+        >>> sparsity(probs, key_mask=torch.tensor([True, True, False]))  # 1 of 2 and 0 of 2 valid keys
+        tensor([0.5000, 0.0000])
     """
     probs = _float(probs)
     mask, n = _valid_keys(probs, key_mask)
@@ -126,7 +146,12 @@ def sparsity(probs: Tensor, threshold: float = 0.01, key_mask: Tensor | None = N
 
 def first_token_mass(probs: Tensor) -> Tensor:
     """Weight on key 0, ``A_i0`` (``[..., Q]``): [CLS]/BOS "attention sink" mass (Clark et al. 2019; Xiao et al.
-    2023, "Efficient Streaming Language Models with Attention Sinks")."""
+    2023, "Efficient Streaming Language Models with Attention Sinks").
+
+    Example:
+        >>> first_token_mass(torch.tensor([[0.7, 0.3], [0.4, 0.6]]))
+        tensor([0.7000, 0.4000])
+    """
     return probs[..., 0]
 
 
@@ -154,6 +179,11 @@ def diagonal_mass(probs: Tensor, offset: int = 0, query_offset: int = 0) -> Tens
 
     ``offset=-1`` is the previous token, ``0`` the token itself, ``+1`` the next one (Clark et al. 2019;
     Kovaleva et al. 2019, "Revealing the Dark Secrets of BERT"). Returns ``[..., Q]``.
+
+    Example:
+        >>> probs = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.8, 0.2]])
+        >>> diagonal_mass(probs, offset=-1)  # previous token: A_{i, i-1}, row 0 has none
+        tensor([0.0000, 0.9000, 0.8000])
     """
     num_queries, num_keys = probs.shape[-2:]
     target = torch.arange(num_queries, device=probs.device) + (query_offset + offset)
@@ -188,7 +218,13 @@ def _row_dot(probs: Tensor, weights: Tensor, scratch: Tensor | None) -> Tensor:
 def top_k_pairs(probs2d: Tensor, k: int) -> list[tuple[int, int, float]]:
     """The ``k`` largest entries of one ``[Q, K]`` map as ``(query, key, weight)``, by weight descending.
 
-    Synchronizes with the host (meant for reports). ``k`` is capped at the number of entries.
+    The ``(i, j)`` of the ``k`` largest ``A_ij`` (``topk`` over the flattened map), e.g. to list a head's strongest
+    token pairs as Clark et al. 2019 do. Synchronizes with the host (meant for reports). ``k`` is capped at the
+    number of entries.
+
+    Example:
+        >>> top_k_pairs(torch.tensor([[0.25, 0.75], [0.375, 0.625]]), 2)
+        [(0, 1, 0.75), (1, 1, 0.625)]
     """
     if probs2d.dim() != 2:
         raise ValueError(f"top_k_pairs expects a single [Q, K] map, got shape {tuple(probs2d.shape)}")
@@ -198,7 +234,14 @@ def top_k_pairs(probs2d: Tensor, k: int) -> list[tuple[int, int, float]]:
 
 
 def top_positions(scores_1d: Tensor, k: int, names: Sequence[str] | None = None) -> list[tuple[str | int, float]]:
-    """The ``k`` highest scores as ``(name or index, score)``, descending. Synchronizes (meant for reports)."""
+    """The ``k`` highest scores as ``(name or index, score)``, descending. Synchronizes (meant for reports).
+
+    ``topk`` of ``scores_1d``, each index ``i`` replaced by ``names[i]`` when names are given.
+
+    Example:
+        >>> top_positions(torch.tensor([0.5, 2.0, 1.0]), 2, names=["a", "b", "c"])
+        [('b', 2.0), ('c', 1.0)]
+    """
     if scores_1d.dim() != 1:
         raise ValueError(f"top_positions expects a 1-D tensor, got shape {tuple(scores_1d.shape)}")
     if names is not None and len(names) != scores_1d.numel():
@@ -264,6 +307,12 @@ def attention_rollout(
 
     Raises:
         ValueError: empty ``maps``, non-square maps, mismatched batch or sequence sizes, bad ratios.
+
+    Example:
+        >>> a = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).expand(1, 2, 2, 2)  # [B=1, H=2, L=2, L=2]
+        >>> attention_rollout([a, a])  # R = 0.5 I + 0.5 A = [[0.5, 0.5], [0, 1]], then R @ R
+        tensor([[[0.2500, 0.7500],
+                 [0.0000, 1.0000]]])
     """
     _check_maps(maps)
     fusions: dict[str, Callable[..., Tensor]] = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}
@@ -284,6 +333,13 @@ def gradient_weighted_rollout(maps: Sequence[Tensor], grads: Sequence[Tensor], d
 
     Returns:
         ``[B, L, L]``.
+
+    Example:
+        >>> a = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).expand(1, 2, 2, 2)
+        >>> grads = torch.stack([torch.ones(2, 2), -torch.ones(2, 2)])[None]  # head 1's negative part is dropped
+        >>> gradient_weighted_rollout([a], [grads])  # F = A / 2, R = [[0.5, 0.25], [0, 0.75]] renormalized
+        tensor([[[0.6667, 0.3333],
+                 [0.0000, 1.0000]]])
     """
     _check_maps(maps)
     _check_maps(grads, "grads")
@@ -308,6 +364,13 @@ def modality_agreement(a_to_b: Tensor, b_to_a: Tensor) -> Tensor:
 
     Raises:
         ValueError: when the shapes do not match after the transpose.
+
+    Example:
+        >>> a_to_b = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+        >>> round(float(modality_agreement(a_to_b, a_to_b.T)), 4)  # both directions pick the same pairs
+        1.0
+        >>> round(float(modality_agreement(a_to_b, (1 - a_to_b).T)), 4)  # opposite pairs
+        -1.0
     """
     y = b_to_a.transpose(-1, -2)
     if a_to_b.shape != y.shape:
@@ -329,7 +392,13 @@ def js_divergence(p: Tensor, q: Tensor, smoothing: float = 0.001, dim: int = -1)
 
     ``P' = smoothing / n + (1 - smoothing) P`` (same for ``Q``), ``M = (P' + Q') / 2``,
     ``JS = 1/2 sum [P' log(P'/M) + Q' log(Q'/M)]``, in ``[0, log 2]``; ``0 log 0 = 0``. ``p`` and ``q`` broadcast;
-    ``dim`` is reduced.
+    ``dim`` is reduced. Divergence of Lin 1991 ("Divergence Measures Based on the Shannon Entropy").
+
+    Example:
+        >>> round(float(js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), smoothing=0.0)), 4)  # log 2
+        0.6931
+        >>> float(js_divergence(torch.tensor([0.3, 0.7]), torch.tensor([0.3, 0.7])))
+        0.0
     """
     p, q = _float(p), _float(q)
     n = p.shape[dim]
@@ -353,6 +422,12 @@ def head_js_distance(maps: Tensor) -> Tensor:
 
     Returns:
         ``[H, H]``.
+
+    Example:
+        >>> maps = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [H=2, Q=1, K=2]: disjoint heads
+        >>> torch.round(head_js_distance(maps), decimals=4)  # just below log 2 (smoothing 0.001)
+        tensor([[0.0000, 0.6888],
+                [0.6888, 0.0000]])
     """
     if maps.dim() == 3:
         maps = maps[None]
@@ -371,6 +446,11 @@ def head_type_score(probs: Tensor, pattern: Tensor) -> Tensor:
 
     Returns:
         The broadcast shape without the last two dims, e.g. ``[..., H]`` for ``[..., H, Q, K]`` probs.
+
+    Example:
+        >>> probs = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+        >>> head_type_score(probs, previous_token_pattern(3))  # (1 + 0.5) / 3
+        tensor(0.5000)
     """
     probs = _float(probs)
     total = probs.sum((-2, -1))
@@ -379,13 +459,28 @@ def head_type_score(probs: Tensor, pattern: Tensor) -> Tensor:
 
 
 def previous_token_pattern(length: int, *, device: torch.device | str | None = None) -> Tensor:
-    """``[L, L]`` float pattern with ``P[i, i-1] = 1`` (TransformerLens previous-token head)."""
+    """``[L, L]`` float pattern with ``P[i, i-1] = 1`` (TransformerLens previous-token head).
+
+    Example:
+        >>> previous_token_pattern(3)
+        tensor([[0., 0., 0.],
+                [1., 0., 0.],
+                [0., 1., 0.]])
+    """
     return torch.ones(max(length - 1, 0), device=device).diag(-1)
 
 
 def duplicate_token_pattern(tokens: Tensor) -> Tensor:
     """``[..., L, L]`` float pattern with ``P[i, j] = 1`` iff ``tok_i == tok_j`` and ``j < i`` (TransformerLens
-    duplicate-token head), for ``tokens`` ``[..., L]``."""
+    duplicate-token head), for ``tokens`` ``[..., L]``.
+
+    Example:
+        >>> duplicate_token_pattern(torch.tensor([5, 7, 5, 7]))
+        tensor([[0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+                [1., 0., 0., 0.],
+                [0., 1., 0., 0.]])
+    """
     return (tokens[..., :, None] == tokens[..., None, :]).float().tril(-1)
 
 
@@ -394,7 +489,15 @@ def induction_pattern(tokens: Tensor) -> Tensor:
 
     The duplicate pattern shifted right one column, column 0 zero, then ``tril``: ``P[i, j] = 1`` iff
     ``tok_i == tok_{j-1}`` and ``1 <= j <= i``. So ``j = i`` counts when ``tok_i == tok_{i-1}`` (a repeated
-    token attending to itself), as in TransformerLens.
+    token attending to itself), as in TransformerLens. Induction heads: Olsson et al. 2022, "In-context Learning
+    and Induction Heads".
+
+    Example:
+        >>> induction_pattern(torch.tensor([5, 7, 5, 7]))  # the second 5 attends to the 7 that followed the first
+        tensor([[0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+                [0., 1., 0., 0.],
+                [0., 0., 1., 0.]])
     """
     duplicate = duplicate_token_pattern(tokens)
     shifted = torch.zeros_like(duplicate)
@@ -426,6 +529,12 @@ def reduce_in_chunks(
             ``chunks``) or a probability tensor ``[..., Q, K]`` (reshaped to ``[B, H, Q, K]``, sliced here).
         reducers: name to reducer; names must not start with ``_``.
         chunk_size: query rows per chunk; ``None`` for all rows at once.
+
+    Example:
+        >>> probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])[None, None]  # [B=1, H=1, Q=3, K=2]
+        >>> out = reduce_in_chunks(probs, {"max": lambda chunk, start: max_weight(chunk)}, chunk_size=2)
+        >>> out["_rows"], out["max"][0].tolist(), out["max"][1].tolist()  # 0.5 + 1 + 0.75, 0.25 + 1 + 0.5625
+        (3, [[2.25]], [[1.8125]])
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")

@@ -71,7 +71,14 @@ Task = Literal["binary", "multiclass"]
 def equal_width_edges(
     n_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> Tensor:
-    """``n_bins + 1`` equally spaced edges on ``[0, 1]`` (``torch.linspace(0, 1, n_bins + 1)``)."""
+    """``n_bins + 1`` equally spaced edges on ``[0, 1]`` (``torch.linspace(0, 1, n_bins + 1)``).
+
+    Edge ``m`` is ``m / n_bins``: the equal-width bins of Guo et al. 2017's ECE and reliability diagrams.
+
+    Example:
+        >>> equal_width_edges(4)
+        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000], dtype=torch.float64)
+    """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     return torch.linspace(0.0, 1.0, n_bins + 1, dtype=dtype, device=device)
@@ -83,7 +90,11 @@ def equal_width_bin_index(values: Tensor, n_bins: int, edges: Tensor | None = No
     ``bucketize(values, linspace(0, 1, n_bins + 1), right=True) - 1``, the boundaries torchmetrics
     uses, so a value on an edge goes to the bin above it. A value of exactly ``1.0`` gets index
     ``n_bins`` (the extra trailing entry, merged into bin ``n_bins - 1`` by :func:`fold_last_bin`).
-    Values must lie in ``[0, 1]``.
+    Values must lie in ``[0, 1]``. Equal-width binning of Guo et al. 2017: ``floor(v * n_bins)`` up to rounding.
+
+    Example:
+        >>> equal_width_bin_index(torch.tensor([0.0, 0.25, 0.6, 1.0]), 4)  # 0.25: bin above; 1.0: extra entry
+        tensor([0, 1, 2, 4])
     """
     if edges is None:
         edges = equal_width_edges(n_bins, dtype=values.dtype, device=values.device)
@@ -91,7 +102,15 @@ def equal_width_bin_index(values: Tensor, n_bins: int, edges: Tensor | None = No
 
 
 def fold_last_bin(x: Tensor) -> Tensor:
-    """Merge the trailing "exactly 1.0" entry of a histogram (last dim ``n_bins + 1``) into the last bin."""
+    """Merge the trailing "exactly 1.0" entry of a histogram (last dim ``n_bins + 1``) into the last bin.
+
+    ``folded_m = x_m`` for ``m < n_bins - 1`` and ``folded_{n_bins - 1} = x_{n_bins - 1} + x_{n_bins}``: the last
+    bin closed at 1 as in Guo et al. 2017 (torchmetrics keeps the extra entry, torchmetrics issue 3510).
+
+    Example:
+        >>> fold_last_bin(torch.tensor([3, 1, 2]))
+        tensor([3, 3])
+    """
     folded = x[..., :-1].clone()
     folded[..., -1] += x[..., -1]
     return folded
@@ -102,6 +121,15 @@ def bin_statistics(count: Tensor, conf_sum: Tensor, hit_sum: Tensor) -> tuple[Te
 
     Empty bins get ``NaN`` accuracy and confidence (they are left out of every error) and
     proportion 0. With no samples at all the proportions are ``NaN`` too.
+
+    ``acc(B_m) = hit_sum_m / n_m``, ``conf(B_m) = conf_sum_m / n_m``, ``proportion_m = n_m / N``: the points of
+    a reliability diagram (Guo et al. 2017).
+
+    Example:
+        >>> count, conf, hits = torch.tensor([2, 0]), torch.tensor([1.5, 0.0]), torch.tensor([1, 0])
+        >>> accuracy, confidence, proportion = bin_statistics(count, conf, hits)
+        >>> accuracy.tolist(), confidence.tolist(), proportion.tolist()  # bin 1 is empty
+        ([0.5, nan], [0.75, nan], [1.0, 0.0])
     """
     count = count.double()
     total = count.sum(-1, keepdim=True)
@@ -131,6 +159,12 @@ def calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, norm: No
     samples in a hidden extra bin with accuracy compared against confidence 1.0 on their own,
     here they share the last bin. ``NaN`` when there are no samples. Leading dimensions are
     independent histograms (e.g. ``[R, n_bins]`` bootstrap replicates give ``[R]`` errors).
+
+    Example:
+        >>> count, conf, hits = torch.tensor([10, 30]), torch.tensor([3.0, 27.0]), torch.tensor([5, 24])
+        >>> # acc (0.5, 0.8), conf (0.3, 0.9): gaps 0.2 and 0.1, bin weights 1/4 and 3/4
+        >>> [round(float(calibration_error(count, conf, hits, norm)), 4) for norm in ("l1", "l2", "max")]
+        [0.125, 0.1323, 0.2]
     """
     count = count.double()
     total = count.sum(-1)
@@ -158,6 +192,13 @@ def classwise_calibration_error(count: Tensor, conf_sum: Tensor, hit_sum: Tensor
     with :math:`\mathrm{acc}(b, k)` the fraction of samples of bin ``b`` of class ``k`` whose label
     is ``k`` and :math:`N` the number of samples. (Nixon et al.'s reference code,
     google/uncertainty-metrics, defaults to 30 bins; the bin count is the caller's choice.)
+
+    Example:
+        >>> # 3 samples, 2 classes, 2 bins: p = (0.3, 0.7) y = 1, (0.8, 0.2) y = 0, (0.1, 0.9) y = 1
+        >>> count = torch.tensor([[2, 1], [1, 2]])
+        >>> conf, hits = torch.tensor([[0.4, 0.8], [0.2, 1.6]]), torch.tensor([[0, 1], [0, 2]])
+        >>> round(float(classwise_calibration_error(count, conf, hits, 3)), 4)  # (0.4 + 0.2 + 0.2 + 0.4) / (2 * 3)
+        0.2
     """
     num_classes = count.shape[0]
     n = torch.as_tensor(num_samples, dtype=torch.float64, device=count.device)
@@ -180,6 +221,13 @@ def equal_mass_bins(
     Returns:
         ``(count, conf_sum, hit_sum, edges)`` for the non-empty groups; ``edges`` has one more
         entry, the grid edges (multiples of ``1/F``) delimiting the groups, from 0 to 1.
+
+    Example:
+        >>> fine_count, fine_hits = torch.tensor([2, 0, 1, 1]), torch.tensor([1, 0, 0, 1])  # F = 4
+        >>> fine_conf = torch.tensor([0.2, 0.0, 0.6, 0.9], dtype=torch.float64)
+        >>> count, conf, hits, edges = equal_mass_bins(fine_count, fine_conf, fine_hits, 2)
+        >>> count.tolist(), hits.tolist(), edges.tolist()  # 2 samples per bin
+        ([2, 2], [1, 1], [0.0, 0.25, 1.0])
     """
     fine = fine_count.shape[-1]
     device = fine_count.device
@@ -213,7 +261,12 @@ def confidence_histogram(
 
     ``binary``: the fine histogram is of ``p = P(y = 1)`` with hits the positives; it is mirrored
     (``max(p, 1 - p)``, correct = positives above 0.5, negatives below), a fine bin straddling 0.5
-    counted with the upper half.
+    counted with the upper half. The confidence histogram drawn under a reliability diagram (Guo et al. 2017, Fig. 1).
+
+    Example:
+        >>> edges, correct, incorrect = confidence_histogram(torch.tensor([1, 0, 2, 1]), torch.tensor([1, 0, 1, 1]), 2)
+        >>> edges.tolist(), correct.tolist(), incorrect.tolist()
+        ([0.0, 0.5, 1.0], [1.0, 2.0], [0.0, 1.0])
     """
     fine = fine_count.shape[-1]
     device = fine_count.device
@@ -233,7 +286,17 @@ def adaptive_calibration_error(
     fine_count: Tensor, fine_conf_sum: Tensor, fine_hit_sum: Tensor, n_bins: int, norm: Norm = "l1"
 ) -> Tensor:
     """Adaptive (equal-mass) calibration error (Nixon et al. 2019): :func:`calibration_error` over the
-    bins of :func:`equal_mass_bins`. ``NaN`` without samples."""
+    bins of :func:`equal_mass_bins`. ``NaN`` without samples.
+
+    ``ACE = sum_m (n_m / N) |acc(B_m) - conf(B_m)|`` with bins :math:`B_m` of (about) ``N / n_bins`` samples each.
+
+    Example:
+        >>> fine_count, fine_hits = torch.tensor([2, 0, 1, 1]), torch.tensor([1, 0, 0, 1])
+        >>> fine_conf = torch.tensor([0.2, 0.0, 0.6, 0.9], dtype=torch.float64)
+        >>> # bins of equal_mass_bins' example: (|1 - 0.2| + |1 - 1.5|) / 4
+        >>> round(float(adaptive_calibration_error(fine_count, fine_conf, fine_hits, 2)), 4)
+        0.325
+    """
     count, conf, hits, _ = equal_mass_bins(fine_count, fine_conf_sum, fine_hit_sum, n_bins)
     if count.numel() == 0:
         return torch.tensor(float("nan"), dtype=torch.float64, device=fine_count.device)
@@ -357,6 +420,12 @@ def smooth_ece_at(count: Tensor, conf_sum: Tensor, hit_sum: Tensor, sigma: float
     computed as ``relplot.smECE_sigma`` does (grids of ``max(2000, 20/sigma)/2 + 1`` points, mesh of
     ``max(10/sigma, 200)`` points), the samples of each fine bin placed at the bin's mean
     confidence (their exact positions within ``1/fine_bins`` are not kept).
+
+    Example:
+        >>> count = torch.tensor([0, 50, 0, 50])  # confidence 0.3 (15 hits of 50), 0.9 (40 hits of 50)
+        >>> conf, hits = torch.tensor([0.0, 15.0, 0.0, 45.0]), torch.tensor([0, 15, 0, 40])
+        >>> round(float(smooth_ece_at(count, conf, hits, 0.05)), 4)
+        0.0501
     """
     nonempty = count > 0
     n = count.double()[nonempty]
@@ -417,6 +486,13 @@ def brier_score(
     Multiclass (``probs [N, K]``): :math:`\frac{1}{N} \sum_i \sum_k (p_{ik} - 1[y_i = k])^2`.
     Binary (``probs [N]`` = :math:`P(y = 1)`): :math:`\frac{1}{N} \sum_i (p_i - y_i)^2`, the usual
     binary form (scikit-learn ``brier_score_loss``); a two-column multiclass input gives twice that.
+
+    Example:
+        >>> probs, target = torch.tensor([[0.8, 0.2], [0.4, 0.6]]), torch.tensor([0, 0])
+        >>> round(float(brier_score(probs, target)), 4)  # (0.08 + 0.72) / 2
+        0.4
+        >>> round(float(brier_score(torch.tensor([0.8, 0.4]), torch.tensor([1, 0]), task="binary")), 4)  # 0.2 / 2
+        0.1
     """
     if task == "binary":
         per = (probs.double() - target.double()).square()
@@ -439,7 +515,15 @@ def negative_log_likelihood(
 
     From logits it is exact (``log_softmax`` / ``logsigmoid``); from probabilities the likelihood is
     clamped at ``eps`` (1e-12) so one zero-probability label does not make it infinite (as
-    scikit-learn's ``log_loss`` clips).
+    scikit-learn's ``log_loss`` clips). The objective temperature scaling minimizes (Guo et al. 2017).
+
+    Example:
+        >>> round(float(negative_log_likelihood(torch.tensor([[0.0, 0.0]]), torch.tensor([1]))), 4)  # log 2
+        0.6931
+        >>> probs = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+        >>> # -(log 0.5 + log 0.75) / 2
+        >>> round(float(negative_log_likelihood(probs, torch.tensor([0, 1]), score_type="probs")), 4)
+        0.4904
     """
     if task == "binary":
         y = target.double()
@@ -473,12 +557,24 @@ def _reduce(per: Tensor, reduction: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 def apply_temperature(logits: Tensor, temperature: float | Tensor) -> Tensor:
     """Temperature-scaled logits ``logits / T`` (Guo et al. 2017); softmax (or sigmoid) of them are the
-    calibrated probabilities. Accuracy is unchanged since ``T > 0`` keeps the argmax."""
+    calibrated probabilities. Accuracy is unchanged since ``T > 0`` keeps the argmax.
+
+    Example:
+        >>> apply_temperature(torch.tensor([2.0, -1.0]), 2.0)
+        tensor([ 1.0000, -0.5000])
+    """
     return logits / temperature
 
 
 def temperature_nll(logits: Tensor, target: Tensor, temperature: float | Tensor, task: Task = "multiclass") -> Tensor:
-    """Mean NLL of ``logits / T`` (multiclass cross-entropy, or binary cross-entropy on one logit)."""
+    """Mean NLL of ``logits / T`` (multiclass cross-entropy, or binary cross-entropy on one logit).
+
+    ``-1/N sum_i log softmax(z_i / T)_{y_i}``: the objective of temperature scaling (Guo et al. 2017).
+
+    Example:
+        >>> round(float(temperature_nll(torch.tensor([[2.0, 0.0]]), torch.tensor([1]), 2.0)), 4)  # log(1 + e)
+        1.3133
+    """
     scaled = logits.double() / temperature
     if task == "binary":
         return F.binary_cross_entropy_with_logits(scaled, target.double())
@@ -499,6 +595,11 @@ def fit_temperature(
     level drives ``T`` to infinity). Works inside ``torch.inference_mode`` / ``no_grad`` (as in
     Lightning's evaluation loop): the data are cloned out of inference mode and gradients are
     enabled locally. ``logits``: ``[N, K]`` (multiclass) or ``[N]`` (binary, logit of class 1).
+
+    Example:
+        >>> logits, target = torch.tensor([[2.0, 0.0]]).repeat(4, 1), torch.tensor([0, 0, 0, 1])
+        >>> round(fit_temperature(logits, target), 4)  # sigmoid(2 / T) = 3/4: T = 2 / log 3
+        1.8205
     """
     if logits.shape[0] == 0:
         raise ValueError("fit_temperature needs at least one sample")
