@@ -92,7 +92,7 @@ def test_fused_statistics_equal_float64_reference(mask: str, chunk_size: int | N
     capture = sdpa_capture(23, mask)
     expected = reference(capture.probs())
     capture._cache = None  # the engine computes from the scores, not from cached probabilities
-    rows = StatisticsEngine(key_block=None).rows(capture, STATS, chunk_size)
+    rows = StatisticsEngine(key_block=None, whole_map_bytes=0).rows(capture, STATS, chunk_size)
     valid = expected[MAX_WEIGHT] > 0
     assert torch.equal(rows.valid, valid)
     for stat in STATS:
@@ -105,7 +105,7 @@ def test_fused_statistics_equal_float64_reference(mask: str, chunk_size: int | N
 
 def test_weights_fallback_equals_reference() -> None:
     probs = sdpa_capture(19, "causal_padding").probs()
-    rows = StatisticsEngine().rows(probs, STATS, 5)
+    rows = StatisticsEngine(whole_map_bytes=0).rows(probs, STATS, 5)
     expected = reference(probs)
     valid = expected[MAX_WEIGHT] > 0
     for stat in STATS:
@@ -122,7 +122,7 @@ def test_key_blocked_equals_unblocked_at_2048_tokens(mask: str) -> None:
     whole = StatisticsEngine(key_block=None).rows(capture, STATS, 256)
     capture.memo = {}
     capture._cache = None
-    blocked = StatisticsEngine(key_block=300).rows(capture, STATS, 256)
+    blocked = StatisticsEngine(key_block=300, whole_map_bytes=0).rows(capture, STATS, 256)
     assert torch.equal(whole.valid, blocked.valid)
     for stat in STATS:
         got, want = blocked.values[stat], whole.values[stat]

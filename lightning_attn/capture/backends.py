@@ -53,6 +53,7 @@ from lightning_attn.capture.sites import (
     running_call,
     unfold_packed_heads,
 )
+from lightning_attn.capture.workspace import WORKSPACE
 
 Kind = Literal["self", "cross"]
 
@@ -374,10 +375,20 @@ class _Interceptor:
         module = self._innermost()
         assert module is not None
         factor = packed_head_factor(module, query, key, is_causal)
+        statistics_only = not self.differentiable and factor == 1  # no graph to keep: the capture holds q and k
+        # reused buffers lent to the capture, unless autograd must see the computation (out= refuses it)
+        lend = statistics_only and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
         # scores with finite masked entries: the statistics engine's form, the same probabilities
         with autocast_off(query):
             scores, probs = scores_and_probs(
-                query, key, a["attn_mask"], is_causal, a["scale"], enable_gqa, masked_score=LOWEST
+                query,
+                key,
+                a["attn_mask"],
+                is_causal,
+                a["scale"],
+                enable_gqa,
+                masked_score=LOWEST,
+                out=(WORKSPACE.scores, WORKSPACE.probs) if lend else None,
             )
         probs_used = F.dropout(probs, a["dropout_p"]) if a["dropout_p"] else probs
         if enable_gqa and value.shape[-3] != query.shape[-3]:
@@ -386,7 +397,7 @@ class _Interceptor:
         kind = self._sdpa_kind(module, query, key)
         build: Callable[[SiteInfo], AttentionCapture]
         shape: tuple[int, ...] | torch.Size = (*query.shape[:-1], key.shape[-2])
-        if self.differentiable or factor > 1:
+        if not statistics_only:
             weights = as_bhqk(probs if self.differentiable else probs.detach())
             if factor > 1:  # rows of the folded query axis are (head in group, query): unfold them to heads
                 weights = weights.reshape(weights.shape[0], weights.shape[1] * factor, -1, weights.shape[-1])
@@ -399,7 +410,7 @@ class _Interceptor:
                 capture = AttentionCapture(
                     info, query=q, key=k, attn_mask=mask, is_causal=is_causal, scale=a["scale"], enable_gqa=enable_gqa
                 )
-                capture.adopt_probs(as_bhqk(probs.detach()), as_bhqk(scores.detach()), LOWEST)
+                capture.adopt_probs(as_bhqk(probs.detach()), as_bhqk(scores.detach()), LOWEST, borrowed=lend)
                 return capture
 
         self._emit(module, "sdpa", kind, build, shape)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from lightning_attn.capture.workspace import Buffer
 
 # Bound at import, before any recorder replaces ``torch.softmax``: a recomputation is never taken for
 # hand-written attention of the model.
@@ -101,10 +102,11 @@ def scores_and_probs(
     query_slice: slice | None = None,
     mask_true_means_masked: bool = False,
     masked_score: float = float("-inf"),
+    out: tuple[Buffer, Buffer] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The scores of :func:`attention_scores` and the probabilities of :func:`attention_probs` of the same rows,
     computed together (one matmul, one softmax; the caller's autocast state applies). Same arguments as
-    :func:`attention_scores`."""
+    :func:`attention_scores`; ``out``: where to write the scores and the probabilities (reusable buffers)."""
     num_keys = key.shape[-2]
     bias = _mask_bias(attn_mask, is_causal, query, num_keys, query_slice, None, mask_true_means_masked)
     dead = None
@@ -113,10 +115,14 @@ def scores_and_probs(
         dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
         if masked_score != float("-inf"):
             bias = bias.clamp_min(masked_score)
-    scores = _scores(query, key, bias, scale, enable_gqa, query_slice, None)
-    probs = _softmax(scores, dim=-1)
+    scores = _scores(query, key, bias, scale, enable_gqa, query_slice, None, None if out is None else out[0])
+    if out is None:
+        probs = _softmax(scores, dim=-1)
+    else:
+        probs = torch._softmax(scores, -1, False, out=out[1](scores.shape, scores.device))
     if dead is not None and (probs.device.type != "cpu" or dead.any()):  # the check syncs on an accelerator
-        probs = probs.masked_fill_(dead, 0.0)
+        # in place unless autograd needs the softmax's output for its backward
+        probs = probs.masked_fill(dead, 0.0) if probs.requires_grad else probs.masked_fill_(dead, 0.0)
     return scores, probs
 
 
@@ -131,7 +137,7 @@ def attention_scores(
     key_slice: slice | None = None,
     mask_true_means_masked: bool = False,
     masked_score: float = float("-inf"),
-    out: Callable[[torch.Size, torch.device], Tensor] | None = None,
+    out: Buffer | None = None,
 ) -> Tensor:
     """The masked, scaled scores ``q k^T * scale + mask`` whose row softmax :func:`attention_probs` returns, for the
     rows ``query_slice`` and the keys ``key_slice`` (a key block of the long-context statistics); float32 with
@@ -153,7 +159,7 @@ def _scores(
     enable_gqa: bool,
     query_slice: slice | None,
     key_slice: slice | None,
-    out: Callable[[torch.Size, torch.device], Tensor] | None = None,
+    out: Buffer | None = None,
 ) -> Tensor:
     """``q k^T * scale + bias`` for the rows and keys asked: one matmul and one in-place add (the scale is folded
     into the queries, which are ``E / K`` times smaller than the scores), into ``out(shape, device)`` if given."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_attn.capture.probs import attention_probs, attention_scores
+from lightning_attn.capture.workspace import Buffer
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class AttentionCapture:
         rows: slice | None = None,
         cols: slice | None = None,
         masked_score: float = float("-inf"),
-        out: Callable[[torch.Size, torch.device], Tensor] | None = None,
+        out: Buffer | None = None,
     ) -> Tensor | None:
         """The masked, scaled scores ``[batch, heads, rows, cols]`` (``masked_score`` where masked) whose row
         softmax over all keys gives :meth:`probs`; ``None`` when the capture holds weights (no scores exist).

@@ -28,10 +28,8 @@ Nothing here synchronizes with the host.
 
 from __future__ import annotations
 
-import math
-import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_attn.capture.record import AttentionCapture, as_bhqk
+from lightning_attn.capture.workspace import WORKSPACE, Buffer
 from lightning_attn.functional.attention import diagonal_mass, local_window_mass, mean_attention_distance
 from lightning_attn.functional.fused import (
     LOWEST,
@@ -100,33 +99,6 @@ RECEIVED = Stat("received")
 COLUMN_STATISTICS = frozenset({RECEIVED})
 
 
-#: ``(shape, device) -> float32 tensor`` to write into (a view of a reusable buffer).
-_Buffer = Callable[[torch.Size, torch.device], Tensor]
-
-
-class _Workspace(threading.local):
-    """Reusable float32 buffers for the engine's temporaries (scores, products, block probabilities), one set per
-    thread. The temporaries have the size of a map chunk; allocating them afresh for every call costs more than the
-    arithmetic on CPU (a new 32 MiB tensor is page-faulted in: measured 15 ms for a multiply-reduce at
-    4 x 8 x 512 x 512 against 5 ms into a reused buffer). Nothing written here leaves the engine."""
-
-    def __init__(self) -> None:
-        self._flat: dict[tuple[str, torch.device], Tensor] = {}
-        self.scores: _Buffer = lambda shape, device: self._view("scores", shape, device)
-        self.probs: _Buffer = lambda shape, device: self._view("probs", shape, device)
-
-    def _view(self, name: str, shape: torch.Size, device: torch.device) -> Tensor:
-        numel = math.prod(shape)
-        flat = self._flat.get((name, device))
-        if flat is None or flat.numel() < numel:
-            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
-                flat = self._flat[(name, device)] = torch.empty(numel, device=device)
-        return flat[:numel].view(shape)
-
-    def release(self) -> None:
-        self._flat.clear()
-
-
 @dataclass
 class RowValues:
     """Per-row values of one captured call: ``values[stat]`` is ``[B, H, Q]`` float32 (``[B, H, K]`` for the
@@ -142,16 +114,15 @@ class StatisticsEngine:
 
     Args:
         key_block: key-block length of the long-context path (``None``: every key of a chunk at once).
-        whole_map_bytes: calls whose float32 map ``[B, H, Q, K]`` fits in this many bytes are computed in one chunk,
-            whatever the consumers' ``chunk_size``, and their probabilities are kept on the capture until it is
-            released, so that consumers that read maps (probe samples, head types) do not compute them again.
-            Query chunks bound the memory of larger calls.
+        whole_map_bytes: calls whose float32 map ``[B, H, Q, K]`` fits in this many bytes are computed in one chunk
+            (keys unblocked), whatever the consumers' ``chunk_size``, and their probabilities are lent to the capture
+            until it is released, so that consumers that read maps (probe samples, head types) do not compute them
+            again. Query chunks (and key blocks) bound the memory of larger calls.
     """
 
     def __init__(self, key_block: int | None = 4096, whole_map_bytes: int = 64 * 2**20) -> None:
         self.key_block = key_block
         self.whole_map_bytes = whole_map_bytes
-        self._workspace = _Workspace()
         # by id: metrics' hashes change as they grow states, so a WeakKeyDictionary would lose them
         self._demand: dict[int, tuple[weakref.ref[object], frozenset[Stat]]] = {}
 
@@ -201,7 +172,9 @@ class StatisticsEngine:
             query = as_bhqk(capture.query) if capture.query is not None else None
             assert query is not None
             batch, heads, num_queries, num_keys = query.shape[0], info.num_heads, info.num_queries, info.num_keys
-        whole = chunk_size is None or 4 * batch * heads * num_queries * num_keys <= self.whole_map_bytes
+        # probabilities already at hand (exact_outputs=False, a keeping recorder) are read whole, whatever their size
+        lent = capture is not None and weights is None and capture.has_probs
+        whole = lent or chunk_size is None or 4 * batch * heads * num_queries * num_keys <= self.whole_map_bytes
         step = num_queries if whole or chunk_size is None else max(chunk_size, 1)
         parts: dict[Stat, list[Tensor]] = {stat: [] for stat in stats}
         valid_parts = []
@@ -213,7 +186,7 @@ class StatisticsEngine:
             else:
                 assert capture is not None
                 counts = torch.broadcast_to(self._key_counts(capture, rows), shape)
-                if self.key_block is not None and num_keys > self.key_block:
+                if not whole and self.key_block is not None and num_keys > self.key_block:
                     values = self._blocked(capture, rows, counts, stats)
                 else:
                     values = self._from_scores(capture, rows, counts, stats, whole=step >= num_queries)
@@ -245,7 +218,7 @@ class StatisticsEngine:
 
     @staticmethod
     def _masked_scores(
-        capture: AttentionCapture, rows: slice | None, cols: slice | None = None, out: _Buffer | None = None
+        capture: AttentionCapture, rows: slice | None, cols: slice | None = None, out: Buffer | None = None
     ) -> Tensor:
         scores = capture.scores(rows, cols, masked_score=LOWEST, out=out)  # finite: p * s = 0 on masked keys
         assert scores is not None
@@ -257,11 +230,11 @@ class StatisticsEngine:
         cached = whole and capture.has_probs  # computed with the outputs (exact_outputs=False), or kept
         scores = capture.take_scores(LOWEST) if cached else None
         if scores is None:
-            scores = self._masked_scores(capture, rows, out=self._workspace.scores)
+            scores = self._masked_scores(capture, rows, out=WORKSPACE.scores)
         if cached:
             probs = next(iter(capture.chunks(None)))[1]
         else:
-            probs = torch._softmax(scores, -1, False, out=self._workspace.probs(scores.shape, scores.device))
+            probs = torch._softmax(scores, -1, False, out=WORKSPACE.probs(scores.shape, scores.device))
             if capture.attn_mask is not None:
                 probs = probs.mul_((counts > 0)[..., None])  # rows with no key to attend are 0, as attention_probs
             if whole:
@@ -279,7 +252,7 @@ class StatisticsEngine:
         num_keys, block = capture.info.num_keys, self.key_block
         row_max: Tensor | None = None
         total: Tensor | None = None
-        workspace = self._workspace
+        workspace = WORKSPACE
         for start in range(0, num_keys, block):  # pass 1: online row max and sum of exp
             scores = self._masked_scores(capture, rows, slice(start, start + block), out=workspace.scores)
             block_max = scores.amax(-1)
@@ -313,14 +286,10 @@ class StatisticsEngine:
     ) -> tuple[dict[Stat, Tensor], Tensor]:
         """The fallback: no scores, no mask; ``n_i`` counts the keys with ``p > 0``."""
         probs = probs.float()
-        scratch = self._workspace.scores(probs.shape, probs.device)
+        scratch = WORKSPACE.scores(probs.shape, probs.device)
         counts = torch.gt(probs, 0, out=scratch).sum(-1)
         sums = _block_sums(probs, None, stats, query_offset, 0, scratch=scratch)
         return _finish(sums, stats, None, counts, probs.shape[-1]), counts
-
-    def release_workspace(self) -> None:
-        """Free this thread's reusable buffers (they are allocated again at the next call)."""
-        self._workspace.release()
 
 
 def _block_sums(
