@@ -45,7 +45,7 @@ def _fails_at_first_batch(tmp_path: Path, callback: AttentionLogger, loop: str =
             getattr(run, loop)(models.CrossModalModule(), models.loader(8, 4), verbose=False)
     expected = {"sanity": 0, "validate": 0, "train": 0, "test": 0, ("sanity" if loop == "fit" else loop): 1}
     assert counter.batches == expected
-    assert callback._census._recorder is None and callback._recorder is None
+    assert callback._checks._census is None and callback._recorder is None
     assert len(module_globals._global_forward_hooks) == 0
     return str(error.value)
 
@@ -53,7 +53,8 @@ def _fails_at_first_batch(tmp_path: Path, callback: AttentionLogger, loop: str =
 def test_include_that_matches_nothing_fails_the_sanity_check(tmp_path: Path) -> None:
     message = _fails_at_first_batch(tmp_path, AttentionLogger(include=["encoder.layer.*"]), loop="fit")
     assert message.startswith(
-        "AttentionLogger(name='attn-encoder.layer'): include pattern 'encoder.layer.*' matches no attention site "
+        "AttentionLogger(name='attn-encoder.layer'), at the first validate batch: include pattern 'encoder.layer.*' "
+        "matches no attention site "
         "(close site names: 'encoder.layers.1.self_attn', 'encoder.layers.0.self_attn')"  # closest first
     )
     assert f"The attention sites of CrossModalModule at the first batch: {SITES}" in message
@@ -116,7 +117,7 @@ def test_valid_arguments_pass_quietly_and_are_checked_once_per_run(tmp_path: Pat
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*matches no attention site.*")
         run.fit(models.CrossModalModule(), models.loader(8, 4), models.loader(8, 4))
-    assert not callback._census.due and callback._census._recorder is None
+    assert "validate" not in callback._first_batches and callback._checks._census is None  # checked, closed
     assert callback.results["val"].sites == ["encoder.layers.0.self_attn", "eeg_to_spec", "spec_to_eeg"]
     assert callback.results["val"].top_attended["eeg_to_spec"][0][0] in "abcde"
 

@@ -194,7 +194,7 @@ def test_unmatched_probes_give_one_clear_error(tmp_path: Path) -> None:
     assert "'pool.softmx'" in message and "'pool.softmax'" in message
     assert "'attn'" not in message.split("close module names")[0]  # the matching probe is not reported
     nothing_close = parse_probes({"x": ("zzzzqqqq", "activation")})
-    with pytest.raises(ProbeMatchError, match="no module name is close"):
+    with pytest.raises(ProbeMatchError, match="no close module names"):
         resolve_probes(module, nothing_close)
     # through the Trainer: one error before the first batch (see test_unmatched_probes_fail_before_the_first_batch)
     callback = ModuleProbe({"gate": ("layer.*.gate", "activation")}, log_figures=False)

@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
-from lightning_attn.callbacks.attention_arguments import SiteCensus, check_site_arguments
 from lightning_attn.callbacks.base import (
     Stage,
     StreamingCallback,
@@ -20,6 +19,7 @@ from lightning_attn.callbacks.base import (
     probe_batch,
 )
 from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
+from lightning_attn.callbacks.first_batch import FirstBatchCheck, site_naming_arguments
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.attention import AttentionResults, PairBuffer, ProbeMaps
@@ -85,7 +85,8 @@ class AttentionLogger(StreamingCallback):
     Raises:
         NotADirectoryError: at setup, a ``save_dir`` that is a file (or under one).
         ValueError: an argument out of range (construction); a site name or glob
-            that matches nothing, at the first evaluation batch, sanity check included (:func:`check_site_arguments`).
+            that matches nothing, at the first evaluation batch, sanity check included
+            (:class:`~lightning_attn.callbacks.first_batch.FirstBatchCheck`).
 
     Example::
 
@@ -143,7 +144,8 @@ class AttentionLogger(StreamingCallback):
         self.max_positions = max_positions
         self._active: AttentionAccumulators | None = None
         self._recorder: AttentionRecorder | None = None
-        self._census = SiteCensus()  # the sites of a run's first evaluation batch, for the argument checks
+        owner, named = f"AttentionLogger(name={self.name!r})", site_naming_arguments(self.modality_pairs, token_names)
+        self._checks = FirstBatchCheck(owner, self.include, self.exclude, named, exact_outputs=exact_outputs)
         self._probe: ProbeMaps | None = None
         self._probe_inputs = ProbeInputs(probe_samples)
 
@@ -174,24 +176,11 @@ class AttentionLogger(StreamingCallback):
         fingerprints = state_dict.get("probe_fingerprints", {}) if saved == self.probe_samples else {}
         self._probe_inputs.fingerprints = dict(fingerprints)  # of other probe samples: not comparable
 
-    # -- argument checks -------------------------------------------------------------------------------
+    # -- checks at setup (the first batch: FirstBatchCheck) -----------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.save_dir is not None:
             check_output_dir(self.save_dir, f"AttentionLogger(name={self.name!r}): save_dir")
-        self._census.due = True
-
-    def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
-        # also in the sanity check and in epochs not analysed: the first batch checks the arguments
-        self._census.start(pl_module, self.exact_outputs)
-        super()._batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx, stage)
-
-    def _batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage) -> None:
-        super()._batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage)
-        sites = self._census.finish()
-        if sites is not None:
-            owner, model = f"AttentionLogger(name={self.name!r})", type(pl_module).__name__
-            check_site_arguments(owner, model, sites, self.include, self.exclude, self.modality_pairs, self.token_names)
 
     # -- states and hooks ------------------------------------------------------------------------------
     def _new_state(self) -> AttentionAccumulators:
@@ -236,7 +225,6 @@ class AttentionLogger(StreamingCallback):
 
     def eval_abort(self) -> None:
         self._close_recorder()
-        self._census.abort()
         self._probe = None
         self._probe_inputs.batch = None
         self._reset_states()

@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +27,9 @@ from lightning_attn.callbacks.publisher import Publisher
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
+
+if TYPE_CHECKING:
+    from lightning_attn.callbacks.first_batch import FirstBatchCheck
 
 #: torchmetrics' warning when ``compute`` runs on states that saw no ``update``.
 _COMPUTE_BEFORE_UPDATE = r"The ``compute`` method of metric \w+ was called before the ``update`` method"
@@ -63,6 +66,9 @@ class EvaluationCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.save_dir = None if save_dir is None else Path(save_dir)
         self._running: str | None = None
+        self._first_batches: set[str] = set()  # the stages whose first batch is still to come in this run
+        self._first_batch_open: str | None = None  # the stage whose first batch is running
+        self._checks: FirstBatchCheck | None = None  # a subclass's checks of its arguments there
         self._model: weakref.ref[pl.LightningModule] | None = None  # the model of the last setup
         self._budget: BatchBudget | None = None  # the recording budget of the attention-reading callbacks
         self._publisher_of_run: Publisher | None = None
@@ -98,6 +104,7 @@ class EvaluationCallback(Callback):
         if self._model is not None and self._model() is not pl_module:
             self.forget_model()
         self._model = weakref.ref(pl_module)
+        self._first_batches, self._first_batch_open = set(self.stages), None
         name = getattr(self, "name", None)  # the callbacks whose outputs are named
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         twins = [c for c in callbacks if c is not self and type(c) is type(self) and getattr(c, "name", None) == name]
@@ -188,6 +195,19 @@ class EvaluationCallback(Callback):
     def eval_abort(self) -> None:
         """Called when the loop raised: release whatever the batch hooks hold."""
 
+    def first_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, stage: str) -> None:
+        """Called before the step of the first batch of each of :attr:`stages` in a ``fit``/``validate``/``test``,
+        whether its epoch runs or not (the sanity check's first batch, when it runs), before :meth:`eval_batch_start`:
+        where arguments that name something in the batch or the model are checked (by default the subclass's
+        :class:`~lightning_attn.callbacks.first_batch.FirstBatchCheck`, if it set ``_checks``)."""
+        if self._checks is not None:
+            self._checks.start(pl_module, batch, stage)
+
+    def first_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Called after the step of that first batch, before :meth:`eval_batch_end`."""
+        if self._checks is not None:
+            self._checks.finish(pl_module, stage)
+
     # -- routing --------------------------------------------------------------------------------
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # the last epoch's jobs read this callback's states, which this epoch changes: let them finish first
@@ -199,10 +219,17 @@ class EvaluationCallback(Callback):
             self.eval_epoch_start(trainer, pl_module, stage)
 
     def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
+        if stage in self._first_batches and self._first_batch_open is None:
+            self._first_batch_open = stage
+            self.first_batch_start(trainer, pl_module, batch, stage)
         if self._running == stage:
             self.eval_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx, stage)
 
     def _batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage) -> None:
+        if self._first_batch_open == stage:
+            self._first_batch_open = None
+            self._first_batches.discard(stage)
+            self.first_batch_end(trainer, pl_module, stage)
         if self._running == stage:
             self.eval_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage)
 
@@ -258,7 +285,9 @@ class EvaluationCallback(Callback):
         self._end(trainer, pl_module, "test")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._running = None
+        self._running = self._first_batch_open = None
+        if self._checks is not None:
+            self._checks.abort()
         if self._budget is not None:
             self._budget.abort()
         self.eval_abort()

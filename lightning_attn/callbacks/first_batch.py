@@ -1,10 +1,14 @@
 """Arguments that name something in the batch or the model, checked at the first evaluation batch of each stage (the
-sanity check's, when it runs), so that a misspelt name fails in seconds instead of being ignored, or failing after a
-training epoch, with one message naming each wrong value and the valid names close to it."""
+sanity check's, when it runs; :meth:`~lightning_attn.callbacks.base.EvaluationCallback.first_batch_start`), so that a
+misspelt name fails in seconds instead of being ignored, or failing after a training epoch, with one message naming
+each wrong value and the valid names close to it (:func:`~lightning_attn.capture.site_names.close_names`).
+
+One :class:`FirstBatchCheck` serves every callback: its batch keys and ``save_dir`` before the step, its site
+patterns (``include``, ``exclude`` and other arguments naming sites, :func:`site_naming_arguments`) after it, against
+the attention sites that ran (a census: a recorder of every site, nothing computed)."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,26 +17,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_attn.callbacks.base import close_recorder
-from lightning_attn.capture.recorder import AttentionRecorder, matches
+from lightning_attn.callbacks.base import close_recorder, open_recorder
+from lightning_attn.capture.recorder import AttentionRecorder, site_selected
+from lightning_attn.capture.site_names import close_names, sites_matching
+from lightning_attn.metrics.attention_epoch import TokenNames, label_pattern
 from lightning_attn.metrics.batch_context import batch_paths, lookup
 
-__all__ = ["FirstBatchCheck", "batch_key_problems", "close_names", "site_pattern_problems"]
-
-
-def close_names(value: str, names: Sequence[str], what: str) -> str:
-    """A hint for a wrong ``value``: the ``names`` close to it (``difflib.get_close_matches``), else the first few.
-
-    >>> close_names("tcc", ["ttc", "dist"], "batch keys")
-    "close batch keys: 'ttc'"
-    """
-    close = difflib.get_close_matches(value, names, n=6, cutoff=0.5)
-    if close:
-        return f"close {what}: " + ", ".join(repr(name) for name in close)
-    if not names:
-        return f"there are no {what}"
-    listed = ", ".join(repr(name) for name in names[:8]) + (", ..." if len(names) > 8 else "")
-    return f"no close {what}; the {what} are {listed}"
+__all__ = ["FirstBatchCheck", "batch_key_problems", "site_naming_arguments", "site_problems"]
 
 
 def batch_key_problems(batch: Any, keys: Mapping[str, str], token_maps: Mapping[str, str] | None = None) -> list[str]:
@@ -57,44 +48,86 @@ def batch_key_problems(batch: Any, keys: Mapping[str, str], token_maps: Mapping[
     return problems
 
 
-def site_pattern_problems(
-    include: Sequence[str] | None, exclude: Sequence[str] | None, sites: Sequence[str]
+def site_naming_arguments(
+    modality_pairs: Mapping[str, tuple[str, str]], token_names: TokenNames | None
+) -> list[tuple[str, str]]:
+    """``(argument, site pattern)`` of the AttentionLogger's arguments that name sites besides ``include``/``exclude``:
+    each side of ``modality_pairs``, the site glob of each ``token_names`` key.
+
+    >>> site_naming_arguments({"p": ("a", "b")}, {"enc.*:keys": ["x"]})[1:]
+    [("modality_pairs['p'] B->A site 'b'", 'b'), ("token_names key 'enc.*:keys'", 'enc.*')]
+    """
+    named = [
+        (f"modality_pairs[{pair!r}] {direction} site {pattern!r}", pattern)
+        for pair, patterns in modality_pairs.items()
+        for direction, pattern in zip(("A->B", "B->A"), patterns, strict=True)
+    ]
+    if isinstance(token_names, Mapping):
+        named += [(f"token_names key {key!r}", label_pattern(str(key))[0]) for key in token_names]
+    return named
+
+
+def site_problems(
+    sites: Sequence[str],
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    named: Sequence[tuple[str, str]] = (),
+    model: str = "the model",
 ) -> tuple[list[str], list[str]]:
-    """The ``include`` and the ``exclude`` glob patterns that match none of ``sites`` (the attention sites that ran;
-    ``name#k``, the k-th call of a site, also answers to ``name``), one line each with the close site names."""
-    names = sorted({*sites, *(site.split("#")[0] for site in sites)})
+    """``(errors, unused)``: the ``include`` patterns that match none of ``sites`` (the attention sites that ran; a
+    repeated call ``name#k`` answers to ``name``) and the ``named`` arguments (``(argument, pattern)``) that match no
+    site kept by ``include``/``exclude``; the ``exclude`` patterns that match no site of ``model`` (its class name). One
+    line each, with the close site names.
 
-    def unmatched(argument: str, patterns: Sequence[str] | None) -> list[str]:
-        return [
-            f"{argument} pattern {pattern!r} matches no attention site ({close_names(pattern, names, 'site names')})"
-            for pattern in patterns or ()
-            if not any(matches(name, [pattern]) for name in names)
-        ]
-
-    return unmatched("include", include), unmatched("exclude", exclude)
+    >>> site_problems(["enc.0", "dec.0"], ["encd.*"], ["dec.1"])[0]
+    ["include pattern 'encd.*' matches no attention site (close site names: 'enc.0')"]
+    """
+    errors = [
+        f"include pattern {pattern!r} matches no attention site ({close_names(pattern, sites)})"
+        for pattern in include or ()
+        if not sites_matching(pattern, sites)
+    ]
+    unused = [
+        f"exclude pattern {pattern!r} matches no attention site of {model}, so it excludes nothing "
+        f"({close_names(pattern, sites)})"
+        for pattern in exclude or ()
+        if not sites_matching(pattern, sites)
+    ]
+    kept = [site for site in sites if site_selected(site, include, exclude)]
+    for argument, pattern in named:
+        if sites_matching(pattern, kept):
+            continue
+        left_out = sites_matching(pattern, sites)
+        if left_out:
+            errors.append(f"{argument} names only sites that include/exclude leave out: {left_out}")
+        else:
+            errors.append(f"{argument} matches no attention site ({close_names(pattern, kept or sites)})")
+    return errors, unused
 
 
 class FirstBatchCheck:
-    """The checks of one callback's name-like arguments, at the first batch of each stage it runs in: its batch keys
-    and ``save_dir`` before the step (:meth:`batch_start`), its site patterns after it (:meth:`batch_end`: the sites
-    are those of the attention that ran, recorded by a recorder with no filter).
+    """The checks of one callback's name-like arguments at the first batch of a stage: its batch keys and ``save_dir``
+    before the step (:meth:`start`), its site patterns after it (:meth:`finish`: the sites are those of the attention
+    that ran, recorded by a census recorder with no filter).
 
     Args:
         owner: the callback, as its messages name it.
-        keys: argument -> the batch key (or dotted path) it names, which the batch must have.
-        token_maps: the same for per-token ``[B, L]`` tensors.
         include: glob patterns of sites to keep: one that matches no site that ran is an error.
         exclude: glob patterns of sites to leave out: one that matches no site that ran is a warning.
+        named: other arguments naming sites, ``(argument, pattern)`` (:func:`site_naming_arguments`): one that
+            matches no site kept by ``include``/``exclude`` is an error.
+        keys: argument -> the batch key (or dotted path) it names, which the batch must have.
+        token_maps: the same for per-token ``[B, L]`` tensors.
         save_dir: the output directory: an existing file there is an error.
+        exact_outputs: the census recorder's (:class:`~lightning_attn.AttentionRecorder`).
 
     Raises:
         ValueError: at the first batch, one for all the wrong names found there.
 
     Example:
         >>> check = FirstBatchCheck("Tracker", token_maps={"token_ids_key": "ids"})
-        >>> check.reset(["validate"])
         >>> try:
-        ...     check.batch_start(nn.Identity(), {"idz": [[1, 2]]}, "validate")
+        ...     check.start(nn.Identity(), {"idz": [[1, 2]]}, "validate")
         ... except ValueError as error:
         ...     print(str(error).split(": ", 1)[1].split(". ")[0])
         token_ids_key='ids' is not in the batch (close batch keys: 'idz', 'idz.0')
@@ -103,26 +136,21 @@ class FirstBatchCheck:
     def __init__(
         self,
         owner: str,
-        keys: Mapping[str, str] | None = None,
-        token_maps: Mapping[str, str] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        named: Sequence[tuple[str, str]] = (),
+        keys: Mapping[str, str] | None = None,
+        token_maps: Mapping[str, str] | None = None,
         save_dir: Path | None = None,
+        exact_outputs: bool = True,
     ) -> None:
-        self.owner = owner
+        self.owner, self.include, self.exclude, self.named = owner, include, exclude, list(named)
         self.keys, self.token_maps = dict(keys or {}), dict(token_maps or {})
-        self.include, self.exclude, self.save_dir = include, exclude, save_dir
-        self._pending: set[str] = set()
+        self.save_dir, self.exact_outputs = save_dir, exact_outputs
         self._census: AttentionRecorder | None = None
 
-    def reset(self, stages: Sequence[str]) -> None:
-        """Check again at the first batch of each of ``stages`` (a new run)."""
-        self._pending = set(stages)
-
-    def batch_start(self, model: nn.Module, batch: Any, stage: str) -> None:
-        """Before the first step of ``stage``: check the batch keys and ``save_dir``, start recording the sites."""
-        if stage not in self._pending or self._census is not None:
-            return
+    def start(self, model: nn.Module, batch: Any, stage: str) -> None:
+        """Before the first step of ``stage``: check the batch keys and ``save_dir``, start the census of the sites."""
         problems = batch_key_problems(batch, self.keys, self.token_maps)
         if self.save_dir is not None and self.save_dir.exists() and not self.save_dir.is_dir():
             problems.append(f"save_dir={str(self.save_dir)!r} is a file, not a directory")
@@ -131,28 +159,31 @@ class FirstBatchCheck:
                 f"{self.owner}, at the first {stage} batch: {'; '.join(problems)}. Batch keys are keys of the batch or "
                 "dotted paths into it ('meta.dist', '0.ids')."
             )
-        self._census = AttentionRecorder(model, keep=False).__enter__()
+        self.abort()
+        self._census = open_recorder(model, lambda capture: None, exact_outputs=self.exact_outputs)
 
-    def batch_end(self, stage: str) -> None:
-        """After the first step of ``stage``: check the site patterns against the attention sites that ran (none ran:
-        nothing to check, the recorders warn)."""
+    def finish(self, model: nn.Module, stage: str) -> None:
+        """After the first step of ``stage``: check the site arguments against the attention sites that ran (none ran:
+        nothing to check, the analysing recorders warn)."""
         census, self._census = self._census, None
         if census is None:
             return
-        self._pending.discard(stage)
         close_recorder(census, quiet=True)
-        if not census.sites:
+        sites = list(census.sites)
+        if not sites:
             return
-        errors, unused = site_pattern_problems(self.include, self.exclude, list(census.sites))
-        if unused:
-            rank_zero_warn(f"{self.owner}: {'; '.join(unused)}; it leaves nothing out", category=UserWarning)
+        model_name = type(model).__name__
+        errors, unused = site_problems(sites, self.include, self.exclude, self.named, model_name)
+        for line in unused:
+            rank_zero_warn(f"{self.owner}: {line}", category=UserWarning)
         if errors:
             raise ValueError(
-                f"{self.owner}, at the first {stage} batch: {'; '.join(errors)}. Patterns are fnmatch globs over the "
-                "qualified names of the modules that computed attention ('*' crosses dots)."
+                f"{self.owner}, at the first {stage} batch: {'; '.join(errors)}. The attention sites of {model_name} "
+                f"at the first batch: {', '.join(repr(site) for site in sites)} (names and fnmatch globs over them "
+                "are accepted; '*' matches across dots)."
             )
 
     def abort(self) -> None:
-        """The loop raised: stop recording."""
+        """Stop the census (the loop raised)."""
         census, self._census = self._census, None
         close_recorder(census, quiet=True)

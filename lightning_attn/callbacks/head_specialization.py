@@ -4,9 +4,7 @@ tables and figures (:mod:`lightning_attn.plots.head_specialization`) through :mo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,27 +12,17 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
-from lightning_attn.callbacks.base import (
-    EvaluationCallback,
-    Stage,
-    close_recorder,
-    log_scalars,
-    open_recorder,
-    probe_batch,
-    stage_key,
-    used_on_any_rank,
-)
-from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET, BatchBudget, coverage_scalars
+from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, open_recorder, probe_batch
+from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET, BatchBudget
 from lightning_attn.callbacks.first_batch import FirstBatchCheck
 from lightning_attn.callbacks.head_importance import head_gradients
+from lightning_attn.callbacks.head_outputs import finish_head_epoch, write_json
 from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.batch_context import PADDING_MASK_KEY, TOKEN_IDS_KEY
 from lightning_attn.metrics.head_labels import HEAD_TYPES
-from lightning_attn.metrics.head_records import LOGGABLE_SCORES, merged_feature_labels, record_tables
+from lightning_attn.metrics.head_records import LOGGABLE_SCORES, merged_feature_labels
 from lightning_attn.metrics.head_tracking import HeadTracking, named_batch_keys
 from lightning_attn.plots.head_specialization import tracker_figures
-from lightning_attn.sinks import publish_figures, publish_json, publish_table
-from lightning_attn.sinks.dashboards import per_head_charts, publish_scalar_layout
 
 __all__ = ["HeadSpecializationTracker"]
 
@@ -44,15 +32,10 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     Per head of every attention site and evaluated epoch: row statistics, TransformerLens head-type scores, the
     Jensen-Shannon redundancy of the probe samples, the correlation with each of ``features`` (Head Specialization
-    Index, HSI) and a label, defined in :mod:`lightning_attn.metrics.head_records`; streamed as sum-reduced states, so
-    that over DDP ranks the results equal one process's. Outputs, per epoch and stage key (``val``, ``test_dl1`` ...):
-    scalars ``heads/<stage>/<score>`` (mean over the heads; per head ``heads/<stage>/<site>/h<k>/<score>``),
-    ``heads/<stage>/specialized`` and ``heads/<stage>/general``; the figures of :meth:`figures`; the registry
-    ``head_functions.json`` (:meth:`registry`) and the ``registry``, ``role_events`` (head-role changes since the
-    previous epoch, :meth:`events`) and ``prunable_heads`` (with ``head_importance``: Michel et al.'s (2019)
-    gradient importance, :mod:`lightning_attn.callbacks.head_importance`) tables, in
-    ``<save_dir or log_dir/lightning_attn>/heads/<stage>/``. The history (:attr:`history`) is in the ``state_dict``:
-    a resumed run continues it (with other ``features``: dropped, with a warning); another model starts a new one.
+    Index, HSI) and a label (:mod:`lightning_attn.metrics.head_records`), streamed as sum-reduced states (over DDP
+    ranks, equal to one process's); logged and published each epoch (:mod:`lightning_attn.callbacks.head_outputs`).
+    The history (:attr:`history`) is in the ``state_dict``: a resumed run continues it (with other ``features``:
+    dropped, with a warning); another model starts a new one.
 
     Args:
         stages: evaluation loops to run in: ``"validate"`` and/or ``"test"``.
@@ -101,11 +84,10 @@ class HeadSpecializationTracker(EvaluationCallback):
         exact_outputs: ``False``: SDPA outputs computed from the probabilities recorded (within 1e-5, not bitwise).
 
     Raises:
-        ValueError: at the first batch of a stage it runs in (the sanity check's, when it runs), for the batch keys it
-            names (``features``, ``feature_masks``, ``confidence_exclude_key``, a ``token_ids_key`` or
-            ``padding_mask_key`` other than the default) that the batch lacks or that are not ``[B, L]``, a
-            ``save_dir`` that is a file, and ``include`` patterns that match no attention site that ran (``exclude``:
-            a warning); with ``head_importance``, when the step returns neither its loss nor ``logits`` and ``target``.
+        ValueError: at the first batch of each stage it runs in, sanity check included (:mod:`.first_batch`): a batch
+            key it names (``features``, ``feature_masks``, ``confidence_exclude_key``, a non-default ``token_ids_key``
+            or ``padding_mask_key``) absent or not ``[B, L]``, a file as ``save_dir``, an ``include`` pattern matching
+            no site that ran (``exclude``: a warning); with ``head_importance``, a step returning no loss nor logits.
     """
 
     #: The default :attr:`name`.
@@ -184,9 +166,8 @@ class HeadSpecializationTracker(EvaluationCallback):
         self._tracking = HeadTracking(self)
         self._recorder: AttentionRecorder | None = None
         self._recording = False  # whether the running batch is recorded (head importance follows it)
-        keys, token_maps = named_batch_keys(self)
-        owner, sites = type(self).__name__, (self.include, self.exclude)
-        self._first_batch = FirstBatchCheck(owner, keys, token_maps, *sites, save_dir=self.save_dir)
+        owner, sites, keys = type(self).__name__, (self.include, self.exclude), named_batch_keys(self)
+        self._checks = FirstBatchCheck(owner, *sites, (), *keys, self.save_dir, exact_outputs)
 
     # -- checkpointing and results -----------------------------------------------------------------------
     @property
@@ -243,25 +224,9 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def save_registry(self, path: str | Path, stage: str = "val") -> Path:
         """Write :meth:`registry` to ``path`` as JSON (any rank; the callback itself writes on rank zero)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.registry(stage), indent=2, allow_nan=False))
-        return path
+        return write_json(Path(path), self.registry(stage))
 
     # -- hooks ------------------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._first_batch.reset(self.stages)
-
-    def _batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx, stage) -> None:
-        # every batch, the sanity check's too: the arguments are checked before anything reads the batch
-        self._first_batch.batch_start(pl_module, batch, stage)
-        super()._batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx, stage)
-
-    def _batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage) -> None:
-        self._first_batch.batch_end(stage)  # before the head-importance pass: only the step's own sites count
-        super()._batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx, stage)
-
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._tracking.reset(stage)
 
@@ -303,7 +268,6 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def eval_abort(self) -> None:
         self._close_recorder()
-        self._first_batch.abort()
 
     def _close_recorder(self) -> None:
         recorder, self._recorder = self._recorder, None
@@ -312,38 +276,8 @@ class HeadSpecializationTracker(EvaluationCallback):
 
     def eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_recorder()
-        dataloaders = used_on_any_rank(self._tracking.used(stage))
         assert self._budget is not None
-        coverage = self._budget.coverage(trainer, stage, dataloaders)  # a collective: every rank
-        for dataloader_idx in dataloaders:
-            key = stage_key(stage, dataloader_idx)
-            record, redundancy, scalars = self._tracking.finish(  # collectives: every rank
-                stage,
-                dataloader_idx,
-                pl_module.device,
-                key=key,
-                epoch=int(trainer.current_epoch),
-                global_step=int(trainer.global_step),
-                coverage=coverage[dataloader_idx],
-                importance=self.head_importance,
-            )
-            log_scalars(pl_module, {**scalars, **coverage_scalars(self.name, key, record["coverage"])})
-            if trainer.is_global_zero:
-                publish_scalar_layout(trainer, self.name, per_head_charts(list(scalars)))
-                self.publisher.submit(trainer, partial(self._publish, record=record, redundancy=redundancy))
-
-    # -- outputs (rank zero, in the publisher) ----------------------------------------------------------
-    def _publish(self, trainer: Any, record: dict[str, Any], redundancy: dict[str, Any] | None) -> None:
-        """The registry, the tables and the figures of ``record``."""
-        key, step = record["stage"], int(trainer.global_step)
-        where: dict[str, Any] = {"namespace": f"{self.name}/{key}", "save_dir": self.save_dir}
-        registry = self.registry(key) if self.export_registry else None
-        if registry is not None:
-            publish_json(trainer, "head_functions", registry, **where)
-        for table, (columns, rows) in record_tables(record, registry).items():
-            publish_table(trainer, table, columns, rows, step=step, **where)
-        if self.log_figures:
-            publish_figures(trainer, self.figures(key, redundancy), step=step, **where)
+        finish_head_epoch(trainer, pl_module, stage, self, self._tracking, self._budget, self.publisher.submit)
 
     def figures(self, stage: str = "val", redundancy: dict[str, Any] | None = None) -> dict[str, Figure]:
         """The figures of the latest record of ``stage`` (``matplotlib.figure.Figure``, no pyplot): ``hsi`` and

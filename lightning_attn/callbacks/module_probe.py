@@ -134,7 +134,6 @@ class ModuleProbe(StreamingCallback):
         self._stream = ProbeStream(chunk_size, max_positions)
         self._hooks: ModuleHooks | None = None
         self._recorder: AttentionRecorder | None = None
-        self._probes_checked = False  # whether the probes matched modules of the model of the last setup
         self._probe_info: dict[str, dict[str, Any]] = {}
         self._warned_histograms = False
 
@@ -149,7 +148,6 @@ class ModuleProbe(StreamingCallback):
         super().setup(trainer, pl_module, stage)
         if self.save_dir is not None:
             check_output_dir(self.save_dir, f"{type(self).__name__} save_dir")
-        self._probes_checked = False
 
     def forget_model(self) -> None:
         super().forget_model()
@@ -161,11 +159,9 @@ class ModuleProbe(StreamingCallback):
         super().teardown(trainer, pl_module, stage)
         self._release()
 
-    def _check_probes(self, pl_module: pl.LightningModule) -> None:
+    def first_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, stage: str) -> None:
         """Before the first evaluation batch, sanity check included: every pattern must match a module."""
-        if not self._probes_checked:
-            resolve_probes(pl_module, self.specs)
-            self._probes_checked = True
+        resolve_probes(pl_module, self.specs)
 
     def _num_samples(self, trainer: pl.Trainer) -> int:
         if self.probe_samples is not None:
@@ -180,10 +176,6 @@ class ModuleProbe(StreamingCallback):
         return ProbeStatistics(
             self.saturation_threshold, self.sparsity_threshold, self.histogram_bins, self.max_positions, self.chunk_size
         )
-
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_probes(pl_module)  # every evaluation epoch: the base class routes only those that run
-        super()._start(trainer, pl_module, stage)
 
     def eval_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()

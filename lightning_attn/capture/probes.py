@@ -18,7 +18,6 @@ outside such layers (gates, pooling heads) change nothing.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_attn.capture.recorder import clean_module_name, matches
+from lightning_attn.capture.site_names import close_names
 
 __all__ = [
     "PROBE_KINDS",
@@ -89,7 +89,8 @@ def resolve_probes(model: nn.Module, specs: Iterable[ProbeSpec]) -> dict[ProbeSp
 
     Raises:
         ProbeMatchError: one error for all probes that match nothing, naming each pattern with the closest
-            module names (``difflib.get_close_matches``) or, when none is close, a few of the model's names.
+            module names (:func:`~lightning_attn.capture.site_names.close_names`) or, when none is close, a few of
+            the model's names.
     """
     modules = _named_modules(model)
     names = [name for name, _ in modules]
@@ -100,13 +101,7 @@ def resolve_probes(model: nn.Module, specs: Iterable[ProbeSpec]) -> dict[ProbeSp
         if found:
             resolved[spec] = found
             continue
-        close = difflib.get_close_matches(spec.pattern, names, n=6, cutoff=0.5)
-        if close:
-            hint = "close module names: " + ", ".join(repr(n) for n in close)
-        else:
-            hint = f"no module name is close; the model's {len(names)} modules include " + ", ".join(
-                repr(n) for n in names[:8]
-            )
+        hint = close_names(spec.pattern, names, "module names")
         problems.append(
             f"probe {spec.name!r}: pattern {spec.pattern!r} matches no module of {type(model).__name__} ({hint})"
         )

@@ -3,12 +3,13 @@ their shapes and dtypes before any value is read, and the invalid values counted
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from torch import Tensor
 from torchmetrics.utilities import rank_zero_warn
+
+from lightning_attn.capture.site_names import close_names
 
 __all__ = [
     "DEFAULT_TARGET_KEY",
@@ -35,13 +36,13 @@ class PredictionKeyError(KeyError):
 
 def _missing(argument: str, key: str | None, places: Mapping[str, Any], advice: str) -> PredictionKeyError:
     """The error for ``argument`` (``key``; ``None``: ``'logits'`` or ``'probs'``) found in none of ``places``
-    (description -> the mapping looked in), listing their keys and the close ones (``difflib.get_close_matches``)."""
+    (description -> the mapping looked in), listing their keys and the close ones
+    (:func:`~lightning_attn.capture.site_names.close_names`)."""
     keys = sorted({str(k) for place in places.values() for k in place})
     wanted = [key] if key is not None else ["logits", "probs"]
-    close = sorted({match for name in wanted for match in difflib.get_close_matches(name, keys, n=3, cutoff=0.5)})
     what = f"{argument}={key!r} is not in" if key is not None else "no 'logits' or 'probs' in"
     where = " nor in ".join(f"{place} (keys: {sorted(map(str, found))})" for place, found in places.items())
-    hint = "close keys: " + ", ".join(map(repr, close)) if close else "no key is close"
+    hint = close_names(wanted, keys, "keys")
     return PredictionKeyError(f"CalibrationMonitor: {what} {where}; {hint}. {advice}")
 
 
