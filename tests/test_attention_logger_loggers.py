@@ -77,6 +77,8 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path: Path) -> None:
     images = tags["images"]
     assert "attn/val/head_statistics" in images and "attn/val/layer_evolution" in images
     assert tags["tensors"] == ["attn/val/head_statistics_table/text_summary"]  # the table, Markdown, its own key
+    table = events.Tensors("attn/val/head_statistics_table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("recorded 2 of 2 batches (budget 20%), 40 to 48 rows per site\n\n| site | head |")
     assert f"attn/val/maps/{SITE}" in images and "attn/val/pairs/eeg<->spec" in images
     image = events.Images("attn/val/head_statistics")[0]
     assert image.width > 100 and image.height > 100 and image.encoded_image_string.startswith(b"\x89PNG")

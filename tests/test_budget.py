@@ -7,6 +7,7 @@ batches (an independent reference of what "recording those batches" means), on o
 from __future__ import annotations
 
 import doctest
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from helpers import GuardedHooks, cpu_trainer, run_ddp_script
 from lightning_attn import AttentionLogger, HeadSpecializationTracker, ModuleProbe
 from lightning_attn.callbacks import budget
 from lightning_attn.callbacks.budget import BudgetCoordinator, batches_to_record, scheduled
+from lightning_attn.metrics.coverage import coverage_caption
+from lightning_attn.metrics.registry import registry_schema
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +89,8 @@ def test_first_epoch_records_min_batches_spread_and_says_so(tmp_path: Path) -> N
     assert len(chosen) == 8 and BudgetCoordinator.of(trainer).ratio is None
     assert logger.coverage["val"] == {"batches": 8, "batches_seen": 48}
     assert trainer.callback_metrics["attn/val/batches"] == 8 and "attn/val/batches_seen" not in trainer.callback_metrics
-    assert tracker.history_for("val")[-1]["coverage"] == {"batches": 8, "batches_seen": 48}
+    coverage = tracker.history_for("val")[-1]["coverage"]
+    assert {"batches": coverage["batches"], "batches_seen": coverage["batches_seen"]} == logger.coverage["val"]
     assert trainer.callback_metrics["heads/val/batches"] == 8
 
     reference = AttentionLogger(chunk_size=4, probe_samples=1, log_figures=False, overhead_budget=None)
@@ -101,6 +105,33 @@ def test_first_epoch_records_min_batches_spread_and_says_so(tmp_path: Path) -> N
     assert got["rows"] == want["rows"]  # one decision per batch: the tracker recorded the logger's batches
     for site, values in want["statistics"].items():
         np.testing.assert_allclose(got["statistics"][site]["entropy"], values["entropy"], atol=1e-6)
+
+
+def test_json_and_tables_say_what_the_statistics_cover(tmp_path: Path) -> None:
+    samples, batch_size = 96, 2  # 48 batches, min_batches (8) recorded in a first epoch
+    logger = AttentionLogger(chunk_size=4, probe_samples=0, log_figures=False)
+    tracker = HeadSpecializationTracker(log_figures=False, probe_samples=0)
+    probe = ModuleProbe(probes={"ff": ("*.linear1", "activation")}, log_figures=False)
+    trainer = cpu_trainer(tmp_path, [logger, tracker, probe])
+    trainer.validate(models.CrossModalModule(), models.loader(samples, batch_size), verbose=False)
+    run = tmp_path / "lightning_attn_logs" / "version_0"  # <run folder>/<callback>/<stage>/<output>_epoch<E>_step<S>
+    batches = {"batches": 8, "batches_seen": 48}
+    assert logger.coverage["val"] == probe.coverage["val"] == batches
+    recorded_samples = 8 * batch_size
+    queries = {f"encoder.layers.{i}.self_attn": models.EEG_LEN for i in (0, 1)}
+    queries |= {"eeg_to_spec": models.EEG_LEN, "spec_to_eeg": models.SPEC_LEN}
+    attention = json.loads((run / "attn" / "val" / "statistics_epoch0_step0.json").read_text())["coverage"]
+    assert attention == {**batches, "rows": {s: recorded_samples * q for s, q in queries.items()}}
+    registry = json.loads((run / "heads" / "val" / "head_functions_epoch0_step0.json").read_text())
+    assert registry["coverage"] == tracker.history_for("val")[-1]["coverage"] == attention
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(registry, registry_schema())
+    probes = json.loads((run / probe.name / "val" / "statistics_epoch0_step0.json").read_text())["coverage"]
+    linear = {f"encoder.layers.{i}.linear1": recorded_samples * models.EEG_LEN for i in (0, 1)}
+    assert probes == {**batches, "rows": linear}
+    fewest, most = recorded_samples * models.SPEC_LEN, recorded_samples * models.EEG_LEN
+    caption = coverage_caption(attention, logger.overhead_budget)
+    assert caption == f"recorded 8 of 48 batches (budget 20%), {fewest} to {most} rows per site"
 
 
 def test_second_epoch_uses_the_measured_cost(tmp_path: Path) -> None:

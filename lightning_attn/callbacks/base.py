@@ -26,6 +26,7 @@ from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, BatchBudget, co
 from lightning_attn.callbacks.publisher import Publisher
 from lightning_attn.capture.record import AttentionCapture
 from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.metrics.coverage import coverage_caption, coverage_record
 from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
 
 if TYPE_CHECKING:
@@ -571,22 +572,28 @@ class StreamingCallback(EvaluationCallback):
         rows: list[list[Any]],
         figures: Callable[[], dict[str, Figure]] | None,
     ) -> None:
-        """The table ``<stage key>/<table>``, the JSON file ``<stage key>/statistics`` of ``results.to_dict()`` and the
+        """The table ``<stage key>/<table>`` (captioned with its coverage), the JSON file ``<stage key>/statistics`` of
+        ``results.to_dict()`` with its ``coverage`` (:func:`~lightning_attn.metrics.coverage.coverage_record`) and the
         figures drawn by ``figures`` (``None``: none), then the figures are let go; all in the :attr:`publisher`."""
         step = int(trainer.global_step)
         namespace = self.name
+        coverage = coverage_record(self.coverage[results.stage], results.rows_by_site())
+        assert self._budget is not None
+        caption = coverage_caption(coverage, self._budget.overhead_budget)
 
         def publish(view: Any) -> None:
             sinks.publish_table(
-                view, f"{results.stage}/{table}", columns, rows, namespace=namespace, step=step, save_dir=self.save_dir
-            )
-            sinks.publish_json(
                 view,
-                f"{results.stage}/statistics",
-                results.to_dict(),
+                f"{results.stage}/{table}",
+                columns,
+                rows,
                 namespace=namespace,
+                step=step,
                 save_dir=self.save_dir,
+                caption=caption,
             )
+            data = {**results.to_dict(), "coverage": coverage}
+            sinks.publish_json(view, f"{results.stage}/statistics", data, namespace=namespace, save_dir=self.save_dir)
             if figures is None:
                 return
             drawn = figures()

@@ -183,6 +183,10 @@ class AttentionResults:
             values[f"{prefix}/{pair}/agreement"] = value
         return values
 
+    def rows_by_site(self) -> dict[str, Tensor]:
+        """Site -> ``[H]`` rows each head counted (for :func:`~lightning_attn.metrics.coverage.coverage_record`)."""
+        return {site: self.rows[index, : self.num_heads[index]] for index, site in enumerate(self.sites)}
+
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """``(columns, rows)``: a row per site and head, the mean and standard deviation of every statistic."""
         columns = ["site", "head"] + [f"{n}_mean" for n in self.statistics] + [f"{n}_std" for n in self.statistics]

@@ -58,6 +58,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_attn.metrics.coverage import coverage_record
 from lightning_attn.metrics.driving import DEFAULT_FEATURE_LABELS
 from lightning_attn.metrics.head_labels import GENERAL_LABEL, FeatureLabel, analyze_heads
 from lightning_attn.metrics.head_roles import (
@@ -132,7 +133,8 @@ def epoch_record(
         stage: the stage key.
         epoch: the epoch evaluated.
         global_step: the optimizer step at the evaluation.
-        coverage: the batches recorded and seen (:mod:`lightning_attn.callbacks.budget`).
+        coverage: the batches recorded and seen (:mod:`lightning_attn.callbacks.budget`); the record's ``coverage``
+            adds the rows of each site (:func:`~lightning_attn.metrics.coverage.coverage_record`).
         hsi_threshold: minimum HSI for a feature label, and the side an HSI crossing makes an event.
         thresholds: structural type -> minimum score.
         feature_labels: feature name -> its label.
@@ -141,7 +143,7 @@ def epoch_record(
     """
     redundancy = computed.pop("redundancy", None)
     computed.update(stage=stage, epoch=epoch, global_step=global_step)
-    computed["coverage"] = coverage
+    computed["coverage"] = coverage_record(coverage, computed["rows"])
     computed["clusters"] = list(redundancy["clusters"]) if redundancy else []
     analyze_heads(computed, hsi_threshold=hsi_threshold, thresholds=thresholds, feature_labels=feature_labels)
     if importance is not None:

@@ -60,6 +60,12 @@ class ProbeResults:
         seen = list(self.weights) if self.probes[probe]["kind"] == "weights" else list(self.activations)
         return [s for s in seen if s.split("#", 1)[0] in modules]
 
+    def rows_by_site(self) -> dict[str, Tensor]:
+        """Site -> rows counted: per head for ``"weights"`` sites, per channel (samples x positions) for activation
+        sites (for :func:`~lightning_attn.metrics.coverage.coverage_record`)."""
+        rows = {site: summary.channel_count for site, summary in self.activations.items()}
+        return {**rows, **{site: stats.rows for site, stats in self.weights.items()}}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per probe its sites, per site the activation summary and/or the per-head attention
         measures and top positions, and the histograms."""

@@ -38,6 +38,7 @@ def build_registry(
 
         {"schema_version": 1, "generator": "lightning_attn.HeadSpecializationTracker",
          "stage": "val", "epoch": 3, "global_step": 120, "summary": "auto",
+         "coverage": {"batches": 8, "batches_seen": 48, "rows": {site: rows}},
          "hsi_threshold": 0.3, "thresholds": {type: threshold},
          "features": {name: {"label", "description", "expected_sign"}},
          "layers": [{"layer": 0, "site": "...", "kind": "self", "num_heads": H, "heads": [
@@ -47,7 +48,8 @@ def build_registry(
               "redundant_with": [id]}]}],
          "clusters": [[id]]}
 
-    Undefined numbers (NaN) are ``null``.
+    ``coverage`` (:func:`~lightning_attn.metrics.coverage.coverage_record`) only when ``entry`` has one. Undefined
+    numbers (NaN) are ``null``.
     """
     from lightning_attn.sinks import to_jsonable
 
@@ -114,6 +116,8 @@ def build_registry(
         "layers": layers,
         "clusters": clusters,
     }
+    if entry.get("coverage") is not None:
+        registry["coverage"] = {**entry["coverage"], "rows": dict(entry["coverage"].get("rows", {}))}
     return to_jsonable(registry)
 
 

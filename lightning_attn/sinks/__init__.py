@@ -143,10 +143,11 @@ def publish_table(
     step: int,
     save_dir: str | Path | None = None,
     at: Position | None = None,
+    caption: str | None = None,
 ) -> Path | None:
-    """A table to W&B (``log_table``: a ``wandb.Table``), TensorBoard (Markdown text), both under
-    ``<namespace>/<name>_table``, and a CSV file on disk (``<name>_epoch<E>_step<S>.csv``, starting with its header;
-    a missing value is an empty cell)."""
+    """A table to W&B (``log_table``: a ``wandb.Table``), TensorBoard (Markdown text, after the ``caption`` line when
+    given), both under ``<namespace>/<name>_table``, and a CSV file on disk (``<name>_epoch<E>_step<S>.csv``,
+    starting with its header; a missing value is an empty cell)."""
     if not getattr(trainer, "is_global_zero", True):
         return None
     key = f"{namespace}/{name}{TABLE_SUFFIX}"
@@ -155,7 +156,8 @@ def publish_table(
         if _is_wandb(logger):
             logger.log_table(key=key, columns=list(columns), data=clean_rows, step=step)
         elif _is_tensorboard(logger):
-            header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            header = (f"{caption}\n\n" if caption else "") + "| " + " | ".join(columns) + " |\n|"
+            header += "---|" * len(columns) + "\n"
             body = "\n".join("| " + " | ".join(_fmt(v) for v in row) + " |" for row in clean_rows)
             logger.experiment.add_text(key, header + body, global_step=step)
     path = output_path(trainer, namespace, name, ".csv", save_dir, at)
