@@ -14,14 +14,12 @@ from lightning_attn.callbacks.base import (
     Stage,
     StreamingCallback,
     check_min,
-    close_recorder,
-    open_recorder,
     probe_batch,
 )
 from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
 from lightning_attn.callbacks.first_batch import FirstBatchCheck, site_naming_arguments
 from lightning_attn.capture.record import AttentionCapture
-from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.capture.recorder import AttentionRecorder, close_recorder, open_recorder
 from lightning_attn.metrics.attention import AttentionResults, PairBuffer, ProbeMaps
 from lightning_attn.metrics.attention_epoch import AttentionAccumulators, position_labels
 from lightning_attn.metrics.probe_inputs import ProbeInputs

@@ -24,8 +24,6 @@ from matplotlib.figure import Figure
 from lightning_attn import sinks
 from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, BatchBudget, coverage_scalars
 from lightning_attn.callbacks.publisher import Publisher
-from lightning_attn.capture.record import AttentionCapture
-from lightning_attn.capture.recorder import AttentionRecorder
 from lightning_attn.metrics.coverage import coverage_caption, coverage_record
 from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
 
@@ -376,36 +374,6 @@ def evenly_spaced(items: Sequence[str], count: int) -> list[str]:
         return [items[-1]]
     picks = {round(i * (len(items) - 1) / (count - 1)) for i in range(count)}
     return [items[i] for i in sorted(picks)]
-
-
-def open_recorder(
-    module: torch.nn.Module,
-    on_capture: Callable[[AttentionCapture], None],
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    exact_outputs: bool = True,
-) -> AttentionRecorder:
-    """An entered streaming :class:`~lightning_attn.AttentionRecorder` (nothing kept: ``on_capture`` gets every
-    capture) on the attention sites of ``module`` matched by ``include``/``exclude``; close it with
-    :func:`close_recorder`."""
-    recorder = AttentionRecorder(
-        module, include=include, exclude=exclude, keep=False, on_capture=on_capture, exact_outputs=exact_outputs
-    )
-    recorder.__enter__()
-    return recorder
-
-
-def close_recorder(recorder: AttentionRecorder | None, quiet: bool = False) -> None:
-    """Exit ``recorder`` (``None``: nothing to do); ``quiet`` drops its "no attention found" warning (reported once
-    per epoch, or in a report, instead)."""
-    if recorder is None:
-        return
-    if not quiet:
-        recorder.__exit__(None, None, None)
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        recorder.__exit__(None, None, None)
 
 
 class StageResults(dict):

@@ -17,8 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_attn.callbacks.base import close_recorder, open_recorder
-from lightning_attn.capture.recorder import AttentionRecorder, site_selected
+from lightning_attn.capture.recorder import AttentionRecorder, close_recorder, open_recorder, site_selected
 from lightning_attn.capture.site_names import close_names, sites_matching
 from lightning_attn.metrics.attention_epoch import TokenNames, label_pattern
 from lightning_attn.metrics.batch_context import batch_paths, lookup

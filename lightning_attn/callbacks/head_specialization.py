@@ -12,12 +12,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
-from lightning_attn.callbacks.base import EvaluationCallback, Stage, close_recorder, open_recorder, probe_batch
+from lightning_attn.callbacks.base import EvaluationCallback, Stage, probe_batch
 from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET, BatchBudget
 from lightning_attn.callbacks.first_batch import FirstBatchCheck
 from lightning_attn.callbacks.head_importance import head_gradients
 from lightning_attn.callbacks.head_outputs import finish_head_epoch, write_json
-from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.capture.recorder import AttentionRecorder, close_recorder, open_recorder
 from lightning_attn.metrics.batch_context import PADDING_MASK_KEY, TOKEN_IDS_KEY
 from lightning_attn.metrics.head_labels import HEAD_TYPES
 from lightning_attn.metrics.head_records import LOGGABLE_SCORES, merged_feature_labels

@@ -15,13 +15,11 @@ from lightning_attn.callbacks.base import (
     Stage,
     StreamingCallback,
     check_min,
-    close_recorder,
-    open_recorder,
     probe_batch,
 )
 from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, DEFAULT_OVERHEAD_BUDGET
 from lightning_attn.capture.probes import ModuleHooks, ProbeSpec, parse_probes, resolve_probes
-from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.capture.recorder import AttentionRecorder, close_recorder, open_recorder
 from lightning_attn.metrics.batch_context import batch_mask
 from lightning_attn.metrics.probe_results import ProbeResults, probe_results, probe_scalars, summary_table
 from lightning_attn.metrics.probe_stream import ProbeStream

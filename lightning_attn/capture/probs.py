@@ -236,7 +236,12 @@ def _cols(mask: Tensor, cols: slice, num_keys: int) -> Tensor:
 def in_projection_qk(
     x_query: Tensor, x_key: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int
 ) -> tuple[Tensor, Tensor]:
-    """Queries and keys ``[B, H, L, E/H]`` of a packed ``nn.MultiheadAttention`` in-projection (batch first)."""
+    """Queries and keys ``[B, H, L, E/H]`` of a packed ``nn.MultiheadAttention`` in-projection (batch first), in the
+    wider of the inputs' and the weights' dtypes (a float32 layer fed half-precision activations is computed in
+    float32)."""
+    dtype = torch.promote_types(x_query.dtype, in_proj_weight.dtype)
+    x_query, x_key, in_proj_weight = x_query.to(dtype), x_key.to(dtype), in_proj_weight.to(dtype)
+    in_proj_bias = None if in_proj_bias is None else in_proj_bias.to(dtype)
     embed_dim = in_proj_weight.shape[1]
     w_q, w_k = in_proj_weight[:embed_dim], in_proj_weight[embed_dim : 2 * embed_dim]
     b_q = b_k = None

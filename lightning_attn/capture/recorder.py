@@ -288,3 +288,33 @@ class AttentionRecorder:
 
 def _is_compiled(model: Any) -> bool:
     return type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod")
+
+
+def open_recorder(
+    module: nn.Module,
+    on_capture: Callable[[AttentionCapture], None],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    exact_outputs: bool = True,
+) -> AttentionRecorder:
+    """An entered streaming :class:`AttentionRecorder` (nothing kept: ``on_capture`` gets every
+    capture) on the attention sites of ``module`` matched by ``include``/``exclude``; close it with
+    :func:`close_recorder`."""
+    recorder = AttentionRecorder(
+        module, include=include, exclude=exclude, keep=False, on_capture=on_capture, exact_outputs=exact_outputs
+    )
+    recorder.__enter__()
+    return recorder
+
+
+def close_recorder(recorder: AttentionRecorder | None, quiet: bool = False) -> None:
+    """Exit ``recorder`` (``None``: nothing to do); ``quiet`` drops its "no attention found" warning (reported once
+    per epoch, or in a report, instead)."""
+    if recorder is None:
+        return
+    if not quiet:
+        recorder.__exit__(None, None, None)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recorder.__exit__(None, None, None)

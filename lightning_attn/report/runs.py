@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_attn import sinks
-from lightning_attn.callbacks.base import close_recorder, open_recorder, stage_key
-from lightning_attn.capture.recorder import AttentionRecorder
+from lightning_attn.callbacks.base import stage_key
+from lightning_attn.capture.recorder import AttentionRecorder, close_recorder, open_recorder
 from lightning_attn.report.attribution import AttributionSettings
 from lightning_attn.report.batches import target_module
 from lightning_attn.report.distributed import gather_shards
