@@ -67,7 +67,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         type_score_exclude_bos: zero attention to key 0 before the type scores (TransformerLens ``exclude_bos``).
         type_score_exclude_current_token: zero the diagonal before the type scores (``exclude_current_token``).
         probe_samples: probe samples for the redundancy matrix; 0 disables redundancy.
-        probe_max_tokens: probe maps longer than this are block-pooled to it before the JS distances.
+        probe_max_tokens: maps block-pooled to this before the JS distances (cost ~ heads^2 x samples x tokens^2).
         redundancy_threshold: JS divergence (nats, in ``[0, log 2]``) at or below which two heads are near-duplicates.
         logged_scores: per-head scores to log (:data:`~lightning_attn.metrics.head_records.LOGGABLE_SCORES`).
         log_per_head: log ``logged_scores`` per head too (a 12 x 12-head model: 144 scalars per score).
@@ -118,7 +118,7 @@ class HeadSpecializationTracker(EvaluationCallback):
         type_score_exclude_bos: bool = False,
         type_score_exclude_current_token: bool = False,
         probe_samples: int = 4,
-        probe_max_tokens: int = 128,
+        probe_max_tokens: int = 64,
         redundancy_threshold: float = 0.05,
         logged_scores: Sequence[str] = ("entropy", "confidence", "hsi"),
         log_per_head: bool = False,

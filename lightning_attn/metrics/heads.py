@@ -274,7 +274,7 @@ class HeadSpecializationMetrics:
         exclude_bos: bool = False,
         exclude_current_token: bool = False,
         probe_samples: int = 0,
-        probe_max_tokens: int = 128,
+        probe_max_tokens: int = 64,
     ) -> None:
         if summary not in ("auto", "mass", "max_weight", "entropy"):
             raise ValueError(f"summary must be 'auto', 'mass', 'max_weight' or 'entropy', got {summary!r}")
