@@ -112,7 +112,9 @@ class AttentionAccumulators:
         head_mean: Tensor | None = None
         # every statistic of the call, computed once by the engine (shared with other callbacks)
         self.stats.update(site, capture)
-        self.positions.update(site, ENGINE.rows(capture, STATISTICS_OF_POSITIONS, chunk_size), 0, info.kind == "self")
+        # a decoding step (queries fewer than keys, from a cache) has no diagonal at key i: read it as cross
+        square_self = info.kind == "self" and info.num_queries == info.num_keys
+        self.positions.update(site, ENGINE.rows(capture, STATISTICS_OF_POSITIONS, chunk_size), 0, square_self)
         chunks = capture.chunks(chunk_size) if probe is not None or roles else ()
         for offset, chunk in chunks:
             if probe is not None:
