@@ -193,3 +193,24 @@ def test_single_head_site_computes() -> None:
     assert len(entry["statistics"]["single"]["entropy"]) == 1
     expected = normalized_entropy(probs.double()).mean()
     assert entry["statistics"]["single"]["entropy"][0] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_maps_kept_by_a_recorder_are_not_the_engines_reused_buffers() -> None:
+    """The engine computes whole maps into buffers it reuses at the next call and lends them to the capture; a
+    recorder that keeps maps must get copies: each kept map equals its own call's eager probabilities."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+
+    class TwoCalls(nn.Module):
+        def forward(self) -> Tensor:
+            return F.scaled_dot_product_attention(q, k, k, is_causal=True) + F.scaled_dot_product_attention(k, q, q)
+
+    model, metric = TwoCalls(), AttentionStatistics(default_reducers(), chunk_size=4)
+    with AttentionRecorder(model, keep=True, on_capture=lambda c: metric.update(c.site, c)) as recorder:
+        model()
+        kept = dict(recorder.maps)
+    expected = [torch.softmax((q @ k.transpose(-1, -2)) / 8**0.5 + torch.triu(torch.full((9, 9), -torch.inf), 1), -1)]
+    expected.append(torch.softmax((k @ q.transpose(-1, -2)) / 8**0.5, -1))
+    assert list(kept) == ["TwoCalls", "TwoCalls#1"]
+    for got, want in zip(kept.values(), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
