@@ -573,3 +573,37 @@ def test_hugging_face_sdpa_with_padding_masks_matches_direct_computation(tmp_pat
             )
         received = probs.sum((0, 1, 2)) / (probs.shape[0] * probs.shape[1] * probs.shape[2])
         assert [label for label, _ in results.top_attended[site]] == list(np.argsort(-received, kind="stable")[:10])
+
+
+class CachedStep(nn.Module):
+    """One self-attention call over 6 positions, then a decoding step: 1 query against the same 6 keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> None:
+        q, k = self.qk(x).view(-1, 6, 2, 2, 4).unbind(2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        F.scaled_dot_product_attention(q, k, k)
+        F.scaled_dot_product_attention(q[:, :, -1:], k, k)
+
+
+class CachedStepModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attend = CachedStep()
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.attend(batch[0])
+
+
+def test_a_decoding_step_counts_in_the_statistics_not_in_the_position_profile(tmp_path: Path) -> None:
+    """A cached step's single query is the last position: it has no diagonal at key 0 and no place at query 0."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 6, 8)), batch_size=2)
+    callback = AttentionLogger(log_figures=False, overhead_budget=None)
+    trainer(tmp_path, [callback]).validate(CachedStepModule(), data, verbose=False)
+    results = callback.results["val"]
+    assert results.sites == ["attend", "attend#1"]
+    assert results.rows[1].tolist() == [4, 4]  # 4 samples x 1 query per head
+    assert results.top_attended["attend"] and results.top_attended["attend#1"] == []

@@ -112,9 +112,11 @@ class AttentionAccumulators:
         head_mean: Tensor | None = None
         # every statistic of the call, computed once by the engine (shared with other callbacks)
         self.stats.update(site, capture)
-        # a decoding step (queries fewer than keys, from a cache) has no diagonal at key i: read it as cross
-        square_self = info.kind == "self" and info.num_queries == info.num_keys
-        self.positions.update(site, ENGINE.rows(capture, STATISTICS_OF_POSITIONS, chunk_size), 0, square_self)
+        # a decoding step (fewer queries than keys, from a cache) is not a sequence's position profile: its query
+        # is the last position, not position 0; it counts in the statistics above, not here
+        if info.kind == "cross" or info.num_queries == info.num_keys:
+            rows = ENGINE.rows(capture, STATISTICS_OF_POSITIONS, chunk_size)
+            self.positions.update(site, rows, 0, info.kind == "self")
         chunks = capture.chunks(chunk_size) if probe is not None or roles else ()
         for offset, chunk in chunks:
             if probe is not None:
@@ -160,8 +162,12 @@ class AttentionAccumulators:
             entries = top_positions(torch.where(valid, scores, -math.inf), min(top_k, int(valid.sum())), names)
             return [(label, float(value)) for label, value in entries]
 
-        top_attended, top_attending = {}, {}
+        top_attended: dict[str, list[tuple[str | int, float]]] = {}
+        top_attending: dict[str, list[tuple[str | int, float]]] = {}
         for site in sites:
+            if site not in positions:  # decoding steps only: no position profile
+                top_attended[site] = top_attending[site] = []
+                continue
             received, given = (t.detach().to("cpu", torch.float64) for t in positions[site])
             top_attended[site] = top(received, site, "keys")
             top_attending[site] = top(given, site, "queries")
