@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_attn.plots._common import as_array, distinct_colours
+from lightning_attn.plots._common import as_array, distinct_colours, fixed_layout, side_colorbar, text_inches
 
 __all__ = [
     "plot_attention_heads",
@@ -45,14 +45,20 @@ def short_site_names(sites: Sequence[str]) -> list[str]:
     return names
 
 
-def _ticks(axis: Any, labels: Sequence[str] | None, length: int, which: str) -> None:
+def _tick_texts(labels: Sequence[str] | None, length: int) -> tuple[list[int], list[str], int]:
+    """Positions, texts and font size of an axis' tick labels: every label up to :data:`MAX_TICK_LABELS`, else
+    about 12 evenly spaced ones."""
     if labels is not None and len(labels) == length and length <= MAX_TICK_LABELS:
         positions, texts = list(range(length)), [str(label) for label in labels]
     else:
         step = max(1, math.ceil(length / 12))
         positions = list(range(0, length, step))
         texts = [str(labels[p]) if labels is not None and len(labels) == length else str(p) for p in positions]
-    size = 7 if len(positions) <= 24 else 5
+    return positions, texts, 7 if len(positions) <= 24 else 5
+
+
+def _ticks(axis: Any, labels: Sequence[str] | None, length: int, which: str) -> None:
+    positions, texts, size = _tick_texts(labels, length)
     if which == "x":
         axis.set_xticks(positions)
         axis.set_xticklabels(texts, rotation=90, fontsize=size)
@@ -153,9 +159,15 @@ def plot_attention_heads(
     heads = data.shape[0]
     columns = min(max_columns, heads)
     rows = math.ceil(heads / columns)
-    # constrained layout reserves the suptitle's height (fixed margins let it overlap the head titles of one row)
-    fig = Figure(figsize=(2.6 * columns + 1.2, 2.4 * rows + 0.8), layout="constrained")
+    # Fixed margins sized from the tick labels (constrained layout would measure every label twice per draw): the
+    # top holds the suptitle above the first row's head titles, each row gap the next row's titles.
+    _, x_texts, x_size = _tick_texts(key_labels, data.shape[2])
+    _, y_texts, y_size = _tick_texts(query_labels, data.shape[1])
+    left, bottom = text_inches(y_texts, y_size) + 0.2, text_inches(x_texts, x_size) + 0.2
+    right, top = 0.75, 0.6
+    fig = Figure(figsize=(2.5 * columns + left + right, 2.25 * rows + 0.35 * (rows - 1) + top + bottom))
     axes = fig.subplots(rows, columns, squeeze=False)
+    fixed_layout(fig, left=left, right=right, top=top, bottom=bottom, rows=rows, columns=columns, wgap=0.15, hgap=0.35)
     vmax = float(np.nanmax(data)) if data.size else 1.0
     image = None
     for index, ax in enumerate(axes.flat):
@@ -164,7 +176,8 @@ def plot_attention_heads(
             continue
         image = ax.imshow(data[index], cmap=SEQUENTIAL, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_title(f"head {index}", fontsize=8)
-        if index + columns >= heads:  # bottom of its column
+        # tick labels on the outer axes only: the bottom of each column, the left column
+        if index + columns >= heads:
             _ticks(ax, key_labels, data.shape[2], "x")
         else:
             ax.set_xticks([])
@@ -173,7 +186,7 @@ def plot_attention_heads(
         else:
             ax.set_yticks([])
     if image is not None:
-        fig.colorbar(image, ax=[ax for ax in axes.flat if ax.get_visible()], fraction=0.03, pad=0.02)
+        side_colorbar(fig, image, axes)
     fig.suptitle(title, fontsize=10)
     return fig
 

@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lightning_attn.plots._common import as_array
+from lightning_attn.plots._common import as_array, fixed_layout
 
 __all__ = [
     "calibration_figures",
@@ -111,8 +111,9 @@ def plot_reliability_diagram(
         ece_interval: ``(low, high)`` of the ECE, shown in the title.
     """
     edges, accuracy, confidence, count = (as_array(a) for a in (edges, accuracy, confidence, count))
-    fig = Figure(figsize=(5.2, 6.0), layout="constrained")
+    fig = Figure(figsize=(5.2, 6.0))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fixed_layout(fig, left=0.8, right=0.2, top=0.35, bottom=0.55, rows=2, hgap=0.15)
     _reliability_axes(top, edges, accuracy, confidence)
     if accuracy_low is not None and accuracy_high is not None:
         low, high = as_array(accuracy_low), as_array(accuracy_high)
@@ -163,8 +164,9 @@ def plot_confidence_histogram(
     lower, upper = edges[:-1], edges[1:]
     total = correct.sum() + incorrect.sum()
     scale = 1.0 / total if total > 0 else 1.0
-    fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+    fig = Figure(figsize=(5.2, 3.6))
     ax = fig.subplots()
+    fixed_layout(fig, left=0.8, right=0.2, top=0.35, bottom=0.55)
     ax.bar(lower, correct * scale, width=upper - lower, align="edge", color=_CORRECT, alpha=0.8, label="correct")
     ax.bar(
         lower,
@@ -205,8 +207,10 @@ def plot_classwise_reliability(
     shown = max(1, min(max_classes, accuracy.shape[0]))
     cols = min(3, shown) if shown <= 9 else math.ceil(math.sqrt(shown))
     rows = math.ceil(shown / cols)
-    fig = Figure(figsize=(2.4 * cols + 0.4, 2.3 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(2.1 * cols + 0.15 * (cols - 1) + 0.85, 1.85 * rows + 0.35 * (rows - 1) + 1.05))
     axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    # fixed margins (no constrained layout): suptitle over the class titles, each row gap the next row's titles
+    fixed_layout(fig, left=0.65, right=0.2, top=0.6, bottom=0.45, rows=rows, columns=cols, wgap=0.15, hgap=0.35)
     for k, ax in enumerate(axes):
         if k >= shown:
             ax.set_axis_off()
@@ -239,8 +243,9 @@ def plot_calibration_trend(
     ``history``: one mapping per evaluation with ``x`` and the measures (missing ones are skipped);
     a measure with ``<name>_ci_low``/``<name>_ci_high`` entries gets its interval as a band.
     """
-    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
+    fig = Figure(figsize=(8.4, 3.4))
     left, right = fig.subplots(1, 2)
+    fixed_layout(fig, left=0.8, right=0.2, top=0.4, bottom=0.55, columns=2, wgap=0.6)
     xs = np.asarray([float(h.get(x, i)) for i, h in enumerate(history)])
     for ax, names in ((left, errors), (right, scores)):
         for name in names:

@@ -16,8 +16,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from lightning_attn.plots._common import as_array
-from lightning_attn.plots.heads import _ticks, short_head_names
+from lightning_attn.plots._common import as_array, fixed_layout, text_inches
+from lightning_attn.plots.heads import _label_inches, _ticks, short_head_names
 
 __all__ = ["plot_head_importance", "plot_head_timeline"]
 
@@ -74,10 +74,19 @@ def plot_head_timeline(
                 grid[n, column] = index[label]
     # tab10's distinct colours first, then tab20's light shades of them
     palette = [colormaps["tab10"](k) if k < 10 else colormaps["tab20"]((2 * k - 19) % 20) for k in range(len(names))]
-    fig = Figure(
-        figsize=(max(5.0, 0.5 * len(epochs) + 4.5), max(2.5, min(0.22 * len(heads) + 1.5, 30.0))), layout="constrained"
-    )
+    head_names, epoch_names = short_head_names(heads), [str(e) for e in epochs]
+    # fixed margins (no constrained layout): head names left, the legend right (6 pt labels after 0.35 inch
+    # handles), the epochs and "epoch" below
+    left, right = _label_inches(head_names) + 0.2, text_inches([*names, "role change"], 6) + 0.55
+    bottom = _label_inches(epoch_names) + 0.4
+    title = title or "Head roles over epochs (dots: role changes)"
+    # one column is a snapshot, not a timeline: say so rather than pose as a history
+    title = f"{title}: epoch {epochs[0]} only" if len(epochs) == 1 else title
+    # wide enough for the title, centred over the axes (between unequal margins)
+    width = max(5.0, 0.5 * len(epochs) + 1.0 + left + right, text_inches([title], 10) + abs(left - right) + 0.2)
+    fig = Figure(figsize=(width, max(2.5, min(0.22 * len(heads) + 1.5, 30.0))))
     ax = fig.subplots()
+    fixed_layout(fig, left=left, right=right, top=0.4, bottom=bottom)
     ax.imshow(
         np.ma.masked_invalid(grid),
         cmap=ListedColormap(palette or ["white"]),
@@ -94,12 +103,10 @@ def plot_head_timeline(
     ]
     if marks:
         ax.scatter([m[0] for m in marks], [m[1] for m in marks], s=14, color="black", marker="o", label="role change")
-    _ticks(ax, [str(e) for e in epochs], "x")
-    _ticks(ax, short_head_names(heads), "y")
+    _ticks(ax, epoch_names, "x")
+    _ticks(ax, head_names, "y")
     ax.set_xlabel("epoch", fontsize=8)
     handles = [Patch(color=palette[k], label=label) for k, label in enumerate(names)]
     ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    title = title or "Head roles over epochs (dots: role changes)"
-    # one column is a snapshot, not a timeline: say so rather than pose as a history
-    ax.set_title(f"{title}: epoch {epochs[0]} only" if len(epochs) == 1 else title, fontsize=10)
+    ax.set_title(title, fontsize=10)
     return fig

@@ -15,7 +15,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lightning_attn.plots._common import MAX_LINES, as_array, distinct_colours, say_no_data
+from lightning_attn.plots._common import (
+    MAX_LINES,
+    as_array,
+    distinct_colours,
+    fixed_layout,
+    say_no_data,
+    side_colorbar,
+    text_inches,
+)
 
 __all__ = [
     "plot_feature_correlations",
@@ -44,17 +52,29 @@ def short_head_names(heads: Sequence[str]) -> list[str]:
     ]
 
 
-def _ticks(axis: Any, labels: Sequence[str], which: str) -> None:
+def _tick_texts(labels: Sequence[str]) -> tuple[list[int], list[str], int]:
+    """Positions, texts and font size of an axis' tick labels: every one up to :data:`MAX_TICK_LABELS`, else every
+    k-th."""
     length = len(labels)
     step = 1 if length <= MAX_TICK_LABELS else math.ceil(length / MAX_TICK_LABELS)
     positions = list(range(0, length, step))
-    size = 7 if len(positions) <= 32 else 5
+    return positions, [labels[p] for p in positions], 7 if len(positions) <= 32 else 5
+
+
+def _label_inches(labels: Sequence[str]) -> float:
+    """Width in inches of the widest tick label :func:`_ticks` writes for ``labels``."""
+    _, texts, size = _tick_texts(labels)
+    return text_inches(texts, size)
+
+
+def _ticks(axis: Any, labels: Sequence[str], which: str) -> None:
+    positions, texts, size = _tick_texts(labels)
     if which == "x":
         axis.set_xticks(positions)
-        axis.set_xticklabels([labels[p] for p in positions], rotation=90, fontsize=size)
+        axis.set_xticklabels(texts, rotation=90, fontsize=size)
     else:
         axis.set_yticks(positions)
-        axis.set_yticklabels([labels[p] for p in positions], fontsize=size)
+        axis.set_yticklabels(texts, fontsize=size)
 
 
 def plot_hsi(
@@ -129,8 +149,12 @@ def plot_head_type_scores(
     layer_names = (
         [n.rsplit("/", 1)[0] or s for n, s in zip(layer_names, sites, strict=False)] if len(sites) > 1 else list(sites)
     )
-    fig = Figure(figsize=(max(3.0 * len(names), 4.0), max(2.6, 0.3 * len(sites) + 1.6)), layout="constrained")
-    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    columns = max(len(names), 1)
+    left, right = _label_inches(layer_names) + 0.2, 0.75
+    fig = Figure(figsize=(max(2.7 * columns, 3.7) + left + right - 0.6, max(2.6, 0.3 * len(sites) + 1.6)))
+    axes = fig.subplots(1, columns, squeeze=False)[0]
+    # margins fixed up front (no constrained layout): suptitle over the panel titles, "head" under its tick labels
+    fixed_layout(fig, left=left, right=right, top=0.6, bottom=0.55, columns=columns, wgap=0.2)
     image = None
     for ax, name in zip(axes, names, strict=False):
         data = np.ma.masked_invalid(as_array(scores[name], none_as_nan=True))
@@ -142,7 +166,7 @@ def plot_head_type_scores(
         _ticks(ax, [str(h) for h in range(heads)], "x")
         _ticks(ax, layer_names if ax is axes[0] else [""] * len(sites), "y")
     if image is not None:
-        fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
+        side_colorbar(fig, image, axes)
     fig.suptitle(title or "Head-type scores (layers x heads)", fontsize=10)
     return fig
 
@@ -158,17 +182,22 @@ def plot_head_redundancy(
     clusters of near-duplicate heads listed below."""
     data = np.ma.masked_invalid(as_array(distance, none_as_nan=True))
     size = min(max(4.0, 0.18 * len(heads) + 2.5), 30.0)
-    fig = Figure(figsize=(size + 1.0, size + 0.4 * min(len(clusters), 8)), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(data, cmap="magma_r", vmin=0, vmax=math.log(2), aspect="equal", interpolation="nearest")
     names = short_head_names(heads)
-    _ticks(ax, names, "x")
-    _ticks(ax, names, "y")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="JS divergence (nats)")
     short = dict(zip(heads, names, strict=False))
     lines = [", ".join(short.get(h, h) for h in cluster) for cluster in clusters[:8]]
     if len(clusters) > 8:
         lines.append(f"... {len(clusters) - 8} more")
+    labels = _label_inches(names) + 0.15
+    # fixed margins (no constrained layout): tick labels, the cluster lines under them (7 pt), the colour bar's
+    # labels; the axes (square cells) stay the size they had
+    side, bottom = size - labels - 0.4, labels + 0.2 + 0.14 * (len(lines) + 1)
+    fig = Figure(figsize=(side + labels + 1.2, side + bottom + 0.4))
+    ax = fig.subplots()
+    fixed_layout(fig, left=labels + 0.1, right=1.1, top=0.4, bottom=bottom)
+    image = ax.imshow(data, cmap="magma_r", vmin=0, vmax=math.log(2), aspect="equal", interpolation="nearest")
+    _ticks(ax, names, "x")
+    _ticks(ax, names, "y")
+    side_colorbar(fig, image, ax, label="JS divergence (nats)")
     caption = "near-duplicate clusters" + (f" (JS <= {threshold:g})" if threshold is not None else "") + ": "
     ax.set_xlabel(caption + ("none" if not lines else "\n" + "\n".join(lines)), fontsize=7)
     ax.set_title(title or "Head redundancy (Clark et al. 2019 JS distance)", fontsize=10)
@@ -224,10 +253,11 @@ def plot_head_evolution(
 def _plot_one_epoch(epoch: int, series: Mapping[str, Any], heads: Sequence[str], title: str) -> Figure:
     """Bars per head of each series at the only epoch (a one-column heatmap would pose as a trend)."""
     names = list(series)
-    fig = Figure(figsize=(min(max(5.0, 0.3 * len(heads) + 2.0), 40.0), 2.6 * max(len(names), 1) + 0.6))
-    fig.set_layout_engine("constrained")
-    axes = fig.subplots(max(len(names), 1), 1, squeeze=False, sharex=True)[:, 0]
     labels = short_head_names(heads)
+    rows, bottom = max(len(names), 1), _label_inches(labels) + 0.25
+    fig = Figure(figsize=(min(max(5.0, 0.3 * len(heads) + 2.0), 40.0), 2.2 * rows + 0.2 * (rows - 1) + 0.5 + bottom))
+    axes = fig.subplots(rows, 1, squeeze=False, sharex=True)[:, 0]
+    fixed_layout(fig, left=0.8, right=0.2, top=0.5, bottom=bottom, rows=rows, hgap=0.2)
     for ax, name in zip(axes, names, strict=False):
         values = as_array(series[name], none_as_nan=True).reshape(-1)
         ax.bar(np.arange(len(heads)), np.nan_to_num(values, nan=0.0), color="tab:blue")

@@ -82,7 +82,7 @@ def render_png(figure: Figure, dpi: int = 100) -> tuple[bytes, np.ndarray]:
     rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     buffer = io.BytesIO()
     # Encode the pixels just drawn: a second draw through savefig (layout, text) costs as much again.
-    Image.fromarray(rgb).save(buffer, format="png", compress_level=4)
+    Image.fromarray(rgb).save(buffer, format="png", compress_level=3)
     return buffer.getvalue(), rgb
 
 
