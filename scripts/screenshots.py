@@ -89,8 +89,14 @@ def screenshots(page: Path, out: Path, profile: Path, layer=None, head=None, sam
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                     f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "chromedriver"), options=options)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,12 +112,17 @@ def screenshots(page: Path, out: Path, profile: Path, layer=None, head=None, sam
         """Scroll so that the top of ``selector`` sits ``margin`` px below the top of the viewport."""
         driver.execute_script(
             "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
-            "window.scrollTo(0, window.scrollY + r.top - arguments[1]);", selector, margin)
+            "window.scrollTo(0, window.scrollY + r.top - arguments[1]);",
+            selector,
+            margin,
+        )
 
     try:
         # the window's own chrome takes part of --window-size: fix the viewport itself at 1400 x 1000
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False})
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False},
+        )
         driver.get(page.as_uri())
         driver.set_script_timeout(60)
         driver.execute_async_script("const done = arguments[0]; window.lightningAttn.ready.then(() => done(true));")
@@ -130,9 +141,11 @@ def screenshots(page: Path, out: Path, profile: Path, layer=None, head=None, sam
             varied = [s for s in scores if s["modal"] < 0.9] or scores
             best = min(varied, key=lambda s: s["entropy"])
             layer, head = best["layer"], best["head"]
-            print(f"explorer: layer {layer} head {head} of sample {sample} (mean normalised entropy "
-                  f"{best['entropy']:.2f}; most peaked of all heads {min(s['entropy'] for s in scores):.2f}, "
-                  f"most uniform {max(s['entropy'] for s in scores):.2f})")
+            print(
+                f"explorer: layer {layer} head {head} of sample {sample} (mean normalised entropy "
+                f"{best['entropy']:.2f}; most peaked of all heads {min(s['entropy'] for s in scores):.2f}, "
+                f"most uniform {max(s['entropy'] for s in scores):.2f})"
+            )
         choice = {"layer": layer, "head": head, "sample": sample, "epoch": api["epochs"][-1]}
         driver.execute_script("window.lightningAttn.select(arguments[0])", choice)
         scroll_to("#explorer", 12)
@@ -150,13 +163,17 @@ def screenshots(page: Path, out: Path, profile: Path, layer=None, head=None, sam
                 break
             header.click()
         row = driver.find_element(By.CSS_SELECTOR, f'#samples tbody tr[data-sample="{sample}"]')
-        driver.execute_script("const box = arguments[0].closest('.scroll'); box.scrollTop = box.scrollHeight;"
-                              "arguments[0].scrollIntoView({block: 'nearest'})", row)
+        driver.execute_script(
+            "const box = arguments[0].closest('.scroll'); box.scrollTop = box.scrollHeight;"
+            "arguments[0].scrollIntoView({block: 'nearest'})",
+            row,
+        )
         row.click()
         # the whole drill-down at the bottom of the viewport (its top at the top if it is taller than the viewport)
         driver.execute_script(
             "const r = document.querySelector('#drill').getBoundingClientRect(), y = window.scrollY;"
-            "window.scrollTo(0, Math.min(y + r.bottom + 12 - window.innerHeight, y + r.top - 12));")
+            "window.scrollTo(0, Math.min(y + r.bottom + 12 - window.innerHeight, y + r.top - 12));"
+        )
         shot("report_drilldown.png")
     finally:
         driver.quit()
