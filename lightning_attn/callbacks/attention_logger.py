@@ -69,7 +69,7 @@ class AttentionLogger(StreamingCallback):
             (``"<glob>:queries"``/``"<glob>:keys"`` for one axis).
         log_per_head: also log per-head scalars (a 12 x 12-head model logs 144 per statistic).
         log_figures: draw and publish figures (statistics, table and JSON are published regardless).
-        max_figure_sites: at most this many sites (evenly spaced over depth) get map figures and head bars.
+        max_figure_sites: at most this many sites (first, last, evenly spaced between) get map figures and head bars.
         max_map_tokens: probe maps are block-pooled to at most this many queries and keys for display.
         top_k: number of top attended / attending positions reported per site.
         max_positions: positions tracked for the top-position statistics (fixed state size per site).
@@ -108,7 +108,7 @@ class AttentionLogger(StreamingCallback):
         token_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         log_per_head: bool = False,
         log_figures: bool = True,
-        max_figure_sites: int = 4,
+        max_figure_sites: int = 3,
         max_map_tokens: int = 128,
         top_k: int = 10,
         max_positions: int = 4096,

@@ -33,8 +33,8 @@ def tracker_figures(
 ) -> dict[str, Figure]:
     """The figures of the latest of ``records`` (one stage's history, oldest first): ``hsi`` and
     ``feature_correlation`` (with ``features``), ``type_scores``, ``redundancy`` (given the probe's result),
-    ``evolution``, ``timeline`` (labels and the role-change ``events`` over the epochs), ``importance`` (when the
-    record has head importance)."""
+    ``evolution`` and ``timeline`` (labels and the role-change ``events``; from the second evaluated epoch on),
+    ``importance`` (when the record has head importance)."""
     if not records:
         return {}
     entry = records[-1]
@@ -81,9 +81,10 @@ def tracker_figures(
     series = {"entropy": [_flat(r, heads, "entropy") for r in ordered]}
     if features:
         series["hsi"] = [_flat(r, heads, "hsi") for r in ordered]
-    figures["evolution"] = plot_head_evolution(epochs, series, heads, title=f"Per-head evolution ({stage})")
-    labels = [[_label_at(r, head) for head in heads] for r in ordered]
-    figures["timeline"] = plot_head_timeline(epochs, labels, heads, events, title=f"Head roles ({stage})")
+    if len(epochs) >= 2:  # one evaluation has no evolution: its per-head values are in the figures above
+        figures["evolution"] = plot_head_evolution(epochs, series, heads, title=f"Per-head evolution ({stage})")
+        labels = [[_label_at(r, head) for head in heads] for r in ordered]
+        figures["timeline"] = plot_head_timeline(epochs, labels, heads, events, title=f"Head roles ({stage})")
     if "importance" in entry:
         normalized = entry["importance_normalized"]
         table = [normalized[site] + [math.nan] * (width - len(normalized[site])) for site in sites]

@@ -24,6 +24,7 @@ from lightning_attn.plots._common import (
     side_colorbar,
     text_inches,
 )
+from lightning_attn.plots.attention import short_site_names
 
 __all__ = [
     "plot_feature_correlations",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 MAX_TICK_LABELS = 64
+#: Above this many heads the redundancy matrix names sites, not heads (72 x 72 named cells do not read at a glance)
+_NAMED_REDUNDANCY_HEADS = 32
 #: Why a head-type panel is empty when none of its scores is defined: these types compare token identities.
 NO_DATA_REASONS: dict[str, str] = {"duplicate_token": "needs token ids", "induction": "needs token ids"}
 
@@ -181,13 +184,23 @@ def plot_head_redundancy(
     """Pairwise Jensen-Shannon distance between heads ``[N, N]`` (nats; blank: not comparable), with the
     clusters of near-duplicate heads listed below."""
     data = np.ma.masked_invalid(as_array(distance, none_as_nan=True))
-    size = min(max(4.0, 0.18 * len(heads) + 2.5), 30.0)
     names = short_head_names(heads)
+    sites = [h.rsplit("/", 1)[0] for h in heads]
+    by_site = len(heads) > _NAMED_REDUNDANCY_HEADS and len(set(sites)) > 1
+    if by_site:  # too many heads to name each: one label per site's block, lines between blocks
+        starts = [i for i, site in enumerate(sites) if i == 0 or site != sites[i - 1]]
+        ends = [*starts[1:], len(heads)]
+        tick_names = short_site_names([sites[i] for i in starts])
+        ticks = [(a + b - 1) / 2 for a, b in zip(starts, ends, strict=True)]
+        size = min(max(4.0, 0.08 * len(heads) + 3.0), 12.0)
+    else:
+        tick_names, ticks = names, list(range(len(heads)))
+        size = min(max(4.0, 0.18 * len(heads) + 2.5), 30.0)
     short = dict(zip(heads, names, strict=False))
     lines = [", ".join(short.get(h, h) for h in cluster) for cluster in clusters[:8]]
     if len(clusters) > 8:
         lines.append(f"... {len(clusters) - 8} more")
-    labels = _label_inches(names) + 0.15
+    labels = _label_inches(tick_names) + 0.15
     # fixed margins (no constrained layout): tick labels, the cluster lines under them (7 pt), the colour bar's
     # labels; the axes (square cells) stay the size they had
     side, bottom = size - labels - 0.4, labels + 0.2 + 0.14 * (len(lines) + 1)
@@ -195,8 +208,17 @@ def plot_head_redundancy(
     ax = fig.subplots()
     fixed_layout(fig, left=labels + 0.1, right=1.1, top=0.4, bottom=bottom)
     image = ax.imshow(data, cmap="magma_r", vmin=0, vmax=math.log(2), aspect="equal", interpolation="nearest")
-    _ticks(ax, names, "x")
-    _ticks(ax, names, "y")
+    if by_site:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(tick_names, rotation=90, fontsize=7)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(tick_names, fontsize=7)
+        for boundary in starts[1:]:
+            ax.axhline(boundary - 0.5, color="white", linewidth=0.6)
+            ax.axvline(boundary - 0.5, color="white", linewidth=0.6)
+    else:
+        _ticks(ax, names, "x")
+        _ticks(ax, names, "y")
     side_colorbar(fig, image, ax, label="JS divergence (nats)")
     caption = "near-duplicate clusters" + (f" (JS <= {threshold:g})" if threshold is not None else "") + ": "
     ax.set_xlabel(caption + ("none" if not lines else "\n" + "\n".join(lines)), fontsize=7)
