@@ -23,7 +23,6 @@ the softmax maps it computed, else (an attention-like module that left no trace)
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,13 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
+from lightning_attn.capture.call_arguments import (
+    ENCODER_LAYER_SIGNATURE,
+    MHA_SIGNATURE,
+    NATIVE_MHA_SIGNATURE,
+    SDPA_SIGNATURE,
+    bound_arguments,
+)
 from lightning_attn.capture.probs import (
     LOWEST,
     attention_probs,
@@ -75,10 +81,6 @@ class CaptureSink(Protocol):
 
     def missed(self, module: nn.Module) -> None: ...
 
-
-_SDPA_SIGNATURE = inspect.signature(
-    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
-)
 
 #: The softmax entry points of hand-written attention (``F.softmax`` calls ``Tensor.softmax``: one map, seen twice).
 _SOFTMAX_ENTRY_POINTS = ((F, "softmax"), (torch, "softmax"), (torch.Tensor, "softmax"))
@@ -369,7 +371,7 @@ class _Interceptor:
         (d output / d attention), or, with ``exact_outputs=False``, scores and probabilities computed once and kept
         on the capture for the statistics. Equal to the kernel's output up to float rounding, not bitwise; only used
         when a recorder asks for it."""
-        a = _bound(_SDPA_SIGNATURE, args, kwargs)
+        a = bound_arguments(SDPA_SIGNATURE, args, kwargs)
         query, key, value = a["query"], a["key"], a["value"]
         is_causal, enable_gqa = bool(a["is_causal"]), bool(a["enable_gqa"])
         module = self._innermost()
@@ -424,7 +426,7 @@ class _Interceptor:
         module = self._innermost()
         if module is None or self.state.quiet:
             return
-        a = _bound(_SDPA_SIGNATURE, args, kwargs)
+        a = bound_arguments(SDPA_SIGNATURE, args, kwargs)
         query, key = a["query"], a["key"]
         if query.is_nested or key.is_nested or is_fake(query):
             return
@@ -449,7 +451,7 @@ class _Interceptor:
     # -- nn.MultiheadAttention and nn.TransformerEncoderLayer -------------------------------
     def _mha_forward(self, *args: Any, **kwargs: Any) -> Any:
         original = self.original(F, "multi_head_attention_forward")
-        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound = MHA_SIGNATURE.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         module = self._innermost()
@@ -480,7 +482,7 @@ class _Interceptor:
 
     def _native_mha(self, *args: Any, **kwargs: Any) -> Any:
         out = self.original(torch, "_native_multi_head_attention")(*args, **kwargs)
-        a = _bound(_NATIVE_MHA_SIGNATURE, args, kwargs)
+        a = bound_arguments(NATIVE_MHA_SIGNATURE, args, kwargs)
         query, key, num_heads = a["query"], a["key"], a["num_heads"]
         qkv_weight, qkv_bias, mask, mask_type = a["qkv_weight"], a["qkv_bias"], a["mask"], a["mask_type"]
         need_weights, average_attn_weights = a["need_weights"], a["average_attn_weights"]
@@ -504,7 +506,7 @@ class _Interceptor:
 
     def _encoder_layer_fwd(self, *args: Any, **kwargs: Any) -> Any:
         out = self.original(torch, "_transformer_encoder_layer_fwd")(*args, **kwargs)
-        a = _bound(_ENCODER_LAYER_SIGNATURE, args, kwargs)
+        a = bound_arguments(ENCODER_LAYER_SIGNATURE, args, kwargs)
         src, embed_dim, num_heads, eps, norm_first = a["src"], a["embed_dim"], a["num_heads"], a["eps"], a["norm_first"]
         norm_weight_1, norm_bias_1 = a["norm_weight_1"], a["norm_bias_1"]
         qkv_weight, qkv_bias, mask, mask_type = a["qkv_weight"], a["qkv_bias"], a["mask"], a["mask_type"]
@@ -558,40 +560,6 @@ class _Interceptor:
                 build = lambda info: AttentionCapture(info, query=q, key=k, attn_mask=m, mask_true_means_masked=True)  # noqa: E731
                 shape = (*q.shape[:-1], k.shape[-2])
         self._emit(module, source, kind, build, shape, mha_weight=qkv_weight)
-
-
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
-
-
-def _signature(required: str, **optional: Any) -> inspect.Signature:
-    """A signature of positional-or-keyword parameters: the space-separated ``required`` ones, then ``optional``."""
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    parameters = [inspect.Parameter(name, kind) for name in required.split()]
-    parameters += [inspect.Parameter(name, kind, default=value) for name, value in optional.items()]
-    return inspect.Signature(parameters)
-
-
-# The private fused entry points' parameters (torch 2.13), for reading the caller's own arguments by name.
-_NATIVE_MHA_SIGNATURE = _signature(
-    "query key value embed_dim num_heads qkv_weight qkv_bias proj_weight proj_bias",
-    mask=None,
-    need_weights=True,
-    average_attn_weights=True,
-    mask_type=None,
-)
-_ENCODER_LAYER_SIGNATURE = _signature(
-    "src embed_dim num_heads qkv_weight qkv_bias proj_weight proj_bias use_gelu norm_first eps norm_weight_1 "
-    "norm_bias_1 norm_weight_2 norm_bias_2 ffn_weight_1 ffn_bias_1 ffn_weight_2 ffn_bias_2",
-    mask=None,
-    mask_type=None,
-)
-
-
-def _bound(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by parameter name, defaults filled in."""
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
 
 
 def weights_capture(weights: Tensor) -> Callable[[SiteInfo], AttentionCapture]:

@@ -12,6 +12,7 @@ from lightning_attn.functional.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
+from lightning_attn.functional.smooth_calibration import smooth_calibration_error
 
 __all__ = []
 __all__ += attention.__all__
@@ -24,4 +25,5 @@ __all__ += [
     "equal_mass_bins",
     "fit_temperature",
     "negative_log_likelihood",
+    "smooth_calibration_error",
 ]

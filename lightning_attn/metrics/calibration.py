@@ -28,8 +28,8 @@ from lightning_attn.functional.calibration import (
     equal_mass_bins,
     equal_width_edges,
     fold_last_bin,
-    smooth_calibration_error,
 )
+from lightning_attn.functional.smooth_calibration import smooth_calibration_error
 from lightning_attn.metrics.calibration_bootstrap import bootstrap_sums
 from lightning_attn.metrics.calibration_inputs import Task, check_counts, check_shapes
 from lightning_attn.metrics.calibration_sparse import sparse_multiclass_sums
