@@ -225,15 +225,16 @@ def _rss() -> int:
 
 
 def held_bytes(callback: Callback | None) -> int:
+    """Bytes of the callback's statistics states (the naive baseline: of its kept maps)."""
     if isinstance(callback, NaiveAttentionStats):
         return callback.held_bytes()
     if isinstance(callback, AttentionLogger):
         total = 0
-        for acc in callback._accumulators.values():
+        for acc in callback._states.values():
             for metric in (acc.stats, acc.positions, acc.agreement):
-                total += sum(
-                    getattr(metric, name).numel() * getattr(metric, name).element_size() for name in metric._defaults
-                )
+                for value in metric.metric_state.values():
+                    for tensor in value if isinstance(value, list) else [value]:
+                        total += tensor.numel() * tensor.element_size()
         return total
     return 0
 

@@ -24,7 +24,7 @@ Variants of the same epoch:
 - ``all three, every batch, exact_outputs=False``: every batch, SDPA computed once as ``P v`` and ``P`` read;
 - ``keep every map``: the seeds' way, every map of every batch kept and the statistics computed at epoch end.
 
-The ``recorded`` column is the AttentionLogger's coverage: batches recorded / batches of the epoch.
+The ``recorded`` column is the first attention-reading callback's coverage: batches recorded / batches of the epoch.
 
     python benchmarks/bench_real.py [--repeats 2] [--models minilm,vit,llama] [--llama-batches 8] [--quick]
         [--variants "all three, figures off;all three, every batch, bitwise"]
@@ -212,11 +212,13 @@ def run_epoch(module: EvalModule, loader: Any, batches: int, callbacks: list[Cal
 
 
 def _recorded(callbacks: list[Callback]) -> str:
-    """The AttentionLogger's coverage of the epoch: ``recorded/seen`` batches (``-`` without one)."""
-    logger = next((c for c in callbacks if isinstance(c, AttentionLogger)), None)
-    if logger is None or "val" not in logger.coverage:
+    """The coverage of the epoch by the first attention-reading callback: ``recorded/seen`` batches (``-``
+    without one)."""
+    reader = next((c for c in callbacks if "val" in getattr(c, "coverage", {})), None)
+    if reader is None:
         return "-"
-    return f"{logger.coverage['val']['batches']}/{logger.coverage['val']['batches_seen']}"
+    coverage = reader.coverage["val"]  # type: ignore[attr-defined]
+    return f"{coverage['batches']}/{coverage['batches_seen']}"
 
 
 def time_case(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import trainer_options
 from report_helpers import TinyClassifier, TinyData, make_samples
 
 from lightning_attn import build_report
@@ -325,17 +326,8 @@ def test_validation_report_epoch_slider(tmp_path: Path, driver) -> None:
 
     torch.manual_seed(0)
     report, snapshots = ExplainabilityReport(stages=("validate",), probe_samples=2, figures=False), Snapshots()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-        callbacks=[report, snapshots],
-    )
+    options = trainer_options(tmp_path, max_epochs=2, num_sanity_val_steps=0, callbacks=[report, snapshots])
+    trainer = pl.Trainer(**options)
     trainer.fit(TinyClassifier(num_heads=4), datamodule=TinyData(num_train=32, num_test=NUM_TEST, batch_size=BATCH))
     driver.get((Path(report.results["val"]["directory"]) / "report.html").as_uri())
     _ready(driver)
