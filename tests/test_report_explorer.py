@@ -234,6 +234,11 @@ def test_explorer_and_drilldown_in_chromium(report: dict, driver) -> None:
         for head in range(reference[site].shape[0]):
             got = np.array(driver.execute_script(f"return window.lightningAttn.map({layer}, {head}, 1)"))
             assert np.abs(got - reference[site][head]).max() < 1e-6, (site, head)
+    heads = reference[sites[0]].shape[0]  # a head past the layer's count is an error, not another layer's rows
+    outside = driver.execute_script(
+        f"try {{ window.lightningAttn.map(0, {heads}, 1); return null; }} catch (e) {{ return e.name; }}"
+    )
+    assert outside == "RangeError"
     lines = driver.execute_script("return window.lightningAttn.drawnLines()")
     queries, keys = drawn.shape
     assert len(lines) == queries * keys and {line["head"] for line in lines} == {3}

@@ -299,7 +299,12 @@
       var e = epoch === undefined ? spec.epochs.length - 1 : spec.epochs.indexOf(Number(epoch));
       var c = chunk(layer, sampleIndex(sample), e);
       if (!c) return null;
-      return head === 'mean' ? mean(c) : matrix(c, head);
+      if (head === 'mean') return mean(c);
+      var heads = spec.sites[layer].heads;  // an index past the layer's heads would read the next layer's rows
+      if (!(Number.isInteger(head) && head >= 0 && head < heads)) {
+        throw new RangeError('head ' + head + ' out of range: layer ' + layer + ' has ' + heads + ' heads');
+      }
+      return matrix(c, head);
     },
     /** The lines of the head view now: {head, query, key, weight} each. */
     drawnLines: function () { return drawn.slice(); },
