@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _ACC = "#3b75af"
+_UNDER = "#a9c9e8"  # a light tone of the accuracy blue: accuracy above the confidence
 _GAP = "#d62728"
 _CORRECT = "#2ca02c"
 _WRONG = "#d62728"
@@ -56,20 +57,26 @@ def _reliability_axes(
         linewidth=0.5 if small else 0.8,
         label="accuracy",
     )
+    # the gap on the side it lies: over-confidence above the accuracy bar, under-confidence as a light top part
+    # of it (a translucent red over the blue bar would read as a third colour)
     gap = confidence - accuracy
-    ax.bar(
-        lower[filled],
-        gap[filled],
-        bottom=accuracy[filled],
-        width=width[filled],
-        align="edge",
-        color=_GAP,
-        alpha=0.35,
-        edgecolor=_GAP,
-        hatch=None if small else "//",
-        linewidth=0.5,
-        label="gap (confidence - accuracy)",
-    )
+    for side, colour, label in ((gap > 0, _GAP, "over-confidence"), (gap < 0, _UNDER, "under-confidence")):
+        shown = filled & side
+        if not shown.any():
+            continue
+        ax.bar(
+            lower[shown],
+            np.abs(gap[shown]),
+            bottom=np.minimum(accuracy, confidence)[shown],
+            width=width[shown],
+            align="edge",
+            color=colour,
+            alpha=0.35 if colour == _GAP else 1.0,
+            edgecolor=_GAP if colour == _GAP else "white",
+            hatch=None if small else ("//" if colour == _GAP else "\\\\"),
+            linewidth=0.5,
+            label=f"{label} gap |confidence - accuracy|",
+        )
     ax.plot(
         confidence[filled],
         accuracy[filled],
