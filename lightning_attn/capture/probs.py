@@ -75,21 +75,8 @@ def attention_probs(
         rows with no key left to attend are 0, as in SDPA's math kernel.
     """
     with autocast_off(query):
-        return _probs(query, key, attn_mask, is_causal, scale, enable_gqa, query_slice, mask_true_means_masked)
-
-
-def _probs(
-    query: Tensor,
-    key: Tensor,
-    attn_mask: Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    query_slice: slice | None,
-    mask_true_means_masked: bool,
-) -> Tensor:
-    args = (attn_mask, is_causal, scale, enable_gqa, query_slice, mask_true_means_masked)
-    return scores_and_probs(query, key, *args, masked_score=float("-inf"))[1]
+        args = (attn_mask, is_causal, scale, enable_gqa, query_slice, mask_true_means_masked)
+        return scores_and_probs(query, key, *args)[1]
 
 
 def scores_and_probs(
@@ -116,14 +103,17 @@ def scores_and_probs(
         if masked_score != float("-inf"):
             bias = bias.clamp_min(masked_score)
     scores = _scores(query, key, bias, scale, enable_gqa, query_slice, None, None if out is None else out[0])
-    if out is None:
-        probs = _softmax(scores, dim=-1)
-    else:
-        probs = torch._softmax(scores, -1, False, out=out[1](scores.shape, scores.device))
+    probs = _softmax(scores, dim=-1) if out is None else softmax_into(scores, out[1])
     if dead is not None and (probs.device.type != "cpu" or dead.any()):  # the check syncs on an accelerator
         # in place unless autograd needs the softmax's output for its backward
         probs = probs.masked_fill(dead, 0.0) if probs.requires_grad else probs.masked_fill_(dead, 0.0)
     return scores, probs
+
+
+def softmax_into(scores: Tensor, out: Buffer) -> Tensor:
+    """The row softmax of ``scores`` written to ``out(shape, device)`` (a reusable buffer; ``torch.softmax`` has no
+    ``out=``)."""
+    return torch._softmax(scores, -1, False, out=out(scores.shape, scores.device))
 
 
 def attention_scores(

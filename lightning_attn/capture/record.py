@@ -80,6 +80,11 @@ class AttentionCapture:
             self._cache, self._borrowed = self._cache.clone(), False
         return self._cache
 
+    def probs_in_call(self) -> Tensor:
+        """All probabilities without a copy, valid while the consumer handles this capture (as :meth:`chunks`);
+        :meth:`probs` gives a tensor to keep."""
+        return self._cache if self._cache is not None else self.probs()
+
     def chunks(self, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(first_query_index, probs[:, :, rows, :])`` for consecutive query chunks, valid while the consumer
         handles this capture (copy what must outlive it).
@@ -87,11 +92,8 @@ class AttentionCapture:
         ``chunk_size=None`` (or a chunk at least as long as the queries) yields everything at once.
         """
         num_queries = self.info.num_queries
-        if self._cache is not None:
-            yield 0, self._cache
-            return
-        if chunk_size is None or chunk_size >= num_queries:
-            yield 0, self.probs()
+        if self._cache is not None or chunk_size is None or chunk_size >= num_queries:
+            yield 0, self.probs_in_call()
             return
         for start in range(0, num_queries, chunk_size):
             rows = slice(start, min(start + chunk_size, num_queries))

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_attn.capture.probs import softmax_into
 from lightning_attn.capture.record import AttentionCapture, as_bhqk
 from lightning_attn.capture.workspace import WORKSPACE, Buffer
 from lightning_attn.functional.attention import diagonal_mass, local_window_mass, mean_attention_distance
@@ -232,9 +233,9 @@ class StatisticsEngine:
         if scores is None:
             scores = self._masked_scores(capture, rows, out=WORKSPACE.scores)
         if cached:
-            probs = next(iter(capture.chunks(None)))[1]
+            probs = capture.probs_in_call()
         else:
-            probs = torch._softmax(scores, -1, False, out=WORKSPACE.probs(scores.shape, scores.device))
+            probs = softmax_into(scores, WORKSPACE.probs)
             if capture.attn_mask is not None:
                 probs = probs.mul_((counts > 0)[..., None])  # rows with no key to attend are 0, as attention_probs
             if whole:
