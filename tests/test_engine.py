@@ -3,16 +3,21 @@ long-context path against the unblocked one, and one computation per call shared
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import attention_logger_models as models
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_trainer
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 import lightning_attn.capture.record as record_module
-from lightning_attn import AttentionRecorder
+from lightning_attn import AttentionLogger, AttentionRecorder
 from lightning_attn.capture.record import AttentionCapture, SiteInfo
+from lightning_attn.capture.workspace import WORKSPACE
 from lightning_attn.functional.attention import (
     diagonal_mass,
     local_window_mass,
@@ -214,3 +219,17 @@ def test_maps_kept_by_a_recorder_are_not_the_engines_reused_buffers() -> None:
     assert list(kept) == ["TwoCalls", "TwoCalls#1"]
     for got, want in zip(kept.values(), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_reused_buffers_are_released_at_epoch_end(tmp_path: Path) -> None:
+    """The map-sized buffers serve the calls of an epoch; none is held once the evaluation epoch has ended."""
+    held: list[int] = []
+
+    class HeldBytes(Callback):
+        def on_validation_batch_end(self, *args: Any) -> None:
+            held.append(WORKSPACE.held_bytes())
+
+    logger = AttentionLogger(log_figures=False, overhead_budget=None)
+    cpu_trainer(tmp_path, [logger, HeldBytes()]).validate(models.CrossModalModule(), models.loader(8, 4), verbose=False)
+    assert held and max(held) > 0  # used during the epoch
+    assert WORKSPACE.held_bytes() == 0

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from lightning_attn import sinks
 from lightning_attn.callbacks.budget import DEFAULT_MIN_BATCHES, BatchBudget, coverage_scalars
 from lightning_attn.callbacks.publisher import Publisher
+from lightning_attn.capture.workspace import WORKSPACE
 from lightning_attn.metrics.coverage import coverage_caption, coverage_record
 from lightning_attn.sinks.dashboards import announce_outputs, per_head_charts, publish_config, publish_scalar_layout
 
@@ -238,6 +239,7 @@ class EvaluationCallback(Callback):
             if self._budget is not None:
                 self._budget.end()
             self.eval_epoch_end(trainer, pl_module, stage)
+            WORKSPACE.release()  # the map-sized buffers are reused within an epoch, not held between epochs
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, "validate")

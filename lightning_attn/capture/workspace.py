@@ -39,6 +39,10 @@ class Workspace(threading.local):
                 flat = self._flat[(name, device)] = torch.empty(numel, device=device)
         return flat[:numel].view(shape)
 
+    def held_bytes(self) -> int:
+        """Bytes this thread's buffers hold."""
+        return sum(flat.numel() * flat.element_size() for flat in self._flat.values())
+
     def release(self) -> None:
         """Free this thread's buffers (allocated again at the next use)."""
         self._flat.clear()
