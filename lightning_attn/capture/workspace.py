@@ -35,8 +35,10 @@ class Workspace(threading.local):
         numel = math.prod(shape)
         flat = self._flat.get((name, device))
         if flat is None or flat.numel() < numel:
-            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
-                flat = self._flat[(name, device)] = torch.empty(numel, device=device)
+            # float32 whatever the default dtype (Lightning's "bf16-true" changes it); a normal tensor, writable in and
+            # out of inference mode
+            with torch.inference_mode(False):
+                flat = self._flat[(name, device)] = torch.empty(numel, dtype=torch.float32, device=device)
         return flat[:numel].view(shape)
 
     def held_bytes(self) -> int:
